@@ -8,12 +8,15 @@ server instead; the suite FLUSHDBs that database before every test.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from cloudq.embedded import EmbeddedServer
+from cloudq.keys import Keys
+from helpers import Procs
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +40,30 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+FAST = dict(
+    heartbeat_interval=0.2,
+    heartbeat_ttl=0.8,
+    idle_timeout=1.5,
+    grace=2.0,
+    idle_close=0,
+    max_session=0,
+    max_warning=0,
+    node_ttl=1.0,
+    job_lease=5.0,
+)
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys("cqt:")
+
+
+@pytest.fixture
+def procs(r: redis.Redis, redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(redis_url, keys.prefix, str(tmp_path))
+    try:
+        yield p
+    finally:
+        p.stop_all()

@@ -1,0 +1,131 @@
+"""The cloud client's launcher: logs in through the central server, waits in the queue,
+starts and stops the kernel, marks user activity, logs out.
+
+Errors a user can meet are :class:`ClientError` with a one-line message and a distinct
+exit code (see ``EXIT_CODES``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from cloudq.keys import Keys
+from cloudq.messages import BadMessage, Reply, Request, unpack_reply
+from cloudq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {
+    "error": 1,
+    "invalid": 3,
+    "locked": 4,
+    "unreachable": 5,
+    "closed": 6,
+    "stream": 7,
+}
+
+
+class ClientError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.exit_code = EXIT_CODES.get(kind, 1)
+
+
+@dataclass
+class Ticket:
+    """What a successful login gives the client."""
+
+    user: str
+    token: str
+    sid: str
+    node: str
+    status: str
+
+
+class Launcher:
+    def __init__(self, r: redis.Redis, keys: Keys, reply_timeout: float = 10.0) -> None:
+        self.r = r
+        self.keys = keys
+        self.reply_timeout = reply_timeout
+        self.settings = Settings()
+
+    def _request(self, req: Request) -> Reply:
+        try:
+            self.r.xadd(self.keys.requests, req.pack(), maxlen=10000, approximate=True)
+            got = self.r.blpop([self.keys.reply(req.id)], timeout=self.reply_timeout)
+        except redis.ConnectionError as exc:
+            raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
+        if got is None:
+            raise ClientError("unreachable", "no central server answered in time")
+        try:
+            return unpack_reply(got[1])
+        except BadMessage as exc:
+            raise ClientError("error", f"unreadable reply from the server: {exc}") from None
+
+    def login(
+        self,
+        user: str,
+        password: str,
+        wait: float | None = None,
+        on_position: Callable[[int], None] | None = None,
+    ) -> Ticket:
+        """Log in; if queued, wait (up to ``wait`` s, None = forever) for a node."""
+        try:
+            self.settings = Settings.load(self.r, self.keys)
+        except redis.ConnectionError as exc:
+            raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
+        reply = self._request(Request("login", uuid.uuid4().hex, user=user, password=password))
+        if not reply.ok:
+            raise ClientError(reply.status if reply.status in EXIT_CODES else "error", reply.error)
+        if reply.status != "queued":
+            return Ticket(user, reply.token, reply.sid, reply.node, reply.status)
+        return self._wait_in_queue(user, reply, wait, on_position)
+
+    def _wait_in_queue(
+        self, user: str, reply: Reply, wait: float | None, on_position: Callable[[int], None] | None
+    ) -> Ticket:
+        from cloudq.auth import hash_token
+
+        th = hash_token(reply.token)
+        deadline = None if wait is None else time.monotonic() + wait
+        interval = self.settings.heartbeat_interval or 1.0
+        ttl = self.settings.heartbeat_ttl or 3 * interval
+        position = reply.position
+        if on_position:
+            on_position(position)
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                self.r.set(self.keys.queued(user), "1", px=int(ttl * 1000))
+                got = self.r.blpop([self.keys.notify(th)], timeout=interval)
+                if got is not None:
+                    sid = got[1].decode()
+                    node = (self.r.hget(self.keys.session(sid), "node") or b"").decode()
+                    self.r.delete(self.keys.queued(user))
+                    return Ticket(user, reply.token, sid, node, "assigned")
+                pos = self.r.lpos(self.keys.queue, user)
+                if pos is not None and pos + 1 != position:
+                    position = pos + 1
+                    if on_position:
+                        on_position(position)
+        except redis.ConnectionError as exc:
+            raise ClientError("unreachable", f"lost the server while queued: {exc}") from None
+        self.logout(reply.token)
+        raise ClientError("error", "gave up waiting for a free node")
+
+    def logout(self, token: str) -> None:
+        try:
+            self._request(Request("logout", uuid.uuid4().hex, token=token))
+        except ClientError as exc:
+            log.warning("logout failed: %s", exc)
+
+    def mark_activity(self, sid: str) -> None:
+        """The user gave input: refresh the session's activity key."""
+        if self.settings.idle_timeout:
+            self.r.set(self.keys.activity(sid), "1", px=int(self.settings.idle_timeout * 1000))

@@ -1,0 +1,157 @@
+"""Identity authentication: users with bcrypt hashes, lockout, bearer tokens.
+
+Only the central server reads password hashes. Tokens are random (256 bits from
+``secrets``); Redis stores only their SHA-256, as a key with a TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+
+import bcrypt
+import redis
+
+from cloudq.keys import Keys
+from cloudq.messages import USER_NAME
+from cloudq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_PASSWORD_BYTES = 72  # bcrypt's limit; bcrypt 5 raises beyond it
+DEFAULT_COST = 12
+# compared against when the user does not exist, so both paths cost one bcrypt check
+_DUMMY_HASH = bcrypt.hashpw(b"cloudq-dummy", bcrypt.gensalt(4))
+
+
+class AuthError(Exception):
+    """A user-facing authentication error (the message is safe to show)."""
+
+
+class UserExists(AuthError):
+    pass
+
+
+class NoSuchUser(AuthError):
+    pass
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def check_name(name: str) -> None:
+    if not USER_NAME.match(name):
+        raise AuthError("user names are 1-64 characters of letters, digits and _ . @ -")
+
+
+def check_password(password: str) -> bytes:
+    raw = password.encode()
+    if not raw:
+        raise AuthError("the password is empty")
+    if len(raw) > MAX_PASSWORD_BYTES:
+        raise AuthError(f"the password is {len(raw)} bytes; bcrypt accepts at most {MAX_PASSWORD_BYTES}")
+    return raw
+
+
+class Users:
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r = r
+        self.keys = keys
+
+    def add(self, name: str, password: str, cost: int = DEFAULT_COST) -> None:
+        check_name(name)
+        pw = bcrypt.hashpw(check_password(password), bcrypt.gensalt(cost))
+        if not self.r.hsetnx(self.keys.user(name), "hash", pw):
+            raise UserExists(f"user {name!r} already exists")
+        self.r.hset(self.keys.user(name), mapping={"created": f"{time.time():.3f}", "disabled": "0"})
+        self.r.sadd(self.keys.users, name)
+
+    def passwd(self, name: str, password: str, cost: int = DEFAULT_COST) -> None:
+        check_name(name)
+        pw = bcrypt.hashpw(check_password(password), bcrypt.gensalt(cost))
+        if not self.r.hexists(self.keys.user(name), "hash"):
+            raise NoSuchUser(f"no user {name!r}")
+        self.r.hset(self.keys.user(name), "hash", pw)
+        self.r.delete(self.keys.user_lock(name), self.keys.user_fails(name))
+
+    def delete(self, name: str) -> None:
+        if not self.r.hexists(self.keys.user(name), "hash"):
+            raise NoSuchUser(f"no user {name!r}")
+        self.r.delete(self.keys.user(name), self.keys.user_lock(name), self.keys.user_fails(name))
+        self.r.srem(self.keys.users, name)
+
+    def list(self) -> list[dict[str, str]]:
+        out = []
+        for name in sorted(n.decode() for n in self.r.smembers(self.keys.users)):
+            h = self.r.hgetall(self.keys.user(name))
+            out.append(
+                {
+                    "user": name,
+                    "created": h.get(b"created", b"").decode(),
+                    "disabled": h.get(b"disabled", b"0").decode(),
+                    "session": h.get(b"session", b"").decode(),
+                    "locked": "1" if self.r.exists(self.keys.user_lock(name)) else "0",
+                }
+            )
+        return out
+
+    def verify(self, name: str, password: str, settings: Settings) -> str:
+        """Check credentials; returns "" on success, else a user-facing error code.
+
+        Codes: ``invalid`` (unknown user, wrong or over-long password, disabled account — all
+        alike) and ``locked``. Failures count per user name in a window, existing or not, so
+        the answer never reveals whether a user exists.
+        """
+        if self.r.exists(self.keys.user_lock(name)):
+            return "locked"
+        stored = self.r.hget(self.keys.user(name), "hash")
+        disabled = self.r.hget(self.keys.user(name), "disabled") == b"1"
+        raw = password.encode()
+        try:
+            ok = bcrypt.checkpw(raw, stored or _DUMMY_HASH) and stored is not None and not disabled
+        except ValueError:  # over 72 bytes (bcrypt 5), or a damaged stored hash
+            bcrypt.checkpw(b"x", _DUMMY_HASH)
+            ok = False
+        if ok:
+            self.r.delete(self.keys.user_fails(name))
+            return ""
+        return self._count_failure(name, settings)
+
+    def _count_failure(self, name: str, settings: Settings) -> str:
+        if not settings.lockout_limit:
+            return "invalid"
+        fk = self.keys.user_fails(name)
+        pipe = self.r.pipeline()
+        pipe.incr(fk)
+        pipe.pttl(fk)
+        fails, pttl = pipe.execute()
+        if pttl < 0 and settings.lockout_window:
+            self.r.pexpire(fk, int(settings.lockout_window * 1000))
+        if fails >= settings.lockout_limit:
+            if settings.lockout_time:
+                self.r.set(self.keys.user_lock(name), "1", px=int(settings.lockout_time * 1000))
+            self.r.delete(fk)
+            log.warning("login: %s locked after %d failures", name, fails)
+            return "locked"
+        return "invalid"
+
+
+def token_user(r: redis.Redis, keys: Keys, token: str) -> str | None:
+    """The user a bearer token belongs to, or None if it is unknown, expired or revoked."""
+    if not token or len(token) > 128:
+        return None
+    th = hash_token(token)
+    user = r.get(keys.token(th))
+    return user.decode() if user is not None else None
+
+
+def same_token(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())

@@ -1,0 +1,230 @@
+"""``cloudq central``: identity authentication and node management.
+
+Two loops, each on its own thread so a slow bcrypt check never delays a deadline:
+- requests: login/logout requests from the ``requests`` stream, shared by every replica
+  through one consumer group; a reply goes to ``reply:<request id>``.
+- sweeper: claims due deadlines atomically (``sweep.lua``), hands free nodes to waiting
+  users (``dispatch.lua``) and enqueues the resulting jobs. It sleeps until the next
+  deadline; keyspace notifications only wake it early (they are late and lossy).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+
+import redis
+
+from cloudq import auth
+from cloudq.keys import Keys
+from cloudq.messages import BadMessage, Reply, Request, unpack_request
+from cloudq.settings import Settings
+from cloudq.state import StateMachine
+from cloudq.workers import jobs
+from cloudq.workers.worker import requeue_abandoned
+
+log = logging.getLogger(__name__)
+
+GROUP = "central"
+REPLY_TTL_MS = 30_000
+CLAIM_IDLE_MS = 5_000
+MAX_SWEEP_WAIT = 0.25
+ABANDONED_CHECK_EVERY = 3.0
+
+
+class Central:
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        settings: Settings,
+        name: str | None = None,
+        notifications: bool = True,
+    ) -> None:
+        self.r = r
+        self.keys = keys
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.notifications = notifications
+        self.sm = StateMachine(r, keys)
+        self.users = auth.Users(r, keys)
+        self.stop = threading.Event()
+        self.wakeup = threading.Event()
+        self.counters: Counter[str] = Counter()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.settings.publish(self.r, self.keys)
+        try:
+            self.r.xgroup_create(self.keys.requests, GROUP, id="$", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def start(self) -> None:
+        self.setup()
+        targets = [self._requests_loop, self._sweep_loop]
+        if self.notifications:
+            targets.append(self._notification_loop)
+        for t in targets:
+            th = threading.Thread(target=self._guard(t), name=t.__name__, daemon=True)
+            th.start()
+            self._threads.append(th)
+        log.info("central %s running", self.name)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.stop.set()
+        self.wakeup.set()
+        for th in self._threads:
+            th.join(timeout)
+
+    def _guard(self, fn):  # type: ignore[no-untyped-def]
+        """Keep a loop alive across Redis outages: log, back off, go on."""
+
+        def run() -> None:
+            backoff = 0.1
+            while not self.stop.is_set():
+                try:
+                    fn()
+                    return
+                except redis.ConnectionError as exc:
+                    log.warning("%s: redis unreachable (%s); retrying in %.1fs", fn.__name__, exc, backoff)
+                except Exception:
+                    log.exception("%s failed; restarting it", fn.__name__)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+        return run
+
+    # -- requests ----------------------------------------------------------------------------
+    def _requests_loop(self) -> None:
+        last_claim = 0.0
+        while not self.stop.is_set():
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+            if time.monotonic() - last_claim > CLAIM_IDLE_MS / 1000:
+                # requests a dead replica read but never answered
+                _, claimed, _ = self.r.xautoclaim(
+                    self.keys.requests, GROUP, self.name, CLAIM_IDLE_MS, start_id="0-0", count=50
+                )
+                entries += claimed
+                last_claim = time.monotonic()
+            resp = self.r.xreadgroup(GROUP, self.name, {self.keys.requests: ">"}, count=20, block=500)
+            for _stream, items in resp or []:
+                entries += items
+            for entry_id, fields in entries:
+                self.handle_request(entry_id, fields)
+
+    def handle_request(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        try:
+            if not fields:
+                raise BadMessage("empty entry")
+            req = unpack_request(fields)
+        except BadMessage as exc:
+            self.counters["bad_request"] += 1
+            log.warning("dropped request %s: %s", entry_id.decode(), exc)
+            req = None
+        reply = None
+        if req is not None:
+            try:
+                reply = self.login(req) if req.op == "login" else self.logout(req)
+            except redis.ConnectionError:
+                raise
+            except Exception:
+                log.exception("request %s failed", req.id)
+                reply = Reply(ok=False, status="error", error="internal error")
+        # the entry may hold a password: acknowledge and delete it with the reply, atomically
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(self.keys.requests, GROUP, entry_id)
+        pipe.xdel(self.keys.requests, entry_id)
+        if req is not None and reply is not None:
+            pipe.rpush(self.keys.reply(req.id), reply.pack())
+            pipe.pexpire(self.keys.reply(req.id), REPLY_TTL_MS)
+        pipe.execute()
+
+    def login(self, req: Request) -> Reply:
+        err = self.users.verify(req.user, req.password, self.settings)
+        if err:
+            self.counters[f"login_{err}"] += 1
+            msg = {
+                "invalid": "invalid credentials",
+                "locked": "too many failed logins: account locked, try again later",
+            }[err]
+            return Reply(ok=False, status=err, error=msg)
+        token = auth.new_token()
+        th = auth.hash_token(token)
+        status, sid, node, gen, pos = self.sm.login(req.user, th)
+        self.counters[f"login_{status}"] += 1
+        if status == "assigned":
+            jobs.enqueue_assignment(self.r, self.keys, jobs.Assignment(sid, node, gen))
+        log.info("login %s: %s %s %s", req.user, status, sid, node)
+        return Reply(ok=True, status=status, token=token, sid=sid, node=node, position=pos)
+
+    def logout(self, req: Request) -> Reply:
+        user = auth.token_user(self.r, self.keys, req.token)
+        if user is None:
+            return Reply(ok=False, status="invalid_token", error="unknown, expired or revoked token")
+        th = auth.hash_token(req.token)
+        self.r.delete(self.keys.token(th))
+        sid = (self.r.hget(self.keys.user(user), "session") or b"").decode()
+        s = self.r.hgetall(self.keys.session(sid)) if sid else {}
+        if s and auth.same_token(s.get(b"token", b"").decode(), th):
+            gen = int(s[b"gen"])
+            host = (self.r.hget(self.keys.node(s[b"node"].decode()), "host") or b"").decode()
+            jobs.enqueue(self.r, self.keys, "close", sid, gen, host, "logout")
+        qtoken = (self.r.hget(self.keys.user(user), "qtoken") or b"").decode()
+        if qtoken and auth.same_token(qtoken, th):
+            self.r.lrem(self.keys.queue, 0, user)
+            self.r.hdel(self.keys.user(user), "qtoken")
+        return Reply(ok=True, status="logged_out")
+
+    # -- deadlines ---------------------------------------------------------------------------
+    def sweep_once(self) -> int:
+        """One pass: due deadlines, free nodes to waiting users; returns jobs enqueued."""
+        n = 0
+        for action in self.sm.sweep():
+            jobs.enqueue_action(self.r, self.keys, action)
+            n += 1
+        for a in self.sm.dispatch():
+            jobs.enqueue_assignment(self.r, self.keys, a)
+            n += 1
+        return n
+
+    def _next_due_in(self) -> float:
+        first = self.r.zrange(self.keys.deadlines, 0, 0, withscores=True)
+        if not first:
+            return MAX_SWEEP_WAIT
+        sec, usec = self.r.time()
+        return max(0.0, first[0][1] - (sec + usec / 1e6))
+
+    def _sweep_loop(self) -> None:
+        last_abandoned = 0.0
+        while not self.stop.is_set():
+            self.sweep_once()
+            if time.monotonic() - last_abandoned > ABANDONED_CHECK_EVERY:
+                requeue_abandoned(self.r, self.keys)
+                last_abandoned = time.monotonic()
+            self.wakeup.wait(min(self._next_due_in(), MAX_SWEEP_WAIT))
+            self.wakeup.clear()
+
+    def _notification_loop(self) -> None:
+        """Wake the sweeper early on an ``expired`` event for one of our keys (best effort)."""
+        db = self.r.connection_pool.connection_kwargs.get("db", 0)
+        ps = self.r.pubsub(ignore_subscribe_messages=True)
+        try:
+            try:
+                self.r.config_set("notify-keyspace-events", "Ex")
+            except redis.ResponseError:
+                log.info("cannot enable keyspace notifications (CONFIG denied); sweeping on time only")
+            ps.subscribe(f"__keyevent@{db}__:expired")
+            prefix = self.keys.prefix.encode()
+            while not self.stop.is_set():
+                msg = ps.get_message(timeout=0.5)
+                if msg and isinstance(msg.get("data"), bytes) and msg["data"].startswith(prefix):
+                    self.wakeup.set()
+        finally:
+            ps.close()

@@ -1,0 +1,424 @@
+"""The ``cloudq`` command. Thin: parse options, build objects, call library code.
+
+Every option can also be set from a ``CLOUDQ_…`` environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+import redis
+
+from cloudq.keys import Keys
+from cloudq.settings import Settings
+
+log = logging.getLogger("cloudq")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
+
+
+def _connect(url: str | None) -> redis.Redis:
+    if not url:
+        raise click.UsageError(
+            "no Redis given: pass --redis-url or set CLOUDQ_REDIS_URL (or run `cloudq up`)"
+        )
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"cloudq: {message}", err=True)
+    sys.exit(code)
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+redis_url_option = click.option(
+    "--redis-url", envvar="CLOUDQ_REDIS_URL", help="Redis URL (env CLOUDQ_REDIS_URL).", show_envvar=True
+)
+prefix_option = click.option(
+    "--prefix",
+    envvar="CLOUDQ_PREFIX",
+    default="cloudq:",
+    show_default=True,
+    help="Key prefix (env CLOUDQ_PREFIX).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="cloudq")
+def main(verbose: int) -> None:
+    """cloudq: time-shared cloud-streamed interactive sessions over Redis."""
+    _setup_logging(verbose)
+
+
+# -- central ---------------------------------------------------------------------------------
+def _clock(name: str, default: float, help_: str) -> Callable[[Any], Any]:
+    env = "CLOUDQ_" + name.upper().replace("-", "_")
+    return click.option(
+        f"--{name}",
+        type=click.FloatRange(min=0),
+        default=default,
+        envvar=env,
+        show_default=True,
+        show_envvar=True,
+        help=f"{help_} Seconds; 0 = off.",
+    )
+
+
+def central_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    d = Settings()
+    for opt in reversed(
+        [
+            _clock("heartbeat-interval", d.heartbeat_interval, "How often clients beat."),
+            _clock("heartbeat-ttl", d.heartbeat_ttl, "Heartbeat lapses after this."),
+            _clock("idle-timeout", d.idle_timeout, "No input for this long: the node sleeps."),
+            _clock("grace", d.grace, "Reconnect grace after the client is gone."),
+            _clock("idle-close", d.idle_close, "Idle this long: the session closes."),
+            _clock("max-session", d.max_session, "Longest session."),
+            _clock("max-warning", d.max_warning, "Warn this long before max-session."),
+            _clock("node-ttl", d.node_ttl, "A node is offline when its liveness is this old."),
+            _clock("token-ttl", d.token_ttl, "Bearer token lifetime."),
+            _clock("job-lease", d.job_lease, "Re-issue a mount/close job not done after this."),
+            click.option(
+                "--lockout-limit",
+                type=click.IntRange(min=0),
+                default=d.lockout_limit,
+                envvar="CLOUDQ_LOCKOUT_LIMIT",
+                show_default=True,
+                help="Failed logins before lockout; 0 = off.",
+            ),
+            _clock("lockout-window", d.lockout_window, "Window in which failures count."),
+            _clock("lockout-time", d.lockout_time, "How long an account stays locked."),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def settings_from(kw: dict[str, Any]) -> Settings:
+    names = Settings.__dataclass_fields__.keys()
+    return Settings(**{k: kw.pop(k) for k in list(kw) if k in names})
+
+
+@main.command()
+@redis_url_option
+@prefix_option
+@central_options
+@click.option("--no-notifications", is_flag=True, help="Do not use keyspace notifications at all.")
+def central(redis_url: str | None, prefix: str, no_notifications: bool, **kw: Any) -> None:
+    """Run a central server (any number of replicas may run)."""
+    from cloudq.central import Central
+
+    try:
+        settings = settings_from(kw)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    c = Central(_connect(redis_url), Keys(prefix), settings, notifications=not no_notifications)
+    done = threading.Event()
+    _stop_on_signals(done.set)
+    try:
+        c.start()
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+    while not done.wait(1.0):
+        pass
+    c.shutdown()
+
+
+# -- node and worker -------------------------------------------------------------------------
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option("--id", "node_id", required=True, envvar="CLOUDQ_NODE_ID", help="Node id, unique in the pool.")
+@click.option(
+    "--host", envvar="CLOUDQ_HOST", default=socket.gethostname, help="Host name (its worker queue)."
+)
+@click.option("--app", envvar="CLOUDQ_APP", default="paint", show_default=True, help="App to run.")
+def node(redis_url: str | None, prefix: str, node_id: str, host: str, app: str) -> None:
+    """Run one service node."""
+    from cloudq.workers.node import Node, NodeIdTaken
+
+    n = Node(_connect(redis_url), Keys(prefix), node_id, host=host, app=app)
+    _stop_on_signals(n.stop.set)
+    try:
+        n.run()
+    except NodeIdTaken as exc:
+        _fail(str(exc), 3)
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+
+
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option("--host", envvar="CLOUDQ_HOST", default=socket.gethostname, help="Serve this host's queue.")
+@click.option("--name", default=None, help="Worker name (default: RQ's).")
+@click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
+def worker(redis_url: str | None, prefix: str, host: str, name: str | None, burst: bool) -> None:
+    """Run an RQ worker for this host's jobs (mount, save, close)."""
+    from cloudq.workers.worker import make_worker
+
+    w = make_worker(_connect(redis_url), Keys(prefix), host, name=name)
+    w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+
+
+# -- users -----------------------------------------------------------------------------------
+def _read_password(stdin: bool, confirm: bool = True) -> str:
+    if stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+
+
+@main.group()
+def user() -> None:
+    """Manage users."""
+
+
+_stdin_opt = click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+_cost_opt = click.option(
+    "--bcrypt-cost", type=click.IntRange(4, 31), default=12, envvar="CLOUDQ_BCRYPT_COST", show_default=True
+)
+
+
+@user.command("add")
+@redis_url_option
+@prefix_option
+@click.argument("name")
+@_stdin_opt
+@_cost_opt
+def user_add(redis_url: str | None, prefix: str, name: str, password_stdin: bool, bcrypt_cost: int) -> None:
+    """Add a user."""
+    from cloudq.auth import AuthError, Users
+
+    try:
+        Users(_connect(redis_url), Keys(prefix)).add(name, _read_password(password_stdin), cost=bcrypt_cost)
+    except AuthError as exc:
+        _fail(str(exc))
+    click.echo(f"added user {name}")
+
+
+@user.command("passwd")
+@redis_url_option
+@prefix_option
+@click.argument("name")
+@_stdin_opt
+@_cost_opt
+def user_passwd(
+    redis_url: str | None, prefix: str, name: str, password_stdin: bool, bcrypt_cost: int
+) -> None:
+    """Change a user's password (and lift a lockout)."""
+    from cloudq.auth import AuthError, Users
+
+    try:
+        Users(_connect(redis_url), Keys(prefix)).passwd(
+            name, _read_password(password_stdin), cost=bcrypt_cost
+        )
+    except AuthError as exc:
+        _fail(str(exc))
+    click.echo(f"password changed for {name}")
+
+
+@user.command("del")
+@redis_url_option
+@prefix_option
+@click.argument("name")
+def user_del(redis_url: str | None, prefix: str, name: str) -> None:
+    """Delete a user."""
+    from cloudq.auth import AuthError, Users
+
+    try:
+        Users(_connect(redis_url), Keys(prefix)).delete(name)
+    except AuthError as exc:
+        _fail(str(exc))
+    click.echo(f"deleted user {name}")
+
+
+@user.command("list")
+@redis_url_option
+@prefix_option
+@click.option("--json", "as_json", is_flag=True)
+def user_list(redis_url: str | None, prefix: str, as_json: bool) -> None:
+    """List users."""
+    from cloudq.auth import Users
+
+    rows = Users(_connect(redis_url), Keys(prefix)).list()
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for u in rows:
+        flags = " ".join(
+            f for f, on in (("locked", u["locked"] == "1"), ("disabled", u["disabled"] == "1")) if on
+        )
+        click.echo(f"{u['user']:<20} session={u['session'] or '-'} {flags}".rstrip())
+
+
+# -- status ----------------------------------------------------------------------------------
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(redis_url: str | None, prefix: str, as_json: bool) -> None:
+    """Show nodes, sessions and the queue."""
+    from cloudq.status import format_text, gather
+
+    try:
+        st = gather(_connect(redis_url), Keys(prefix))
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+    click.echo(json.dumps(st, indent=2) if as_json else format_text(st))
+
+
+# -- client ----------------------------------------------------------------------------------
+CONNECT_HELP = """Connect to a session as USER.
+
+\b
+Exit codes:
+  0  the session ended normally (duration reached or the user quit)
+  1  other error
+  3  invalid credentials
+  4  account locked
+  5  server not reachable / no central server answered
+  6  the session was closed by the server (the message says why)
+  7  the video stream could not be played
+"""
+
+
+@main.command(help=CONNECT_HELP)
+@redis_url_option
+@prefix_option
+@click.option("--user", "user_name", required=True, envvar="CLOUDQ_USER")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from a file.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Leave after this many seconds (0 = run until closed or interrupted).",
+)
+@click.option(
+    "--queue-wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Give up waiting in the queue after this many seconds (0 = wait forever).",
+)
+@click.option("--headless", is_flag=True, default=True, help="No window (the default for now).")
+def connect(
+    redis_url: str | None,
+    prefix: str,
+    user_name: str,
+    password_stdin: bool,
+    password_file: str | None,
+    duration: float,
+    queue_wait: float,
+    headless: bool,
+) -> None:
+    from cloudq.client.launcher import ClientError
+    from cloudq.client.session import run_connect
+
+    if password_file:
+        with open(password_file) as fh:
+            password = fh.readline().rstrip("\r\n")
+    else:
+        password = _read_password(password_stdin, confirm=False)
+    stop = threading.Event()
+    _stop_on_signals(stop.set)
+    try:
+        r = _connect(redis_url)
+        reason = run_connect(
+            r,
+            Keys(prefix),
+            user_name,
+            password,
+            duration=duration,
+            queue_wait=queue_wait or None,
+            stop=stop,
+            say=lambda m: click.echo(m, err=True),
+        )
+    except ClientError as exc:
+        _fail(str(exc), exc.exit_code)
+    click.echo(reason, err=True)
+
+
+# -- everything on one machine ---------------------------------------------------------------
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option(
+    "--nodes", type=click.IntRange(min=0), default=2, show_default=True, help="Service nodes to start."
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="RQ workers to start."
+)
+@click.option("--app", default="paint", show_default=True)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Stop after this many seconds (0 = until Ctrl-C).",
+)
+@central_options
+def up(
+    redis_url: str | None, prefix: str, nodes: int, workers: int, app: str, duration: float, **kw: Any
+) -> None:
+    """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
+    from cloudq.up import Cluster
+
+    try:
+        settings = settings_from(kw)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    done = threading.Event()
+    _stop_on_signals(done.set)
+    with Cluster(redis_url, prefix, nodes=nodes, workers=workers, app=app, settings=settings) as cl:
+        click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")
+        click.echo(f"  redis-cli -u {cl.redis_url} keys '{prefix}*'")
+        click.echo(f"  CLOUDQ_REDIS_URL={cl.redis_url} cloudq status")
+        sys.stdout.flush()
+        done.wait(duration or None)
+        click.echo("stopping ...")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (print a table, write BENCHMARKS.md)."""
+
+
+@bench.command("control")
+@redis_url_option
+@click.option("--sessions", "counts", multiple=True, type=int, default=[1000, 10000], show_default=True)
+@click.option("--background-keys", type=int, default=100_000, show_default=True)
+@click.option("--sample", type=int, default=200, show_default=True, help="Sessions stopped per run.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--write/--no-write", default=True, help="Write the table into BENCHMARKS.md.")
+def bench_control(
+    redis_url: str | None, counts: list[int], background_keys: int, sample: int, as_json: bool, write: bool
+) -> None:
+    """Deadline → node sleeping, vs keyspace notifications alone."""
+    from cloudq.bench_control import run, write_markdown
+
+    result = run(redis_url, list(counts), background_keys, sample)
+    if write:
+        write_markdown(result)
+    click.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Every Redis key name cloudq uses, in one place.
+
+Names start with a configurable prefix (default ``cloudq:``). Keys that belong to one
+session carry the session id as a hash tag (``{sid}``) so that, on a Redis Cluster, a
+session's media keys share one slot. README's key table is generated from ``TABLE``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "cloudq:"
+
+# (pattern, type, ttl, written by, meaning) — README's key table is rendered from this.
+TABLE: list[tuple[str, str, str, str, str]] = [
+    ("settings", "hash", "-", "central", "clocks every process agrees on (published at start)"),
+    ("users", "set", "-", "cli", "all user names"),
+    ("user:<name>", "hash", "-", "cli, central", "bcrypt hash, created, disabled, session, last_node"),
+    ("user:<name>:fails", "string", "lockout window", "central", "failed logins in the window"),
+    ("user:<name>:lock", "string", "lockout time", "central", "present = account locked"),
+    ("token:<sha256>", "string", "token TTL", "central", "msgpack {user, sid}; only the token's hash"),
+    ("requests", "stream", "-", "clients", "login/logout requests (consumer group `central`)"),
+    ("reply:<request id>", "list", "30 s", "central", "the reply to one request"),
+    ("nodes", "set", "-", "nodes", "all node ids"),
+    ("node:<id>", "hash", "-", "nodes, central, jobs", "state, host, app, session, since, gen"),
+    ("node:<id>:alive", "string", "node TTL", "node", "liveness; value = the process's instance id"),
+    ("node:<id>:control", "stream", "MAXLEN ~1000", "central, jobs", "commands to the node"),
+    ("pool", "sorted set", "-", "scripts", "free nodes, score = time freed"),
+    ("queue", "list", "-", "scripts", "users waiting for a node (FIFO)"),
+    ("queued:<user>", "string", "queue beat TTL", "client", "the waiting client is still there"),
+    ("notify:<token hash>", "list", "token TTL", "central", "assignment for a queued client"),
+    ("deadlines", "sorted set", "-", "central, scripts", "member `kind|id`, score = due time"),
+    ("session:{<sid>}", "hash", "-", "scripts", "user, node, state, gen, timestamps, reason"),
+    ("session:{<sid>}:hb", "string", "heartbeat TTL", "client kernel", "heartbeat"),
+    ("session:{<sid>}:act", "string", "idle timeout", "client launcher", "user activity"),
+    ("session:{<sid>}:video", "stream", "MAXLEN ~", "node", "encoded video, one packet per entry"),
+    ("session:{<sid>}:input", "stream", "MAXLEN ~", "client", "input events and keyframe requests"),
+    ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
+    ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
+]
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
+
+    @classmethod
+    def from_env(cls) -> Keys:
+        return cls(os.environ.get("CLOUDQ_PREFIX", DEFAULT_PREFIX))
+
+    def _k(self, name: str) -> str:
+        return self.prefix + name
+
+    # global
+    @property
+    def settings(self) -> str:
+        return self._k("settings")
+
+    @property
+    def users(self) -> str:
+        return self._k("users")
+
+    @property
+    def requests(self) -> str:
+        return self._k("requests")
+
+    @property
+    def nodes(self) -> str:
+        return self._k("nodes")
+
+    @property
+    def pool(self) -> str:
+        return self._k("pool")
+
+    @property
+    def queue(self) -> str:
+        return self._k("queue")
+
+    @property
+    def deadlines(self) -> str:
+        return self._k("deadlines")
+
+    @property
+    def sessions(self) -> str:
+        return self._k("sessions")
+
+    @property
+    def events(self) -> str:
+        return self._k("events")
+
+    # users and tokens
+    def user(self, name: str) -> str:
+        return self._k(f"user:{name}")
+
+    def user_fails(self, name: str) -> str:
+        return self._k(f"user:{name}:fails")
+
+    def user_lock(self, name: str) -> str:
+        return self._k(f"user:{name}:lock")
+
+    def token(self, token_hash: str) -> str:
+        return self._k(f"token:{token_hash}")
+
+    def reply(self, request_id: str) -> str:
+        return self._k(f"reply:{request_id}")
+
+    def queued(self, user: str) -> str:
+        return self._k(f"queued:{user}")
+
+    def notify(self, token_hash: str) -> str:
+        return self._k(f"notify:{token_hash}")
+
+    # nodes
+    def node(self, node_id: str) -> str:
+        return self._k(f"node:{node_id}")
+
+    def node_alive(self, node_id: str) -> str:
+        return self._k(f"node:{node_id}:alive")
+
+    def node_control(self, node_id: str) -> str:
+        return self._k(f"node:{node_id}:control")
+
+    # sessions (hash-tagged)
+    def session(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}")
+
+    def heartbeat(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}:hb")
+
+    def activity(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}:act")
+
+    def video(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}:video")
+
+    def input(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}:input")
+
+    def job_queue(self, host: str) -> str:
+        """RQ queue name (not a key: RQ adds its own ``rq:queue:`` prefix)."""
+        return f"{self.prefix}host:{host}"
+
+
+def key_table_markdown(prefix: str = DEFAULT_PREFIX) -> str:
+    rows = ["| key | type | TTL | written by | meaning |", "|---|---|---|---|---|"]
+    rows += [f"| `{prefix}{p}` | {t} | {ttl} | {w} | {m} |" for p, t, ttl, w, m in TABLE]
+    return "\n".join(rows)

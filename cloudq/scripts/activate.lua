@@ -1,0 +1,13 @@
+-- activate(P, node, sid, gen) -> 'ok' | 'stale'
+-- The node has the user's data mounted and its app running: node and session become active.
+local node, sid, gen = ARGV[2], ARGV[3], ARGV[4]
+local s = skey(sid)
+if redis.call('HGET', s, 'state') ~= 'starting' or redis.call('HGET', s, 'gen') ~= gen
+  or redis.call('HGET', s, 'node') ~= node or redis.call('HGET', nkey(node), 'session') ~= sid
+  or (redis.call('HGET', s, 'close_reason') or '') ~= '' then
+  return 'stale'
+end
+undeadline('mount', sid)
+node_state(node, 'active', 'session ' .. sid .. ' started')
+session_state(sid, 'active', 'node ' .. node .. ' ready')
+return 'ok'

@@ -1,0 +1,50 @@
+-- dispatch(P, limit) -> flat list of {sid, node, gen, user, token_hash}
+-- Hands free nodes to sessions that lost their node (moves) first, then to the queue head.
+-- A queued user whose client stopped beating its `queued:<user>` key is dropped.
+local limit = tonumber(ARGV[2])
+local out = {}
+local n = 0
+while n < limit and redis.call('ZCARD', P .. 'pool') > 0 do
+  local sid = redis.call('LPOP', P .. 'moves')
+  if sid then
+    local s = skey(sid)
+    if redis.call('HGET', s, 'move') == '1' and redis.call('HGET', s, 'state') == 'disconnected' then
+      local node = redis.call('ZPOPMIN', P .. 'pool')[1]
+      local gen = redis.call('HINCRBY', s, 'gen', 1)
+      redis.call('HSET', s, 'node', node, 'move', '0')
+      redis.call('HSET', nkey(node), 'session', sid)
+      redis.call('HSET', ukey(redis.call('HGET', s, 'user')), 'last_node', node)
+      node_state(node, 'assigned', 'moved session ' .. sid)
+      session_state(sid, 'starting', 'moved to node ' .. node)
+      deadline('mount', sid, setting('job_lease'))
+      table.insert(out, sid); table.insert(out, node); table.insert(out, gen)
+      table.insert(out, redis.call('HGET', s, 'user')); table.insert(out, '')
+      n = n + 1
+    end
+  else
+    local user = redis.call('LPOP', P .. 'queue')
+    if not user then break end
+    local th = redis.call('HGET', ukey(user), 'qtoken') or ''
+    redis.call('HDEL', ukey(user), 'qtoken')
+    if redis.call('EXISTS', P .. 'queued:' .. user) == 1 and redis.call('EXISTS', P .. 'token:' .. th) == 1 then
+      local node = nil
+      local last = redis.call('HGET', ukey(user), 'last_node')
+      if last and last ~= '' and redis.call('ZSCORE', P .. 'pool', last) then
+        redis.call('ZREM', P .. 'pool', last)
+        node = last
+      else
+        node = redis.call('ZPOPMIN', P .. 'pool')[1]
+      end
+      local sid2, gen = create_session(user, node, th)
+      local nk = P .. 'notify:' .. th
+      redis.call('RPUSH', nk, sid2)
+      redis.call('PEXPIRE', nk, 60000)
+      table.insert(out, sid2); table.insert(out, node); table.insert(out, gen)
+      table.insert(out, user); table.insert(out, th)
+      n = n + 1
+    else
+      event('user:' .. user, 'queued', 'left', 'client stopped waiting')
+    end
+  end
+end
+return out

@@ -1,0 +1,30 @@
+-- release(P, sid, gen) -> node id freed ('' if none)
+-- Last step of closing, after the user's data is saved: session closed, node back to the pool.
+local sid, gen = ARGV[2], ARGV[3]
+local s = skey(sid)
+local st = redis.call('HGET', s, 'state')
+if not st or st == 'closed' or redis.call('HGET', s, 'gen') ~= gen then return '' end
+local user = redis.call('HGET', s, 'user')
+local reason = redis.call('HGET', s, 'close_reason') or ''
+session_state(sid, 'closed', reason)
+redis.call('HSET', s, 'closed', string.format('%.3f', NOW))
+redis.call('SREM', P .. 'sessions', sid)
+redis.call('LREM', P .. 'moves', 0, sid)
+undeadline('close', sid)
+if redis.call('HGET', ukey(user), 'session') == sid then redis.call('HDEL', ukey(user), 'session') end
+redis.call('DEL', s .. ':hb', s .. ':act')
+-- the session's streams go after a while, so a client can still read why it ended
+local keep = 60000
+redis.call('PEXPIRE', s, 3600000)
+redis.call('PEXPIRE', s .. ':video', keep)
+redis.call('PEXPIRE', s .. ':input', keep)
+local node = redis.call('HGET', s, 'node') or ''
+if node ~= '' and redis.call('HGET', nkey(node), 'session') == sid then
+  if redis.call('HGET', nkey(node), 'state') ~= 'offline' then
+    free_node(node, 'session ' .. sid .. ' closed')
+  else
+    redis.call('HSET', nkey(node), 'session', '')
+  end
+  return node
+end
+return ''

@@ -1,0 +1,130 @@
+-- sweep(P, limit) -> flat list of {action, sid, gen, reason, node, host} for the caller to enqueue.
+-- Claims due deadlines atomically (two central replicas never both act on one entry) and
+-- checks each against the key it stands for: a refreshed key only moves the deadline.
+local limit = tonumber(ARGV[2])
+local D = P .. 'deadlines'
+local due = redis.call('ZRANGEBYSCORE', D, '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, limit)
+local out = {}
+local lease = setting('job_lease')
+local hb_interval = setting('heartbeat_interval')
+
+local function act(action, sid, gen, reason, node)
+  local host = ''
+  if node and node ~= '' then host = redis.call('HGET', nkey(node), 'host') or '' end
+  for _, v in ipairs({action, sid, tostring(gen), reason, node or '', host}) do table.insert(out, v) end
+end
+
+local function close_later(sid, reason)
+  -- the close job removes this entry when done; until then it is re-issued after each lease
+  local s = skey(sid)
+  if (redis.call('HGET', s, 'close_reason') or '') == '' then redis.call('HSET', s, 'close_reason', reason) end
+  deadline('close', sid, lease)
+  act('close', sid, redis.call('HGET', s, 'gen'), redis.call('HGET', s, 'close_reason'), redis.call('HGET', s, 'node'))
+end
+
+local function to_sleep(sid, node, reason)
+  if node ~= '' and redis.call('HGET', nkey(node), 'session') == sid then
+    if redis.call('HGET', nkey(node), 'state') == 'active' then node_state(node, 'sleeping', reason) end
+    control(node, 'sleep', sid, redis.call('HGET', skey(sid), 'gen'))
+  end
+end
+
+for i = 1, #due, 2 do
+  local member, score = due[i], tonumber(due[i + 1])
+  local sep = string.find(member, '|', 1, true)
+  local kind, id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
+  redis.call('ZREM', D, member)
+  if kind == 'alive' then
+    local left = pttl_s(P .. 'node:' .. id .. ':alive')
+    if left then
+      redis.call('ZADD', D, NOW + left, member)
+    elseif redis.call('EXISTS', nkey(id)) == 1 and redis.call('HGET', nkey(id), 'state') ~= 'offline' then
+      node_state(id, 'offline', 'liveness lapsed')
+      redis.call('ZREM', P .. 'pool', id)
+      local sid = redis.call('HGET', nkey(id), 'session') or ''
+      redis.call('HSET', nkey(id), 'session', '')
+      if sid ~= '' then
+        local st = redis.call('HGET', skey(sid), 'state')
+        if st and st ~= 'closed' then
+          if (redis.call('HGET', skey(sid), 'close_reason') or '') ~= '' then
+            -- it was closing: nothing left to save on a dead node; the close job finishes it
+            act('close', sid, redis.call('HGET', skey(sid), 'gen'), redis.call('HGET', skey(sid), 'close_reason'), '')
+          else
+            redis.call('HSET', skey(sid), 'move', '1', 'node', '')
+            undeadline('mount', sid)
+            if st ~= 'disconnected' then session_state(sid, 'disconnected', 'node ' .. id .. ' offline') end
+            redis.call('RPUSH', P .. 'moves', sid)
+            local grace = setting('grace')
+            if grace > 0 and not redis.call('ZSCORE', D, 'grace|' .. sid) then deadline('grace', sid, grace) end
+          end
+        end
+      end
+    end
+  else
+    local s = skey(id)
+    local state = redis.call('HGET', s, 'state')
+    if state and state ~= 'closed' then
+      local node = redis.call('HGET', s, 'node') or ''
+      local gen = redis.call('HGET', s, 'gen')
+      local closing = (redis.call('HGET', s, 'close_reason') or '') ~= ''
+      if kind == 'close' then
+        close_later(id, redis.call('HGET', s, 'close_reason'))
+      elseif closing then
+        -- a close is under way: other clocks no longer matter
+      elseif kind == 'hb' then
+        local left = pttl_s(s .. ':hb')
+        if left then
+          if state == 'disconnected' and redis.call('HGET', s, 'move') ~= '1' then
+            session_state(id, 'sleeping', 'heartbeat back')
+            undeadline('grace', id)
+            local idle = setting('idle_timeout')
+            if idle > 0 then deadline('act', id, pttl_s(s .. ':act') or 0) end
+          end
+          redis.call('ZADD', D, NOW + left, member)
+        else
+          if state ~= 'disconnected' then
+            to_sleep(id, node, 'client heartbeat lapsed')
+            session_state(id, 'disconnected', 'heartbeat lapsed')
+            undeadline('act', id)
+            local grace = setting('grace')
+            if grace > 0 then deadline('grace', id, grace) end
+          end
+          -- keep looking for the client's return
+          deadline('hb', id, math.max(hb_interval, 0.05))
+        end
+      elseif kind == 'act' then
+        local left = pttl_s(s .. ':act')
+        if left then
+          redis.call('ZADD', D, NOW + left, member)
+        elseif state == 'active' or state == 'starting' then
+          to_sleep(id, node, 'user idle')
+          session_state(id, 'sleeping', 'activity lapsed')
+          local idle_close = setting('idle_close')
+          if idle_close > 0 then
+            -- measured from the last activity, which ended idle_timeout before the key lapsed
+            redis.call('ZADD', D, score - setting('idle_timeout') + idle_close, 'idle|' .. id)
+          end
+        end
+      elseif kind == 'idle' then
+        if redis.call('EXISTS', s .. ':act') == 0 and state ~= 'active' then
+          close_later(id, 'idle')
+        end
+      elseif kind == 'grace' then
+        if state == 'disconnected' and redis.call('EXISTS', s .. ':hb') == 0 then
+          close_later(id, 'grace')
+        end
+      elseif kind == 'max' then
+        close_later(id, 'max_session')
+      elseif kind == 'warn' then
+        redis.call('HSET', s, 'warning', 'max_session')
+        event('session:' .. id, state, state, 'warning: max session length soon')
+      elseif kind == 'mount' then
+        if state == 'starting' and node ~= '' then
+          deadline('mount', id, lease)
+          act('mount', id, gen, 'mount', node)
+        end
+      end
+    end
+  end
+end
+return out

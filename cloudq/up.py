@@ -1,0 +1,106 @@
+"""Everything on one machine: embedded Redis, central, nodes, workers as child processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import redis
+
+from cloudq.embedded import EmbeddedServer
+from cloudq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _clock_args(settings: Settings) -> list[str]:
+    args = []
+    for name, value in settings.__dict__.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+class Cluster:
+    """Starts the processes of one cloudq deployment; stops all of them on exit."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        prefix: str = "cloudq:",
+        nodes: int = 2,
+        workers: int = 1,
+        app: str = "paint",
+        settings: Settings | None = None,
+        host: str = "local",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.server: EmbeddedServer | None = None
+        self.redis_url = redis_url or ""
+        self.prefix = prefix
+        self.n_nodes = nodes
+        self.n_workers = workers
+        self.app = app
+        self.settings = settings or Settings()
+        self.host = host
+        self.extra_env = extra_env or {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CLOUDQ_REDIS_URL": self.redis_url,
+            "CLOUDQ_PREFIX": self.prefix,
+            **self.extra_env,
+        }
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "cloudq.cli", *args]
+        p = subprocess.Popen(cmd, env=self.env(), stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def start(self) -> Cluster:
+        if not self.redis_url:
+            self.server = EmbeddedServer().start()
+            self.redis_url = self.server.url
+        self.spawn("central", "central", *_clock_args(self.settings))
+        # nodes read the published settings: wait for the central server to publish them
+        r = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + 15
+        while not r.exists(f"{self.prefix}settings"):
+            if time.monotonic() > deadline or self.procs["central"].poll() is not None:
+                self.stop()
+                raise RuntimeError("the central server did not start")
+            time.sleep(0.05)
+        r.close()
+        for i in range(self.n_workers):
+            self.spawn(f"worker{i + 1}", "worker", "--host", self.host)
+        for i in range(self.n_nodes):
+            self.spawn(f"node{i + 1}", "node", "--id", f"node{i + 1}", "--host", self.host, "--app", self.app)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
+        if self.server:
+            self.server.stop()
+            self.server = None
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

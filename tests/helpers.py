@@ -1,0 +1,129 @@
+"""Test helpers: bounded waits on conditions, and real cloudq processes that are always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from cloudq.keys import Keys
+from cloudq.settings import Settings
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        time.sleep(interval)
+
+
+def clock_args(**kw: float) -> list[str]:
+    args: list[str] = []
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+class Procs:
+    """Starts ``cloudq`` subcommands as child processes (own process group) and reaps them."""
+
+    def __init__(self, redis_url: str, prefix: str, log_dir: str) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, str] = {}
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {**os.environ, "CLOUDQ_REDIS_URL": self.redis_url, "CLOUDQ_PREFIX": self.prefix}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
+        env.update(extra)
+        return env
+
+    def start(self, *args: str, stdin: bytes | None = None, **env: str) -> subprocess.Popen[bytes]:
+        path = os.path.join(self.log_dir, f"{len(self.procs):02d}-{args[0]}.log")
+        with open(path, "wb") as log:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "cloudq.cli", "-v", *args],
+                env=self.env(**env),
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.logs[p.pid] = path
+        if stdin is not None:
+            assert p.stdin is not None
+            p.stdin.write(stdin)
+            p.stdin.close()
+        self.procs.append(p)
+        return p
+
+    def run(self, *args: str, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cloudq.cli", *args],
+            env=self.env(),
+            input=(stdin or b"").decode(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def central(self, **clocks: float) -> subprocess.Popen[bytes]:
+        return self.start("central", *clock_args(**clocks))
+
+    def node(self, node_id: str, host: str = "h1", app: str = "paint") -> subprocess.Popen[bytes]:
+        return self.start("node", "--id", node_id, "--host", host, "--app", app)
+
+    def worker(self, host: str = "h1") -> subprocess.Popen[bytes]:
+        return self.start("worker", "--host", host)
+
+    @staticmethod
+    def kill(p: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        if p.poll() is None:
+            os.killpg(p.pid, sig)
+        p.wait(10)
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        self.procs.clear()
+
+    def output(self, p: subprocess.Popen[bytes]) -> str:
+        with open(self.logs[p.pid], errors="replace") as fh:
+            return fh.read()
+
+
+def node_state(r: redis.Redis, keys: Keys, node: str) -> str:
+    return (r.hget(keys.node(node), "state") or b"").decode()
+
+
+def session_field(r: redis.Redis, keys: Keys, sid: str, field: str = "state") -> str:
+    return (r.hget(keys.session(sid), field) or b"").decode()
+
+
+def publish(r: redis.Redis, keys: Keys, **kw: float) -> Settings:
+    s = Settings(**kw)
+    s.publish(r, keys)
+    return s

@@ -1,0 +1,138 @@
+"""The transition scripts, driven directly against a real server."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from helpers import node_state, publish, session_field, wait_for
+
+from cloudq.keys import Keys
+from cloudq.state import StateMachine
+
+
+def events(r: redis.Redis, keys: Keys, obj: str) -> list[tuple[str, str, str]]:
+    return [
+        (f[b"from"].decode(), f[b"to"].decode(), f[b"reason"].decode())
+        for _, f in r.xrange(keys.events)
+        if f[b"obj"].decode() == obj
+    ]
+
+
+def test_login_assigns_free_node_then_queues_in_fifo_order(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    assert sm.register_node("n1", "h", "paint", "i1")
+    status, sid, node, gen, _ = sm.login("alice", "t1")
+    assert (status, node, gen) == ("assigned", "n1", 1)
+    assert node_state(r, keys, "n1") == "assigned"
+    assert session_field(r, keys, sid) == "starting"
+    assert sm.login("bob", "t2")[0::4] == ("queued", 1)
+    assert sm.login("carol", "t3")[0::4] == ("queued", 2)
+    assert sm.login("bob", "t2b")[0::4] == ("queued", 1)  # asking again keeps the place
+    assert r.lrange(keys.queue, 0, -1) == [b"bob", b"carol"]
+    assert events(r, keys, "node:n1") == [("", "free", "registered"), ("free", "assigned", f"session {sid}")]
+
+
+def test_a_node_is_never_assigned_twice(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    sm.register_node("n1", "h", "paint", "i1")
+    results = [sm.login(f"u{i}", f"t{i}") for i in range(5)]
+    assert [x[0] for x in results] == ["assigned"] + ["queued"] * 4
+    assert r.zcard(keys.pool) == 0
+
+
+def test_release_frees_node_and_dispatch_serves_queue_head_still_waiting(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    sm.register_node("n1", "h", "paint", "i1")
+    _, sid, _, gen, _ = sm.login("alice", "t1")
+    sm.login("bob", "t2")
+    sm.login("carol", "t3")
+    r.set(keys.token("t2"), "bob")  # login() issues tokens; make sure they exist as the real path does
+    r.set(keys.queued("carol"), "1", px=10_000)  # carol's client is waiting; bob's stopped beating
+    assert sm.close_begin(sid, gen, "logout") == ("ok", "n1")
+    assert node_state(r, keys, "n1") == "closing"
+    assert sm.release(sid, gen) == "n1"
+    assert session_field(r, keys, sid) == "closed"
+    assert node_state(r, keys, "n1") == "free"
+    [a] = sm.dispatch()
+    assert (a.user, a.node) == ("carol", "n1")
+    assert r.lrange(keys.notify("t3"), 0, -1) == [a.sid.encode()]
+    assert r.llen(keys.queue) == 0
+
+
+def test_stale_generation_changes_nothing(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    sm.register_node("n1", "h", "paint", "i1")
+    _, sid, _, gen, _ = sm.login("alice", "t1")
+    assert sm.login("alice", "t1b")[0] == "reconnect"  # bumps the generation
+    assert sm.close_begin(sid, gen, "grace") == ("stale", "")
+    assert sm.release(sid, gen) == ""
+    assert session_field(r, keys, sid) == "starting"
+    assert node_state(r, keys, "n1") == "assigned"
+    assert not sm.activate("n1", sid, gen)  # the start for the old generation is stale too
+    assert sm.activate("n1", sid, gen + 1)
+    assert node_state(r, keys, "n1") == "active"
+
+
+def test_closed_session_cannot_be_resurrected(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    sm.register_node("n1", "h", "paint", "i1")
+    _, sid, _, gen, _ = sm.login("alice", "t1")
+    sm.close_begin(sid, gen, "logout")
+    sm.release(sid, gen)
+    assert not sm.activate("n1", sid, gen)
+    assert not sm.wake("n1", sid)
+    assert sm.release(sid, gen) == ""
+    status, sid2, _, _, _ = sm.login("alice", "t2")
+    assert status == "assigned" and sid2 != sid
+    assert session_field(r, keys, sid) == "closed"
+
+
+def test_reconnect_revokes_the_old_token(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    sm.register_node("n1", "h", "paint", "i1")
+    sm.register_node("n2", "h", "paint", "i2")
+    _, sid, node, _, _ = sm.login("alice", "t1")
+    assert r.exists(keys.token("t1"))
+    status, sid2, node2, gen2, _ = sm.login("alice", "t2")
+    assert (status, sid2, node2, gen2) == ("reconnect", sid, node, 2)
+    assert not r.exists(keys.token("t1")) and r.get(keys.token("t2")) == b"alice"
+    assert r.zcard(keys.pool) == 1  # never a second node
+
+
+def test_second_process_with_a_live_node_id_is_refused(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    assert sm.register_node("n1", "h", "paint", "i1")
+    assert not sm.register_node("n1", "h", "paint", "i2")
+    assert r.get(keys.node_alive("n1")) == b"i1"
+
+
+def test_sweep_claims_each_due_entry_once(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys, heartbeat_ttl=0.3, heartbeat_interval=0.1, idle_timeout=0, grace=0.2)
+    sm = StateMachine(r, keys)
+    for i in range(20):
+        sm.register_node(f"n{i}", "h", "paint", f"i{i}")
+    sids = [sm.login(f"u{i}", f"t{i}")[1] for i in range(20)]
+    wait_for(lambda: all(not r.exists(keys.heartbeat(s)) for s in sids), 5)
+    time.sleep(0.01)
+    sm2 = StateMachine(r, keys)
+    disconnected = events_to = 0
+    deadline = time.monotonic() + 5
+    closes: list[str] = []
+    while time.monotonic() < deadline and len(closes) < 20:
+        for a in sm.sweep() + sm2.sweep():
+            closes.append(a.sid)
+        time.sleep(0.02)
+    assert sorted(closes) == sorted(sids)  # grace lapsed: one close each, from two sweepers
+    for s in sids:
+        ev = events(r, keys, f"session:{s}")
+        events_to += sum(1 for e in ev if e[1] == "disconnected")
+        disconnected += session_field(r, keys, s) == "disconnected"
+    assert events_to == 20 and disconnected == 20

@@ -1,0 +1,57 @@
+"""``cloudq worker``: an RQ worker on this host's queue and the shared ``any`` queue.
+
+RQ notices a job whose worker died only when the job's entry in the started registry is
+older than its heartbeat TTL, which RQ sets to ``job_monitoring_interval + 60`` s, and only
+on a maintenance pass (every 10 min by default): an abandoned job waits ~11 min. Here the
+TTL is ``job_monitoring_interval + HEARTBEAT_MARGIN`` and the central server's sweeper runs
+the started-registry cleanup every few seconds, so a job whose worker was SIGKILLed is
+retried within ~15 s.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from rq import Worker
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from cloudq.keys import Keys
+from cloudq.workers.jobs import ANY_HOST, queue_for
+
+log = logging.getLogger(__name__)
+
+MONITORING_INTERVAL = 2
+HEARTBEAT_MARGIN = 8
+
+
+class CloudqWorker(Worker):
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.job_monitoring_interval + HEARTBEAT_MARGIN
+
+
+def make_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None) -> CloudqWorker:
+    queues = [queue_for(r, keys, host)]
+    if host != ANY_HOST:
+        queues.append(queue_for(r, keys, ANY_HOST))
+    return CloudqWorker(
+        queues,
+        connection=r,
+        serializer=JSONSerializer,
+        name=name,
+        job_monitoring_interval=MONITORING_INTERVAL,
+        maintenance_interval=10,
+    )
+
+
+def requeue_abandoned(r: redis.Redis, keys: Keys) -> int:
+    """Retry jobs whose worker died (run by the central sweeper). Returns the queues checked."""
+    n = 0
+    for name in r.smembers("rq:queues"):
+        qname = name.decode().removeprefix("rq:queue:")
+        if qname.startswith(keys.prefix):
+            StartedJobRegistry(qname, connection=r, serializer=JSONSerializer).cleanup()
+            n += 1
+    return n
