@@ -59,7 +59,12 @@ class Launcher:
     def _request(self, req: Request) -> Reply:
         try:
             self.r.xadd(self.keys.requests, req.pack(), maxlen=10000, approximate=True)
-            got = self.r.blpop([self.keys.reply(req.id)], timeout=self.reply_timeout)
+            got = None
+            end = time.monotonic() + self.reply_timeout
+            while got is None and time.monotonic() < end:  # short blocks: below any socket timeout
+                got = self.r.blpop(
+                    [self.keys.reply(req.id)], timeout=min(1.0, max(0.01, end - time.monotonic()))
+                )
         except redis.ConnectionError as exc:
             raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
         if got is None:

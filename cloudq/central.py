@@ -61,7 +61,8 @@ class Central:
     def setup(self) -> None:
         self.settings.publish(self.r, self.keys)
         try:
-            self.r.xgroup_create(self.keys.requests, GROUP, id="$", mkstream=True)
+            # from the start of the stream: requests sent before the first central server came up count too
+            self.r.xgroup_create(self.keys.requests, GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise

@@ -61,7 +61,13 @@ class EmbeddedServer:
             "--notify-keyspace-events", "Ex",
             "--logfile", os.path.join(self.dir, "server.log"),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + self.startup_timeout
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         try:

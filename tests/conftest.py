@@ -8,15 +8,15 @@ server instead; the suite FLUSHDBs that database before every test.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
+from helpers import Procs
 
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
-from helpers import Procs
 
 
 @pytest.fixture(scope="session")

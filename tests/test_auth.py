@@ -54,7 +54,9 @@ def test_login_returns_token_whose_hash_only_is_stored(r: redis.Redis, keys: Key
 
 
 @pytest.mark.parametrize("user,password", [("alice", "wrong"), ("nobody", "whatever"), ("alice", "é" * 100)])
-def test_bad_credentials_get_one_generic_answer(r: redis.Redis, keys: Keys, central: Central, user, password) -> None:
+def test_bad_credentials_get_one_generic_answer(
+    r: redis.Redis, keys: Keys, central: Central, user, password
+) -> None:
     with pytest.raises(ClientError) as e:
         Launcher(r, keys).login(user, password)
     assert e.value.kind == "invalid" and str(e.value) == "invalid credentials"
@@ -88,7 +90,9 @@ def test_unknown_users_lock_like_known_ones(r: redis.Redis, keys: Keys, central:
     assert answers == ["invalid", "invalid", "locked", "locked"]
 
 
-def test_logout_revokes_the_token_and_closes_the_session(r: redis.Redis, keys: Keys, central: Central) -> None:
+def test_logout_revokes_the_token_and_closes_the_session(
+    r: redis.Redis, keys: Keys, central: Central
+) -> None:
     launcher = Launcher(r, keys)
     t = launcher.login("alice", "correct horse")
     launcher.logout(t.token)

@@ -1,0 +1,248 @@
+"""The management method end to end, through real processes: central, nodes, RQ workers."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import msgpack
+import redis
+from conftest import FAST
+from helpers import Procs, node_state, publish, session_field, wait_for
+
+from cloudq.auth import Users, token_user
+from cloudq.client.kernel import Heartbeat
+from cloudq.client.launcher import Launcher, Ticket
+from cloudq.keys import Keys
+from cloudq.settings import Settings
+
+
+def setup_pool(r: redis.Redis, keys: Keys, procs: Procs, nodes: int = 1, **clocks: float):
+    clk = {**FAST, **clocks}
+    publish(r, keys, **clk)  # so nodes that start before the central server read the same clocks
+    central = procs.central(**clk)
+    node_procs = [procs.node(f"n{i + 1}") for i in range(nodes)]
+    worker = procs.worker()
+    wait_for(lambda: r.zcard(keys.pool) == nodes, 20, what="nodes registered")
+    for u in ("alice", "bob", "carol"):
+        Users(r, keys).add(u, "pw", cost=4)
+    return central, node_procs, worker
+
+
+def login(r: redis.Redis, keys: Keys, user: str = "alice") -> tuple[Launcher, Ticket]:
+    launcher = Launcher(r, keys)
+    return launcher, launcher.login(user, "pw", wait=0.01) if False else launcher.login(user, "pw")
+
+
+def beating(r: redis.Redis, keys: Keys, t: Ticket) -> Heartbeat:
+    hb = Heartbeat(r, keys, t.sid, Settings.load(r, keys))
+    hb.start()
+    return hb
+
+
+def send_input(r: redis.Redis, keys: Keys, sid: str, seq: int = 1) -> None:
+    ev = {"type": "key", "key": "a", "seq": seq, "client_time": time.time()}
+    r.xadd(keys.input(sid), {"m": msgpack.packb(ev)})
+
+
+def test_login_mounts_and_node_becomes_active(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    setup_pool(r, keys, procs)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    try:
+        wait_for(lambda: node_state(r, keys, "n1") == "active", 15, what="node active")
+        assert session_field(r, keys, t.sid) == "active"
+    finally:
+        hb.stop.set()
+
+
+def test_idle_session_sleeps_within_ttl_plus_one_second_and_input_wakes_it(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    setup_pool(r, keys, procs, idle_timeout=1.0)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    try:
+        wait_for(lambda: node_state(r, keys, "n1") == "active", 15)
+        act_set = time.monotonic()
+        r.set(keys.activity(t.sid), "1", px=1000)
+        wait_for(lambda: node_state(r, keys, "n1") == "sleeping", 5, what="node sleeping")
+        assert time.monotonic() - act_set < 1.0 + 1.0
+        assert session_field(r, keys, t.sid) == "sleeping"
+        send_input(r, keys, t.sid)
+        wait_for(lambda: node_state(r, keys, "n1") == "active", 3, what="node awake")
+        assert session_field(r, keys, t.sid) == "active"
+        assert r.pttl(keys.activity(t.sid)) > 0  # the idle clock restarted
+    finally:
+        hb.stop.set()
+
+
+def test_lost_heartbeat_disconnects_and_relogin_within_grace_gets_same_session_and_node(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    setup_pool(r, keys, procs, nodes=2, grace=30)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    wait_for(lambda: node_state(r, keys, t.node) == "active", 15)
+    hb.stop.set()
+    wait_for(lambda: session_field(r, keys, t.sid) == "disconnected", 5, what="disconnected")
+    assert node_state(r, keys, t.node) == "sleeping"
+    assert r.zscore(keys.deadlines, f"grace|{t.sid}") is not None
+    _, t2 = login(r, keys)
+    assert (t2.status, t2.sid, t2.node) == ("reconnect", t.sid, t.node)
+    assert t2.token != t.token and token_user(r, keys, t.token) is None
+    assert r.zcard(keys.pool) == 1  # the other node was not touched
+    hb2 = beating(r, keys, t2)
+    try:
+        send_input(r, keys, t2.sid)
+        wait_for(lambda: node_state(r, keys, t.node) == "active", 5)
+    finally:
+        hb2.stop.set()
+
+
+def test_grace_lapse_closes_and_next_queued_user_gets_the_node(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    setup_pool(r, keys, procs, grace=1.0)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    wait_for(lambda: node_state(r, keys, "n1") == "active", 15)
+    # bob waits in the queue; his client keeps its place by beating queued:<user>
+    bob = Launcher(r, keys)
+    got: list[Ticket] = []
+    import threading
+
+    th = threading.Thread(target=lambda: got.append(bob.login("bob", "pw", wait=20)))
+    th.start()
+    wait_for(lambda: r.lrange(keys.queue, 0, -1) == [b"bob"], 5)
+    hb.stop.set()
+    wait_for(lambda: session_field(r, keys, t.sid) == "closed", 10, what="closed after grace")
+    th.join(20)
+    assert got and got[0].node == "n1" and got[0].sid != t.sid
+    assert session_field(r, keys, t.sid, "close_reason") == "grace"
+    hb2 = beating(r, keys, got[0])
+    try:
+        wait_for(lambda: session_field(r, keys, got[0].sid) == "active", 15)
+    finally:
+        hb2.stop.set()
+
+
+def test_logout_closes_at_once(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    setup_pool(r, keys, procs, grace=60, idle_timeout=60)
+    launcher, t = login(r, keys)
+    hb = beating(r, keys, t)
+    wait_for(lambda: node_state(r, keys, "n1") == "active", 15)
+    launcher.logout(t.token)
+    hb.stop.set()
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 5, what="node freed")
+    assert session_field(r, keys, t.sid) == "closed"
+    reasons = [f[b"reason"] for _, f in r.xrange(keys.events) if f[b"obj"] == b"node:n1"]
+    assert b"logout" in reasons  # active -> closing (logout) -> free
+
+
+def test_idle_close_and_max_session_close_with_warning(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    setup_pool(r, keys, procs, nodes=2, idle_timeout=0.5, idle_close=1.5, max_session=0)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    try:
+        wait_for(lambda: session_field(r, keys, t.sid) == "closed", 10, what="idle close")
+        assert session_field(r, keys, t.sid, "close_reason") == "idle"
+    finally:
+        hb.stop.set()
+
+
+def test_max_session_warns_then_closes(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    setup_pool(r, keys, procs, idle_timeout=0, max_session=2.0, max_warning=1.0)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    try:
+        wait_for(lambda: session_field(r, keys, t.sid, "warning") == "max_session", 5, what="warning")
+        assert session_field(r, keys, t.sid) != "closed"
+        wait_for(lambda: session_field(r, keys, t.sid) == "closed", 5, what="max close")
+        assert session_field(r, keys, t.sid, "close_reason") == "max_session"
+    finally:
+        hb.stop.set()
+
+
+def test_clocks_set_to_zero_are_off(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    setup_pool(r, keys, procs, heartbeat_ttl=0, idle_timeout=0, grace=0, idle_close=0, max_session=0)
+    _, t = login(r, keys)  # no heartbeat, no activity from here on
+    wait_for(lambda: node_state(r, keys, "n1") == "active", 15)
+    assert not r.exists(keys.heartbeat(t.sid)) and not r.exists(keys.activity(t.sid))
+    kinds = {m.decode().split("|")[0] for m in r.zrange(keys.deadlines, 0, -1)}
+    assert kinds <= {"alive"}
+    time.sleep(3)  # several times every clock that would have fired with FAST settings
+    assert session_field(r, keys, t.sid) == "active" and node_state(r, keys, "n1") == "active"
+
+
+def test_node_killed_goes_offline_and_session_moves_to_another_node(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    _, nodes, _ = setup_pool(r, keys, procs, nodes=2, grace=30)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    try:
+        wait_for(lambda: node_state(r, keys, t.node) == "active", 15)
+        victim = nodes[int(t.node[1:]) - 1]
+        Procs.kill(victim, signal.SIGKILL)
+        other = "n2" if t.node == "n1" else "n1"
+        wait_for(lambda: node_state(r, keys, t.node) == "offline", 5, what="offline")
+        wait_for(lambda: session_field(r, keys, t.sid, "node") == other, 5, what="moved")
+        wait_for(lambda: session_field(r, keys, t.sid) == "active", 10, what="active on new node")
+        assert node_state(r, keys, other) == "active"
+    finally:
+        hb.stop.set()
+
+
+def test_deadlines_that_pass_while_central_is_down_are_handled_when_it_returns(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    central, _, _ = setup_pool(r, keys, procs, idle_timeout=0.5)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    try:
+        wait_for(lambda: node_state(r, keys, "n1") == "active", 15)
+        Procs.kill(central, signal.SIGKILL)
+        wait_for(lambda: not r.exists(keys.activity(t.sid)), 5)  # expired, its notification lost
+        time.sleep(0.5)
+        assert session_field(r, keys, t.sid) == "active"  # nobody noticed
+        procs.central(**{**FAST, "idle_timeout": 0.5})
+        wait_for(lambda: session_field(r, keys, t.sid) == "sleeping", 10, what="sleep after restart")
+        assert node_state(r, keys, "n1") == "sleeping"
+    finally:
+        hb.stop.set()
+
+
+def test_two_central_replicas_do_each_job_once(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    setup_pool(r, keys, procs, nodes=4, grace=0.5, idle_timeout=0.5)
+    procs.central(**{**FAST, "grace": 0.5, "idle_timeout": 0.5})
+    tickets = [login(r, keys, u)[1] for u in ("alice", "bob", "carol")]
+    for t in tickets:
+        wait_for(lambda t=t: session_field(r, keys, t.sid) == "active", 15)
+    for t in tickets:
+        wait_for(lambda t=t: session_field(r, keys, t.sid) == "closed", 15)
+    for t in tickets:
+        trans = [
+            (f[b"from"], f[b"to"])
+            for _, f in r.xrange(keys.events)
+            if f[b"obj"] == f"session:{t.sid}".encode()
+        ]
+        assert trans.count((b"disconnected", b"closed")) == 1
+        assert sum(1 for _, to in trans if to == b"disconnected") == 1
+    assert node_state(r, keys, "n1") == "free"
+    assert r.zcard(keys.pool) == 4
+
+
+def test_status_json_has_nodes_sessions_queue(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    import json
+
+    setup_pool(r, keys, procs, nodes=1)
+    _, t = login(r, keys)
+    Launcher(r, keys).login("bob", "pw", wait=0.01) if False else None
+    out = procs.run("status", "--json")
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert st["nodes"][0] == {**st["nodes"][0], "id": "n1", "session": t.sid, "host": "h1"}
+    assert st["nodes"][0]["state"] in ("assigned", "active")
+    assert st["sessions"][0]["user"] == "alice" and st["sessions"][0]["node"] == "n1"
+    assert st["queue"] == []
