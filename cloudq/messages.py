@@ -112,16 +112,17 @@ def unpack_reply(raw: bytes) -> Reply:
 class Control:
     """A command on a node's control stream."""
 
-    cmd: str  # start | sleep | wake | stop | keyframe
+    cmd: str  # start | sleep | wake | stop | flush | keyframe
     sid: str = ""
     gen: int = 0
+    ref: str = ""  # flush: the id the node acknowledges with (node hash field ``flushed``)
 
 
-CONTROL_COMMANDS = {"start", "sleep", "wake", "stop", "keyframe"}
+CONTROL_COMMANDS = {"start", "sleep", "wake", "stop", "flush", "keyframe"}
 
 
 def pack_control(c: Control) -> dict[str, str]:
-    return {"cmd": c.cmd, "sid": c.sid, "gen": str(c.gen)}
+    return {"cmd": c.cmd, "sid": c.sid, "gen": str(c.gen), "ref": c.ref}
 
 
 def unpack_control(fields: dict[bytes, bytes]) -> Control:
@@ -129,10 +130,11 @@ def unpack_control(fields: dict[bytes, bytes]) -> Control:
         cmd = fields[b"cmd"].decode()
         sid = fields.get(b"sid", b"").decode()
         gen = int(fields.get(b"gen", b"0"))
+        ref = fields.get(b"ref", b"").decode()
     except (KeyError, UnicodeDecodeError, ValueError) as exc:
         raise BadMessage(f"bad control message: {type(exc).__name__}") from None
     if cmd not in CONTROL_COMMANDS:
         raise BadMessage(f"unknown control command {cmd!r}")
-    if len(sid) > 64:
-        raise BadMessage("sid too long")
-    return Control(cmd, sid, gen)
+    if len(sid) > 64 or len(ref) > 64:
+        raise BadMessage("sid or ref too long")
+    return Control(cmd, sid, gen, ref)
