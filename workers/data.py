@@ -8,12 +8,18 @@ versioned store that fills them lives in :mod:`cloudq.workers.store`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import redis
 
 from cloudq.keys import Keys
 
 log = logging.getLogger(__name__)
+
+
+def workspace_dir(root: str | Path, node_id: str) -> Path:
+    """The directory a node's app reads and writes its user's data in."""
+    return Path(root) / node_id / "data"
 
 
 def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) -> None:
