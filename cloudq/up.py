@@ -17,6 +17,16 @@ from cloudq.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def cloudq_command() -> list[str]:
+    """How to start another ``cloudq`` process with this interpreter.
+
+    ``-P`` keeps the working directory off ``sys.path``: run from a source checkout, the bare
+    ``cloudq/`` folder would otherwise shadow the installed package (which maps ``workers/``
+    and ``client/`` into it).
+    """
+    return [sys.executable, "-P", "-m", "cloudq.cli"]
+
+
 def _clock_args(settings: Settings) -> list[str]:
     args = []
     for name, value in settings.__dict__.items():
@@ -58,7 +68,7 @@ class Cluster:
         }
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "cloudq.cli", *args]
+        cmd = [*cloudq_command(), *args]
         p = subprocess.Popen(cmd, env=self.env(), stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = p
         return p

@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +14,7 @@ import redis
 
 from cloudq.keys import Keys
 from cloudq.settings import Settings
+from cloudq.up import cloudq_command
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
@@ -56,7 +56,7 @@ class Procs:
         path = os.path.join(self.log_dir, f"{len(self.procs):02d}-{args[0]}.log")
         with open(path, "wb") as log:
             p = subprocess.Popen(
-                [sys.executable, "-m", "cloudq.cli", "-v", *args],
+                [*cloudq_command(), "-v", *args],
                 env=self.env(**env),
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=log,
@@ -75,7 +75,7 @@ class Procs:
         self, *args: str, stdin: bytes | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "cloudq.cli", *args],
+            [*cloudq_command(), *args],
             env=self.env(),
             input=(stdin or b"").decode(),
             capture_output=True,

@@ -1,0 +1,62 @@
+"""RQ jobs: JSON serializer, unique ids, and retry of a job whose worker was SIGKILLed."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import redis
+from helpers import Procs, wait_for
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from cloudq.central import Central
+from cloudq.keys import Keys
+from cloudq.settings import Settings
+from cloudq.workers import jobs
+
+
+def test_job_ids_are_deterministic_and_enqueued_once(r: redis.Redis, keys: Keys) -> None:
+    assert jobs.enqueue(r, keys, "close", "s1", 3, "h1", "grace")
+    assert not jobs.enqueue(r, keys, "close", "s1", 3, "h1", "grace")
+    assert jobs.enqueue(r, keys, "close", "s1", 4, "h1", "grace")
+    q = jobs.queue_for(r, keys, "h1")
+    assert q.count == 2
+    import json
+    import zlib
+
+    raw = r.hget(f"rq:job:{q.job_ids[0]}", "data")
+    json.loads(zlib.decompress(raw))  # RQ compresses the payload; inside it is JSON, never pickle
+
+
+def test_job_of_a_sigkilled_worker_is_retried_and_completes_within_60s(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    central = Central(r, keys, Settings(), notifications=False)
+    central.start()
+    try:
+        q = Queue(keys.job_queue("h1"), connection=r, serializer=JSONSerializer)
+        job = q.enqueue(
+            "jobs_for_tests.slow_first_attempt",
+            "cqt:test:attempts",
+            300,
+            job_id="slowjob",
+            retry=Retry(max=2),
+        )
+        w1 = procs.worker("h1")
+        wait_for(lambda: r.get("cqt:test:attempts") == b"1", 20, what="first attempt running")
+        Procs.kill(w1, signal.SIGKILL)  # worker and its work horse, mid-job
+        killed_at = time.monotonic()
+        procs.worker("h1")
+        wait_for(
+            lambda: (
+                Job.fetch(job.id, connection=r, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+            ),
+            60,
+            what="retried job finished",
+        )
+        assert time.monotonic() - killed_at < 60
+        assert r.get("cqt:test:attempts") == b"2"
+    finally:
+        central.shutdown()
