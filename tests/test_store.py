@@ -373,7 +373,7 @@ def test_sigkill_mid_save_keeps_old_version(tmp_path: Path, mode: str) -> None:
         (src / "small" / str(i % 10) / f"{i}.dat").write_bytes(os.urandom(3000))
 
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD_SAVE, str(root), str(src), mode],
+        [sys.executable, "-P", "-c", CHILD_SAVE, str(root), str(src), mode],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -638,7 +638,7 @@ def test_store_full_leaves_previous_version(tmp_path: Path, src: Path) -> None:
     (small / "f").write_text("v1")
     store.save(USER, small)
     out = subprocess.run(
-        [sys.executable, "-c", CHILD_FULL, str(store.root), str(src)],
+        [sys.executable, "-P", "-c", CHILD_FULL, str(store.root), str(src)],
         capture_output=True,
         text=True,
         timeout=60,
