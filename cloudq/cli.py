@@ -144,6 +144,14 @@ def central(redis_url: str | None, prefix: str, no_notifications: bool, **kw: An
 
 
 # -- node and worker -------------------------------------------------------------------------
+def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT, got {value!r}") from None
+    return w, h
+
+
 @main.command()
 @redis_url_option
 @prefix_option
@@ -151,12 +159,69 @@ def central(redis_url: str | None, prefix: str, no_notifications: bool, **kw: An
 @click.option(
     "--host", envvar="CLOUDQ_HOST", default=socket.gethostname, help="Host name (its worker queue)."
 )
-@click.option("--app", envvar="CLOUDQ_APP", default="paint", show_default=True, help="App to run.")
-def node(redis_url: str | None, prefix: str, node_id: str, host: str, app: str) -> None:
+@click.option(
+    "--app",
+    envvar="CLOUDQ_APP",
+    default="paint",
+    show_default=True,
+    help="App to run: paint, probe or package.module:Class.",
+)
+@click.option(
+    "--size", envvar="CLOUDQ_SIZE", default="1280x720", show_default=True, callback=_size, help="WxH."
+)
+@click.option("--fps", envvar="CLOUDQ_FPS", type=click.FloatRange(1, 240), default=30.0, show_default=True)
+@click.option(
+    "--bitrate",
+    envvar="CLOUDQ_BITRATE",
+    type=click.IntRange(min=10_000),
+    default=2_000_000,
+    show_default=True,
+    help="Bits per second.",
+)
+@click.option("--preset", envvar="CLOUDQ_PRESET", default="ultrafast", show_default=True, help="x264 preset.")
+@click.option(
+    "--gop",
+    envvar="CLOUDQ_GOP",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between periodic keyframes.",
+)
+@click.option(
+    "--workspace",
+    envvar="CLOUDQ_WORKSPACE",
+    default=None,
+    help="Root of the nodes' user-data workspaces (default <tmp>/cloudq-workspace).",
+)
+def node(
+    redis_url: str | None,
+    prefix: str,
+    node_id: str,
+    host: str,
+    app: str,
+    size: tuple[int, int],
+    fps: float,
+    bitrate: int,
+    preset: str,
+    gop: float,
+    workspace: str | None,
+) -> None:
     """Run one service node."""
-    from cloudq.workers.node import Node, NodeIdTaken
+    from cloudq.workers.node import MediaConfig, Node, NodeIdTaken, default_workspace
 
-    n = Node(_connect(redis_url), Keys(prefix), node_id, host=host, app=app)
+    try:
+        media = MediaConfig(
+            width=size[0],
+            height=size[1],
+            fps=fps,
+            bitrate=bitrate,
+            preset=preset,
+            gop=gop,
+            workspace=workspace or default_workspace(),
+        )
+        n = Node(_connect(redis_url), Keys(prefix), node_id, host=host, app=app, media=media)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     _stop_on_signals(n.stop.set)
     try:
         n.run()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import time
 
-import msgpack
 import redis
 from conftest import FAST
 from helpers import Procs, node_state, publish, session_field, wait_for
@@ -15,6 +14,7 @@ from cloudq.client.kernel import Heartbeat
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys
 from cloudq.settings import Settings
+from cloudq.workers.media.wire import InputEvent
 
 
 def setup_pool(r: redis.Redis, keys: Keys, procs: Procs, nodes: int = 1, **clocks: float):
@@ -41,8 +41,7 @@ def beating(r: redis.Redis, keys: Keys, t: Ticket) -> Heartbeat:
 
 
 def send_input(r: redis.Redis, keys: Keys, sid: str, seq: int = 1) -> None:
-    ev = {"type": "key", "key": "a", "seq": seq, "client_time": time.time()}
-    r.xadd(keys.input(sid), {"m": msgpack.packb(ev)})
+    r.xadd(keys.input(sid), InputEvent("key", seq, time.time(), key="a").pack())
 
 
 def test_login_mounts_and_node_becomes_active(r: redis.Redis, keys: Keys, procs: Procs) -> None:
