@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -97,6 +98,7 @@ def central_options(f: Callable[..., Any]) -> Callable[..., Any]:
             _clock("node-ttl", d.node_ttl, "A node is offline when its liveness is this old."),
             _clock("token-ttl", d.token_ttl, "Bearer token lifetime."),
             _clock("job-lease", d.job_lease, "Re-issue a mount/close job not done after this."),
+            _clock("autosave", d.autosave, "Save an active session's data this often (when changed)."),
             click.option(
                 "--lockout-limit",
                 type=click.IntRange(min=0),
@@ -237,10 +239,34 @@ def node(
 @click.option("--host", envvar="CLOUDQ_HOST", default=socket.gethostname, help="Serve this host's queue.")
 @click.option("--name", default=None, help="Worker name (default: RQ's).")
 @click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
-def worker(redis_url: str | None, prefix: str, host: str, name: str | None, burst: bool) -> None:
+@click.option(
+    "--store", envvar="CLOUDQ_STORE", default=None, help="User-data store directory (shared by hosts)."
+)
+@click.option("--workspace", envvar="CLOUDQ_WORKSPACE", default=None, help="This host's node workspaces.")
+@click.option(
+    "--quota-mib", envvar="CLOUDQ_QUOTA_MIB", type=click.FloatRange(min=0), default=100, show_default=True
+)
+def worker(
+    redis_url: str | None,
+    prefix: str,
+    host: str,
+    name: str | None,
+    burst: bool,
+    store: str | None,
+    workspace: str | None,
+    quota_mib: float,
+) -> None:
     """Run an RQ worker for this host's jobs (mount, save, close)."""
     from cloudq.workers.worker import make_worker
 
+    # the jobs (in forked work horses) read these
+    for var, value in (
+        ("CLOUDQ_STORE", store),
+        ("CLOUDQ_WORKSPACE", workspace),
+        ("CLOUDQ_QUOTA_MIB", quota_mib),
+    ):
+        if value is not None:
+            os.environ[var] = str(value)
     w = make_worker(_connect(redis_url), Keys(prefix), host, name=name)
     w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
 
@@ -385,6 +411,16 @@ Exit codes:
     help="Give up waiting in the queue after this many seconds (0 = wait forever).",
 )
 @click.option("--headless", is_flag=True, default=True, help="No window (the default for now).")
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Record the received video into this MP4 file (remuxed, not re-encoded).",
+)
+@click.option(
+    "--snapshot",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the last decoded frame to this PNG file at exit.",
+)
 def connect(
     redis_url: str | None,
     prefix: str,
@@ -394,6 +430,8 @@ def connect(
     duration: float,
     queue_wait: float,
     headless: bool,
+    record: str | None,
+    snapshot: str | None,
 ) -> None:
     from cloudq.client.launcher import ClientError
     from cloudq.client.session import run_connect
@@ -416,6 +454,8 @@ def connect(
             queue_wait=queue_wait or None,
             stop=stop,
             say=lambda m: click.echo(m, err=True),
+            record=record,
+            snapshot=snapshot,
         )
     except ClientError as exc:
         _fail(str(exc), exc.exit_code)

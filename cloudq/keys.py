@@ -19,6 +19,9 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("user:<name>", "hash", "-", "cli, central", "bcrypt hash, created, disabled, session, last_node"),
     ("user:<name>:fails", "string", "lockout window", "central", "failed logins in the window"),
     ("user:<name>:lock", "string", "lockout time", "central", "present = account locked"),
+    ("user:<name>:mounted", "string", "-", "mount job", "session whose node holds the user's data"),
+    ("user:<name>:savelock", "string", "120 s", "save job", "fencing token of the running save"),
+    ("user:<name>:fence", "string", "-", "save job", "last fencing token issued"),
     ("token:<sha256>", "string", "token TTL", "central", "msgpack {user, sid}; only the token's hash"),
     ("requests", "stream", "-", "clients", "login/logout requests (consumer group `central`)"),
     ("reply:<request id>", "list", "30 s", "central", "the reply to one request"),
@@ -36,6 +39,8 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("session:{<sid>}:act", "string", "idle timeout", "client launcher", "user activity"),
     ("session:{<sid>}:video", "stream", "MAXLEN ~", "node", "encoded video, one packet per entry"),
     ("session:{<sid>}:input", "stream", "MAXLEN ~", "client", "input events and keyframe requests"),
+    ("seq", "string", "-", "scripts", "session id counter"),
+    ("moves", "list", "-", "scripts", "sessions whose node died, waiting for another"),
     ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
     ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
 ]
@@ -98,6 +103,15 @@ class Keys:
 
     def user_lock(self, name: str) -> str:
         return self._k(f"user:{name}:lock")
+
+    def user_mounted(self, name: str) -> str:
+        return self._k(f"user:{name}:mounted")
+
+    def save_lock(self, name: str) -> str:
+        return self._k(f"user:{name}:savelock")
+
+    def save_fence(self, name: str) -> str:
+        return self._k(f"user:{name}:fence")
 
     def token(self, token_hash: str) -> str:
         return self._k(f"token:{token_hash}")

@@ -52,6 +52,7 @@ FAST = dict(
     max_warning=0,
     node_ttl=1.0,
     job_lease=5.0,
+    autosave=0,
 )
 
 

@@ -47,7 +47,14 @@ class Procs:
         self.logs: dict[int, str] = {}
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, "CLOUDQ_REDIS_URL": self.redis_url, "CLOUDQ_PREFIX": self.prefix}
+        env = {
+            **os.environ,
+            "CLOUDQ_REDIS_URL": self.redis_url,
+            "CLOUDQ_PREFIX": self.prefix,
+            # each test its own user-data store and node workspaces
+            "CLOUDQ_STORE": os.path.join(self.log_dir, "store"),
+            "CLOUDQ_WORKSPACE": os.path.join(self.log_dir, "workspace"),
+        }
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
         env.update(extra)
         return env

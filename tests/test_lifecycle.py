@@ -164,7 +164,9 @@ def test_max_session_warns_then_closes(r: redis.Redis, keys: Keys, procs: Procs)
 
 
 def test_clocks_set_to_zero_are_off(r: redis.Redis, keys: Keys, procs: Procs) -> None:
-    setup_pool(r, keys, procs, heartbeat_ttl=0, idle_timeout=0, grace=0, idle_close=0, max_session=0)
+    setup_pool(
+        r, keys, procs, heartbeat_ttl=0, idle_timeout=0, grace=0, idle_close=0, max_session=0, autosave=0
+    )
     _, t = login(r, keys)  # no heartbeat, no activity from here on
     wait_for(lambda: node_state(r, keys, "n1") == "active", 15)
     assert not r.exists(keys.heartbeat(t.sid)) and not r.exists(keys.activity(t.sid))

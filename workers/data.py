@@ -1,20 +1,59 @@
 """The data management module's steps inside the session lifecycle.
 
-``mount_session`` runs before a node starts its app; ``save_session`` runs when a session
-closes, before the node returns to the pool. They are the real steps of the sequence; the
-versioned store that fills them lives in :mod:`cloudq.workers.store`.
+- ``mount_session``: before a node starts its app, restore the user's newest good version from
+  the store into the node's workspace (falling back to the one before if the newest is corrupt;
+  a new user starts empty). A user's data is mounted on at most one node at a time.
+- ``save_session``: ask the node to write its app's state into the workspace, wait for its
+  acknowledgement, then save the workspace as a new version. Runs on close (final), on sleep and
+  periodically while active (only when the node says something changed). Two saves of one user
+  never run at once: a lock with a TTL and a fencing token.
+
+Where things live comes from the environment of the worker (``cloudq worker --store --workspace``
+set it): ``CLOUDQ_STORE`` (the store root, shared by all hosts) and ``CLOUDQ_WORKSPACE`` (this
+host's node workspaces).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import redis
 
 from cloudq.keys import Keys
+from cloudq.messages import Control, pack_control
+from cloudq.workers.store import DirectoryStore, NoGoodVersion, NoVersions, StoreError
 
 log = logging.getLogger(__name__)
+
+ACK_TIMEOUT = 10.0
+SAVE_LOCK_TTL_MS = 120_000
+QUOTA_BYTES = 100 * 2**20
+
+
+class DataError(Exception):
+    """A mount or save that cannot be done; the message is fit for the events stream."""
+
+
+def default_root(kind: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"cloudq-{kind}"
+
+
+def store_root() -> Path:
+    return Path(os.environ.get("CLOUDQ_STORE") or default_root("store"))
+
+
+def workspace_root() -> Path:
+    return Path(os.environ.get("CLOUDQ_WORKSPACE") or default_root("workspace"))
+
+
+def open_store(root: str | Path | None = None) -> DirectoryStore:
+    quota = int(float(os.environ.get("CLOUDQ_QUOTA_MIB", QUOTA_BYTES / 2**20)) * 2**20)
+    return DirectoryStore(root or store_root(), quota_bytes=quota)
 
 
 def workspace_dir(root: str | Path, node_id: str) -> Path:
@@ -22,9 +61,123 @@ def workspace_dir(root: str | Path, node_id: str) -> Path:
     return Path(root) / node_id / "data"
 
 
+def _event(r: redis.Redis, keys: Keys, obj: str, what: str, reason: str) -> None:
+    sec, usec = r.time()
+    r.xadd(
+        keys.events,
+        {"t": f"{sec + usec / 1e6:.3f}", "obj": obj, "from": "", "to": what, "reason": reason},
+        maxlen=10000,
+        approximate=True,
+    )
+
+
 def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) -> None:
-    log.info("mount: session %s user %s on node %s (no store configured)", sid, user, node)
+    """Restore ``user``'s data into ``node``'s workspace. Raises DataError if it cannot."""
+    holder = r.get(keys.user_mounted(user))
+    if holder and holder.decode() != sid:
+        other = holder.decode()
+        if r.hget(keys.session(other), "state") not in (None, b"closed"):
+            raise DataError(f"data of {user} is still mounted by session {other}")
+    r.set(keys.user_mounted(user), sid)
+    dest = workspace_dir(workspace_root(), node)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    store = open_store()
+    try:
+        info = store.restore(user, dest)
+    except NoVersions:
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        _event(r, keys, f"session:{sid}", "mounted", f"new user {user}: empty data on node {node}")
+        return
+    except NoGoodVersion as exc:
+        raise DataError(f"no good saved version of {user}'s data: {exc}") from None
+    except StoreError as exc:
+        raise DataError(f"cannot restore {user}'s data: {exc}") from None
+    note = f"version {info.version} of {user} on node {node}"
+    if info.fell_back_from:
+        note += f" (version {info.fell_back_from} is corrupt: fell back)"
+        log.error("mount %s: %s", sid, note)
+    _event(r, keys, f"session:{sid}", "mounted", note)
 
 
-def save_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str, final: bool) -> None:
-    log.info("save: session %s user %s from node %s final=%s (no store configured)", sid, user, node, final)
+def _ask_node(
+    r: redis.Redis, keys: Keys, node: str, sid: str, gen: int, cmd: str, field: str, want: str
+) -> str:
+    """Send ``cmd`` and wait (bounded) until the node's hash ``field`` starts with ``want``."""
+    if cmd:
+        r.xadd(
+            keys.node_control(node), pack_control(Control(cmd, sid, gen, want)), maxlen=1000, approximate=True
+        )
+    end = time.monotonic() + ACK_TIMEOUT
+    while time.monotonic() < end:
+        v = (r.hget(keys.node(node), field) or b"").decode()
+        if v.split("|")[0] == want:
+            return v
+        if r.hget(keys.node(node), "state") == b"offline":
+            return ""
+        time.sleep(0.02)
+    return ""
+
+
+def save_session(
+    r: redis.Redis, keys: Keys, sid: str, user: str, node: str, final: bool, gen: int = 0
+) -> str:
+    """Save the node's workspace for ``user`` as a new version; returns what happened."""
+    if not node:
+        return "no node"  # its node died: the last saved version stands
+    if final:
+        # close_begin sent `stop`: the node writes the app's state and acknowledges
+        ack = _ask_node(r, keys, node, sid, gen, "", "stopped", f"{sid}:{gen}")
+        if not ack:
+            log.warning("save %s: node %s did not acknowledge stop; saving its workspace as it is", sid, node)
+    else:
+        ref = uuid.uuid4().hex[:16]
+        ack = _ask_node(r, keys, node, sid, gen, "flush", "flushed", ref)
+        if not ack:
+            return "node did not answer"
+        if ack.endswith("|clean"):
+            return "unchanged"
+    fence = r.incr(keys.save_fence(user))
+    lock = keys.save_lock(user)
+    end = time.monotonic() + (ACK_TIMEOUT * 6 if final else 0)
+    while not r.set(lock, fence, nx=True, px=SAVE_LOCK_TTL_MS):
+        if time.monotonic() >= end:
+            return "another save is running"
+        time.sleep(0.05)
+    try:
+        src = workspace_dir(workspace_root(), node)
+        try:
+            info = open_store().save(user, src)
+        except StoreError as exc:
+            _event(r, keys, f"session:{sid}", "save_failed", str(exc))
+            raise DataError(f"saving {user}'s data failed: {exc}") from None
+        if r.get(lock) != str(fence).encode():
+            log.error("save %s: lock lost during the save (fence %s)", sid, fence)
+        _event(
+            r,
+            keys,
+            f"session:{sid}",
+            "saved",
+            f"version {info.version} of {user} ({'final' if final else 'save'})",
+        )
+        return f"version {info.version}"
+    finally:
+        # release only our own lock (fencing token)
+        r.eval(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            1,
+            lock,
+            fence,
+        )
+
+
+def unmount(r: redis.Redis, keys: Keys, user: str, sid: str) -> None:
+    r.eval(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        1,
+        keys.user_mounted(user),
+        sid,
+    )

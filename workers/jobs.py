@@ -40,7 +40,7 @@ def _job_id(keys: Keys, kind: str, sid: str, gen: int) -> str:
 
 def enqueue(r: redis.Redis, keys: Keys, kind: str, sid: str, gen: int, host: str, *args: str) -> bool:
     """Enqueue ``kind`` (``mount`` or ``close``) once per (session, generation)."""
-    func = {"mount": mount_job, "close": close_job}[kind]
+    func = {"mount": mount_job, "close": close_job, "save": save_job}[kind]
     try:
         queue_for(r, keys, host).enqueue(
             func,
@@ -48,7 +48,7 @@ def enqueue(r: redis.Redis, keys: Keys, kind: str, sid: str, gen: int, host: str
             sid,
             gen,
             *args,
-            job_id=_job_id(keys, kind, sid, gen),
+            job_id=_job_id(keys, kind, sid, gen) + (f"-{args[0].split('#')[-1]}" if kind == "save" else ""),
             unique=True,
             retry=Retry(max=JOB_RETRIES),
             job_timeout=JOB_TIMEOUT,
@@ -71,6 +71,8 @@ def enqueue_action(r: redis.Redis, keys: Keys, a: Action) -> None:
         enqueue(r, keys, "close", a.sid, a.gen, a.host, a.reason)
     elif a.action == "mount":
         enqueue(r, keys, "mount", a.sid, a.gen, a.host, a.node)
+    elif a.action == "save":
+        enqueue(r, keys, "save", a.sid, a.gen, a.host, a.reason)
 
 
 def _conn() -> redis.Redis:
@@ -87,7 +89,12 @@ def mount_job(prefix: str, sid: str, gen: int, node: str) -> str:
     if s.get(b"state") != b"starting" or int(s.get(b"gen", 0)) != gen or s.get(b"node", b"").decode() != node:
         log.info("mount %s gen %s: stale, nothing to do", sid, gen)
         return "stale"
-    data.mount_session(r, keys, sid, s[b"user"].decode(), node)
+    try:
+        data.mount_session(r, keys, sid, s[b"user"].decode(), node)
+    except data.DataError as exc:
+        log.error("mount %s gen %s failed: %s", sid, gen, exc)
+        fail_session(r, keys, sid, gen, f"mount_failed: {exc}")
+        return "failed"
     r.xadd(keys.node_control(node), pack_control(Control("start", sid, gen)), maxlen=1000, approximate=True)
     return "started"
 
@@ -102,9 +109,39 @@ def close_job(prefix: str, sid: str, gen: int, reason: str) -> str:
         log.info("close %s gen %s (%s): %s, nothing to do", sid, gen, reason, status)
         return status
     user = (r.hget(keys.session(sid), "user") or b"").decode()
-    data.save_session(r, keys, sid, user, node, final=True)
+    try:
+        saved = data.save_session(r, keys, sid, user, node, final=True, gen=gen)
+    except data.DataError as exc:
+        saved = str(exc)  # recorded as an event; the last good version stands
+    log.info("close %s: final save: %s", sid, saved)
     freed = sm.release(sid, gen)
+    data.unmount(r, keys, user, sid)
     log.info("closed session %s (%s); node %s freed", sid, reason, freed or "-")
     for a in sm.dispatch():
         enqueue_assignment(r, keys, a)
     return "closed"
+
+
+def fail_session(r: redis.Redis, keys: Keys, sid: str, gen: int, reason: str) -> None:
+    """End a session that cannot start (e.g. its data cannot be mounted): node back to the pool."""
+    sm = StateMachine(r, keys)
+    status, _ = sm.close_begin(sid, gen, reason)
+    if status == "ok":
+        sm.release(sid, gen)
+        user = (r.hget(keys.session(sid), "user") or b"").decode()
+        data.unmount(r, keys, user, sid)
+        for a in sm.dispatch():
+            enqueue_assignment(r, keys, a)
+
+
+def save_job(prefix: str, sid: str, gen: int, why: str) -> str:
+    """Save a live session's data (autosave, or the node went to sleep)."""
+    r = _conn()
+    keys = Keys(prefix)
+    s = r.hgetall(keys.session(sid))
+    if s.get(b"state") in (None, b"closed", b"starting") or s.get(b"close_reason"):
+        return "not live"
+    node = s.get(b"node", b"").decode()
+    if not node or r.hget(keys.node(node), "session") != sid.encode():
+        return "no node"
+    return data.save_session(r, keys, sid, s[b"user"].decode(), node, final=False, gen=int(s[b"gen"]))

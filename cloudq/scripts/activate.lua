@@ -8,6 +8,7 @@ if redis.call('HGET', s, 'state') ~= 'starting' or redis.call('HGET', s, 'gen') 
   return 'stale'
 end
 undeadline('mount', sid)
+if setting('autosave') > 0 then deadline('save', sid, setting('autosave')) end
 node_state(node, 'active', 'session ' .. sid .. ' started')
 session_state(sid, 'active', 'node ' .. node .. ' ready')
 return 'ok'

@@ -13,7 +13,7 @@ end
 redis.call('HSET', s, 'close_reason', reason)
 local tok = redis.call('HGET', s, 'token')
 if tok and tok ~= '' then redis.call('DEL', P .. 'token:' .. tok) end
-for _, kind in ipairs({'hb', 'act', 'idle', 'grace', 'max', 'warn', 'mount'}) do undeadline(kind, sid) end
+for _, kind in ipairs({'hb', 'act', 'idle', 'grace', 'max', 'warn', 'mount', 'save'}) do undeadline(kind, sid) end
 local node = redis.call('HGET', s, 'node') or ''
 if node ~= '' and redis.call('HGET', nkey(node), 'session') == sid then
   local ns = redis.call('HGET', nkey(node), 'state')

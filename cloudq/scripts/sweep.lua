@@ -22,6 +22,11 @@ local function close_later(sid, reason)
   act('close', sid, redis.call('HGET', s, 'gen'), redis.call('HGET', s, 'close_reason'), redis.call('HGET', s, 'node'))
 end
 
+local function save_later(sid, why)
+  local n = redis.call('HINCRBY', skey(sid), 'saves', 1)
+  act('save', sid, redis.call('HGET', skey(sid), 'gen'), why .. '#' .. n, redis.call('HGET', skey(sid), 'node'))
+end
+
 local function to_sleep(sid, node, reason)
   if node ~= '' and redis.call('HGET', nkey(node), 'session') == sid then
     if redis.call('HGET', nkey(node), 'state') == 'active' then node_state(node, 'sleeping', reason) end
@@ -99,6 +104,7 @@ for i = 1, #due, 2 do
         elseif state == 'active' or state == 'starting' then
           to_sleep(id, node, 'user idle')
           session_state(id, 'sleeping', 'activity lapsed')
+          if node ~= '' and setting('autosave') > 0 then save_later(id, 'sleep') end
           local idle_close = setting('idle_close')
           if idle_close > 0 then
             -- measured from the last activity, which ended idle_timeout before the key lapsed
@@ -118,6 +124,12 @@ for i = 1, #due, 2 do
       elseif kind == 'warn' then
         redis.call('HSET', s, 'warning', 'max_session')
         event('session:' .. id, state, state, 'warning: max session length soon')
+      elseif kind == 'save' then
+        local every = setting('autosave')
+        if every > 0 then
+          if state == 'active' and node ~= '' then save_later(id, 'autosave') end
+          if state ~= 'disconnected' then deadline('save', id, every) end
+        end
       elseif kind == 'mount' then
         if state == 'starting' and node ~= '' then
           deadline('mount', id, lease)
