@@ -525,5 +525,15 @@ def bench_control(
     click.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
+def _register_data_commands() -> None:
+    from cloudq.cli_data import bench_data, data
+
+    main.add_command(data)
+    bench.add_command(bench_data)
+
+
+_register_data_commands()
+
+
 if __name__ == "__main__":
     main()

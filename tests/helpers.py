@@ -93,8 +93,10 @@ class Procs:
     def central(self, **clocks: float) -> subprocess.Popen[bytes]:
         return self.start("central", *clock_args(**clocks))
 
-    def node(self, node_id: str, host: str = "h1", app: str = "paint") -> subprocess.Popen[bytes]:
-        return self.start("node", "--id", node_id, "--host", host, "--app", app)
+    def node(
+        self, node_id: str, host: str = "h1", app: str = "paint", *extra: str
+    ) -> subprocess.Popen[bytes]:
+        return self.start("node", "--id", node_id, "--host", host, "--app", app, *extra)
 
     def worker(self, host: str = "h1") -> subprocess.Popen[bytes]:
         return self.start("worker", "--host", host)

@@ -314,7 +314,7 @@ class Store(Protocol):
         """The manifest of a version (newest when ``None``)."""
         ...
 
-    def promote(self, user: str, version: int) -> VersionInfo:
+    def promote(self, user: str, version: int, *, progress: Progress | None = None) -> VersionInfo:
         """Copy an old version as the new newest version."""
         ...
 
@@ -943,7 +943,7 @@ class DirectoryStore(Store):
 
     # ---- promote --------------------------------------------------------------------------------
 
-    def promote(self, user: str, version: int) -> VersionInfo:
+    def promote(self, user: str, version: int, *, progress: Progress | None = None) -> VersionInfo:
         udir = self.user_dir(user)
         src = self._load(udir, version)
         new_version = self._next_version(udir)
@@ -965,6 +965,8 @@ class DirectoryStore(Store):
                         h.update(view[:n])
                         _write_all(fd, view[:n])
                         size += n
+                        if progress:
+                            progress(size, src.archive_size)
                 if size != src.archive_size or h.hexdigest() != src.archive_sha256:
                     raise CorruptVersion(f"{user} version {version}: archive does not match its manifest")
                 if self.fsync:

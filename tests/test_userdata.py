@@ -1,0 +1,191 @@
+"""User data follows the user between time-shared nodes: mount and save through RQ jobs."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import redis
+from conftest import FAST
+from helpers import Procs, node_state, publish, session_field, wait_for
+
+from cloudq.auth import Users
+from cloudq.client.kernel import Heartbeat
+from cloudq.client.launcher import Launcher, Ticket
+from cloudq.keys import Keys
+from cloudq.messages import Control, pack_control
+from cloudq.settings import Settings
+from cloudq.workers.data import workspace_dir
+from cloudq.workers.media.wire import InputEvent
+from cloudq.workers.store import DirectoryStore
+
+SIZE = "160x120"
+
+
+def pool(r: redis.Redis, keys: Keys, procs: Procs, nodes: int = 2, **clocks: float) -> list:
+    clk = {**FAST, "grace": 30, "idle_timeout": 30, **clocks}
+    publish(r, keys, **clk)
+    procs.central(**clk)
+    ps = [procs.node(f"n{i + 1}", "h1", "paint", "--size", SIZE, "--fps", "10") for i in range(nodes)]
+    procs.worker()
+    wait_for(lambda: r.zcard(keys.pool) == nodes, 20, what="nodes registered")
+    for u in ("alice", "bob", "carol"):
+        Users(r, keys).add(u, "pw", cost=4)
+    return ps
+
+
+def connect(r: redis.Redis, keys: Keys, user: str) -> tuple[Launcher, Ticket, Heartbeat]:
+    launcher = Launcher(r, keys)
+    t = launcher.login(user, "pw")
+    hb = Heartbeat(r, keys, t.sid, Settings.load(r, keys))
+    hb.start()
+    wait_for(lambda: session_field(r, keys, t.sid) == "active", 20, what=f"{user} active")
+    return launcher, t, hb
+
+
+def draw(r: redis.Redis, keys: Keys, sid: str, y: int) -> None:
+    now = time.time()
+    evs = [
+        InputEvent("mouse_down", 1, now, x=10, y=y, button=1),
+        InputEvent("mouse_move", 2, now, x=120, y=y, button=1),
+        InputEvent("mouse_up", 3, now, x=120, y=y, button=1),
+    ]
+    for ev in evs:
+        r.xadd(keys.input(sid), ev.pack())
+
+
+def flush(r: redis.Redis, keys: Keys, node: str, sid: str, procs: Procs) -> np.ndarray:
+    """Make the node write its app's state now and return the canvas it wrote."""
+    ref = uuid.uuid4().hex[:12]
+    r.xadd(keys.node_control(node), pack_control(Control("flush", sid, 0, ref)))
+    wait_for(
+        lambda: (r.hget(keys.node(node), "flushed") or b"").decode().split("|")[0] == ref, 10, what="flush"
+    )
+    return np.load(workspace_dir(Path(procs.log_dir) / "workspace", node) / "canvas.npy")
+
+
+def ink_rows(canvas: np.ndarray) -> set[int]:
+    background = canvas[0, 0]
+    return {int(y) for y in np.nonzero(np.any(canvas != background, axis=(1, 2)))[0]}
+
+
+def test_nodes_are_time_shared_and_each_user_sees_only_their_own_data(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool(r, keys, procs, nodes=2)
+    la, a, hba = connect(r, keys, "alice")
+    lc, c, hbc = connect(r, keys, "carol")
+    assert {a.node, c.node} == {"n1", "n2"}
+    draw(r, keys, a.sid, y=30)
+    wait_for(
+        lambda: 30 in ink_rows(flush(r, keys, a.node, a.sid, procs)),
+        10,
+        what="alice's stroke",
+    )
+    la.logout(a.token)
+    hba.stop.set()
+    wait_for(lambda: session_field(r, keys, a.sid) == "closed", 20, what="alice closed")
+    store = DirectoryStore(Path(procs.log_dir) / "store")
+    assert store.versions("alice"), "closing saved alice's data"
+    # bob gets alice's old node and sees a blank canvas of his own
+    _, b, hbb = connect(r, keys, "bob")
+    assert b.node == a.node
+    assert ink_rows(flush(r, keys, b.node, b.sid, procs)) == set()
+    # alice comes back while bob holds her old node: another node, her drawing restored
+    lc.logout(c.token)
+    hbc.stop.set()
+    wait_for(lambda: session_field(r, keys, c.sid) == "closed", 20)
+    _, a2, hba2 = connect(r, keys, "alice")
+    try:
+        assert a2.node == c.node != a.node
+        rows = ink_rows(flush(r, keys, a2.node, a2.sid, procs))
+        assert 30 in rows
+    finally:
+        hbb.stop.set()
+        hba2.stop.set()
+
+
+def test_a_dead_node_moves_its_session_with_the_last_saved_version(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    nodes = pool(r, keys, procs, nodes=2, autosave=0.5)
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        draw(r, keys, a.sid, y=60)
+        store = DirectoryStore(Path(procs.log_dir) / "store")
+        wait_for(lambda: store.versions("alice"), 15, what="an autosave")
+        Procs.kill(nodes[int(a.node[1:]) - 1], signal.SIGKILL)
+        other = "n2" if a.node == "n1" else "n1"
+        wait_for(lambda: session_field(r, keys, a.sid, "node") == other, 10, what="moved")
+        wait_for(lambda: session_field(r, keys, a.sid) == "active", 20, what="active again")
+        rows = ink_rows(flush(r, keys, other, a.sid, procs))
+        assert 60 in rows
+        assert node_state(r, keys, a.node) == "offline"
+    finally:
+        hb.stop.set()
+
+
+def _save_versions(store: DirectoryStore, tmp: Path, user: str, rows: list[int]) -> None:
+    for y in rows:
+        d = tmp / f"src{y}"
+        d.mkdir()
+        canvas = np.full((120, 160, 3), 255, np.uint8)
+        canvas[y] = 0
+        np.save(d / "canvas.npy", canvas)
+        store.save(user, d)
+
+
+def test_corrupt_newest_version_falls_back_to_the_one_before_and_says_so(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    store = DirectoryStore(Path(procs.log_dir) / "store")
+    _save_versions(store, tmp_path, "alice", [20, 40])
+    newest = sorted((Path(procs.log_dir) / "store" / "alice").glob("*.tar"))[-1]
+    raw = bytearray(newest.read_bytes())
+    raw[600] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    pool(r, keys, procs, nodes=1)
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        assert 20 in ink_rows(flush(r, keys, a.node, a.sid, procs))
+        notes = [f[b"reason"].decode() for _, f in r.xrange(keys.events) if f[b"to"] == b"mounted"]
+        assert any("fell back" in n for n in notes)
+    finally:
+        hb.stop.set()
+
+
+def test_unmountable_data_fails_the_session_and_returns_the_node(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    store = DirectoryStore(Path(procs.log_dir) / "store")
+    _save_versions(store, tmp_path, "alice", [20])
+    for tar in (Path(procs.log_dir) / "store" / "alice").glob("*.tar"):
+        tar.write_bytes(b"\0" * tar.stat().st_size)
+    pool(r, keys, procs, nodes=1)
+    t = Launcher(r, keys).login("alice", "pw")
+    wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="failed session closed")
+    assert session_field(r, keys, t.sid, "close_reason").startswith("mount_failed")
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 5)
+    assert len(store.versions("alice")) == 1  # nothing was overwritten
+
+
+def test_cli_lists_shows_and_restores_versions(procs: Procs, tmp_path: Path) -> None:
+    root = Path(procs.log_dir) / "store"
+    store = DirectoryStore(root)
+    _save_versions(store, tmp_path, "alice", [10, 20, 30])
+    out = procs.run("data", "ls", "alice", "--store", str(root))
+    assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 3
+    out = procs.run("data", "show", "alice", "1", "--store", str(root))
+    assert out.returncode == 0 and "canvas.npy" in out.stdout
+    out = procs.run("data", "restore", "alice", "1", "--store", str(root))
+    assert out.returncode == 0, out.stderr
+    newest = store.versions("alice")[-1]
+    assert newest.version == 4 and newest.promoted_from == 1
+    dest = tmp_path / "restored"
+    store.restore("alice", dest)
+    assert ink_rows(np.load(dest / "canvas.npy")) == {10}
+    out = procs.run("data", "ls", "../etc", "--store", str(root))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
