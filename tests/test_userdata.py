@@ -189,3 +189,23 @@ def test_cli_lists_shows_and_restores_versions(procs: Procs, tmp_path: Path) -> 
     assert ink_rows(np.load(dest / "canvas.npy")) == {10}
     out = procs.run("data", "ls", "../etc", "--store", str(root))
     assert out.returncode == 1 and "Traceback" not in out.stderr
+
+
+def test_data_over_quota_is_not_saved_and_the_event_says_why(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    clk = {**FAST, "grace": 30, "idle_timeout": 30}
+    publish(r, keys, **clk)
+    procs.central(**clk)
+    procs.node("n1", "h1", "paint", "--size", SIZE)
+    procs.start("worker", "--host", "h1", CLOUDQ_QUOTA_MIB="0.01")  # 10 KiB; a 160x120 canvas is 57 KiB
+    wait_for(lambda: r.zcard(keys.pool) == 1, 20)
+    Users(r, keys).add("alice", "pw", cost=4)
+    launcher, a, hb = connect(r, keys, "alice")
+    launcher.logout(a.token)
+    hb.stop.set()
+    wait_for(lambda: session_field(r, keys, a.sid) == "closed", 20)
+    failed = [f[b"reason"].decode() for _, f in r.xrange(keys.events) if f[b"to"] == b"save_failed"]
+    assert failed and "quota" in failed[0].lower()
+    assert DirectoryStore(Path(procs.log_dir) / "store").versions("alice") == []
+    assert node_state(r, keys, "n1") == "free"  # the node still goes back to the pool
