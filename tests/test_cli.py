@@ -1,0 +1,120 @@
+"""The command line as a user meets it: one clear line per failure, distinct exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+
+import redis
+from conftest import FAST
+from helpers import Procs, publish, wait_for
+
+from cloudq.embedded import free_port
+from cloudq.keys import Keys
+from cloudq.up import cloudq_command
+
+
+def test_user_add_reads_the_password_from_stdin_and_refuses_long_ones(r: redis.Redis, procs: Procs) -> None:
+    out = procs.run("user", "add", "alice", "--password-stdin", "--bcrypt-cost", "4", stdin=b"pw\n")
+    assert out.returncode == 0, out.stderr
+    out = procs.run("user", "add", "bob", "--password-stdin", stdin=b"x" * 100 + b"\n")
+    assert out.returncode == 1 and "at most 72" in out.stderr and "Traceback" not in out.stderr
+    out = procs.run("user", "add", "alice", "--password-stdin", "--bcrypt-cost", "4", stdin=b"pw\n")
+    assert out.returncode == 1 and "already exists" in out.stderr
+    out = procs.run("user", "list", "--json")
+    assert [u["user"] for u in json.loads(out.stdout)] == ["alice"]
+    assert procs.run("user", "del", "alice").returncode == 0
+    assert procs.run("user", "del", "alice").returncode == 1
+
+
+def _pool(r: redis.Redis, keys: Keys, procs: Procs, **clocks: float) -> None:
+    clk = {**FAST, **clocks}
+    publish(r, keys, **clk)
+    procs.central(**clk)
+    procs.node("n1", "h1", "paint", "--size", "160x120")
+    procs.worker()
+    wait_for(lambda: r.zcard(keys.pool) == 1, 20)
+    assert (
+        procs.run("user", "add", "alice", "--password-stdin", "--bcrypt-cost", "4", stdin=b"pw\n").returncode
+        == 0
+    )
+
+
+def test_connect_runs_a_session_and_logs_out_at_the_end(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    _pool(r, keys, procs)
+    out = procs.run("connect", "--user", "alice", "--password-stdin", "--duration", "1.5", stdin=b"pw\n")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"session s1 on node n1", out.stderr)
+    wait_for(lambda: r.hget(keys.session("s1"), "state") == b"closed", 10)
+    assert r.hget(keys.session("s1"), "close_reason") == b"logout"
+
+
+def test_connect_failures_are_one_line_with_distinct_exit_codes(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    _pool(r, keys, procs, lockout_limit=2)
+    wrong = procs.run("connect", "--user", "alice", "--password-stdin", "--duration", "1", stdin=b"nope\n")
+    assert wrong.returncode == 3 and wrong.stderr.strip() == "cloudq: invalid credentials"
+    locked = procs.run("connect", "--user", "alice", "--password-stdin", "--duration", "1", stdin=b"nope\n")
+    assert (
+        locked.returncode == 4 and "locked" in locked.stderr and len(locked.stderr.strip().splitlines()) == 1
+    )
+    env = {**os.environ, "CLOUDQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    down = subprocess.run(
+        [*cloudq_command(), "connect", "--user", "alice", "--password-stdin"],
+        input="pw\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert (
+        down.returncode == 5 and "Traceback" not in down.stderr and len(down.stderr.strip().splitlines()) == 1
+    )
+
+
+def test_connect_says_why_the_server_closed_the_session(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    _pool(r, keys, procs, max_session=1.0, max_warning=0, idle_timeout=0)
+    out = procs.run("connect", "--user", "alice", "--password-stdin", "--duration", "20", stdin=b"pw\n")
+    assert out.returncode == 6
+    assert "maximum session length" in out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr
+
+
+def test_up_starts_everything_prints_the_url_and_cleans_up(tmp_path) -> None:
+    p = subprocess.Popen(
+        [*cloudq_command(), "up", "--nodes", "2", "--duration", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "CLOUDQ_STORE": str(tmp_path / "s"), "CLOUDQ_WORKSPACE": str(tmp_path / "w")},
+    )
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        url = re.search(r"CLOUDQ_REDIS_URL=(\S+)", line).group(1)
+        r = redis.Redis.from_url(url)
+        wait_for(lambda: r.zcard("cloudq:pool") == 2, 30, what="two nodes in the pool")
+        st = subprocess.run(
+            [*cloudq_command(), "status", "--json", "--redis-url", url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert {n["id"] for n in json.loads(st.stdout)["nodes"]} == {"node1", "node2"}
+        os.killpg(p.pid, signal.SIGINT)
+        assert p.wait(30) == 0
+        try:
+            r.ping()
+            alive = True
+        except redis.ConnectionError:
+            alive = False
+        assert not alive, "the embedded server was stopped"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
