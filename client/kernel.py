@@ -1,15 +1,25 @@
 """The cloud client's kernel: heartbeats (on their own thread, so a slow decode never stops
-them), the session's state, and — with the media pipeline — decoding and input."""
+them), the session's state, the video player (:mod:`cloudq.client.player`) and input back to the
+node."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 import redis
 
+from cloudq.client.player import Player
+from cloudq.client.sinks import Sink
 from cloudq.keys import Keys
 from cloudq.settings import Settings
+from cloudq.workers.media.wire import InputEvent
+
+INPUT_MAXLEN = 1000
+KEYFRAME_REQUEST_GAP = 0.25
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +57,85 @@ def session_state(r: redis.Redis, keys: Keys, sid: str) -> tuple[str, str]:
     """(state, close reason) of a session."""
     state, reason = r.hmget(keys.session(sid), "state", "close_reason")
     return (state or b"closed").decode(), (reason or b"").decode()
+
+
+class InputSender:
+    """XADDs input events (increasing ``seq``, ``client_time`` = now) to the session's input stream.
+
+    ``on_input`` runs after each user event (not keyframe requests): the launcher marks activity
+    there. Keyframe requests are rate-limited to one per ``keyframe_gap`` seconds.
+    """
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        sid: str,
+        on_input: Callable[[], object] | None = None,
+        first_seq: int = 1,
+        keyframe_gap: float = KEYFRAME_REQUEST_GAP,
+    ) -> None:
+        self.r = r
+        self.key = keys.input(sid)
+        self.on_input = on_input
+        self.seq = first_seq
+        self.keyframe_gap = keyframe_gap
+        self._last_request = -float("inf")
+        self._lock = threading.Lock()  # the player thread asks for keyframes, the UI sends input
+        self.counters: Counter[str] = Counter()
+
+    def send(self, type: str, **kw: object) -> InputEvent:
+        with self._lock:
+            ev = InputEvent(type, self.seq, time.time(), **kw)  # type: ignore[arg-type]
+            self.seq += 1
+        self.r.xadd(self.key, ev.pack(), maxlen=INPUT_MAXLEN, approximate=True)
+        self.counters[type] += 1
+        if self.on_input and type != "keyframe_request":
+            self.on_input()
+        return ev
+
+    def request_keyframe(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_request < self.keyframe_gap:
+                self.counters["keyframe_requests_suppressed"] += 1
+                return False
+            self._last_request = now
+        try:
+            self.send("keyframe_request")
+        except redis.RedisError as exc:
+            log.warning("keyframe request not sent: %s", exc)
+            return False
+        return True
+
+
+class Kernel:
+    """Heartbeat thread + player thread + input sender for one session."""
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        sid: str,
+        settings: Settings,
+        sinks: Iterable[Sink] = (),
+        on_input: Callable[[], object] | None = None,
+    ) -> None:
+        self.heartbeat = Heartbeat(r, keys, sid, settings)
+        self.input = InputSender(r, keys, sid, on_input=on_input)
+        # the client's pool hands each thread its own connection while the player's XREAD blocks
+        self.player = Player(r, keys, sid, sinks, request_keyframe=self.input.request_keyframe)
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self.player.run, args=(self.stop,), name=f"player-{sid}")
+
+    def start(self) -> Kernel:
+        self.heartbeat.start()
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop both threads; sinks (recording, snapshot) are finished by the player thread."""
+        self.heartbeat.stop.set()
+        self.stop.set()
+        self._thread.join(timeout)
+        self.heartbeat.join(2)

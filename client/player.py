@@ -1,0 +1,200 @@
+"""The client kernel's video receiver: XREAD BLOCK on the session's video stream, validate, decode,
+hand frames to sinks.
+
+Every entry goes through :meth:`VideoPacket.unpack` (size, msgpack, fields) before the decoder sees
+it, and the decoder only ever gets an Annex B access unit that starts a clean chain: a keyframe,
+then packets whose ``seq`` follows without a gap. Anything else (a bad entry, a gap, a decode error)
+is logged and counted, the chain is dropped until the next keyframe, and the node is asked for one
+(rate-limited by :class:`~cloudq.client.kernel.InputSender`).
+
+When the player falls behind (a batch spans more than ``max_lag`` seconds of stream time, or more
+than ``batch`` entries are waiting) it jumps to the newest keyframe instead of replaying old frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+import av
+import numpy as np
+import redis
+
+from cloudq.client.sinks import Sink
+from cloudq.keys import Keys
+from cloudq.workers.media.codec import Decoder, get_decoder, h264_is_keyframe
+from cloudq.workers.media.wire import BadMessage, VideoPacket
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _ms(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def before(entry_id: bytes) -> bytes:
+    """The stream id just before ``entry_id`` (XREAD returns entries after the id it is given)."""
+    ms, _, seq = entry_id.partition(b"-")
+    if int(seq or 0) > 0:
+        return b"%d-%d" % (int(ms), int(seq) - 1)
+    return b"%d-%d" % (int(ms) - 1, 2**64 - 1) if int(ms) > 0 else b"0-0"
+
+
+class Player:
+    """Receives one session's video. ``poll()`` does one XREAD; ``run(stop)`` loops until ``stop``."""
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        sid: str,
+        sinks: Iterable[Sink] = (),
+        request_keyframe: Callable[[], object] | None = None,
+        max_lag: float = 0.5,
+        batch: int = 64,
+        block: float = 0.25,
+        codec: str = "h264",
+    ) -> None:
+        self.r = r
+        self.key = keys.video(sid)
+        self.sinks = list(sinks)
+        self.request_keyframe = request_keyframe or (lambda: None)
+        self.max_lag = max_lag
+        self.batch = batch
+        self.block = block
+        self.decoder: Decoder = get_decoder(codec)
+        self.counters: Counter[str] = Counter()
+        self.last_id: bytes | None = None
+        self.expected_seq: int | None = None
+        self.last_frame: av.VideoFrame | None = None
+        self.last_packet: VideoPacket | None = None
+
+    # -- where to start ---------------------------------------------------------------------
+    def newest_keyframe(self, after: bytes = b"0-0") -> bytes | None:
+        """Id of the newest keyframe entry newer than ``after`` (scanning back from the end)."""
+        end = b"+"
+        while True:
+            chunk = self.r.xrevrange(self.key, max=end, min=b"(" + after, count=32)
+            for entry_id, fields in chunk:
+                try:
+                    if VideoPacket.unpack(fields).keyframe:
+                        return entry_id
+                except BadMessage:
+                    continue
+            if len(chunk) < 32:
+                return None
+            end = b"(" + chunk[-1][0]
+
+    def seek_start(self) -> None:
+        """Start at the newest keyframe (the last picture shows at once), else at the stream's end."""
+        kid = self.newest_keyframe()
+        if kid is not None:
+            self.last_id = before(kid)
+            return
+        last = self.r.xrevrange(self.key, count=1)
+        self.last_id = last[0][0] if last else b"0-0"
+        if last:
+            self._lost("no keyframe in the stream")
+
+    # -- receiving --------------------------------------------------------------------------
+    def poll(self, block: float | None = None) -> int:
+        """One XREAD (blocking up to ``block`` s); returns how many frames were decoded."""
+        if self.last_id is None:
+            self.seek_start()
+        assert self.last_id is not None
+        wait = self.block if block is None else block
+        resp = self.r.xread({self.key: self.last_id}, count=self.batch, block=max(1, int(wait * 1000)))
+        if not resp:
+            return 0
+        entries: list[Entry] = resp[0][1]
+        if self._behind(entries) and self._jump():
+            return 0
+        decoded = 0
+        for entry_id, fields in entries:
+            self.last_id = entry_id
+            decoded += self.handle(entry_id, fields)
+        return decoded
+
+    def _behind(self, entries: list[Entry]) -> bool:
+        return len(entries) >= self.batch or _ms(entries[-1][0]) - _ms(entries[0][0]) > self.max_lag * 1000
+
+    def _jump(self) -> bool:
+        assert self.last_id is not None
+        kid = self.newest_keyframe(after=self.last_id)
+        if kid is None or before(kid) == self.last_id:
+            return False  # the newest keyframe is behind us: decode through to catch up
+        self.counters["jumps"] += 1
+        log.info("video: behind; skipping to the newest keyframe %s", kid.decode())
+        self.decoder.reset()
+        self.expected_seq = None
+        self.last_id = before(kid)
+        return True
+
+    def handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> int:
+        """Validate and decode one stream entry; never raises for bad data."""
+        self.counters["entries"] += 1
+        try:
+            vp = VideoPacket.unpack(fields)
+        except BadMessage as e:
+            self.counters["bad_entries"] += 1
+            self._lost(f"bad video entry {entry_id.decode()}: {e.reason}")
+            return 0
+        if self.expected_seq is not None and vp.seq != self.expected_seq and not vp.keyframe:
+            self.counters["gaps"] += 1
+            self.expected_seq = vp.seq + 1
+            self._lost(f"gap: seq {vp.seq}, expected {self.expected_seq - 1}")
+            return 0
+        self.expected_seq = vp.seq + 1
+        if self.decoder.waiting_for_keyframe and not (vp.keyframe and h264_is_keyframe(vp.data)):
+            self.counters["dropped"] += 1
+            return 0
+        try:
+            frames = self.decoder.decode(vp.data, vp.pts)
+        except Exception as e:  # DecodeError, or anything else FFmpeg/PyAV raise on hostile data
+            self.counters["decode_errors"] += 1
+            self._lost(f"undecodable packet seq {vp.seq}: {e}")
+            return 0
+        self.counters["packets"] += 1
+        self.counters["bytes"] += len(vp.data)
+        self.last_packet = vp
+        for sink in self.sinks:
+            sink.on_packet(vp)
+        for frame in frames:
+            self.counters["frames"] += 1
+            self.last_frame = frame
+            for sink in self.sinks:
+                sink.on_frame(frame, vp)
+        return len(frames)
+
+    def _lost(self, why: str) -> None:
+        """Drop everything until the next keyframe and ask the node for one."""
+        log.warning("video: %s; waiting for a keyframe", why)
+        self.decoder.reset()
+        self.request_keyframe()
+
+    def to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        return self.decoder.to_rgb(frame)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    self.poll()
+                except redis.ConnectionError as exc:
+                    self.counters["redis_errors"] += 1
+                    log.warning("video: redis unreachable (%s)", exc)
+                    stop.wait(0.5)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("video: sink %s failed to close", type(sink).__name__)
+        self.sinks = []
