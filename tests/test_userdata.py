@@ -57,17 +57,20 @@ def draw(r: redis.Redis, keys: Keys, sid: str, y: int) -> None:
         r.xadd(keys.input(sid), ev.pack())
 
 
-def flush(r: redis.Redis, keys: Keys, node: str, sid: str, procs: Procs) -> np.ndarray:
-    """Make the node write its app's state now and return the canvas it wrote."""
+def flush(r: redis.Redis, keys: Keys, node: str, sid: str, procs: Procs) -> np.ndarray | None:
+    """Make the node write its app's state (if input changed it) and return the workspace canvas."""
     ref = uuid.uuid4().hex[:12]
     r.xadd(keys.node_control(node), pack_control(Control("flush", sid, 0, ref)))
     wait_for(
         lambda: (r.hget(keys.node(node), "flushed") or b"").decode().split("|")[0] == ref, 10, what="flush"
     )
-    return np.load(workspace_dir(Path(procs.log_dir) / "workspace", node) / "canvas.npy")
+    path = workspace_dir(Path(procs.log_dir) / "workspace", node) / "canvas.npy"
+    return np.load(path) if path.exists() else None
 
 
-def ink_rows(canvas: np.ndarray) -> set[int]:
+def ink_rows(canvas: np.ndarray | None) -> set[int]:
+    if canvas is None:
+        return set()
     background = canvas[0, 0]
     return {int(y) for y in np.nonzero(np.any(canvas != background, axis=(1, 2)))[0]}
 
@@ -209,3 +212,22 @@ def test_data_over_quota_is_not_saved_and_the_event_says_why(
     assert failed and "quota" in failed[0].lower()
     assert DirectoryStore(Path(procs.log_dir) / "store").versions("alice") == []
     assert node_state(r, keys, "n1") == "free"  # the node still goes back to the pool
+
+
+def test_autosave_writes_a_version_only_when_input_changed_something(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool(r, keys, procs, nodes=1, autosave=0.3)
+    _, a, hb = connect(r, keys, "alice")
+    store = DirectoryStore(Path(procs.log_dir) / "store")
+    try:
+        draw(r, keys, a.sid, y=50)
+        wait_for(lambda: len(store.versions("alice")) == 1, 15, what="autosave after drawing")
+        # several autosave periods with no input: clean flushes, no new version
+        n = int(r.hget(keys.session(a.sid), "saves") or 0)
+        wait_for(lambda: int(r.hget(keys.session(a.sid), "saves") or 0) >= n + 4, 15, what="more autosaves")
+        assert len(store.versions("alice")) == 1
+        draw(r, keys, a.sid, y=70)
+        wait_for(lambda: len(store.versions("alice")) == 2, 15, what="autosave after more drawing")
+    finally:
+        hb.stop.set()

@@ -135,6 +135,7 @@ class Streamer:
         self.last_key = -math.inf
         self.last_forced = -math.inf
         self.key_requested = False
+        self.unsaved_input = False  # user data changes only through input
 
     def _next_seq(self) -> int:
         """Carry on the stream's numbering (a reconnecting client must not see seq go back)."""
@@ -157,6 +158,7 @@ class Streamer:
             self.key_requested = True
             return
         self.app.handle_input(ev)
+        self.unsaved_input = True
         # render at once, but not more often than twice the frame rate
         self.next_frame = min(self.next_frame, max(time.monotonic(), self.last_render + self.cfg.min_gap))
 
@@ -219,6 +221,7 @@ class Streamer:
     def save(self, data_dir: Path) -> bool:
         try:
             self.app.save(data_dir)
+            self.unsaved_input = False
         except Exception:  # a third-party app may raise anything; the node keeps serving
             self.counters["save_failed"] += 1
             log.exception("app could not save its data into %s", data_dir)
@@ -385,9 +388,13 @@ class Node:
             if self.session.streamer:
                 self.session.streamer.key_requested = True
         elif c.cmd == "flush":
+            # acknowledged as `<ref>|clean` when no input changed the app since its last save,
+            # so an autosave of an unchanged session writes nothing to the store
             st = self.session.streamer
-            if st is None or st.save(self.data_dir):
-                self.r.hset(self.keys.node(self.id), "flushed", c.ref)
+            if st is None or not st.unsaved_input:
+                self.r.hset(self.keys.node(self.id), "flushed", f"{c.ref}|clean")
+            elif st.save(self.data_dir):
+                self.r.hset(self.keys.node(self.id), "flushed", f"{c.ref}|dirty")
         elif c.cmd == "stop":
             # acknowledged even if the save failed (logged, counted): the app is gone either way
             self.stop_session("closed", save=True)
