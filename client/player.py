@@ -162,13 +162,20 @@ class Player:
         self.counters["bytes"] += len(vp.data)
         self.last_packet = vp
         for sink in self.sinks:
-            sink.on_packet(vp)
+            self._call(sink.on_packet, vp)
         for frame in frames:
             self.counters["frames"] += 1
             self.last_frame = frame
             for sink in self.sinks:
-                sink.on_frame(frame, vp)
+                self._call(sink.on_frame, frame, vp)
         return len(frames)
+
+    def _call(self, fn: Callable[..., object], *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:  # a failing sink (viewer, disk full) must not stop playback
+            self.counters["sink_errors"] += 1
+            log.exception("video: sink %s failed", getattr(fn, "__qualname__", fn))
 
     def _lost(self, why: str) -> None:
         """Drop everything until the next keyframe and ask the node for one."""

@@ -104,7 +104,7 @@ for i = 1, #due, 2 do
         elseif state == 'active' or state == 'starting' then
           to_sleep(id, node, 'user idle')
           session_state(id, 'sleeping', 'activity lapsed')
-          if node ~= '' and setting('autosave') > 0 then save_later(id, 'sleep') end
+          if node ~= '' then save_later(id, 'sleep') end  -- a sleeping session's data is saved
           local idle_close = setting('idle_close')
           if idle_close > 0 then
             -- measured from the last activity, which ended idle_timeout before the key lapsed
