@@ -160,3 +160,7 @@ def key_table_markdown(prefix: str = DEFAULT_PREFIX) -> str:
     rows = ["| key | type | TTL | written by | meaning |", "|---|---|---|---|---|"]
     rows += [f"| `{prefix}{p}` | {t} | {ttl} | {w} | {m} |" for p, t, ttl, w, m in TABLE]
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(key_table_markdown())
