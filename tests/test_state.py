@@ -136,3 +136,47 @@ def test_sweep_claims_each_due_entry_once(r: redis.Redis, keys: Keys) -> None:
         events_to += sum(1 for e in ev if e[1] == "disconnected")
         disconnected += session_field(r, keys, s) == "disconnected"
     assert events_to == 20 and disconnected == 20
+
+
+def test_node_drops_garbage_control_messages_and_keeps_serving(r: redis.Redis, keys: Keys, tmp_path) -> None:
+    from cloudq.messages import Control, pack_control
+    from cloudq.workers.node import MediaConfig, Node
+
+    publish(r, keys)
+    node = Node(
+        r, keys, "n1", host="h", app="paint", media=MediaConfig(width=64, height=48, workspace=str(tmp_path))
+    )
+    node.register()
+    for junk in (
+        {"cmd": "explode"},
+        {"sid": "s1"},
+        {"cmd": "start", "gen": "NaN"},
+        {"cmd": "stop", "sid": "x" * 100},
+    ):
+        r.xadd(keys.node_control("n1"), junk)
+    r.xadd(keys.node_control("n1"), pack_control(Control("sleep", "s-unknown", 1)))  # not its session
+    for _ in range(3):
+        node.step()
+    assert node.counters["bad_control"] == 4
+    assert node.counters["stale_control"] == 1
+    assert node_state(r, keys, "n1") == "free"
+    # and it still serves a real session afterwards
+    sm = StateMachine(r, keys)
+    _, sid, _, gen, _ = sm.login("alice", "t1")
+    r.xadd(keys.node_control("n1"), pack_control(Control("start", sid, gen)))
+    wait_for(lambda: (node.step(), node_state(r, keys, "n1") == "active")[1], 5)
+    node.shutdown()
+
+
+def test_transitions_for_unknown_nodes_or_sessions_change_nothing(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    sm.register_node("n1", "h", "paint", "i1")
+    before = r.xlen(keys.events)
+    assert not sm.activate("nope", "s1", 1)
+    assert not sm.wake("nope", "s1")
+    assert sm.close_begin("s404", 1, "logout") == ("gone", "")
+    assert sm.release("s404", 1) == ""
+    assert sm.unregister_node("nope", "i1") == "not-owner"
+    assert r.xlen(keys.events) == before
+    assert node_state(r, keys, "n1") == "free"
