@@ -218,7 +218,10 @@ class Central:
         ps = self.r.pubsub(ignore_subscribe_messages=True)
         try:
             try:
-                self.r.config_set("notify-keyspace-events", "Ex")
+                # add E (keyevent) and x (expired) to whatever the operator configured
+                flags = self.r.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
+                if not ("E" in flags and ("x" in flags or "A" in flags)):
+                    self.r.config_set("notify-keyspace-events", "".join(sorted(set(flags + "Ex"))))
             except redis.ResponseError:
                 log.info("cannot enable keyspace notifications (CONFIG denied); sweeping on time only")
             ps.subscribe(f"__keyevent@{db}__:expired")
