@@ -525,6 +525,21 @@ def bench_control(
     click.echo(json.dumps(result, indent=2) if as_json else result["table"])
 
 
+@bench.command("media")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--write/--no-write", default=True, help="Write the table into BENCHMARKS.md.")
+@click.option("--latency-samples", type=click.IntRange(min=10), default=300, show_default=True)
+@click.option("--cpu-window", type=click.FloatRange(min=1), default=10.0, show_default=True, help="Seconds.")
+def bench_media(as_json: bool, write: bool, latency_samples: int, cpu_window: float) -> None:
+    """Input→frame latency vs floor, fps/CPU at 30/60 fps, sleep vs active CPU, wake, bytes/s."""
+    from cloudq.bench_media import run, write_markdown
+
+    result = run(latency_samples=latency_samples, cpu_window=cpu_window)
+    if write:
+        write_markdown(result)
+    click.echo(json.dumps(result, indent=2) if as_json else result["table"])
+
+
 def _register_data_commands() -> None:
     from cloudq.cli_data import bench_data, data
 

@@ -132,6 +132,8 @@ class Streamer:
         self.last_pts = -1
         self.next_frame = self.t0
         self.last_render = -math.inf
+        self.last_input_render = -math.inf
+        self.input_pending = False
         self.last_key = -math.inf
         self.last_forced = -math.inf
         self.key_requested = False
@@ -159,8 +161,11 @@ class Streamer:
             return
         self.app.handle_input(ev)
         self.unsaved_input = True
-        # render at once, but not more often than twice the frame rate
-        self.next_frame = min(self.next_frame, max(time.monotonic(), self.last_render + self.cfg.min_gap))
+        # render at once; input-driven renders come at most every min_gap (each one also pushes the
+        # periodic frame a full period on), so a mouse flood costs at most about 2x the frame rate
+        self.input_pending = True
+        due = max(time.monotonic(), self.last_input_render + self.cfg.min_gap)
+        self.next_frame = min(self.next_frame, due)
 
     def tick(self, now: float) -> None:
         if self.sleeping or now < self.next_frame:
@@ -172,6 +177,8 @@ class Streamer:
         if force or key_due or self.app.changed():
             self._frame(now, force or key_due)
         self.last_render = now
+        if self.input_pending:
+            self.input_pending, self.last_input_render = False, now
         nxt = self.next_frame + self.cfg.period
         if nxt <= now:  # fell behind (or rendered on input): start the clock again from now
             if now - self.next_frame > self.cfg.period:
@@ -281,6 +288,30 @@ class Node:
         self.session = None
         self._next_refresh = time.monotonic() + self.settings.node_refresh
         log.info("node %s registered (host %s, app %s)", self.id, self.host, self.app)
+        self.check_timer_precision()
+
+    def check_timer_precision(self) -> None:
+        """Warn if the server cannot end a blocking XREAD on time for the frame clock.
+
+        Redis/Valkey time out blocked clients from their event loop, which without other traffic
+        wakes ``hz`` times a second (default 10): an XREAD BLOCK of 33 ms then returns after up to
+        100 ms and a 30 fps app renders at ~12 fps. ``hz 100`` (``--hz 100`` / ``CONFIG SET hz``)
+        makes the granularity 10 ms. Input is not affected: it ends the block at once.
+        """
+        try:
+            hz = int(self.r.config_get("hz").get("hz", 0))
+        except (redis.ResponseError, ValueError):
+            return  # no CONFIG rights (e.g. a restricted ACL user): nothing to check
+        if hz and 1.0 / hz > self.media.period / 2:
+            log.warning(
+                "node %s: the Redis server runs with hz %d, so blocking reads time out in %.0f ms steps; "
+                "frames at %g fps will come late. Start it with --hz 100 (or CONFIG SET hz 100).",
+                self.id,
+                hz,
+                1000.0 / hz,
+                self.media.fps,
+            )
+            self.counters["coarse_server_timer"] = 1
 
     def refresh_liveness(self) -> None:
         ttl_ms = int((self.settings.node_ttl or 3600) * 1000)
