@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from rq import get_current_job
@@ -12,6 +13,7 @@ def slow_first_attempt(marker: str, hold: float) -> str:
     job = get_current_job()
     assert job is not None
     attempt = job.connection.incr(marker)
+    job.connection.rpush(marker + ":pids", os.getpid())  # so the test can reap a killed worker's horse
     if attempt == 1:
         time.sleep(hold)
     return f"done on attempt {attempt}"
