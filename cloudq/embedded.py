@@ -59,6 +59,9 @@ class EmbeddedServer:
             "--save", "",
             "--appendonly", "no",
             "--notify-keyspace-events", "Ex",
+            # blocking XREAD timeouts end on the server's event-loop tick (1/hz s): at the default
+            # hz 10 a node's frame clock would run at ~12 fps instead of 30 (see README "Data plane")
+            "--hz", "100",
             "--logfile", os.path.join(self.dir, "server.log"),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
