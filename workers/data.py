@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -86,8 +87,6 @@ def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) ->
         info = store.restore(user, dest)
     except NoVersions:
         if dest.exists():
-            import shutil
-
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
         _event(r, keys, f"session:{sid}", "mounted", f"new user {user}: empty data on node {node}")
@@ -174,10 +173,16 @@ def save_session(
         )
 
 
-def unmount(r: redis.Redis, keys: Keys, user: str, sid: str) -> None:
+def _delete_if(r: redis.Redis, key: str, value: str) -> None:
+    """Delete ``key`` only if it still holds ``value`` (a lock or mount we own)."""
     r.eval(
         "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
         1,
-        keys.user_mounted(user),
-        sid,
+        key,
+        value,
     )
+
+
+def unmount(r: redis.Redis, keys: Keys, user: str, sid: str) -> None:
+    """The user's data is no longer mounted by ``sid``."""
+    _delete_if(r, keys.user_mounted(user), sid)
