@@ -3,7 +3,7 @@
 -- 'moving' (session lost its node and got a new one), 'queued' (position in the FIFO).
 local user, token_hash = ARGV[2], ARGV[3]
 local token_ttl = setting('token_ttl')
-local function issue_token(sid)
+local function issue_token()
   local k = P .. 'token:' .. token_hash
   redis.call('SET', k, user)
   if token_ttl > 0 then redis.call('PEXPIRE', k, math.floor(token_ttl * 1000)) end
@@ -20,7 +20,7 @@ if sid and sid ~= '' then
     if old and old ~= '' then redis.call('DEL', P .. 'token:' .. old) end
     redis.call('HSET', s, 'token', token_hash)
     local gen = redis.call('HINCRBY', s, 'gen', 1)
-    issue_token(sid)
+    issue_token()
     local hb_ttl = setting('heartbeat_ttl')
     set_ttl_key(s .. ':hb', '1', hb_ttl)
     set_ttl_key(s .. ':act', '1', setting('idle_timeout'))
@@ -53,7 +53,7 @@ end
 -- already waiting: refresh the ticket, report the position
 local pos = redis.call('LPOS', P .. 'queue', user)
 if pos then
-  issue_token('')
+  issue_token()
   local old = redis.call('HGET', ukey(user), 'qtoken')
   if old and old ~= token_hash then redis.call('DEL', P .. 'token:' .. old) end
   redis.call('HSET', ukey(user), 'qtoken', token_hash)
@@ -72,7 +72,7 @@ if redis.call('LLEN', P .. 'queue') == 0 then
     if #picked > 0 then node = picked[1] end
   end
 end
-issue_token('')
+issue_token()
 if not node then
   redis.call('RPUSH', P .. 'queue', user)
   redis.call('HSET', ukey(user), 'qtoken', token_hash)
