@@ -5,6 +5,7 @@ node."""
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -109,6 +110,40 @@ class InputSender:
         return True
 
 
+class InputPump(threading.Thread):
+    """Sends user input from a queue on its own thread, so a window or a script never blocks on
+    Redis; while Redis is unreachable events are dropped (counted), not replayed late."""
+
+    def __init__(self, sender: InputSender, on_sent: Callable[[InputEvent], object] | None = None) -> None:
+        super().__init__(name="input", daemon=True)
+        self.sender = sender
+        self.on_sent = on_sent
+        self.queue: queue.Queue[tuple[str, dict[str, object]] | None] = queue.Queue(maxsize=10000)
+        self.dropped = 0
+
+    def put(self, type: str, **kw: object) -> None:
+        try:
+            self.queue.put_nowait((type, kw))
+        except queue.Full:
+            self.dropped += 1
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            type, kw = item
+            try:
+                ev = self.sender.send(type, **kw)
+            except redis.RedisError as exc:
+                self.dropped += 1
+                log.warning("input %s dropped: %s", type, exc)
+                continue
+            if self.on_sent:
+                self.on_sent(ev)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.queue.put(None)
+        self.join(timeout)
+
+
 class Kernel:
     """Heartbeat thread + player thread + input sender for one session."""
 
@@ -120,9 +155,11 @@ class Kernel:
         settings: Settings,
         sinks: Iterable[Sink] = (),
         on_input: Callable[[], object] | None = None,
+        on_sent: Callable[[InputEvent], object] | None = None,
     ) -> None:
         self.heartbeat = Heartbeat(r, keys, sid, settings)
         self.input = InputSender(r, keys, sid, on_input=on_input)
+        self.pump = InputPump(self.input, on_sent)
         # the client's pool hands each thread its own connection while the player's XREAD blocks
         self.player = Player(r, keys, sid, sinks, request_keyframe=self.input.request_keyframe)
         self.stop = threading.Event()
@@ -130,6 +167,7 @@ class Kernel:
 
     def start(self) -> Kernel:
         self.heartbeat.start()
+        self.pump.start()
         self._thread.start()
         return self
 
@@ -137,5 +175,6 @@ class Kernel:
         """Stop both threads; sinks (recording, snapshot) are finished by the player thread."""
         self.heartbeat.stop.set()
         self.stop.set()
+        self.pump.close()
         self._thread.join(timeout)
         self.heartbeat.join(2)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 EXIT_CODES = {
     "error": 1,
+    "usage": 2,
     "invalid": 3,
     "locked": 4,
     "unreachable": 5,
@@ -65,7 +66,7 @@ class Launcher:
                 got = self.r.blpop(
                     [self.keys.reply(req.id)], timeout=min(1.0, max(0.01, end - time.monotonic()))
                 )
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
         if got is None:
             raise ClientError("unreachable", "no central server answered in time")
@@ -80,16 +81,21 @@ class Launcher:
         password: str,
         wait: float | None = None,
         on_position: Callable[[int], None] | None = None,
+        queue: bool = True,
     ) -> Ticket:
-        """Log in; if queued, wait (up to ``wait`` s, None = forever) for a node."""
+        """Log in; if queued, wait (up to ``wait`` s, None = forever) for a node.
+
+        With ``queue=False`` (a client logging in again to its session) a queued reply is not
+        waited on: the ticket comes back with status ``queued`` and the caller decides.
+        """
         try:
             self.settings = Settings.load(self.r, self.keys)
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
         reply = self._request(Request("login", uuid.uuid4().hex, user=user, password=password))
         if not reply.ok:
             raise ClientError(reply.status if reply.status in EXIT_CODES else "error", reply.error)
-        if reply.status != "queued":
+        if reply.status != "queued" or not queue:
             return Ticket(user, reply.token, reply.sid, reply.node, reply.status)
         return self._wait_in_queue(user, reply, wait, on_position)
 
@@ -119,7 +125,7 @@ class Launcher:
                     position = pos + 1
                     if on_position:
                         on_position(position)
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ClientError("unreachable", f"lost the server while queued: {exc}") from None
         self.logout(reply.token)
         raise ClientError("error", "gave up waiting for a free node")

@@ -191,7 +191,8 @@ class Player:
             while not stop.is_set():
                 try:
                     self.poll()
-                except redis.ConnectionError as exc:
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # the session's reconnection is the launcher's business: keep trying quietly
                     self.counters["redis_errors"] += 1
                     log.warning("video: redis unreachable (%s)", exc)
                     stop.wait(0.5)

@@ -1,18 +1,43 @@
-"""``cloudq connect`` without a window: log in, beat, play the video into sinks (recording,
-snapshot), watch the session, log out."""
+"""One cloud-client session: the launcher's side of ``cloudq connect``.
+
+:class:`ClientSession` logs in (waiting in the queue if it must), starts the kernel (heartbeat,
+player, input pump), watches the session hash, and logs out at the end. It also:
+
+- **reconnects**: when Redis stops answering or the connection drops, it retries with exponential
+  backoff and jitter for up to the reconnect grace; once the server answers it logs in again with
+  the credentials it holds in memory (never on disk), which lands on the same session and node
+  (online reconnection), and asks for a keyframe so the picture resumes at once;
+- **follows a move**: when the central server gives the session another node (its node died),
+  the video stream key stays the same; the client asks for a keyframe and shows the new node;
+- **explains a close** in plain words (:data:`REASONS`) and raises ``ClientError("closed")``;
+- **gives up on an unusable stream**: video entries arriving for ``stream_timeout`` seconds
+  without one decodable frame raise ``ClientError("stream")``;
+- marks **activity** for every real input (window or script), never for keyframe requests;
+- keeps what it saw in :meth:`stats` (and ``stats_json``, rewritten every second and at the end).
+
+The window (:mod:`cloudq.client.viewer`) and a script (:mod:`cloudq.client.script`) feed input
+through :meth:`send_input`; the status line reads :meth:`status`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
-from cloudq.client.kernel import Kernel, session_state
-from cloudq.client.launcher import ClientError, Launcher
+from cloudq.auth import hash_token, same_token
+from cloudq.client.kernel import Kernel
+from cloudq.client.launcher import ClientError, Launcher, Ticket
+from cloudq.client.script import ScriptEvent, ScriptPlayer
 from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
+from cloudq.client.stats import StatsSink, write_json
 from cloudq.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -22,7 +47,363 @@ REASONS = {
     "idle": "the session was closed: no input for too long",
     "max_session": "the session was closed: it reached the maximum session length",
     "logout": "the session was closed: logged out elsewhere",
+    "mount_failed": "the session was closed: your data could not be loaded onto a node",
+    "taken_over": "the session was taken over by another login of the same user",
 }
+WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+STREAM_TIMEOUT = 10.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
+STATS_EVERY = 1.0
+
+
+def close_message(reason: str) -> str:
+    if reason in REASONS:
+        return REASONS[reason]
+    if reason.startswith("mount"):
+        return REASONS["mount_failed"] + f" ({reason})"
+    return f"the session was closed ({reason or 'no reason given'})"
+
+
+@dataclass
+class ConnectOptions:
+    duration: float = 0.0
+    queue_wait: float | None = None
+    record: str | None = None
+    snapshot: str | None = None
+    script: list[ScriptEvent] = field(default_factory=list)
+    stats_json: str | None = None
+    stream_timeout: float = STREAM_TIMEOUT
+    reconnect_budget: float | None = None  # None: the server's grace (or 120 s if grace is off)
+    poll: float = 0.2
+    sinks: list[Sink] = field(default_factory=list)
+
+
+class _Quit(Exception):
+    """The user stopped the client while it was reconnecting."""
+
+
+class ClientSession:
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        user: str,
+        password: str,
+        options: ConnectOptions | None = None,
+        stop: threading.Event | None = None,
+        say: Callable[[str], None] = lambda m: None,
+    ) -> None:
+        self.r = r
+        self.keys = keys
+        self.user = user
+        self._password = password  # in memory only: needed to log in again after a drop
+        self.opt = options or ConnectOptions()
+        self.stop = stop or threading.Event()
+        self.say = say
+        self.launcher = Launcher(r, keys)
+        self.stats_sink = StatsSink()
+        self.kernel: Kernel | None = None
+        self.ticket: Ticket | None = None
+        self.script: ScriptPlayer | None = None
+        # what the status line and the stats show
+        self.state = "connecting"
+        self.node = ""
+        self.position: int | None = None
+        self.warning = ""
+        self.states: list[str] = []
+        self.nodes: list[str] = []
+        self.reconnects: list[dict[str, Any]] = []
+        self.close_reason = ""
+        self.ended = ""
+        self.exit_code: int | None = None
+        self.t0 = time.monotonic()
+        self._lock = threading.Lock()
+
+    # -- what the window and scripts call ----------------------------------------------------
+    def send_input(self, type: str, **kw: object) -> None:
+        """Queue one real user input (sent on the kernel's input thread; marks activity)."""
+        if self.kernel is not None:
+            self.kernel.pump.put(type, **kw)
+
+    def status(self) -> dict[str, Any]:
+        fps, bps = self.stats_sink.rates()
+        return {
+            "state": self.state,
+            "node": self.node,
+            "fps": fps,
+            "bitrate": bps,
+            "latency_ms": self.stats_sink.last_latency_ms,
+            "position": self.position,
+            "warning": WARNINGS.get(self.warning, self.warning),
+        }
+
+    def status_line(self) -> str:
+        s = self.status()
+        parts = [s["state"] + (f" on {s['node']}" if s["node"] else "")]
+        if s["position"] and s["state"] == "queued":
+            parts.append(f"queue position {s['position']}")
+        parts.append(f"{s['fps']:.0f} fps")
+        parts.append(f"{s['bitrate'] / 1e6:.2f} Mbit/s")
+        if s["latency_ms"] is not None:
+            parts.append(f"input {s['latency_ms']:.0f} ms")
+        if s["warning"]:
+            parts.append("WARNING: " + s["warning"])
+        return " | ".join(parts)
+
+    def stats(self) -> dict[str, Any]:
+        counters: dict[str, int] = {}
+        if self.kernel is not None:
+            counters = dict(self.kernel.player.counters)
+            ic = self.kernel.input.counters
+            counters["keyframe_requests"] = ic["keyframe_request"]
+            counters["keyframe_requests_suppressed"] = ic["keyframe_requests_suppressed"]
+            counters["inputs_sent"] = sum(v for k, v in ic.items() if not k.startswith("keyframe"))
+            counters["inputs_dropped"] = self.kernel.pump.dropped
+            counters["heartbeats"] = self.kernel.heartbeat.beats
+            counters["heartbeat_failures"] = self.kernel.heartbeat.failures
+        st = self.stats_sink
+        return {
+            "user": self.user,
+            "sid": self.ticket.sid if self.ticket else "",
+            "elapsed_s": round(time.monotonic() - self.t0, 3),
+            "frames": st.frames,
+            "keyframes": st.keyframes,
+            "gaps": counters.get("gaps", 0),
+            "bad_entries": counters.get("bad_entries", 0),
+            "decode_errors": counters.get("decode_errors", 0),
+            "keyframe_requests": counters.get("keyframe_requests", 0),
+            "counters": counters,
+            "input_latency_ms": st.latency_summary(),
+            "script_events_sent": self.script.sent if self.script else 0,
+            "states": list(self.states),
+            "nodes": list(self.nodes),
+            "reconnects": list(self.reconnects),
+            "warning": self.warning,
+            "close_reason": self.close_reason,
+            "ended": self.ended,
+            "exit_code": self.exit_code,
+        }
+
+    def write_stats(self) -> None:
+        if self.opt.stats_json:
+            try:
+                write_json(self.opt.stats_json, self.stats())
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.opt.stats_json, exc)
+
+    # -- the session -------------------------------------------------------------------------
+    def _seen(self, state: str) -> None:
+        if state != self.state:
+            log.info("session state: %s -> %s", self.state, state)
+        self.state = state
+        if not self.states or self.states[-1] != state:
+            self.states.append(state)
+
+    def _on_node(self, node: str) -> None:
+        if node and node != self.node:
+            if self.node:
+                self.say(f"session moved to node {node}")
+                if self.kernel is not None:
+                    self.kernel.input.request_keyframe()
+            self.node = node
+            self.nodes.append(node)
+
+    def _on_position(self, p: int) -> None:
+        self.position = p
+        self._seen("queued")
+        self.say(f"queued: position {p}")
+
+    def run(self) -> str:
+        """Run until ``duration`` passes or ``stop`` is set; returns why it ended.
+
+        Raises :class:`ClientError` if login fails, the session is closed by the server, the
+        server stays unreachable, or the stream is unusable.
+        """
+        try:
+            self.ended = self._run()
+            self.exit_code = 0
+            return self.ended
+        except _Quit:
+            self.ended, self.exit_code = "stopped while reconnecting", 0
+            return self.ended
+        except ClientError as exc:
+            self.ended, self.exit_code = str(exc), exc.exit_code
+            raise
+        finally:
+            self.write_stats()
+
+    def _run(self) -> str:
+        self.ticket = self.launcher.login(
+            self.user, self._password, wait=self.opt.queue_wait, on_position=self._on_position
+        )
+        t = self.ticket
+        self.say(f"session {t.sid} on node {t.node or '(being moved)'} ({t.status})")
+        self._on_node(t.node)
+        sinks: list[Sink] = [self.stats_sink, *self.opt.sinks]
+        if self.opt.record:
+            sinks.append(Mp4Recorder(self.opt.record))
+        if self.opt.snapshot:
+            sinks.append(SnapshotSink(self.opt.snapshot))
+        self.kernel = Kernel(
+            self.r,
+            self.keys,
+            t.sid,
+            self.launcher.settings,
+            sinks,
+            on_input=lambda: self.launcher.mark_activity(t.sid),
+            on_sent=self.stats_sink.on_sent,
+        ).start()
+        if self.opt.script:
+            self.script = ScriptPlayer(
+                self.opt.script, self.send_input, self.stats_sink.first_frame, self.stop, time.monotonic
+            )
+            self.script.start()
+        closed_by_server = False
+        try:
+            with contextlib.suppress(*REDIS_DOWN):  # the watch loop below notices and reconnects
+                self.launcher.mark_activity(t.sid)
+            return self._watch()
+        except ClientError as exc:
+            closed_by_server = exc.kind == "closed"
+            raise
+        finally:
+            self.kernel.close()
+            counts = self.kernel.player.counters
+            log.info("video: %s", dict(counts))
+            if counts["bad_entries"] or counts["decode_errors"] or counts["gaps"]:
+                self.say(
+                    f"video: {counts['bad_entries']} bad entries, {counts['decode_errors']} decode "
+                    f"errors, {counts['gaps']} gaps (each dropped until the next keyframe)"
+                )
+            if not closed_by_server and self.ticket is not None:
+                self.launcher.logout(self.ticket.token)
+
+    def _watch(self) -> str:
+        end = self.t0 + self.opt.duration if self.opt.duration else None
+        next_stats = 0.0
+        self._stream_bad_since: float | None = None
+        self._stream_mark = (0, 0)
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if end is not None and now >= end:
+                return "session ended (duration reached)"
+            try:
+                self._check_session()
+            except REDIS_DOWN as exc:
+                self._reconnect(exc)
+                continue
+            self._check_stream(now)
+            if now >= next_stats:
+                self.write_stats()
+                next_stats = now + STATS_EVERY
+            wait = self.opt.poll if end is None else max(0.0, min(self.opt.poll, end - now))
+            self.stop.wait(wait)
+        return "session ended (stopped by the user)"
+
+    def _check_session(self) -> None:
+        assert self.ticket is not None
+        raw = self.r.hmget(
+            self.keys.session(self.ticket.sid), "state", "close_reason", "node", "warning", "token"
+        )
+        state, reason, node, warning, token = ((v or b"").decode() for v in raw)
+        state = state or "closed"
+        if state == "closed" or reason:
+            self._seen("closed")
+            self.close_reason = reason or "unknown"
+            raise ClientError("closed", close_message(reason))
+        if token and not same_token(token, hash_token(self.ticket.token)):
+            self._seen("closed")
+            self.close_reason = "taken_over"
+            raise ClientError("closed", close_message("taken_over"))
+        self._seen(state)
+        self._on_node(node)
+        if warning and warning != self.warning:
+            self.warning = warning
+            self.say("warning: " + WARNINGS.get(warning, warning))
+
+    def _check_stream(self, now: float) -> None:
+        """Entries keep arriving but none decodes for ``stream_timeout`` s: the stream is unusable."""
+        if not self.opt.stream_timeout or self.kernel is None:
+            return
+        c = self.kernel.player.counters
+        entries, frames = c["entries"], c["frames"]
+        last_entries, last_frames = self._stream_mark
+        self._stream_mark = (entries, frames)
+        if frames > last_frames or entries == last_entries:
+            if frames > last_frames:
+                self._stream_bad_since = None
+            return
+        if self._stream_bad_since is None:
+            self._stream_bad_since = now
+        elif now - self._stream_bad_since >= self.opt.stream_timeout:
+            raise ClientError(
+                "stream",
+                f"the video stream is unusable: nothing decodable for {self.opt.stream_timeout:g} s "
+                f"({c['bad_entries']} bad entries, {c['decode_errors']} decode errors, {c['gaps']} gaps)",
+            )
+
+    # -- reconnection ------------------------------------------------------------------------
+    def _reconnect(self, exc: Exception) -> None:
+        """Back off (exponential, jittered) until the server answers, then log in again."""
+        assert self.ticket is not None
+        sid = self.ticket.sid
+        settings = self.launcher.settings
+        budget = self.opt.reconnect_budget
+        if budget is None:
+            budget = (settings.grace or 120.0) + settings.heartbeat_ttl
+        lost_at = time.monotonic()
+        frames_before = self.stats_sink.frames
+        self._seen("reconnecting")
+        self.say(f"lost the server ({exc}); reconnecting for up to {budget:.0f} s")
+        delay, attempts = BACKOFF_FIRST, 0
+        while True:
+            if self.stop.is_set():
+                raise _Quit
+            attempts += 1
+            try:
+                self.r.ping()
+                state, reason = (
+                    (v or b"").decode() for v in self.r.hmget(self.keys.session(sid), "state", "close_reason")
+                )
+                if not state or state == "closed":
+                    self.close_reason = reason or "unknown"
+                    raise ClientError("closed", close_message(reason))
+                ticket = self.launcher.login(self.user, self._password, queue=False)
+            except (ClientError, *REDIS_DOWN) as err:
+                if isinstance(err, ClientError) and err.kind != "unreachable":
+                    raise
+                if time.monotonic() - lost_at >= budget:
+                    raise ClientError(
+                        "unreachable", f"lost the server and could not get back within {budget:.0f} s"
+                    ) from None
+                log.info("reconnect attempt %d failed (%s); next in ~%.1f s", attempts, err, delay)
+                if self.stop.wait(random.uniform(delay / 2, delay)):
+                    raise _Quit from None
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            break
+        if ticket.sid != sid:
+            # the old session ended while we were away; this login started (or queued) another
+            self.launcher.logout(ticket.token)
+            self.close_reason = "grace"
+            raise ClientError("closed", close_message("grace"))
+        self.ticket = ticket
+        down = time.monotonic() - lost_at
+        self.reconnects.append(
+            {
+                "at_s": round(lost_at - self.t0, 3),
+                "down_s": round(down, 3),
+                "attempts": attempts,
+                "status": ticket.status,
+                "node": ticket.node,
+                "frames_before": frames_before,
+            }
+        )
+        self.say(f"reconnected after {down:.1f} s: session {sid} on node {ticket.node or '(being moved)'}")
+        self._on_node(ticket.node)
+        if self.kernel is not None:
+            self.kernel.input.request_keyframe()
 
 
 def run_connect(
@@ -39,51 +420,21 @@ def run_connect(
     snapshot: str | None = None,
     sinks: list[Sink] | None = None,
 ) -> str:
-    """Run a session until ``duration`` passes or ``stop`` is set; returns why it ended.
-
-    The video is received for the whole session: ``record`` remuxes it into an MP4 file,
-    ``snapshot`` writes the last frame as a PNG at exit, ``sinks`` adds any others.
-
-    Raises :class:`ClientError` if login fails or the server closes the session.
-    """
-    stop = stop or threading.Event()
-    launcher = Launcher(r, keys)
-    ticket = launcher.login(
-        user, password, wait=queue_wait, on_position=lambda p: say(f"queued: position {p}")
+    """A headless session (kept for callers of the first version); see :class:`ClientSession`."""
+    opt = ConnectOptions(
+        duration=duration,
+        queue_wait=queue_wait,
+        poll=poll,
+        record=record,
+        snapshot=snapshot,
+        sinks=sinks or [],
     )
-    say(f"session {ticket.sid} on node {ticket.node or '(being moved)'} ({ticket.status})")
-    all_sinks = list(sinks or [])
-    if record:
-        all_sinks.append(Mp4Recorder(record))
-    if snapshot:
-        all_sinks.append(SnapshotSink(snapshot))
-    kernel = Kernel(
-        r, keys, ticket.sid, launcher.settings, all_sinks, on_input=lambda: launcher.mark_activity(ticket.sid)
-    ).start()
-    closed_by_server = False
-    try:
-        launcher.mark_activity(ticket.sid)
-        end = time.monotonic() + duration if duration else None
-        while not stop.is_set() and (end is None or time.monotonic() < end):
-            try:
-                state, reason = session_state(r, keys, ticket.sid)
-            except redis.ConnectionError:
-                state, reason = "unknown", ""
-            if state == "closed" or reason:
-                closed_by_server = True
-                raise ClientError(
-                    "closed", REASONS.get(reason, f"the session was closed ({reason or 'unknown'})")
-                )
-            stop.wait(poll if end is None else max(0.0, min(poll, end - time.monotonic())))
-        return "session ended"
-    finally:
-        kernel.close()
-        counts = kernel.player.counters
-        log.info("video: %s", dict(counts))
-        if counts["bad_entries"] or counts["decode_errors"] or counts["gaps"]:
-            say(
-                f"video: {counts['bad_entries']} bad entries, {counts['decode_errors']} decode errors, "
-                f"{counts['gaps']} gaps (each dropped until the next keyframe)"
-            )
-        if not closed_by_server:
-            launcher.logout(ticket.token)
+    return ClientSession(r, keys, user, password, opt, stop, say).run()
+
+
+def client_redis(url: str, socket_timeout: float = 3.0) -> redis.Redis:
+    """The client's connection: a socket timeout, so a server that stops answering (not only one
+    that closes the connection) is noticed and the session reconnects."""
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=socket_timeout, socket_timeout=socket_timeout, health_check_interval=10
+    )

@@ -380,15 +380,32 @@ def status(redis_url: str | None, prefix: str, as_json: bool) -> None:
 # -- client ----------------------------------------------------------------------------------
 CONNECT_HELP = """Connect to a session as USER.
 
+Logs in (the password is asked for, or read with --password-stdin / --password-file, never
+taken from the command line), waits in the queue if every node is busy (showing the position),
+then shows the session in a window, or without one with --headless (the default when there is
+no display). It runs until the window is closed, Ctrl-C, --duration passes or the server
+closes the session, and logs out at the end.
+
+If Redis stops answering, the client retries with exponential backoff and jitter for up to the
+server's reconnect grace, then logs in again with the password it holds in memory and lands on
+the same session and node. If the session moves to another node, the client follows.
+
+\b
+Script (--script FILE): one event per line, seconds since the stream started, then
+  key K | mouse_down X Y | mouse_move X Y | mouse_up X Y      (# comments, blank lines ok)
+  e.g.  0.5 key 4      1.0 mouse_down 100 200      1.2 mouse_up 300 200
+
 \b
 Exit codes:
-  0  the session ended normally (duration reached or the user quit)
+  0  the session ended normally (duration reached, window closed or interrupted)
   1  other error
+  2  bad usage: a malformed --script (the message names the line), a bad option
   3  invalid credentials
   4  account locked
-  5  server not reachable / no central server answered
+  5  server not reachable / no central server answered / lost and not back in time
   6  the session was closed by the server (the message says why)
-  7  the video stream could not be played
+  7  the video stream is unusable: entries kept arriving for --stream-timeout
+     seconds without one decodable frame
 """
 
 
@@ -397,7 +414,11 @@ Exit codes:
 @prefix_option
 @click.option("--user", "user_name", required=True, envvar="CLOUDQ_USER")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-@click.option("--password-file", type=click.Path(dir_okay=False), help="Read the password from a file.")
+@click.option(
+    "--password-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Read the password from the first line of a file.",
+)
 @click.option(
     "--duration",
     type=click.FloatRange(min=0),
@@ -410,7 +431,12 @@ Exit codes:
     default=0,
     help="Give up waiting in the queue after this many seconds (0 = wait forever).",
 )
-@click.option("--headless", is_flag=True, default=True, help="No window (the default for now).")
+@click.option(
+    "--headless",
+    is_flag=True,
+    envvar="CLOUDQ_HEADLESS",
+    help="No window (env CLOUDQ_HEADLESS). Without a display this is automatic.",
+)
 @click.option(
     "--record",
     type=click.Path(dir_okay=False, writable=True),
@@ -420,6 +446,33 @@ Exit codes:
     "--snapshot",
     type=click.Path(dir_okay=False, writable=True),
     help="Write the last decoded frame to this PNG file at exit.",
+)
+@click.option(
+    "--script",
+    "script_file",
+    type=click.Path(dir_okay=False),
+    help="Send the timed input events in this file (format above).",
+)
+@click.option(
+    "--stats-json",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write what the session saw (frames, keyframes, gaps, input latencies, states, "
+    "reconnects, close reason) to this JSON file, every second and at exit.",
+)
+@click.option(
+    "--stream-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Exit 7 when video entries arrive this long without a decodable frame (0 = never).",
+)
+@click.option(
+    "--socket-timeout",
+    type=click.FloatRange(min=0.5),
+    default=3.0,
+    show_default=True,
+    envvar="CLOUDQ_SOCKET_TIMEOUT",
+    help="A Redis reply slower than this counts as a lost connection (then the client reconnects).",
 )
 def connect(
     redis_url: str | None,
@@ -432,31 +485,62 @@ def connect(
     headless: bool,
     record: str | None,
     snapshot: str | None,
+    script_file: str | None,
+    stats_json: str | None,
+    stream_timeout: float,
+    socket_timeout: float,
 ) -> None:
     from cloudq.client.launcher import ClientError
-    from cloudq.client.session import run_connect
+    from cloudq.client.script import ScriptError, load_script
+    from cloudq.client.session import ClientSession, ConnectOptions, client_redis
 
+    script = []
+    if script_file:
+        try:
+            script = load_script(script_file)
+        except ScriptError as exc:
+            _fail(str(exc), 2)
+    if not redis_url:
+        _connect(redis_url)  # the usage error
+    viewer_missing = None
+    if not headless:
+        from cloudq.client.viewer import unavailable
+
+        viewer_missing = unavailable()
     if password_file:
         with open(password_file) as fh:
             password = fh.readline().rstrip("\r\n")
     else:
         password = _read_password(password_stdin, confirm=False)
+    if viewer_missing:
+        log.info("no window: %s; running headless", viewer_missing)
     stop = threading.Event()
     _stop_on_signals(stop.set)
+    opt = ConnectOptions(
+        duration=duration,
+        queue_wait=queue_wait or None,
+        record=record,
+        snapshot=snapshot,
+        script=script,
+        stats_json=stats_json,
+        stream_timeout=stream_timeout,
+    )
+    session = ClientSession(
+        client_redis(redis_url, socket_timeout),
+        Keys(prefix),
+        user_name,
+        password,
+        opt,
+        stop,
+        say=lambda m: click.echo(m, err=True),
+    )
     try:
-        r = _connect(redis_url)
-        reason = run_connect(
-            r,
-            Keys(prefix),
-            user_name,
-            password,
-            duration=duration,
-            queue_wait=queue_wait or None,
-            stop=stop,
-            say=lambda m: click.echo(m, err=True),
-            record=record,
-            snapshot=snapshot,
-        )
+        if headless or viewer_missing:
+            reason = session.run()
+        else:
+            from cloudq.client.viewer import Viewer
+
+            reason = Viewer(session, title=f"cloudq: {user_name}").run()
     except ClientError as exc:
         _fail(str(exc), exc.exit_code)
     click.echo(reason, err=True)
