@@ -355,6 +355,7 @@ class ClientSession:
         lost_at = time.monotonic()
         frames_before = self.stats_sink.frames
         self._seen("reconnecting")
+        self.write_stats()
         self.say(f"lost the server ({exc}); reconnecting for up to {budget:.0f} s")
         delay, attempts = BACKOFF_FIRST, 0
         while True:
@@ -378,6 +379,7 @@ class ClientSession:
                         "unreachable", f"lost the server and could not get back within {budget:.0f} s"
                     ) from None
                 log.info("reconnect attempt %d failed (%s); next in ~%.1f s", attempts, err, delay)
+                self.write_stats()
                 if self.stop.wait(random.uniform(delay / 2, delay)):
                     raise _Quit from None
                 delay = min(delay * 2, BACKOFF_MAX)

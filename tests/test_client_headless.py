@@ -1,0 +1,210 @@
+"""The cloud client without a window, through real processes: ``cloudq connect --headless`` driven by
+a script, recording, stats, kill -9 and reconnect, Redis pausing under it, bad scripts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import redis
+from conftest import FAST
+from helpers import Procs, node_state, publish, session_field, wait_for
+
+from cloudq.auth import Users
+from cloudq.client.script import ScriptError, parse_script
+from cloudq.embedded import EmbeddedServer, free_port
+from cloudq.keys import Keys
+from cloudq.up import cloudq_command
+
+BLUE = (30, 70, 220)
+RED = (220, 30, 30)
+DRAW = """# pick blue, draw a line along y=120
+0.0 key 4
+0.2 mouse_down 40 120
+0.3 mouse_move 100 120
+0.4 mouse_move 200 120
+0.5 mouse_up 280 120
+"""
+
+
+def pool(
+    r: redis.Redis, keys: Keys, procs: Procs, app: str = "paint", **clocks: float
+) -> subprocess.Popen[bytes]:
+    """Central, node n1 (320x240, returned), a worker, user alice/pw; idle and grace 30 s."""
+    clk = {**FAST, "idle_timeout": 30.0, "grace": 30.0, **clocks}
+    publish(r, keys, **clk)
+    procs.central(**clk)
+    n1 = procs.node("n1", "h1", app, "--size", "320x240", "--fps", "30")
+    procs.worker()
+    wait_for(lambda: r.zcard(keys.pool) == 1, 20, what="node registered")
+    Users(r, keys).add("alice", "pw", cost=4)
+    return n1
+
+
+def connect(procs: Procs, *args: str) -> subprocess.Popen[bytes]:
+    return procs.start("connect", "--user", "alice", "--password-stdin", "--headless", *args, stdin=b"pw\n")
+
+
+def stats(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def share(row: np.ndarray, colour: tuple[int, int, int]) -> float:
+    """Fraction of the pixels in ``row`` within H.264 noise of ``colour``."""
+    return float((np.abs(row.astype(int) - colour).max(axis=1) < 40).mean())
+
+
+def frames_of(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_script_errors_name_the_line_and_exit_2_before_connecting(tmp_path: Path) -> None:
+    assert [e.type for e in parse_script(DRAW)] == [
+        "key",
+        "mouse_down",
+        "mouse_move",
+        "mouse_move",
+        "mouse_up",
+    ]
+    for text, words in [
+        ("0.1 key a\n0.2 jump 1 2\n", "line 2: unknown event 'jump'"),
+        ("x key a\n", "line 1: expected seconds first"),
+        ("1 mouse_down 10\n", "line 1: mouse_down takes X Y"),
+        ("1 mouse_up 10 ten\n", "line 1: mouse_up takes integer X Y"),
+        ("1 key a\n\n# ok\n0.5 key b\n", "line 4: time 0.5 goes back"),
+        ("-1 key a\n", "line 1: time must be"),
+        ("2\n", "line 1: missing the event"),
+    ]:
+        with pytest.raises(ScriptError, match=words):
+            parse_script(text)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("0 key a\n1 mouse_move 1\n")
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: a script error must come first
+    out = subprocess.run(
+        [*cloudq_command(), "connect", "--user", "u", "--password-stdin", "--headless", "--script", str(bad)],
+        input="pw\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"CLOUDQ_REDIS_URL": down, "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"cloudq: {bad} line 2: mouse_move takes X Y, e.g. 'mouse_move 100 200'"
+
+
+def test_scripted_drawing_is_recorded_and_the_stats_tell_what_the_session_saw(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    pool(r, keys, procs)
+    script, mp4, js = tmp_path / "draw.txt", tmp_path / "rec.mp4", tmp_path / "stats.json"
+    script.write_text(DRAW)
+    client = connect(procs, "--script", str(script), "--record", str(mp4), "--stats-json", str(js))
+    wait_for(lambda: stats(js).get("script_events_sent") == 5, 20, what="script played")
+    wait_for(lambda: stats(js).get("input_latency_ms", {}).get("count", 0) >= 1, 5, what="a latency")
+    wait_for(lambda: r.exists(keys.activity("s1")), 2, what="activity marked")
+    Procs.kill(client, signal.SIGTERM)
+    assert client.returncode == 0, procs.output(client)
+    last = frames_of(mp4)[-1]
+    assert share(last[120, 40:281], BLUE) > 0.9, "the scripted blue stroke is in the recording"
+    assert share(last[60, 40:281], (255, 255, 255)) > 0.9, "and nothing else was drawn"
+    s = stats(js)
+    assert s["sid"] == "s1" and s["nodes"] == ["n1"] and "active" in s["states"]
+    assert s["frames"] >= 2 and s["keyframes"] >= 1
+    assert s["gaps"] == s["bad_entries"] == s["decode_errors"] == 0
+    assert s["reconnects"] == [] and s["exit_code"] == 0 and s["close_reason"] == ""
+    lat = s["input_latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] < 2000, lat
+    assert s["counters"]["inputs_sent"] == 5 and s["counters"]["heartbeats"] >= 1
+
+
+def test_a_killed_client_started_again_within_grace_gets_its_session_node_and_drawing_back(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    pool(r, keys, procs)
+    script, js = tmp_path / "draw.txt", tmp_path / "first.json"
+    script.write_text(DRAW)
+    first = connect(procs, "--script", str(script), "--stats-json", str(js))
+    wait_for(lambda: stats(js).get("script_events_sent") == 5, 20, what="script played")
+    wait_for(lambda: stats(js).get("input_latency_ms", {}).get("count", 0) >= 4, 5, what="strokes shown")
+    Procs.kill(first)  # SIGKILL: no logout, the heartbeat just stops
+    wait_for(lambda: session_field(r, keys, "s1") == "disconnected", 10, what="heartbeat lapsed")
+    wait_for(lambda: node_state(r, keys, "n1") == "sleeping", 5, what="node asleep")
+    png, js2 = tmp_path / "again.png", tmp_path / "again.json"
+    again = connect(procs, "--snapshot", str(png), "--stats-json", str(js2))
+    wait_for(lambda: stats(js2).get("frames", 0) >= 1, 15, what="the last picture shown again")
+    Procs.kill(again, signal.SIGTERM)
+    assert again.returncode == 0, procs.output(again)
+    assert "session s1 on node n1 (reconnect)" in procs.output(again)
+    with av.open(str(png)) as c:
+        shot = next(iter(c.decode(video=0))).to_ndarray(format="rgb24")
+    assert share(shot[120, 40:281], BLUE) > 0.9, "the drawing survived the client's death"
+
+
+def test_client_rides_out_a_redis_pause_and_keeps_receiving_frames(tmp_path: Path, keys: Keys) -> None:
+    server = EmbeddedServer().start()
+    procs = Procs(server.url, keys.prefix, str(tmp_path))
+    r = redis.Redis.from_url(server.url)
+    try:
+        pool(r, keys, procs, app="probe", node_ttl=10.0)  # the nodes outlive the outage
+        script, js = tmp_path / "keys.txt", tmp_path / "stats.json"
+        # a user who keeps typing: every 0.2 s for a minute (also what wakes the node after the pause)
+        script.write_text("".join(f"{i * 0.2:.1f} key a\n" for i in range(300)))
+        client = connect(
+            procs, "--script", str(script), "--stats-json", str(js), "--socket-timeout", "0.8"
+        )  # fmt: skip
+        wait_for(lambda: stats(js).get("frames", 0) >= 20, 20, what="frames flowing")
+        server.pause()
+        try:
+            wait_for(lambda: stats(js).get("states", [""])[-1] == "reconnecting", 5, what="client noticed")
+            paused = stats(js)["frames"]
+            time.sleep(3)  # the outage itself: three seconds of a server that does not answer
+        finally:
+            server.resume()
+        wait_for(lambda: stats(js).get("reconnects"), 20, what="logged in again")
+        got = stats(js)["reconnects"][0]
+        assert got["status"] == "reconnect" and got["node"] == "n1" and got["down_s"] >= 2
+        wait_for(lambda: stats(js)["frames"] > paused + 30, 15, what="frames after the pause")
+        assert client.poll() is None, procs.output(client)
+        Procs.kill(client, signal.SIGTERM)
+        assert client.returncode == 0, procs.output(client)
+        s = stats(js)
+        assert s["sid"] == "s1" and s["nodes"] == ["n1"] and s["exit_code"] == 0
+        assert "reconnecting" in s["states"] and s["states"][-1] != "reconnecting"
+        assert s["counters"]["redis_errors"] >= 1 and s["keyframe_requests"] >= 1
+        assert "Traceback" not in procs.output(client)
+    finally:
+        procs.stop_all()
+        r.close()
+        server.stop()
+
+
+def test_client_follows_its_session_to_another_node_when_its_node_dies(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    n1 = pool(r, keys, procs, app="probe")
+    n2 = procs.node("n2", "h1", "probe", "--size", "320x240", "--fps", "30")
+    wait_for(lambda: r.zcard(keys.pool) == 2, 20, what="second node registered")
+    js = tmp_path / "stats.json"
+    client = connect(procs, "--stats-json", str(js))
+    wait_for(lambda: stats(js).get("frames", 0) >= 10, 20, what="frames flowing")
+    first = stats(js)["nodes"][0]
+    other = "n2" if first == "n1" else "n1"
+    Procs.kill(n1 if first == "n1" else n2)
+    wait_for(lambda: stats(js).get("nodes") == [first, other], 20, what="client followed the move")
+    moved_at = stats(js)["frames"]
+    wait_for(lambda: stats(js)["frames"] > moved_at + 10, 15, what="frames from the new node")
+    assert session_field(r, keys, "s1", "node") == other
+    Procs.kill(client, signal.SIGTERM)
+    assert client.returncode == 0, procs.output(client)
+    assert f"session moved to node {other}" in procs.output(client)
