@@ -4,6 +4,7 @@ a script, recording, stats, kill -9 and reconnect, Redis pausing under it, bad s
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -208,3 +209,45 @@ def test_client_follows_its_session_to_another_node_when_its_node_dies(
     Procs.kill(client, signal.SIGTERM)
     assert client.returncode == 0, procs.output(client)
     assert f"session moved to node {other}" in procs.output(client)
+
+
+def test_max_session_warning_is_shown_once_then_the_close_is_explained_with_exit_6(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    pool(r, keys, procs, max_session=2.5, max_warning=2.0)
+    js = tmp_path / "stats.json"
+    client = connect(procs, "--stats-json", str(js))
+    assert client.wait(20) == 6
+    out = procs.output(client)
+    assert out.count("warning: the session reaches its maximum length soon") == 1
+    assert (
+        out.strip().splitlines()[-1]
+        == "cloudq: the session was closed: it reached the maximum session length"
+    )
+    s = stats(js)
+    assert s["warning"] == "max_session" and s["close_reason"] == "max_session" and s["exit_code"] == 6
+    assert "Traceback" not in out
+
+
+def test_a_stream_with_nothing_decodable_ends_the_client_with_exit_7(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    n1 = pool(r, keys, procs, node_ttl=30.0)
+    js = tmp_path / "stats.json"
+    client = connect(procs, "--stats-json", str(js), "--stream-timeout", "1.5")
+    wait_for(lambda: stats(js).get("frames", 0) >= 1, 20, what="a frame decoded")
+    os.killpg(n1.pid, signal.SIGSTOP)  # the node stops producing; only garbage arrives
+    try:
+
+        def garbage_until_exit() -> bool:
+            r.xadd(keys.video("s1"), {"m": b"\xc1 not a video packet"})
+            return client.poll() is not None
+
+        wait_for(garbage_until_exit, 15, interval=0.1, what="the client gave up")
+    finally:
+        os.killpg(n1.pid, signal.SIGCONT)
+    assert client.returncode == 7, procs.output(client)
+    last = procs.output(client).strip().splitlines()[-1]
+    assert last.startswith("cloudq: the video stream is unusable: nothing decodable for 1.5 s"), last
+    s = stats(js)
+    assert s["exit_code"] == 7 and s["bad_entries"] >= 10 and s["keyframe_requests"] >= 1

@@ -1,0 +1,108 @@
+"""The viewer window under a virtual X display (Xvfb): it shows the stream, and synthetic key presses
+and mouse drags (xdotool, through the X server like a real user's) reach the app.
+
+Needs the ``Xvfb`` and ``xdotool`` programs (Debian: ``apt-get install xvfb xdotool``); skipped,
+saying so, where they are missing. The screen is read back with FFmpeg's x11grab through PyAV.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import redis
+from helpers import Procs, wait_for
+from test_client_headless import BLUE, pool, share, stats
+
+from cloudq.client.viewer import fit, key_name, resize
+from cloudq.keys import Keys
+
+MISSING = [p for p in ("Xvfb", "xdotool") if shutil.which(p) is None]
+needs_x = pytest.mark.skipif(
+    bool(MISSING), reason=f"viewer test needs {' and '.join(MISSING)} on PATH (apt: xvfb xdotool)"
+)
+
+
+def test_window_pixels_map_to_stream_pixels_and_keys_map_to_names() -> None:
+    assert fit(320, 240, 320, 240) == (1.0, 320, 240, 0, 0)
+    assert fit(320, 240, 800, 480) == (2.0, 640, 480, 80, 0)  # letterboxed, centred
+    rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    assert resize(rgb, 12, 8)[::2, ::2].tolist() == rgb.tolist()
+    assert key_name("a", "a") == "a" and key_name("+", "plus") == "+"
+    assert key_name("\x7f", "Delete") == "Delete" and key_name(" ", "space") == "space"
+    assert key_name("", "Shift_L") is None
+
+
+@pytest.fixture
+def display() -> Iterator[str]:
+    rfd, wfd = os.pipe()
+    xvfb = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(wfd), "-screen", "0", "640x480x24", "-nolisten", "tcp"],
+        pass_fds=(wfd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    os.close(wfd)
+    try:
+        with os.fdopen(rfd) as fh:
+            number = fh.readline().strip()  # Xvfb writes its display number once it is ready
+        if not number:
+            pytest.skip("Xvfb could not start a display")
+        yield f":{number}"
+    finally:
+        xvfb.terminate()
+        try:
+            xvfb.wait(10)
+        except subprocess.TimeoutExpired:
+            xvfb.kill()
+            xvfb.wait(10)
+
+
+def screen(disp: str) -> np.ndarray:
+    with av.open(disp, format="x11grab", options={"video_size": "640x480"}) as grab:
+        return next(grab.decode(video=0)).to_ndarray(format="rgb24")
+
+
+@needs_x
+def test_viewer_shows_the_stream_and_a_synthetic_key_press_and_drag_reach_the_app(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path, display: str
+) -> None:
+    pool(r, keys, procs)  # paint, 320x240: the window opens at native size at the screen's corner
+    js, png = tmp_path / "stats.json", tmp_path / "last.png"
+    client = procs.start(
+        "connect", "--user", "alice", "--password-stdin", "--stats-json", str(js), "--snapshot", str(png),
+        stdin=b"pw\n", DISPLAY=display,
+    )  # fmt: skip
+    wait_for(lambda: stats(js).get("frames", 0) >= 1, 20, what="a frame decoded")
+    white = (255, 255, 255)
+    wait_for(lambda: share(screen(display)[120, 20:300], white) > 0.95, 10, what="the canvas on screen")
+
+    def xdo(*args: str) -> None:
+        subprocess.run(["xdotool", *args], env={**os.environ, "DISPLAY": display}, check=True, timeout=10)
+
+    xdo("mousemove", "160", "60")  # no window manager: keyboard focus follows the pointer
+    xdo("key", "4")  # paint: 4 = blue
+    wait_for(lambda: stats(js).get("counters", {}).get("inputs_sent", 0) >= 1, 5, what="key sent")
+    xdo("mousemove", "40", "120", "mousedown", "1")
+    for x in range(60, 281, 20):
+        xdo("mousemove", str(x), "120")
+    xdo("mouseup", "1")
+    wait_for(lambda: share(screen(display)[120, 40:281], BLUE) > 0.9, 10, what="a blue stroke on screen")
+    shot = screen(display)
+    Procs.kill(client, signal.SIGTERM)
+    assert client.returncode == 0, procs.output(client)
+    with av.open(str(png)) as c:
+        decoded = next(iter(c.decode(video=0))).to_ndarray(format="rgb24")
+    shown = shot[:240, :320].astype(int)
+    assert np.abs(shown - decoded.astype(int)).mean() < 3, "the window shows the decoded frame"
+    s = stats(js)
+    assert s["counters"]["inputs_sent"] >= 3 and s["exit_code"] == 0
+    assert "Traceback" not in procs.output(client)
