@@ -117,14 +117,25 @@ class ClientSession:
         self.close_reason = ""
         self.ended = ""
         self.exit_code: int | None = None
-        self.t0 = time.monotonic()
-        self._lock = threading.Lock()
+        self.t0 = self.last_input = time.monotonic()
 
     # -- what the window and scripts call ----------------------------------------------------
     def send_input(self, type: str, **kw: object) -> None:
         """Queue one real user input (sent on the kernel's input thread; marks activity)."""
         if self.kernel is not None:
+            self.last_input = time.monotonic()
             self.kernel.pump.put(type, **kw)
+
+    def idle_warning(self) -> str:
+        """While the session sleeps (no input for ``idle_timeout``), how long until it closes.
+
+        Counted from this client's last input; the server counts from the last activity it saw,
+        so this is an estimate (a second client of the same session would push it back)."""
+        idle_close = self.launcher.settings.idle_close
+        if self.state != "sleeping" or not idle_close:
+            return ""
+        left = max(0.0, idle_close - (time.monotonic() - self.last_input))
+        return f"idle: the session closes in about {left:.0f} s without input"
 
     def status(self) -> dict[str, Any]:
         fps, bps = self.stats_sink.rates()
@@ -135,7 +146,7 @@ class ClientSession:
             "bitrate": bps,
             "latency_ms": self.stats_sink.last_latency_ms,
             "position": self.position,
-            "warning": WARNINGS.get(self.warning, self.warning),
+            "warning": WARNINGS.get(self.warning, self.warning) or self.idle_warning(),
         }
 
     def status_line(self) -> str:
@@ -316,6 +327,11 @@ class ClientSession:
             self._seen("closed")
             self.close_reason = "taken_over"
             raise ClientError("closed", close_message("taken_over"))
+        if state == "sleeping" and self.state != "sleeping" and self.launcher.settings.idle_close:
+            self.say(
+                f"idle: the node is asleep until your next input; the session closes after "
+                f"{self.launcher.settings.idle_close:g} s without input"
+            )
         self._seen(state)
         self._on_node(node)
         if warning and warning != self.warning:

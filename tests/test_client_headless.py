@@ -251,3 +251,33 @@ def test_a_stream_with_nothing_decodable_ends_the_client_with_exit_7(
     assert last.startswith("cloudq: the video stream is unusable: nothing decodable for 1.5 s"), last
     s = stats(js)
     assert s["exit_code"] == 7 and s["bad_entries"] >= 10 and s["keyframe_requests"] >= 1
+
+
+def test_a_second_login_takes_the_session_over_and_the_first_client_says_so(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    pool(r, keys, procs)
+    js = tmp_path / "first.json"
+    first = connect(procs, "--stats-json", str(js))
+    wait_for(lambda: stats(js).get("frames", 0) >= 1, 20, what="first client playing")
+    second = connect(procs, "--duration", "20")
+    assert first.wait(15) == 6
+    last = procs.output(first).strip().splitlines()[-1]
+    assert last == "cloudq: the session was taken over by another login of the same user"
+    assert second.poll() is None, "the second client has the session"
+    assert "session s1 on node n1 (reconnect)" in procs.output(second)
+    Procs.kill(second, signal.SIGTERM)
+    assert second.returncode == 0
+
+
+def test_an_idle_session_says_when_it_will_close(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    pool(r, keys, procs, idle_timeout=1.0, idle_close=60.0)
+    js = tmp_path / "stats.json"
+    client = connect(procs, "--stats-json", str(js))
+    wait_for(lambda: "sleeping" in stats(js).get("states", []), 15, what="session asleep")
+    wait_for(lambda: "idle: the node is asleep" in procs.output(client), 5, what="idle warning")
+    assert "closes after 60 s without input" in procs.output(client)
+    Procs.kill(client, signal.SIGTERM)
+    assert client.returncode == 0

@@ -170,7 +170,7 @@ def test_connect_records_an_mp4_that_shows_the_drawing_and_writes_a_snapshot(
     pool(r, keys, procs, app="paint", idle_timeout=30)
     mp4, png = tmp_path / "rec.mp4", tmp_path / "last.png"
     client = procs.start(
-        "connect", "--user", "alice", "--password-stdin", "--record", str(mp4), "--snapshot", str(png),
+        "connect", "--user", "alice", "--password-stdin", "--headless", "--record", str(mp4), "--snapshot", str(png),
         stdin=b"pw\n",
     )  # fmt: skip
     wait_for(lambda: node_state(r, keys, "n1") == "active", 15, what="session active")
