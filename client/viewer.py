@@ -24,7 +24,6 @@ from typing import Any
 import av
 import numpy as np
 
-from cloudq.client.launcher import ClientError
 from cloudq.client.session import ClientSession
 from cloudq.client.sinks import CallbackSink
 from cloudq.workers.media.wire import VideoPacket
@@ -37,6 +36,10 @@ MODIFIERS = {
     "Shift_L", "Shift_R", "Control_L", "Control_R", "Alt_L", "Alt_R", "Meta_L", "Meta_R",
     "Super_L", "Super_R", "Caps_Lock", "Num_Lock", "ISO_Level3_Shift",
 }  # fmt: skip
+
+
+class NoWindow(Exception):
+    """The display refused the window (nothing has connected yet: the caller may go headless)."""
 
 
 def unavailable() -> str | None:
@@ -115,7 +118,7 @@ class Viewer:
         try:
             self.root = root = tk.Tk()
         except tk.TclError as exc:
-            raise ClientError("error", f"cannot open the viewer window: {exc}") from None
+            raise NoWindow(f"cannot open the viewer window: {exc}") from None
         root.title(self.title)
         root.geometry("+0+0")
         root.configure(background="black")

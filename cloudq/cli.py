@@ -538,9 +538,13 @@ def connect(
         if headless or viewer_missing:
             reason = session.run()
         else:
-            from cloudq.client.viewer import Viewer
+            from cloudq.client.viewer import NoWindow, Viewer
 
-            reason = Viewer(session, title=f"cloudq: {user_name}").run()
+            try:
+                reason = Viewer(session, title=f"cloudq: {user_name}").run()
+            except NoWindow as exc:
+                click.echo(f"cloudq: {exc}; running headless", err=True)
+                reason = session.run()
     except ClientError as exc:
         _fail(str(exc), exc.exit_code)
     click.echo(reason, err=True)
