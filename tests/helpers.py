@@ -54,6 +54,7 @@ class Procs:
             # each test its own user-data store and node workspaces
             "CLOUDQ_STORE": os.path.join(self.log_dir, "store"),
             "CLOUDQ_WORKSPACE": os.path.join(self.log_dir, "workspace"),
+            "CLOUDQ_HEADLESS": "1",  # `connect` opens no window unless a test asks for one
         }
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
         env.update(extra)
