@@ -79,7 +79,7 @@ def test_viewer_shows_the_stream_and_a_synthetic_key_press_and_drag_reach_the_ap
     js, png = tmp_path / "stats.json", tmp_path / "last.png"
     client = procs.start(
         "connect", "--user", "alice", "--password-stdin", "--stats-json", str(js), "--snapshot", str(png),
-        stdin=b"pw\n", DISPLAY=display,
+        stdin=b"pw\n", DISPLAY=display, CLOUDQ_HEADLESS="0",
     )  # fmt: skip
     wait_for(lambda: stats(js).get("frames", 0) >= 1, 20, what="a frame decoded")
     white = (255, 255, 255)
