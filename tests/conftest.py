@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import Procs
+from helpers import FAST, Procs  # noqa: F401 - FAST is imported from here by tests
 
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
@@ -40,20 +40,6 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
-
-
-FAST = dict(
-    heartbeat_interval=0.2,
-    heartbeat_ttl=0.8,
-    idle_timeout=1.5,
-    grace=2.0,
-    idle_close=0,
-    max_session=0,
-    max_warning=0,
-    node_ttl=1.0,
-    job_lease=5.0,
-    autosave=0,
-)
 
 
 @pytest.fixture

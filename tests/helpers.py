@@ -8,10 +8,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from cloudq.auth import Users
 from cloudq.keys import Keys
 from cloudq.settings import Settings
 from cloudq.up import cloudq_command
@@ -138,3 +140,47 @@ def publish(r: redis.Redis, keys: Keys, **kw: float) -> Settings:
     s = Settings(**kw)
     s.publish(r, keys)
     return s
+
+
+# Test clocks: sub-second to a few seconds, so nothing waits for minutes.
+FAST = dict(
+    heartbeat_interval=0.2,
+    heartbeat_ttl=0.8,
+    idle_timeout=1.5,
+    grace=2.0,
+    idle_close=0,
+    max_session=0,
+    max_warning=0,
+    node_ttl=1.0,
+    job_lease=5.0,
+    autosave=0,
+)
+
+
+@dataclass
+class Pool:
+    central: subprocess.Popen[bytes]
+    nodes: list[subprocess.Popen[bytes]]
+    worker: subprocess.Popen[bytes]
+
+
+def start_pool(
+    r: redis.Redis,
+    keys: Keys,
+    procs: Procs,
+    nodes: int = 1,
+    app: str = "paint",
+    node_args: tuple[str, ...] = (),
+    users: tuple[str, ...] = ("alice", "bob", "carol"),
+    **clocks: float,
+) -> Pool:
+    """A central server, nodes n1..nN on host h1, one worker, and users (password ``pw``)."""
+    clk = {**FAST, **clocks}
+    publish(r, keys, **clk)  # so nodes that start before the central server read the same clocks
+    central = procs.central(**clk)
+    node_procs = [procs.node(f"n{i + 1}", "h1", app, *node_args) for i in range(nodes)]
+    worker = procs.worker()
+    wait_for(lambda: r.zcard(keys.pool) == nodes, 20, what="nodes registered")
+    for u in users:
+        Users(r, keys).add(u, "pw", cost=4)
+    return Pool(central, node_procs, worker)

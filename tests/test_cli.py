@@ -9,8 +9,7 @@ import signal
 import subprocess
 
 import redis
-from conftest import FAST
-from helpers import Procs, publish, wait_for
+from helpers import Procs, start_pool, wait_for
 
 from cloudq.embedded import free_port
 from cloudq.keys import Keys
@@ -31,16 +30,9 @@ def test_user_add_reads_the_password_from_stdin_and_refuses_long_ones(r: redis.R
 
 
 def _pool(r: redis.Redis, keys: Keys, procs: Procs, **clocks: float) -> None:
-    clk = {**FAST, **clocks}
-    publish(r, keys, **clk)
-    procs.central(**clk)
-    procs.node("n1", "h1", "paint", "--size", "160x120")
-    procs.worker()
-    wait_for(lambda: r.zcard(keys.pool) == 1, 20)
-    assert (
-        procs.run("user", "add", "alice", "--password-stdin", "--bcrypt-cost", "4", stdin=b"pw\n").returncode
-        == 0
-    )
+    start_pool(r, keys, procs, 1, "paint", ("--size", "160x120"), users=(), **clocks)
+    out = procs.run("user", "add", "alice", "--password-stdin", "--bcrypt-cost", "4", stdin=b"pw\n")
+    assert out.returncode == 0, out.stderr
 
 
 def test_connect_runs_a_session_and_logs_out_at_the_end(r: redis.Redis, keys: Keys, procs: Procs) -> None:

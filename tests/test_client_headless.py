@@ -15,10 +15,8 @@ import av
 import numpy as np
 import pytest
 import redis
-from conftest import FAST
-from helpers import Procs, node_state, publish, session_field, wait_for
+from helpers import Procs, node_state, session_field, start_pool, wait_for
 
-from cloudq.auth import Users
 from cloudq.client.script import ScriptError, parse_script
 from cloudq.embedded import EmbeddedServer, free_port
 from cloudq.keys import Keys
@@ -39,14 +37,10 @@ def pool(
     r: redis.Redis, keys: Keys, procs: Procs, app: str = "paint", **clocks: float
 ) -> subprocess.Popen[bytes]:
     """Central, node n1 (320x240, returned), a worker, user alice/pw; idle and grace 30 s."""
-    clk = {**FAST, "idle_timeout": 30.0, "grace": 30.0, **clocks}
-    publish(r, keys, **clk)
-    procs.central(**clk)
-    n1 = procs.node("n1", "h1", app, "--size", "320x240", "--fps", "30")
-    procs.worker()
-    wait_for(lambda: r.zcard(keys.pool) == 1, 20, what="node registered")
-    Users(r, keys).add("alice", "pw", cost=4)
-    return n1
+    clk = {"idle_timeout": 30.0, "grace": 30.0, **clocks}
+    return start_pool(
+        r, keys, procs, 1, app, ("--size", "320x240", "--fps", "30"), users=("alice",), **clk
+    ).nodes[0]
 
 
 def connect(procs: Procs, *args: str) -> subprocess.Popen[bytes]:

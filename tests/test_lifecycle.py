@@ -7,9 +7,9 @@ import time
 
 import redis
 from conftest import FAST
-from helpers import Procs, node_state, publish, session_field, wait_for
+from helpers import Procs, node_state, session_field, start_pool, wait_for
 
-from cloudq.auth import Users, token_user
+from cloudq.auth import token_user
 from cloudq.client.kernel import Heartbeat
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys
@@ -18,20 +18,13 @@ from cloudq.workers.media.wire import InputEvent
 
 
 def setup_pool(r: redis.Redis, keys: Keys, procs: Procs, nodes: int = 1, **clocks: float):
-    clk = {**FAST, **clocks}
-    publish(r, keys, **clk)  # so nodes that start before the central server read the same clocks
-    central = procs.central(**clk)
-    node_procs = [procs.node(f"n{i + 1}") for i in range(nodes)]
-    worker = procs.worker()
-    wait_for(lambda: r.zcard(keys.pool) == nodes, 20, what="nodes registered")
-    for u in ("alice", "bob", "carol"):
-        Users(r, keys).add(u, "pw", cost=4)
-    return central, node_procs, worker
+    p = start_pool(r, keys, procs, nodes=nodes, **clocks)
+    return p.central, p.nodes, p.worker
 
 
 def login(r: redis.Redis, keys: Keys, user: str = "alice") -> tuple[Launcher, Ticket]:
     launcher = Launcher(r, keys)
-    return launcher, launcher.login(user, "pw", wait=0.01) if False else launcher.login(user, "pw")
+    return launcher, launcher.login(user, "pw")
 
 
 def beating(r: redis.Redis, keys: Keys, t: Ticket) -> Heartbeat:
@@ -239,7 +232,6 @@ def test_status_json_has_nodes_sessions_queue(r: redis.Redis, keys: Keys, procs:
 
     setup_pool(r, keys, procs, nodes=1)
     _, t = login(r, keys)
-    Launcher(r, keys).login("bob", "pw", wait=0.01) if False else None
     out = procs.run("status", "--json")
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)

@@ -11,10 +11,8 @@ from pathlib import Path
 import av
 import numpy as np
 import redis
-from conftest import FAST
-from helpers import Procs, node_state, publish, wait_for
+from helpers import Procs, node_state, start_pool, wait_for
 
-from cloudq.auth import Users
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.client.sinks import CallbackSink
@@ -27,13 +25,7 @@ SIZE = "320x240"
 
 
 def pool(r: redis.Redis, keys: Keys, procs: Procs, app: str = "probe", **clocks: float) -> None:
-    clk = {**FAST, **clocks}
-    publish(r, keys, **clk)
-    procs.central(**clk)
-    procs.node("n1", "h1", app, "--size", SIZE, "--fps", "30")
-    procs.worker()
-    wait_for(lambda: r.zcard(keys.pool) == 1, 20, what="node registered")
-    Users(r, keys).add("alice", "pw", cost=4)
+    start_pool(r, keys, procs, 1, app, ("--size", SIZE, "--fps", "30"), users=("alice",), **clocks)
 
 
 def session(r: redis.Redis, keys: Keys) -> Ticket:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import redis
 from conftest import FAST
-from helpers import Procs, node_state, publish, session_field, wait_for
+from helpers import Procs, node_state, publish, session_field, start_pool, wait_for
 
 from cloudq.auth import Users
 from cloudq.client.kernel import Heartbeat
@@ -26,15 +26,8 @@ SIZE = "160x120"
 
 
 def pool(r: redis.Redis, keys: Keys, procs: Procs, nodes: int = 2, **clocks: float) -> list:
-    clk = {**FAST, "grace": 30, "idle_timeout": 30, **clocks}
-    publish(r, keys, **clk)
-    procs.central(**clk)
-    ps = [procs.node(f"n{i + 1}", "h1", "paint", "--size", SIZE, "--fps", "10") for i in range(nodes)]
-    procs.worker()
-    wait_for(lambda: r.zcard(keys.pool) == nodes, 20, what="nodes registered")
-    for u in ("alice", "bob", "carol"):
-        Users(r, keys).add(u, "pw", cost=4)
-    return ps
+    clk = {"grace": 30, "idle_timeout": 30, **clocks}
+    return start_pool(r, keys, procs, nodes, "paint", ("--size", SIZE, "--fps", "10"), **clk).nodes
 
 
 def connect(r: redis.Redis, keys: Keys, user: str) -> tuple[Launcher, Ticket, Heartbeat]:
