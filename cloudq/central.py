@@ -174,6 +174,9 @@ class Central:
         sid = (self.r.hget(self.keys.user(user), "session") or b"").decode()
         s = self.r.hgetall(self.keys.session(sid)) if sid else {}
         if s and auth.same_token(s.get(b"token", b"").decode(), th):
+            # mark it closing now, so a login that arrives before the close job runs gets a new
+            # session (which mounts after this one's final save) instead of reconnecting into it
+            self.r.hsetnx(self.keys.session(sid), "close_reason", "logout")
             gen = int(s[b"gen"])
             host = (self.r.hget(self.keys.node(s[b"node"].decode()), "host") or b"").decode()
             jobs.enqueue(self.r, self.keys, "close", sid, gen, host, "logout")

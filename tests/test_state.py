@@ -180,3 +180,15 @@ def test_transitions_for_unknown_nodes_or_sessions_change_nothing(r: redis.Redis
     assert sm.unregister_node("nope", "i1") == "not-owner"
     assert r.xlen(keys.events) == before
     assert node_state(r, keys, "n1") == "free"
+
+
+def test_login_never_reconnects_into_a_session_that_is_closing(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys)
+    sm = StateMachine(r, keys)
+    sm.register_node("n1", "h", "paint", "i1")
+    sm.register_node("n2", "h", "paint", "i2")
+    _, sid, _, gen, _ = sm.login("alice", "t1")
+    assert sm.close_begin(sid, gen, "grace")[0] == "ok"
+    status, sid2, node2, _, _ = sm.login("alice", "t2")
+    assert status == "assigned" and sid2 != sid and node2 == "n2"
+    assert session_field(r, keys, sid, "close_reason") == "grace"

@@ -224,3 +224,22 @@ def test_autosave_writes_a_version_only_when_input_changed_something(
         wait_for(lambda: len(store.versions("alice")) == 2, 15, what="autosave after more drawing")
     finally:
         hb.stop.set()
+
+
+def test_login_during_a_close_mounts_only_after_the_final_save(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool(r, keys, procs, nodes=2)
+    launcher, a, hb = connect(r, keys, "alice")
+    draw(r, keys, a.sid, y=40)
+    wait_for(lambda: 40 in ink_rows(flush(r, keys, a.node, a.sid, procs)), 10)
+    launcher.logout(a.token)
+    hb.stop.set()
+    # log in again at once: while the old session is closing, a new session must wait for its save
+    _, a2, hb2 = connect(r, keys, "alice")
+    try:
+        assert a2.sid != a.sid
+        assert session_field(r, keys, a.sid) == "closed"
+        assert 40 in ink_rows(flush(r, keys, a2.node, a2.sid, procs))
+    finally:
+        hb2.stop.set()

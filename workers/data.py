@@ -32,6 +32,7 @@ from cloudq.workers.store import DirectoryStore, NoGoodVersion, NoVersions, Stor
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 10.0
+MOUNT_WAIT = 60.0  # for the user's previous session to finish saving
 SAVE_LOCK_TTL_MS = 120_000
 QUOTA_BYTES = 100 * 2**20
 
@@ -74,11 +75,15 @@ def _event(r: redis.Redis, keys: Keys, obj: str, what: str, reason: str) -> None
 
 def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) -> None:
     """Restore ``user``'s data into ``node``'s workspace. Raises DataError if it cannot."""
-    holder = r.get(keys.user_mounted(user))
-    if holder and holder.decode() != sid:
-        other = holder.decode()
-        if r.hget(keys.session(other), "state") not in (None, b"closed"):
-            raise DataError(f"data of {user} is still mounted by session {other}")
+    # one node at a time: a session still closing (saving) must finish first
+    end = time.monotonic() + MOUNT_WAIT
+    while True:
+        holder = (r.get(keys.user_mounted(user)) or b"").decode()
+        if not holder or holder == sid or r.hget(keys.session(holder), "state") in (None, b"closed"):
+            break
+        if time.monotonic() >= end:
+            raise DataError(f"data of {user} is still mounted by session {holder}")
+        time.sleep(0.05)
     r.set(keys.user_mounted(user), sid)
     dest = workspace_dir(workspace_root(), node)
     dest.parent.mkdir(parents=True, exist_ok=True)

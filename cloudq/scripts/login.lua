@@ -13,7 +13,7 @@ local sid = redis.call('HGET', ukey(user), 'session')
 if sid and sid ~= '' then
   local s = skey(sid)
   local state = redis.call('HGET', s, 'state')
-  local closing = redis.call('HGET', s, 'closing')
+  local closing = redis.call('HGET', s, 'close_reason')
   if state and state ~= 'closed' and (not closing or closing == '') then
     -- online reconnection: revoke the old token, bump the generation so stale jobs do nothing
     local old = redis.call('HGET', s, 'token')
