@@ -243,3 +243,46 @@ def test_login_during_a_close_mounts_only_after_the_final_save(
         assert 40 in ink_rows(flush(r, keys, a2.node, a2.sid, procs))
     finally:
         hb2.stop.set()
+
+
+def test_two_hosts_each_with_their_own_workspace_share_one_store(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    clk = {**FAST, "grace": 30, "idle_timeout": 30}
+    publish(r, keys, **clk)
+    procs.central(**clk)
+    ws = {h: Path(procs.log_dir) / f"workspace-{h}" for h in ("h1", "h2")}
+    for host in ("h1", "h2"):
+        procs.start(
+            "node", "--id", f"node-{host}", "--host", host, "--size", SIZE, CLOUDQ_WORKSPACE=str(ws[host])
+        )
+        procs.start("worker", "--host", host, CLOUDQ_WORKSPACE=str(ws[host]))
+    wait_for(lambda: r.zcard(keys.pool) == 2, 20)
+    for u in ("alice", "bob", "carol"):
+        Users(r, keys).add(u, "pw", cost=4)
+
+    def canvas(node: str) -> np.ndarray | None:
+        path = ws[node.split("-")[1]] / node / "data" / "canvas.npy"
+        return np.load(path) if path.exists() else None
+
+    la, a, hba = connect(r, keys, "alice")
+    lb, b, hbb = connect(r, keys, "bob")
+    draw(r, keys, a.sid, y=44)
+    wait_for(lambda: b'"input": 3' in (r.hget(keys.node(a.node), "stats") or b""), 10, what="input applied")
+    la.logout(a.token)
+    hba.stop.set()
+    wait_for(lambda: session_field(r, keys, a.sid) == "closed", 20)
+    _, c, hbc = connect(r, keys, "carol")  # carol gets alice's old node, on alice's old host
+    assert c.node == a.node and 44 not in ink_rows(canvas(c.node))
+    lb.logout(b.token)
+    hbb.stop.set()
+    wait_for(lambda: session_field(r, keys, b.sid) == "closed", 20)
+    _, a2, hba2 = connect(r, keys, "alice")  # the other host: mounted there from the shared store
+    try:
+        assert a2.node == b.node != a.node
+        assert 44 in ink_rows(canvas(a2.node))
+        for h in ("h1", "h2"):  # each host's jobs were done by that host's worker
+            assert r.llen(f"rq:queue:{keys.job_queue(h)}") == 0
+    finally:
+        hba2.stop.set()
+        hbc.stop.set()
