@@ -54,12 +54,6 @@ class Heartbeat(threading.Thread):
             self.stop.wait(self.settings.heartbeat_interval)
 
 
-def session_state(r: redis.Redis, keys: Keys, sid: str) -> tuple[str, str]:
-    """(state, close reason) of a session."""
-    state, reason = r.hmget(keys.session(sid), "state", "close_reason")
-    return (state or b"closed").decode(), (reason or b"").decode()
-
-
 class InputSender:
     """XADDs input events (increasing ``seq``, ``client_time`` = now) to the session's input stream.
 

@@ -424,32 +424,6 @@ class ClientSession:
             self.kernel.input.request_keyframe()
 
 
-def run_connect(
-    r: redis.Redis,
-    keys: Keys,
-    user: str,
-    password: str,
-    duration: float = 0,
-    queue_wait: float | None = None,
-    stop: threading.Event | None = None,
-    say: Callable[[str], None] = lambda m: None,
-    poll: float = 0.2,
-    record: str | None = None,
-    snapshot: str | None = None,
-    sinks: list[Sink] | None = None,
-) -> str:
-    """A headless session (kept for callers of the first version); see :class:`ClientSession`."""
-    opt = ConnectOptions(
-        duration=duration,
-        queue_wait=queue_wait,
-        poll=poll,
-        record=record,
-        snapshot=snapshot,
-        sinks=sinks or [],
-    )
-    return ClientSession(r, keys, user, password, opt, stop, say).run()
-
-
 def client_redis(url: str, socket_timeout: float = 3.0) -> redis.Redis:
     """The client's connection: a socket timeout, so a server that stops answering (not only one
     that closes the connection) is noticed and the session reconnects."""

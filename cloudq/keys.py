@@ -7,7 +7,6 @@ session's media keys share one slot. README's key table is generated from ``TABL
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "cloudq:"
@@ -55,10 +54,6 @@ TABLE: list[tuple[str, str, str, str, str]] = [
 @dataclass(frozen=True)
 class Keys:
     prefix: str = DEFAULT_PREFIX
-
-    @classmethod
-    def from_env(cls) -> Keys:
-        return cls(os.environ.get("CLOUDQ_PREFIX", DEFAULT_PREFIX))
 
     def _k(self, name: str) -> str:
         return self.prefix + name

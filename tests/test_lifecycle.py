@@ -14,6 +14,7 @@ from cloudq.client.kernel import Heartbeat
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys
 from cloudq.settings import Settings
+from cloudq.state import NODE_STATES, SESSION_STATES
 from cloudq.workers.media.wire import InputEvent
 
 
@@ -237,5 +238,7 @@ def test_status_json_has_nodes_sessions_queue(r: redis.Redis, keys: Keys, procs:
     st = json.loads(out.stdout)
     assert st["nodes"][0] == {**st["nodes"][0], "id": "n1", "session": t.sid, "host": "h1"}
     assert st["nodes"][0]["state"] in ("assigned", "active")
+    assert {n["state"] for n in st["nodes"]} <= set(NODE_STATES)
+    assert {x["state"] for x in st["sessions"]} <= set(SESSION_STATES)
     assert st["sessions"][0]["user"] == "alice" and st["sessions"][0]["node"] == "n1"
     assert st["queue"] == []
