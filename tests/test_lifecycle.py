@@ -242,3 +242,18 @@ def test_status_json_has_nodes_sessions_queue(r: redis.Redis, keys: Keys, procs:
     assert {x["state"] for x in st["sessions"]} <= set(SESSION_STATES)
     assert st["sessions"][0]["user"] == "alice" and st["sessions"][0]["node"] == "n1"
     assert st["queue"] == []
+
+
+def test_with_grace_off_an_abandoned_session_still_closes_when_idle_close_lapses(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    setup_pool(r, keys, procs, grace=0, idle_timeout=30, idle_close=1.5)
+    _, t = login(r, keys)
+    hb = beating(r, keys, t)
+    wait_for(lambda: node_state(r, keys, "n1") == "active", 15)
+    r.delete(keys.activity(t.sid))  # the launcher saw no input ...
+    hb.stop.set()  # ... and the client went away
+    wait_for(lambda: session_field(r, keys, t.sid) == "disconnected", 5)
+    assert r.zscore(keys.deadlines, f"grace|{t.sid}") is None  # grace is off
+    wait_for(lambda: session_field(r, keys, t.sid) == "closed", 10, what="idle close")
+    assert session_field(r, keys, t.sid, "close_reason") == "idle"

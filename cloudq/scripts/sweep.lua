@@ -93,6 +93,9 @@ for i = 1, #due, 2 do
             undeadline('act', id)
             local grace = setting('grace')
             if grace > 0 then deadline('grace', id, grace) end
+            -- a session nobody uses is idle too, whether or not the grace clock is on
+            local idle_close = setting('idle_close')
+            if idle_close > 0 then redis.call('ZADD', D, 'NX', NOW + idle_close, 'idle|' .. id) end
           end
           -- keep looking for the client's return
           deadline('hb', id, math.max(hb_interval, 0.05))
