@@ -17,7 +17,7 @@ from cloudq.client.player import Player
 from cloudq.client.sinks import Sink
 from cloudq.keys import Keys
 from cloudq.settings import Settings
-from cloudq.workers.media.wire import InputEvent
+from cloudq.wire import InputEvent
 
 INPUT_MAXLEN = 1000
 KEYFRAME_REQUEST_GAP = 0.25

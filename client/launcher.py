@@ -102,7 +102,7 @@ class Launcher:
     def _wait_in_queue(
         self, user: str, reply: Reply, wait: float | None, on_position: Callable[[int], None] | None
     ) -> Ticket:
-        from cloudq.auth import hash_token
+        from cloudq.tokens import hash_token
 
         th = hash_token(reply.token)
         deadline = None if wait is None else time.monotonic() + wait

@@ -23,9 +23,10 @@ import numpy as np
 import redis
 
 from cloudq.client.sinks import Sink
+from cloudq.codec import Decoder, get_decoder, h264_is_keyframe
 from cloudq.keys import Keys
-from cloudq.workers.media.codec import Decoder, get_decoder, h264_is_keyframe
-from cloudq.workers.media.wire import BadMessage, VideoPacket
+from cloudq.retry import Backoff
+from cloudq.wire import BadMessage, VideoPacket
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +188,17 @@ class Player:
         return self.decoder.to_rgb(frame)
 
     def run(self, stop: threading.Event) -> None:
+        backoff = Backoff(0.1, 0.5)
         try:
             while not stop.is_set():
                 try:
                     self.poll()
+                    backoff.reset()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     # the session's reconnection is the launcher's business: keep trying quietly
                     self.counters["redis_errors"] += 1
                     log.warning("video: redis unreachable (%s)", exc)
-                    stop.wait(0.5)
+                    backoff.wait(stop)
         finally:
             self.close()
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloudq.workers.media.wire import MAX_KEY_CHARS
+from cloudq.wire import MAX_KEY_CHARS
 
 log = logging.getLogger(__name__)
 

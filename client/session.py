@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -32,13 +31,14 @@ from typing import Any
 
 import redis
 
-from cloudq.auth import hash_token, same_token
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import ClientError, Launcher, Ticket
 from cloudq.client.script import ScriptEvent, ScriptPlayer
 from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
 from cloudq.client.stats import StatsSink, write_json
 from cloudq.keys import Keys
+from cloudq.retry import Backoff
+from cloudq.tokens import hash_token, same_token
 
 log = logging.getLogger(__name__)
 
@@ -373,11 +373,10 @@ class ClientSession:
         self._seen("reconnecting")
         self.write_stats()
         self.say(f"lost the server ({exc}); reconnecting for up to {budget:.0f} s")
-        delay, attempts = BACKOFF_FIRST, 0
+        backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
         while True:
             if self.stop.is_set():
                 raise _Quit
-            attempts += 1
             try:
                 self.r.ping()
                 state, reason = (
@@ -394,11 +393,15 @@ class ClientSession:
                     raise ClientError(
                         "unreachable", f"lost the server and could not get back within {budget:.0f} s"
                     ) from None
-                log.info("reconnect attempt %d failed (%s); next in ~%.1f s", attempts, err, delay)
+                log.info(
+                    "reconnect attempt %d failed (%s); next in <%.1f s",
+                    backoff.attempts + 1,
+                    err,
+                    backoff.peek(),
+                )
                 self.write_stats()
-                if self.stop.wait(random.uniform(delay / 2, delay)):
+                if backoff.wait(self.stop):
                     raise _Quit from None
-                delay = min(delay * 2, BACKOFF_MAX)
                 continue
             break
         if ticket.sid != sid:
@@ -412,7 +415,7 @@ class ClientSession:
             {
                 "at_s": round(lost_at - self.t0, 3),
                 "down_s": round(down, 3),
-                "attempts": attempts,
+                "attempts": backoff.attempts + 1,
                 "status": ticket.status,
                 "node": ticket.node,
                 "frames_before": frames_before,

@@ -20,7 +20,7 @@ from typing import Any
 import av
 import numpy as np
 
-from cloudq.workers.media.wire import VideoPacket
+from cloudq.wire import VideoPacket
 
 log = logging.getLogger(__name__)
 

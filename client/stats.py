@@ -21,7 +21,7 @@ from typing import Any
 import av
 
 from cloudq.client.sinks import Sink
-from cloudq.workers.media.wire import InputEvent, VideoPacket
+from cloudq.wire import InputEvent, VideoPacket
 
 WINDOW = 2.0
 LATENCY_HORIZON = 5.0

@@ -26,7 +26,7 @@ import numpy as np
 
 from cloudq.client.session import ClientSession
 from cloudq.client.sinks import CallbackSink
-from cloudq.workers.media.wire import VideoPacket
+from cloudq.wire import VideoPacket
 
 log = logging.getLogger(__name__)
 

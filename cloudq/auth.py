@@ -6,10 +6,7 @@ Only the central server reads password hashes. Tokens are random (256 bits from
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import secrets
 import time
 
 import bcrypt
@@ -18,8 +15,20 @@ import redis
 from cloudq.keys import Keys
 from cloudq.messages import USER_NAME
 from cloudq.settings import Settings
+from cloudq.tokens import hash_token, new_token, same_token
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "AuthError",
+    "NoSuchUser",
+    "UserExists",
+    "Users",
+    "hash_token",
+    "new_token",
+    "same_token",
+    "token_user",
+]
 
 MAX_PASSWORD_BYTES = 72  # bcrypt's limit; bcrypt 5 raises beyond it
 DEFAULT_COST = 12
@@ -37,14 +46,6 @@ class UserExists(AuthError):
 
 class NoSuchUser(AuthError):
     pass
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
 
 
 def check_name(name: str) -> None:
@@ -151,7 +152,3 @@ def token_user(r: redis.Redis, keys: Keys, token: str) -> str | None:
     th = hash_token(token)
     user = r.get(keys.token(th))
     return user.decode() if user is not None else None
-
-
-def same_token(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())

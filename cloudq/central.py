@@ -19,13 +19,12 @@ from collections import Counter
 
 import redis
 
-from cloudq import auth
+from cloudq import auth, jobs
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_request
+from cloudq.retry import Backoff
 from cloudq.settings import Settings
-from cloudq.state import StateMachine
-from cloudq.workers import jobs
-from cloudq.workers.worker import requeue_abandoned
+from cloudq.state import Assignment, StateMachine
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +87,18 @@ class Central:
         """Keep a loop alive across Redis outages: log, back off, go on."""
 
         def run() -> None:
-            backoff = 0.1
+            backoff = Backoff()
             while not self.stop.is_set():
                 try:
                     fn()
                     return
                 except redis.ConnectionError as exc:
-                    log.warning("%s: redis unreachable (%s); retrying in %.1fs", fn.__name__, exc, backoff)
+                    log.warning(
+                        "%s: redis unreachable (%s); retrying in <%.1fs", fn.__name__, exc, backoff.peek()
+                    )
                 except Exception:
                     log.exception("%s failed; restarting it", fn.__name__)
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff.wait(self.stop)
 
         return run
 
@@ -161,7 +161,7 @@ class Central:
         status, sid, node, gen, pos = self.sm.login(req.user, th)
         self.counters[f"login_{status}"] += 1
         if status == "assigned":
-            jobs.enqueue_assignment(self.r, self.keys, jobs.Assignment(sid, node, gen))
+            jobs.enqueue_assignment(self.r, self.keys, Assignment(sid, node, gen))
         log.info("login %s: %s %s %s", req.user, status, sid, node)
         return Reply(ok=True, status=status, token=token, sid=sid, node=node, position=pos)
 
@@ -210,7 +210,7 @@ class Central:
         while not self.stop.is_set():
             self.sweep_once()
             if time.monotonic() - last_abandoned > ABANDONED_CHECK_EVERY:
-                requeue_abandoned(self.r, self.keys)
+                jobs.requeue_abandoned(self.r, self.keys)
                 last_abandoned = time.monotonic()
             self.wakeup.wait(min(self._next_due_in(), MAX_SWEEP_WAIT))
             self.wakeup.clear()

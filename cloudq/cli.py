@@ -589,53 +589,15 @@ def up(
         click.echo("stopping ...")
 
 
-@main.group()
-def bench() -> None:
-    """Benchmarks (print a table, write BENCHMARKS.md)."""
-
-
-@bench.command("control")
-@redis_url_option
-@click.option("--sessions", "counts", multiple=True, type=int, default=[1000, 10000], show_default=True)
-@click.option("--background-keys", type=int, default=100_000, show_default=True)
-@click.option("--sample", type=int, default=200, show_default=True, help="Sessions stopped per run.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--write/--no-write", default=True, help="Write the table into BENCHMARKS.md.")
-def bench_control(
-    redis_url: str | None, counts: list[int], background_keys: int, sample: int, as_json: bool, write: bool
-) -> None:
-    """Deadline → node sleeping, vs keyspace notifications alone."""
-    from cloudq.bench_control import run, write_markdown
-
-    result = run(redis_url, list(counts), background_keys, sample)
-    if write:
-        write_markdown(result)
-    click.echo(json.dumps(result, indent=2) if as_json else result["table"])
-
-
-@bench.command("media")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--write/--no-write", default=True, help="Write the table into BENCHMARKS.md.")
-@click.option("--latency-samples", type=click.IntRange(min=10), default=300, show_default=True)
-@click.option("--cpu-window", type=click.FloatRange(min=1), default=10.0, show_default=True, help="Seconds.")
-def bench_media(as_json: bool, write: bool, latency_samples: int, cpu_window: float) -> None:
-    """Input→frame latency vs floor, fps/CPU at 30/60 fps, sleep vs active CPU, wake, bytes/s."""
-    from cloudq.bench_media import run, write_markdown
-
-    result = run(latency_samples=latency_samples, cpu_window=cpu_window)
-    if write:
-        write_markdown(result)
-    click.echo(json.dumps(result, indent=2) if as_json else result["table"])
-
-
-def _register_data_commands() -> None:
-    from cloudq.cli_data import bench_data, data
+def _register_subcommands() -> None:
+    from cloudq.bench.cli import bench
+    from cloudq.cli_data import data
 
     main.add_command(data)
-    bench.add_command(bench_data)
+    main.add_command(bench)
 
 
-_register_data_commands()
+_register_subcommands()
 
 
 if __name__ == "__main__":

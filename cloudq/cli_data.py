@@ -1,14 +1,20 @@
-"""``cloudq data …`` and ``cloudq bench data``: the user-data store from the command line."""
+"""``cloudq data …``: the user-data store from the command line.
+
+CLI wiring: the store (``cloudq.workers``) is imported only when a ``data`` command runs, so
+every other ``cloudq`` command starts without it.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from cloudq.workers.data import open_store
-from cloudq.workers.store import StoreError
+if TYPE_CHECKING:
+    from cloudq.workers.store import Store
+
 
 store_option = click.option(
     "--store",
@@ -19,9 +25,21 @@ store_option = click.option(
 )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"cloudq: {message}", err=True)
     sys.exit(1)
+
+
+def open_store(store: str | None) -> Store:
+    from cloudq.workers.data import open_store
+
+    return open_store(store)
+
+
+def _store_errors() -> type[Exception]:
+    from cloudq.workers.store import StoreError
+
+    return StoreError
 
 
 @click.group()
@@ -37,7 +55,7 @@ def data_ls(store: str | None, user: str, as_json: bool) -> None:
     """List USER's saved versions, oldest first."""
     try:
         versions = open_store(store).versions(user)
-    except StoreError as exc:
+    except _store_errors() as exc:
         _fail(str(exc))
     if as_json:
         click.echo(json.dumps([v.__dict__ for v in versions], default=str))
@@ -57,7 +75,7 @@ def data_show(store: str | None, user: str, version: int | None) -> None:
     """Show the manifest of a version (default: the newest)."""
     try:
         m = open_store(store).show(user, version)
-    except StoreError as exc:
+    except _store_errors() as exc:
         _fail(str(exc))
     info = m.info()
     click.echo(
@@ -86,33 +104,6 @@ def data_restore(store: str | None, user: str, version: int) -> None:
                 done[0] = max(done[0], n)
 
             info = st.promote(user, version, progress=progress)
-    except StoreError as exc:
+    except _store_errors() as exc:
         _fail(str(exc))
     click.echo(f"{user}: version {version} is now the newest, as version {info.version}")
-
-
-@click.command("data")
-@click.option("--sizes", default="1,10,100", show_default=True, help="MiB of user data per case.")
-@click.option("--workdir", default=None, help="Where to create the files (default: a temp dir).")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--write/--no-write", default=True, help="Write the table into BENCHMARKS.md.")
-def bench_data(sizes: str, workdir: str | None, as_json: bool, write: bool) -> None:
-    """Mount (restore) and save time vs tar extracting and creating the same files."""
-    from cloudq.benchmd import machine, write_section
-    from cloudq.workers import benchdata
-
-    result = benchdata.run(tuple(int(s) for s in sizes.split(",")), workdir)
-    table = benchdata.format_table(result)
-    if write:
-        write_section(
-            "User data: mount and save vs tar",
-            f"""`DirectoryStore.save` (archive + manifest, fsync'd, atomic) and `restore` (verified extraction
-into a fresh directory, then swapped in) against GNU `tar -cf` (+ an fsync of the archive, so both
-are durable) and `tar -xf` on the same files in the same run; median of 3.
-
-{table}
-
-Machine: {machine()}.
-Rerun: `cloudq bench data` (`--sizes 1,10,100`, `--workdir DIR` to measure another filesystem, `--json`).""",
-        )
-    click.echo(json.dumps(result, indent=2) if as_json else table)

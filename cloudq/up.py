@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import redis
 
 from cloudq.embedded import EmbeddedServer
+from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def cloudq_command() -> list[str]:
-    """How to start another ``cloudq`` process with this interpreter.
-
-    ``-P`` keeps the working directory off ``sys.path``: run from a source checkout, the bare
-    ``cloudq/`` folder would otherwise shadow the installed package (which maps ``workers/``
-    and ``client/`` into it).
-    """
-    return [sys.executable, "-P", "-m", "cloudq.cli"]
 
 
 def _clock_args(settings: Settings) -> list[str]:
@@ -57,32 +44,22 @@ class Cluster:
         self.settings = settings or Settings()
         self.host = host
         self.extra_env = extra_env or {}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.group = ProcessGroup(env=self.extra_env)
 
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "CLOUDQ_REDIS_URL": self.redis_url,
-            "CLOUDQ_PREFIX": self.prefix,
-            **self.extra_env,
-        }
-
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        cmd = [*cloudq_command(), *args]
-        p = subprocess.Popen(cmd, env=self.env(), stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs[name] = p
-        return p
+    def spawn(self, name: str, *args: str) -> None:
+        self.group.start(*args, name=name)
 
     def start(self) -> Cluster:
         if not self.redis_url:
             self.server = EmbeddedServer().start()
             self.redis_url = self.server.url
+        self.group.redis_url, self.group.prefix = self.redis_url, self.prefix
         self.spawn("central", "central", *_clock_args(self.settings))
         # nodes read the published settings: wait for the central server to publish them
         r = redis.Redis.from_url(self.redis_url)
         deadline = time.monotonic() + 15
         while not r.exists(f"{self.prefix}settings"):
-            if time.monotonic() > deadline or self.procs["central"].poll() is not None:
+            if time.monotonic() > deadline or self.group.names["central"].poll() is not None:
                 self.stop()
                 raise RuntimeError("the central server did not start")
             time.sleep(0.05)
@@ -94,17 +71,7 @@ class Cluster:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        end = time.monotonic() + timeout
-        for p in self.procs.values():
-            try:
-                p.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        self.procs.clear()
+        self.group.stop_all(timeout)
         if self.server:
             self.server.stop()
             self.server = None

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,8 +13,8 @@ import redis
 
 from cloudq.auth import Users
 from cloudq.keys import Keys
+from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
-from cloudq.up import cloudq_command
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
@@ -38,60 +36,24 @@ def clock_args(**kw: float) -> list[str]:
     return args
 
 
-class Procs:
-    """Starts ``cloudq`` subcommands as child processes (own process group) and reaps them."""
+class Procs(ProcessGroup):
+    """The suite's harness: ``cloudq -v`` children logging into the test's directory, each test
+    with its own store and workspaces, and headless clients."""
 
     def __init__(self, redis_url: str, prefix: str, log_dir: str) -> None:
-        self.redis_url = redis_url
-        self.prefix = prefix
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: dict[int, str] = {}
+        super().__init__(redis_url, prefix, log_dir, global_args=("-v",))
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {
-            **os.environ,
-            "CLOUDQ_REDIS_URL": self.redis_url,
-            "CLOUDQ_PREFIX": self.prefix,
+        assert self.log_dir is not None
+        env = super().env(
             # each test its own user-data store and node workspaces
-            "CLOUDQ_STORE": os.path.join(self.log_dir, "store"),
-            "CLOUDQ_WORKSPACE": os.path.join(self.log_dir, "workspace"),
-            "CLOUDQ_HEADLESS": "1",  # `connect` opens no window unless a test asks for one
-        }
+            CLOUDQ_STORE=os.path.join(self.log_dir, "store"),
+            CLOUDQ_WORKSPACE=os.path.join(self.log_dir, "workspace"),
+            CLOUDQ_HEADLESS="1",  # `connect` opens no window unless a test asks for one
+        )
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
         env.update(extra)
         return env
-
-    def start(self, *args: str, stdin: bytes | None = None, **env: str) -> subprocess.Popen[bytes]:
-        path = os.path.join(self.log_dir, f"{len(self.procs):02d}-{args[0]}.log")
-        with open(path, "wb") as log:
-            p = subprocess.Popen(
-                [*cloudq_command(), "-v", *args],
-                env=self.env(**env),
-                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.logs[p.pid] = path
-        if stdin is not None:
-            assert p.stdin is not None
-            p.stdin.write(stdin)
-            p.stdin.close()
-        self.procs.append(p)
-        return p
-
-    def run(
-        self, *args: str, stdin: bytes | None = None, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*cloudq_command(), *args],
-            env=self.env(),
-            input=(stdin or b"").decode(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
 
     def central(self, **clocks: float) -> subprocess.Popen[bytes]:
         return self.start("central", *clock_args(**clocks))
@@ -103,29 +65,6 @@ class Procs:
 
     def worker(self, host: str = "h1") -> subprocess.Popen[bytes]:
         return self.start("worker", "--host", host)
-
-    @staticmethod
-    def kill(p: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-        if p.poll() is None:
-            os.killpg(p.pid, sig)
-        p.wait(10)
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
-        self.procs.clear()
-
-    def output(self, p: subprocess.Popen[bytes]) -> str:
-        with open(self.logs[p.pid], errors="replace") as fh:
-            return fh.read()
 
 
 def node_state(r: redis.Redis, keys: Keys, node: str) -> str:

@@ -9,16 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from cloudq.workers.media.apps import (
-    PALETTE,
-    App,
-    PaintApp,
-    ProbeApp,
-    load_app,
-    probe_rows,
-    read_probe,
-)
-from cloudq.workers.media.wire import InputEvent
+from cloudq.probe import probe_rows, read_probe
+from cloudq.wire import InputEvent
+from cloudq.workers.apps import App, PaintApp, ProbeApp, load_app
+from cloudq.workers.apps.paint import PALETTE
 
 W, H = 320, 240
 WHITE = np.array([255, 255, 255], np.uint8)
@@ -132,7 +126,7 @@ def test_paint_load_starts_blank_without_a_file(tmp_path):
 def test_paint_load_refuses_a_wrong_shaped_or_corrupt_file(tmp_path, caplog):
     np.save(tmp_path / "canvas.npy", np.zeros((10, 10, 3), np.uint8))
     app = PaintApp(W, H)
-    with caplog.at_level(logging.WARNING, logger="cloudq.workers.media.apps"):
+    with caplog.at_level(logging.WARNING, logger="cloudq.workers.apps"):
         app.load(tmp_path)
     assert "starting blank" in caplog.text
     assert not painted(app.render(0.0)).any()
@@ -188,7 +182,7 @@ def test_load_app_imports_third_party_classes(tmp_path, monkeypatch):
         textwrap.dedent(
             """
             import numpy as np
-            from cloudq.workers.media.apps import App
+            from cloudq.workers.apps import App
 
             class Solid(App):
                 def render(self, t):

@@ -13,7 +13,7 @@ from helpers import Procs, start_pool, wait_for
 
 from cloudq.embedded import free_port
 from cloudq.keys import Keys
-from cloudq.up import cloudq_command
+from cloudq.procs import cloudq_command
 
 
 def test_user_add_reads_the_password_from_stdin_and_refuses_long_ones(r: redis.Redis, procs: Procs) -> None:

@@ -20,7 +20,7 @@ from helpers import Procs, node_state, session_field, start_pool, wait_for
 from cloudq.client.script import ScriptError, parse_script
 from cloudq.embedded import EmbeddedServer, free_port
 from cloudq.keys import Keys
-from cloudq.up import cloudq_command
+from cloudq.procs import cloudq_command
 
 BLUE = (30, 70, 220)
 RED = (220, 30, 30)

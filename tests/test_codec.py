@@ -7,8 +7,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from cloudq.workers.media.apps import ProbeApp, read_probe
-from cloudq.workers.media.codec import (
+from cloudq.bench.floor import measure_floor
+from cloudq.codec import (
     DecodeError,
     EncodedPacket,
     H264Decoder,
@@ -18,8 +18,9 @@ from cloudq.workers.media.codec import (
     get_encoder,
     h264_is_keyframe,
 )
-from cloudq.workers.media.floor import measure_floor
-from cloudq.workers.media.wire import InputEvent
+from cloudq.probe import read_probe
+from cloudq.wire import InputEvent
+from cloudq.workers.apps import ProbeApp
 
 W, H, FPS = 320, 240, 30
 

@@ -13,10 +13,10 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from cloudq import jobs
 from cloudq.central import Central
 from cloudq.keys import Keys
 from cloudq.settings import Settings
-from cloudq.workers import jobs
 
 
 def test_job_ids_are_deterministic_and_enqueued_once(r: redis.Redis, keys: Keys) -> None:
@@ -65,3 +65,12 @@ def test_job_of_a_sigkilled_worker_is_retried_and_completes_within_60s(
         assert r.get("cqt:test:attempts") == b"2"
     finally:
         central.shutdown()
+
+
+def test_every_job_kind_names_a_body_that_exists() -> None:
+    """The core names job bodies by import path; each must resolve to the worker's function."""
+    import importlib
+
+    for kind, path in jobs.BODIES.items():
+        module, _, name = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name)), kind

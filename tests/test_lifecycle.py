@@ -15,7 +15,7 @@ from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys
 from cloudq.settings import Settings
 from cloudq.state import NODE_STATES, SESSION_STATES
-from cloudq.workers.media.wire import InputEvent
+from cloudq.wire import InputEvent
 
 
 def setup_pool(r: redis.Redis, keys: Keys, procs: Procs, nodes: int = 1, **clocks: float):

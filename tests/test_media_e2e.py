@@ -17,9 +17,9 @@ from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.client.sinks import CallbackSink
 from cloudq.keys import Keys
+from cloudq.probe import read_probe
 from cloudq.settings import Settings
-from cloudq.workers.media.apps import read_probe
-from cloudq.workers.media.wire import VideoPacket
+from cloudq.wire import VideoPacket
 
 SIZE = "320x240"
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudq.workers.media.wire import (
+from cloudq.wire import (
     FIELD,
     INPUT_TYPES,
     MAX_INPUT_BYTES,

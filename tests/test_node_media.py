@@ -17,8 +17,9 @@ from cloudq.client.kernel import InputSender
 from cloudq.client.player import Player
 from cloudq.client.sinks import CallbackSink
 from cloudq.keys import Keys
-from cloudq.workers.media.apps import PaintApp, ProbeApp, read_probe
-from cloudq.workers.media.wire import InputEvent, VideoPacket
+from cloudq.probe import read_probe
+from cloudq.wire import InputEvent, VideoPacket
+from cloudq.workers.apps import PaintApp, ProbeApp
 from cloudq.workers.node import MediaConfig, Node, NodeSession, Streamer
 
 W, H = 320, 240

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from cloudq.keys import key_table_markdown
-from cloudq.up import cloudq_command
+from cloudq.procs import cloudq_command
 
 ROOT = Path(__file__).resolve().parent.parent
 

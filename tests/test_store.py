@@ -294,7 +294,7 @@ def test_crash_leftovers_are_ignored_and_cleaned(store: DirectoryStore, src: Pat
     # published under the next number but never committed by a manifest
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from cloudq.workers import store as store_mod
+    from cloudq.workers.store import manifest as store_mod
 
     leftover = udir / f".tmp.{store_mod._HOST_ID}.{dead.pid}.abcdef.tar"
     leftover.write_bytes(b"partial" * 1000)
@@ -323,7 +323,7 @@ def test_crash_leftovers_are_ignored_and_cleaned(store: DirectoryStore, src: Pat
 def test_fresh_temp_files_of_live_writers_are_kept(store: DirectoryStore, src: Path) -> None:
     store.save(USER, src)
     udir = store.user_dir(USER)
-    from cloudq.workers import store as store_mod
+    from cloudq.workers.store import manifest as store_mod
 
     live = udir / f".tmp.{store_mod._HOST_ID}.{os.getpid()}.beef.tar"  # this process is alive
     live.write_bytes(b"in flight")

@@ -18,8 +18,8 @@ from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys
 from cloudq.messages import Control, pack_control
 from cloudq.settings import Settings
+from cloudq.wire import InputEvent
 from cloudq.workers.data import workspace_dir
-from cloudq.workers.media.wire import InputEvent
 from cloudq.workers.store import DirectoryStore
 
 SIZE = "160x120"

@@ -1,78 +1,24 @@
-"""RQ jobs of the cloud server: mount a user's data and start the app, close a session.
+"""RQ job bodies of the cloud server: mount a user's data and start the app, save, close.
 
-Jobs use RQ's JSON serializer (pickle over a shared Redis would be code execution), have
-deterministic ids (``unique=True``: a sweep, a notification and a second central replica
-enqueue one job), and carry the session generation: a job whose generation is stale (say a
-close racing an online reconnection) changes nothing. Each runs on the queue of the host
-that holds the node's workspace; ``any`` when no host is known.
+The enqueue side (queue names, ids, ``enqueue_*``) is :mod:`cloudq.jobs` in the core; it names
+these functions by import path. Every body checks the session generation it was given: a stale
+job (say a close racing an online reconnection) changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 
 import redis
-from rq import Queue, Retry, get_current_job
-from rq.exceptions import DuplicateJobError
-from rq.serializers import JSONSerializer
+from rq import get_current_job
 
+from cloudq.jobs import enqueue_assignment
 from cloudq.keys import Keys
 from cloudq.messages import Control, pack_control
-from cloudq.state import Action, Assignment, StateMachine
+from cloudq.state import StateMachine
 from cloudq.workers import data
 
 log = logging.getLogger(__name__)
-
-ANY_HOST = "any"
-JOB_RETRIES = 3
-JOB_TIMEOUT = 600
-RESULT_TTL = 3600
-
-
-def queue_for(r: redis.Redis, keys: Keys, host: str) -> Queue:
-    return Queue(keys.job_queue(host or ANY_HOST), connection=r, serializer=JSONSerializer)
-
-
-def _job_id(keys: Keys, kind: str, sid: str, gen: int) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{keys.prefix}{kind}-{sid}-{gen}")
-
-
-def enqueue(r: redis.Redis, keys: Keys, kind: str, sid: str, gen: int, host: str, *args: str) -> bool:
-    """Enqueue ``kind`` (``mount`` or ``close``) once per (session, generation)."""
-    func = {"mount": mount_job, "close": close_job, "save": save_job}[kind]
-    try:
-        queue_for(r, keys, host).enqueue(
-            func,
-            keys.prefix,
-            sid,
-            gen,
-            *args,
-            job_id=_job_id(keys, kind, sid, gen) + (f"-{args[0].split('#')[-1]}" if kind == "save" else ""),
-            unique=True,
-            retry=Retry(max=JOB_RETRIES),
-            job_timeout=JOB_TIMEOUT,
-            result_ttl=RESULT_TTL,
-            failure_ttl=RESULT_TTL,
-        )
-    except DuplicateJobError:
-        return False
-    log.info("enqueued %s for session %s gen %s on host %s", kind, sid, gen, host or ANY_HOST)
-    return True
-
-
-def enqueue_assignment(r: redis.Redis, keys: Keys, a: Assignment) -> None:
-    host = (r.hget(keys.node(a.node), "host") or b"").decode()
-    enqueue(r, keys, "mount", a.sid, a.gen, host, a.node)
-
-
-def enqueue_action(r: redis.Redis, keys: Keys, a: Action) -> None:
-    if a.action == "close":
-        enqueue(r, keys, "close", a.sid, a.gen, a.host, a.reason)
-    elif a.action == "mount":
-        enqueue(r, keys, "mount", a.sid, a.gen, a.host, a.node)
-    elif a.action == "save":
-        enqueue(r, keys, "save", a.sid, a.gen, a.host, a.reason)
 
 
 def _conn() -> redis.Redis:

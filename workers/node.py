@@ -31,15 +31,16 @@ from pathlib import Path
 
 import redis
 
+from cloudq.codec import Encoder, get_encoder
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, unpack_control
+from cloudq.retry import Backoff
 from cloudq.settings import Settings
 from cloudq.state import StateMachine
+from cloudq.wire import BadMessage as BadMedia
+from cloudq.wire import InputEvent, VideoPacket
+from cloudq.workers.apps import App, load_app
 from cloudq.workers.data import workspace_dir
-from cloudq.workers.media.apps import App, load_app
-from cloudq.workers.media.codec import Encoder, get_encoder
-from cloudq.workers.media.wire import BadMessage as BadMedia
-from cloudq.workers.media.wire import InputEvent, VideoPacket
 
 log = logging.getLogger(__name__)
 
@@ -481,15 +482,16 @@ class Node:
 
     def run(self) -> None:
         self.register()
-        backoff = 0.1
+        backoff = Backoff()
         try:
             while not self.stop.is_set():
                 try:
                     self.step()
-                    backoff = 0.1
+                    backoff.reset()
                 except redis.ConnectionError as exc:
-                    log.warning("node %s: redis unreachable (%s); retrying in %.1fs", self.id, exc, backoff)
-                    self.stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    log.warning(
+                        "node %s: redis unreachable (%s); retrying in <%.1fs", self.id, exc, backoff.peek()
+                    )
+                    backoff.wait(self.stop)
         finally:
             self.shutdown()

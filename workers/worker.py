@@ -15,11 +15,10 @@ import logging
 import redis
 from rq import Worker
 from rq.job import Job
-from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from cloudq.jobs import ANY_HOST, queue_for
 from cloudq.keys import Keys
-from cloudq.workers.jobs import ANY_HOST, queue_for
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,3 @@ def make_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None) 
         job_monitoring_interval=MONITORING_INTERVAL,
         maintenance_interval=10,
     )
-
-
-def requeue_abandoned(r: redis.Redis, keys: Keys) -> int:
-    """Retry jobs whose worker died (run by the central sweeper). Returns the queues checked."""
-    n = 0
-    for name in r.smembers("rq:queues"):
-        qname = name.decode().removeprefix("rq:queue:")
-        if qname.startswith(keys.prefix):
-            StartedJobRegistry(qname, connection=r, serializer=JSONSerializer).cleanup()
-            n += 1
-    return n

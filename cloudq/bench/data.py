@@ -17,7 +17,7 @@ Every timed step starts after an untimed ``os.sync()``, so dirty pages left by t
 not flushed on the next step's clock; the order of store and tar alternates between repeats. Both
 read sources from a warm page cache (the data was just generated / the archive just written).
 
-``python -m cloudq.workers.benchdata [MiB ...]`` prints the markdown table.
+``cloudq bench data`` prints the table.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cloudq.bench.report import machine, write_section
 from cloudq.workers.store import DirectoryStore
 
 log = logging.getLogger(__name__)
@@ -213,12 +213,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    sizes = tuple(float(a) for a in args) or (1, 10, 100)
-    sys.stdout.write(format_table(run(sizes)))
-    return 0
+def write_markdown(result: dict[str, Any], path: str) -> None:
+    write_section(
+        "User data: mount and save vs tar",
+        f"""`DirectoryStore.save` (archive + manifest, fsync'd, atomic) and `restore` (verified extraction
+into a fresh directory, then swapped in) against GNU `tar -cf` (+ an fsync of the archive, so both
+are durable) and `tar -xf` on the same files in the same run; median of 3.
 
+{format_table(result)}
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+Machine: {machine()}.
+Rerun: `cloudq bench data --write BENCHMARKS.md` (`--sizes 1,10,100`, `--workdir DIR` to measure
+another filesystem, `--json`).""",
+        path,
+    )

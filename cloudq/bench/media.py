@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -30,17 +29,17 @@ import numpy as np
 import redis
 
 from cloudq.auth import Users
-from cloudq.benchmd import machine, write_section
+from cloudq.bench.floor import measure_floor
+from cloudq.bench.report import machine, write_section
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import CallbackSink
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
+from cloudq.probe import read_probe
+from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
-from cloudq.up import cloudq_command
-from cloudq.workers.media.apps import read_probe
-from cloudq.workers.media.floor import measure_floor
-from cloudq.workers.media.wire import VideoPacket
+from cloudq.wire import VideoPacket
 
 PREFIX = "cqm:"
 SIZE = (1280, 720)
@@ -80,7 +79,15 @@ class Rig:
         # node's frame clock (one XREAD BLOCK until the next frame) needs 10 ms steps, not 100 ms
         self.r.config_set("hz", HZ)
         self.tmp = tempfile.mkdtemp(prefix="cloudq-bench-media-")
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.group = ProcessGroup(
+            self.server.url,
+            PREFIX,
+            log_dir=self.tmp,
+            env={
+                "CLOUDQ_WORKSPACE": os.path.join(self.tmp, "workspace"),
+                "CLOUDQ_STORE": os.path.join(self.tmp, "store"),
+            },
+        )
         settings = Settings(
             idle_timeout=IDLE, grace=10, idle_close=0, max_session=0, max_warning=0, autosave=0
         )
@@ -91,20 +98,7 @@ class Rig:
         Users(self.r, self.keys).add("bench", "pw", cost=4)
 
     def spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "CLOUDQ_REDIS_URL": self.server.url,
-            "CLOUDQ_PREFIX": PREFIX,
-            "CLOUDQ_WORKSPACE": os.path.join(self.tmp, "workspace"),
-            "CLOUDQ_STORE": os.path.join(self.tmp, "store"),
-        }
-        log = open(os.path.join(self.tmp, f"{len(self.procs):02d}-{args[0]}.log"), "wb")  # noqa: SIM115
-        p = subprocess.Popen(
-            [*cloudq_command(), *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.procs.append(p)
-        return p
+        return self.group.start(*args)
 
     def node(self, app: str, fps: int) -> subprocess.Popen[bytes]:
         w, h = SIZE
@@ -117,17 +111,10 @@ class Rig:
         return p
 
     def stop(self, p: subprocess.Popen[bytes]) -> None:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
+        self.group.stop(p)
 
     def close(self) -> None:
-        for p in self.procs:
-            self.stop(p)
+        self.group.stop_all()
         self.server.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -297,7 +284,7 @@ def table(x: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def write_markdown(result: dict[str, Any]) -> None:
+def write_markdown(result: dict[str, Any], path: str) -> None:
     body = f"""Through real processes (embedded Valkey, central, RQ worker, one `cloudq node` at a time at
 {result["size"]}, x264 ultrafast/zerolatency, 2 Mbit/s) with the client kernel (player + input
 sender) in the benchmark process. Latency is from the client's XADD of an input event to the
@@ -311,5 +298,5 @@ included).
 Server: embedded Valkey with `hz {HZ}` (see "Data plane" in README: the node's frame clock is a
 blocking XREAD, and the server times those out only hz times a second; at the default hz 10 a 30 fps
 node renders ~12 fps). Machine: {result["machine"]}.
-Rerun: `cloudq bench media` (`--json` for JSON); about 2 minutes."""
-    write_section("Media", body)
+Rerun: `cloudq bench media --write BENCHMARKS.md` (`--json` for JSON); about 2 minutes."""
+    write_section("Media", body, path)

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .apps import ProbeApp, load_app, read_probe
-from .codec import H264Decoder, H264Encoder
+from cloudq.codec import H264Decoder, H264Encoder
+from cloudq.probe import read_probe
+from cloudq.workers.apps import ProbeApp, load_app
 
 logger = logging.getLogger(__name__)
 

@@ -11,23 +11,21 @@ untouched shadow key with the same expiry: the figure a notification-driven desi
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
-import os
-import signal
-import subprocess
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any
 
 import redis
 
-from cloudq.benchmd import machine, write_section
+from cloudq.bench.report import machine, write_section
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
+from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
 from cloudq.state import StateMachine
-from cloudq.up import cloudq_command
 
 PREFIX = "cqb:"
 HB_INTERVAL = 1.0
@@ -85,12 +83,10 @@ def _one(url: str, n: int, background: int, sample: int) -> dict[str, Any]:
     done = mp.Event()
     beater = mp.Process(target=_beater, args=(url, sids, f"{PREFIX}bench:stopped", done), daemon=True)
     beater.start()
-    env = {**os.environ, "CLOUDQ_REDIS_URL": url, "CLOUDQ_PREFIX": PREFIX}
-    central = subprocess.Popen(
-        [*cloudq_command(), "central", "--heartbeat-interval", str(HB_INTERVAL), "--heartbeat-ttl", str(HB_TTL),
-         "--idle-timeout", "0", "--grace", "600", "--idle-close", "0", "--max-session", "0", "--node-ttl", "0"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    group = ProcessGroup(url, PREFIX, log_dir=tempfile.mkdtemp(prefix="cloudq-bench-control-"))
+    central = group.start(
+        "central", "--heartbeat-interval", str(HB_INTERVAL), "--heartbeat-ttl", str(HB_TTL),
+        "--idle-timeout", "0", "--grace", "600", "--idle-close", "0", "--max-session", "0", "--node-ttl", "0",
     )  # fmt: skip
     notified: dict[str, float] = {}
     ps = r.pubsub(ignore_subscribe_messages=True)
@@ -163,9 +159,8 @@ def _one(url: str, n: int, background: int, sample: int) -> dict[str, Any]:
         beater.join(5)
         if beater.is_alive():
             beater.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(central.pid, signal.SIGTERM)
-        central.wait(10)
+        group.stop_all()
+        shutil.rmtree(group.log_dir or "", ignore_errors=True)
         r.flushdb()
     return {
         "sessions": n,
@@ -212,7 +207,7 @@ def run(redis_url: str | None, counts: list[int], background: int, sample: int) 
     return {"server": version, "machine": machine(), "rows": rows, "table": "\n".join(lines)}
 
 
-def write_markdown(result: dict[str, Any]) -> None:
+def write_markdown(result: dict[str, Any], path: str) -> None:
     body = f"""Time from a session's heartbeat deadline (its key's expiry) to its node's `sleeping`
 transition (server time, from the `events` stream), with the central server's sweeper, next to
 the arrival of `expired` keyspace notifications in the same run for untouched keys with the
@@ -221,5 +216,5 @@ same expiry (a notification that did not arrive within the window counts as late
 {result["table"]}
 
 Server: {result["server"]} (embedded). Machine: {result["machine"]}.
-Rerun: `cloudq bench control` (add `--redis-url URL` to measure another server, `--json` for JSON)."""
-    write_section("Control plane: deadline → node sleeping", body)
+Rerun: `cloudq bench control --write BENCHMARKS.md` (add `--redis-url URL` to measure another server, `--json` for JSON)."""
+    write_section("Control plane: deadline → node sleeping", body, path)

@@ -1,0 +1,137 @@
+"""Child ``cloudq`` processes: the one harness ``cloudq up``, the benchmarks and the tests share.
+
+Each child runs in its own process group (so a signal reaches everything it started), gets
+the deployment's Redis URL and prefix in its environment, and logs to a file of its own (or
+inherits the parent's output). :meth:`ProcessGroup.stop_all` sends SIGTERM, waits a bounded
+time, then SIGKILLs whatever is left: no child outlives its harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def cloudq_command() -> list[str]:
+    """How to start another ``cloudq`` process with this interpreter.
+
+    ``-P`` keeps the working directory off ``sys.path``: run from a source checkout, the bare
+    ``cloudq/`` folder would otherwise shadow the installed package (which maps ``workers/``
+    and ``client/`` into it).
+    """
+    return [sys.executable, "-P", "-m", "cloudq.cli"]
+
+
+class ProcessGroup:
+    """Starts ``cloudq`` subcommands as children and always reaps them."""
+
+    def __init__(
+        self,
+        redis_url: str = "",
+        prefix: str = "cloudq:",
+        log_dir: str | None = None,
+        env: dict[str, str] | None = None,
+        global_args: tuple[str, ...] = (),
+    ) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.log_dir = log_dir
+        self.extra_env = dict(env or {})
+        self.global_args = global_args
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[int, str] = {}
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CLOUDQ_REDIS_URL": self.redis_url,
+            "CLOUDQ_PREFIX": self.prefix,
+            **self.extra_env,
+            **extra,
+        }
+
+    def start(
+        self, *args: str, name: str | None = None, stdin: bytes | None = None, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """Start ``cloudq ARGS`` (logging to ``log_dir/NN-<command>.log`` when there is a log dir)."""
+        log = None
+        if self.log_dir is not None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            path = os.path.join(self.log_dir, f"{len(self.procs):02d}-{name or args[0]}.log")
+            log = open(path, "wb")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            p = subprocess.Popen(
+                [*cloudq_command(), *self.global_args, *args],
+                env=self.env(**env),
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT if log else None,
+                start_new_session=True,
+            )
+        finally:
+            if log:
+                log.close()
+        if log:
+            self.logs[p.pid] = log.name
+        if stdin is not None:
+            assert p.stdin is not None
+            p.stdin.write(stdin)
+            p.stdin.close()
+        self.procs.append(p)
+        if name:
+            self.names[name] = p
+        return p
+
+    def run(
+        self, *args: str, stdin: bytes | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cloudq ARGS`` to completion, capturing its output."""
+        return subprocess.run(
+            [*cloudq_command(), *args],
+            env=self.env(),
+            input=(stdin or b"").decode(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def output(self, p: subprocess.Popen[bytes]) -> str:
+        with open(self.logs[p.pid], errors="replace") as fh:
+            return fh.read()
+
+    @staticmethod
+    def kill(p: subprocess.Popen[bytes], sig: int = signal.SIGKILL, timeout: float = 10) -> None:
+        """Signal the child's whole process group and wait for the child."""
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+        p.wait(timeout)
+
+    def stop(self, p: subprocess.Popen[bytes], timeout: float = 10) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        self.stop_all(timeout, [p])
+
+    def stop_all(self, timeout: float = 10, which: list[subprocess.Popen[bytes]] | None = None) -> None:
+        procs = self.procs if which is None else which
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout)
+        if which is None:
+            self.procs.clear()
+            self.names.clear()
+        else:
+            self.procs[:] = [p for p in self.procs if p not in which]

@@ -1,0 +1,64 @@
+"""The interactive program a node runs for its user, and the built-in ones.
+
+An app renders RGB frames (numpy, H x W x 3 uint8), takes input events, says whether its picture
+changed since the last render (so an idle app costs no encode), and keeps its state in the user's
+data directory (``load`` on mount, ``save`` before close). Built-ins:
+
+- ``paint``: draw with the mouse; keys pick colour and brush size; the canvas persists.
+- ``probe``: shows, in blocks that survive H.264, the seq of the last input it applied and a frame
+  counter; :func:`read_probe` reads them back from a decoded frame (for latency measurements).
+
+Third-party apps are named ``"package.module:Class"`` and built as ``Class(width, height)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import App
+from .paint import PaintApp
+from .probe import ProbeApp
+
+__all__ = ["APPS", "App", "PaintApp", "ProbeApp", "load_app"]
+
+APPS: dict[str, type[App]] = {"paint": PaintApp, "probe": ProbeApp}
+_REQUIRED = ("render", "handle_input", "changed", "load", "save")
+
+
+def load_app(spec: str, width: int, height: int) -> App:
+    """``"paint"``, ``"probe"`` or ``"package.module:Class"`` -> an app of that size.
+
+    Raises ``ValueError`` saying what is wrong with an unknown or unusable spec.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty app spec {spec!r}")
+    spec = spec.strip()
+    if spec in APPS:
+        return APPS[spec](width, height)
+    if ":" not in spec:
+        raise ValueError(
+            f"unknown app {spec!r}: use one of {', '.join(sorted(APPS))} or 'package.module:Class'"
+        )
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"bad app spec {spec!r}: expected 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"app {spec!r}: cannot import {module_name!r}: {e}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"app {spec!r}: {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise ValueError(f"app {spec!r} is not a class or factory")
+    app = obj(width, height)
+    missing = [m for m in _REQUIRED if not callable(getattr(app, m, None))]
+    if missing:
+        raise ValueError(f"app {spec!r} lacks {', '.join(missing)}")
+    if getattr(app, "width", None) != width or getattr(app, "height", None) != height:
+        raise ValueError(f"app {spec!r} does not report width={width}, height={height}")
+    return app
