@@ -24,3 +24,14 @@ def hash_token(token: str) -> str:
 def same_token(a: str, b: str) -> bool:
     """Constant-time comparison of two tokens (or two token hashes)."""
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def session_acl_user(sid: str) -> str:
+    """The Redis ACL user a client of session ``sid`` connects as (see the security section)."""
+    return f"cloudq-s-{sid}"
+
+
+def session_acl_password(token: str) -> str:
+    """That user's password, derived from the session's bearer token (the token never reaches
+    Redis; its hash is the token key, and this is a different hash)."""
+    return hashlib.sha256(b"cloudq-acl:" + token.encode()).hexdigest()

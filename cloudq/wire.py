@@ -23,6 +23,8 @@ __all__ = [
     "FIELD",
     "INPUT_TYPES",
     "MAX_INPUT_BYTES",
+    "MAX_KEY_CHARS",
+    "MAX_TEXT_CHARS",
     "MAX_VIDEO_BYTES",
     "VERSION",
     "BadMessage",
@@ -35,8 +37,22 @@ FIELD = "m"
 VERSION = 1
 MAX_VIDEO_BYTES = 4 * 1024 * 1024
 MAX_INPUT_BYTES = 64 * 1024
-INPUT_TYPES = frozenset({"key", "mouse_down", "mouse_move", "mouse_up", "keyframe_request"})
+INPUT_TYPES = frozenset(
+    {
+        "key",  # press and release of ``key``
+        "key_down",
+        "key_up",
+        "text",  # type ``text`` (a string)
+        "mouse_down",
+        "mouse_move",
+        "mouse_up",
+        "wheel",  # scroll by ``dx``, ``dy`` steps (positive dy = down)
+        "keyframe_request",
+    }
+)
 MAX_KEY_CHARS = 64
+MAX_TEXT_CHARS = 1024
+MAX_WHEEL_STEPS = 100
 _INT64 = 2**63
 _COORD = 2**31
 
@@ -204,8 +220,11 @@ class InputEvent:
     """One user input (or a keyframe request) on a session's input stream.
 
     ``seq`` increases per client; ``client_time`` is the client's ``time.time()`` when the user
-    acted. ``key`` events carry ``key`` (a key name such as ``"a"``, ``"+"``, ``"Escape"``); mouse
-    events carry ``x``, ``y`` (frame pixels) and optionally ``button``.
+    acted. ``key``, ``key_down`` and ``key_up`` carry ``key``: an X keysym name (``"a"``,
+    ``"Return"``, ``"plus"``), optionally with modifiers (``"ctrl+c"``, ``"shift+Tab"``); the
+    built-in apps also accept the character itself (``"+"``). ``text`` carries ``text`` (a string
+    to type). Mouse events carry ``x``, ``y`` (frame pixels) and optionally ``button`` (1-3);
+    ``wheel`` carries ``dx``, ``dy`` (steps; positive ``dy`` scrolls down) and optionally ``x``, ``y``.
     """
 
     type: str
@@ -215,6 +234,9 @@ class InputEvent:
     button: int | None = None
     x: int | None = None
     y: int | None = None
+    text: str | None = None
+    dx: int | None = None
+    dy: int | None = None
 
     MAX_BYTES: ClassVar[int] = MAX_INPUT_BYTES
 
@@ -228,14 +250,24 @@ class InputEvent:
         _opt_int("y", self.y, -_COORD, _COORD - 1)
         if self.key is not None and (not isinstance(self.key, str) or not 0 < len(self.key) <= MAX_KEY_CHARS):
             raise BadMessage(f"key must be a string of 1..{MAX_KEY_CHARS} characters")
-        if self.type == "key" and self.key is None:
-            raise BadMessage("key event without key")
+        if self.text is not None and (
+            not isinstance(self.text, str) or not 0 < len(self.text) <= MAX_TEXT_CHARS
+        ):
+            raise BadMessage(f"text must be a string of 1..{MAX_TEXT_CHARS} characters")
+        _opt_int("dx", self.dx, -MAX_WHEEL_STEPS, MAX_WHEEL_STEPS)
+        _opt_int("dy", self.dy, -MAX_WHEEL_STEPS, MAX_WHEEL_STEPS)
+        if self.type in ("key", "key_down", "key_up") and self.key is None:
+            raise BadMessage(f"{self.type} event without key")
+        if self.type == "text" and self.text is None:
+            raise BadMessage("text event without text")
+        if self.type == "wheel" and not (self.dx or self.dy):
+            raise BadMessage("wheel event without dx or dy")
         if self.type.startswith("mouse_") and (self.x is None or self.y is None):
             raise BadMessage(f"{self.type} event without x and y")
 
     def pack(self, max_bytes: int | None = None) -> dict[str, bytes]:
         body: dict[str, Any] = {"v": VERSION, "type": self.type, "seq": self.seq, "ct": self.client_time}
-        for name in ("key", "button", "x", "y"):
+        for name in ("key", "button", "x", "y", "text", "dx", "dy"):
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
@@ -254,6 +286,9 @@ class InputEvent:
                 button=body.get("button"),
                 x=body.get("x"),
                 y=body.get("y"),
+                text=body.get("text"),
+                dx=body.get("dx"),
+                dy=body.get("dy"),
             )
         except BadMessage:
             raise

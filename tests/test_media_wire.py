@@ -49,16 +49,37 @@ def input_events(draw: st.DrawFn) -> InputEvent:
         type=kind,
         seq=draw(u63),
         client_time=draw(times),
-        key=draw(st.text(min_size=1, max_size=64)) if kind == "key" else None,
+        key=draw(st.text(min_size=1, max_size=64)) if kind in ("key", "key_down", "key_up") else None,
         button=draw(st.none() | st.integers(0, 31)) if mouse else None,
         x=draw(coord) if mouse else None,
         y=draw(coord) if mouse else None,
+        text=draw(st.text(min_size=1, max_size=100)) if kind == "text" else None,
+        dx=draw(st.integers(-100, 100)) if kind == "wheel" else None,
+        dy=draw(st.integers(1, 100)) if kind == "wheel" else None,
     )
 
 
 # any msgpack-representable value, biased towards the envelope's own keys
 keys = st.sampled_from(
-    ["v", "seq", "pts", "key", "ct", "data", "codec", "w", "h", "fps", "type", "button", "x", "y"]
+    [
+        "v",
+        "seq",
+        "pts",
+        "key",
+        "ct",
+        "data",
+        "codec",
+        "w",
+        "h",
+        "fps",
+        "type",
+        "button",
+        "x",
+        "y",
+        "text",
+        "dx",
+        "dy",
+    ]
 ) | st.text(max_size=5)
 scalars = (
     st.none()
