@@ -39,8 +39,9 @@ def free_port() -> int:
 class EmbeddedServer:
     """One private Valkey process on 127.0.0.1:<free port>."""
 
-    def __init__(self, port: int | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(self, port: int | None = None, startup_timeout: float = 10.0, hz: int = 10) -> None:
         self.port = port or free_port()
+        self.hz = hz
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir: str | None = None
@@ -59,9 +60,8 @@ class EmbeddedServer:
             "--save", "",
             "--appendonly", "no",
             "--notify-keyspace-events", "Ex",
-            # blocking XREAD timeouts end on the server's event-loop tick (1/hz s): at the default
-            # hz 10 a node's frame clock would run at ~12 fps instead of 30 (see README "Data plane")
-            "--hz", "100",
+            # the stock tick: nodes pace frames with their own clock, so nothing needs a finer one
+            "--hz", str(self.hz),
             "--logfile", os.path.join(self.dir, "server.log"),
         ]  # fmt: skip
         self.proc = subprocess.Popen(

@@ -1,8 +1,14 @@
 """``cloudq node``: one service node.
 
-The node registers in the pool, keeps its liveness key fresh, and waits in ONE blocking
-XREAD on its control stream and its session's input stream, with a timeout equal to the
-time to its next duty (frame or liveness refresh): no sleep-poll loop.
+The node registers in the pool, keeps its liveness key fresh, and waits for work without
+polling: a reader thread (:class:`StreamReader`) blocks in ONE XREAD on the node's control stream
+and its session's input stream and hands each batch over; the node loop waits for that hand-over
+or for its own next duty (frame or liveness refresh), whichever comes first, on a local timer.
+
+The frame clock is the node's own. A server ends a blocking read's timeout only on its event-loop
+tick (1/``hz`` s; ``hz 10`` by default, and managed services do not let you change it), so pacing
+frames with an XREAD timeout would render a 30 fps app at ~12 fps there. Entries end the read at
+once whatever the ``hz``, so input latency does not depend on it either.
 
 While a session is active its :class:`Streamer` renders the app at the app's frame rate (and at
 once when input arrives), encodes only frames that changed (plus keyframes: on start, on wake, on a
@@ -19,12 +25,14 @@ import json
 import logging
 import math
 import os
+import queue
 import socket
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -48,7 +56,9 @@ MAX_INPUT_ENTRY = 64 * 1024
 KEYFRAME_REQUEST_GAP = 0.25
 """Seconds between two keyframes forced by client requests (a flood of requests costs one IDR)."""
 MAX_BLOCK = 1.0
-"""Longest single XREAD block (below any socket timeout)."""
+"""Longest single XREAD block of the reader thread (below any socket timeout)."""
+HANDOVER_WAIT = 1.0
+"""How long the reader waits for the node loop to take a batch before it checks for stop."""
 _REFRESH_ALIVE = """
 local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[1] then return 0 end
@@ -240,6 +250,58 @@ class Streamer:
         self.sleep()
 
 
+Batch = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+
+
+class StreamReader(threading.Thread):
+    """Blocks on the node's streams in a thread of its own and hands each batch to the node loop.
+
+    Lockstep: after handing over a batch the reader waits until the loop has handled it
+    (``done``), so its next XREAD uses the stream ids and the session that batch led to (a
+    ``start`` control message adds the new session's input stream at once). Errors are handed
+    over too: the loop raises them and applies its reconnect backoff, which paces the reader.
+    """
+
+    def __init__(
+        self, r: redis.Redis, streams: Callable[[], dict[str, bytes]], block: float = MAX_BLOCK
+    ) -> None:
+        super().__init__(name="node-reader", daemon=True)
+        self.r = r
+        self.streams = streams
+        self.block_ms = max(1, int(block * 1000))
+        self.batches: queue.Queue[Batch | Exception] = queue.Queue(maxsize=1)
+        self.done = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            item: Batch | Exception | None
+            try:
+                item = self.r.xread(self.streams(), count=100, block=self.block_ms) or None
+            except redis.RedisError as exc:
+                item = exc
+            if item is None:
+                continue  # the block timed out: read again (the streams may have changed)
+            self.done.clear()
+            self.batches.put(item)
+            while not self.done.wait(HANDOVER_WAIT):
+                if self.stop.is_set():
+                    return
+
+    def next(self, timeout: float) -> Batch | Exception | None:
+        """The next batch, waiting at most ``timeout`` seconds on the local clock."""
+        try:
+            return self.batches.get(timeout=timeout) if timeout > 0 else self.batches.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self, timeout: float = MAX_BLOCK + 1) -> None:
+        self.stop.set()
+        self.done.set()
+        if self.is_alive():
+            self.join(timeout)
+
+
 @dataclass
 class NodeSession:
     sid: str
@@ -277,6 +339,8 @@ class Node:
         self._refresh = r.register_script(_REFRESH_ALIVE)
         self._next_refresh = 0.0
         self._published: dict[str, int] = {}
+        self._lock = threading.Lock()  # the node's state, between the loop and the reader
+        self.reader: StreamReader | None = None
 
     # -- registration and liveness -----------------------------------------------------------
     def register(self) -> None:
@@ -289,30 +353,6 @@ class Node:
         self.session = None
         self._next_refresh = time.monotonic() + self.settings.node_refresh
         log.info("node %s registered (host %s, app %s)", self.id, self.host, self.app)
-        self.check_timer_precision()
-
-    def check_timer_precision(self) -> None:
-        """Warn if the server cannot end a blocking XREAD on time for the frame clock.
-
-        Redis/Valkey time out blocked clients from their event loop, which without other traffic
-        wakes ``hz`` times a second (default 10): an XREAD BLOCK of 33 ms then returns after up to
-        100 ms and a 30 fps app renders at ~12 fps. ``hz 100`` (``--hz 100`` / ``CONFIG SET hz``)
-        makes the granularity 10 ms. Input is not affected: it ends the block at once.
-        """
-        try:
-            hz = int(self.r.config_get("hz").get("hz", 0))
-        except (redis.ResponseError, ValueError):
-            return  # no CONFIG rights (e.g. a restricted ACL user): nothing to check
-        if hz and 1.0 / hz > self.media.period / 2:
-            log.warning(
-                "node %s: the Redis server runs with hz %d, so blocking reads time out in %.0f ms steps; "
-                "frames at %g fps will come late. Start it with --hz 100 (or CONFIG SET hz 100).",
-                self.id,
-                hz,
-                1000.0 / hz,
-                self.media.fps,
-            )
-            self.counters["coarse_server_timer"] = 1
 
     def refresh_liveness(self) -> None:
         ttl_ms = int((self.settings.node_ttl or 3600) * 1000)
@@ -344,6 +384,8 @@ class Node:
             self._published = s
 
     def shutdown(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
         try:
             self.stop_session("node shutting down", save=True)
             self.sm.unregister_node(self.id, self.instance)
@@ -457,28 +499,48 @@ class Node:
             due = min(due, frame)
         return max(0.0, due - time.monotonic())
 
+    def streams(self) -> dict[str, bytes]:
+        """What the reader blocks on: the control stream, and the session's input stream."""
+        with self._lock:
+            streams = {self.keys.node_control(self.id): self.control_id}
+            if self.session:
+                streams[self.keys.input(self.session.sid)] = self.session.input_id
+            return streams
+
     def step(self) -> None:
-        streams = {self.keys.node_control(self.id): self.control_id}
-        if self.session:
-            streams[self.keys.input(self.session.sid)] = self.session.input_id
-        timeout = min(self.next_timeout(), MAX_BLOCK)
-        # BLOCK 0 would mean forever: a duty that is due now gets a non-blocking read
-        block = math.ceil(timeout * 1000) if timeout > 0 else None
-        resp = self.r.xread(streams, count=100, block=block)
-        for stream, entries in resp or []:
-            is_control = stream.decode() == self.keys.node_control(self.id)
+        """Wait (on the local clock) for a batch from the reader or the next duty; do both."""
+        if self.reader is None or not self.reader.is_alive():
+            self.reader = StreamReader(self.r, self.streams)
+            self.reader.start()
+        batch = self.reader.next(self.next_timeout())
+        if batch is not None:
+            try:
+                with self._lock:
+                    if isinstance(batch, Exception):
+                        raise batch
+                    self.handle_batch(batch)
+            finally:
+                self.reader.done.set()
+        now = time.monotonic()
+        with self._lock:
+            if self.session and self.session.streamer:
+                self.session.streamer.tick(now)
+            if now >= self._next_refresh:
+                self.refresh_liveness()
+
+    def handle_batch(self, batch: Batch) -> None:
+        control = self.keys.node_control(self.id)
+        for stream, entries in batch:
+            name = stream.decode()
             for entry_id, fields in entries:
-                if is_control:
+                if name == control:
                     self.control_id = entry_id
                     self.handle_control(fields)
-                elif self.session:
+                elif self.session and name == self.keys.input(self.session.sid):
                     self.session.input_id = entry_id
                     self.handle_input(entry_id, fields)
-        now = time.monotonic()
-        if self.session and self.session.streamer:
-            self.session.streamer.tick(now)
-        if now >= self._next_refresh:
-            self.refresh_liveness()
+                else:
+                    self.counters["stale_input"] += 1  # a session that ended while the read was blocked
 
     def run(self) -> None:
         self.register()
@@ -488,7 +550,7 @@ class Node:
                 try:
                     self.step()
                     backoff.reset()
-                except redis.ConnectionError as exc:
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning(
                         "node %s: redis unreachable (%s); retrying in <%.1fs", self.id, exc, backoff.peek()
                     )

@@ -45,7 +45,8 @@ PREFIX = "cqm:"
 SIZE = (1280, 720)
 IDLE = 1.0  # idle timeout of the run: the node sleeps this long after the last activity
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-HZ = 100
+HZS = (10, 100)
+"""Server ticks measured: the stock 10 and 100 (the node paces frames itself; the figures show it)."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -75,9 +76,6 @@ class Rig:
         self.server = EmbeddedServer().start()
         self.r = redis.Redis.from_url(self.server.url)
         self.keys = Keys(PREFIX)
-        # blocked-client timeouts are served from the server's event loop, HZ times a second: the
-        # node's frame clock (one XREAD BLOCK until the next frame) needs 10 ms steps, not 100 ms
-        self.r.config_set("hz", HZ)
         self.tmp = tempfile.mkdtemp(prefix="cloudq-bench-media-")
         self.group = ProcessGroup(
             self.server.url,
@@ -209,14 +207,20 @@ def run(latency_samples: int = 300, cpu_window: float = 10.0, wake_samples: int 
         # -- probe at 30 fps: latency, fps/CPU, sleep vs active, wake, bytes/s
         node = rig.node("probe", 30)
         s = Session(rig, probe=True)
-        lat = []
-        for _ in range(latency_samples):
-            seq = s.send("key", key="a")
-            lat.append(s.latency_ms(seq))
-            time.sleep(random.uniform(0.03, 0.07))  # inputs at random phases of the frame clock
-        result["latency_ms"] = {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": max(lat), "n": len(lat)}
-        active = active_window(node, s, cpu_window)
-        result["fps30"] = active
+        for hz in HZS:
+            rig.r.config_set("hz", hz)
+            lat = []
+            for _ in range(latency_samples):
+                seq = s.send("key", key="a")
+                lat.append(s.latency_ms(seq))
+                time.sleep(random.uniform(0.03, 0.07))  # inputs at random phases of the frame clock
+            result[f"hz{hz}"] = {
+                "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": max(lat), "n": len(lat)},
+                "fps30": active_window(node, s, cpu_window),
+            }
+        rig.r.config_set("hz", HZS[0])  # the rest at the stock tick
+        result["latency_ms"] = result[f"hz{HZS[0]}"]["latency_ms"]
+        active = result["fps30"] = result[f"hz{HZS[0]}"]["fps30"]
         result["probe_bytes_per_s"] = s.stream_bytes(3.0, during=lambda: keep_active(s, 0.25))
         _wait(lambda: s.node_state() == "sleeping", IDLE + 10, "node asleep")
         c0, t0 = cpu_seconds(node.pid), time.monotonic()
@@ -270,10 +274,17 @@ def table(x: dict[str, Any]) -> str:
     rows = [
         "| measure | value | target |",
         "|---|---|---|",
-        f"| input → decoded frame, probe {x['size']}, p50 | {x['latency_ms']['p50']:.1f} ms | ≤ floor + 2 ms |",
-        f"| input → decoded frame, p99 (n={x['latency_ms']['n']}) | {x['latency_ms']['p99']:.1f} ms | ≤ 20 ms |",
         f"| floor (RGB→YUV + encode + decode + →RGB, one process), p50 / p99 | {x['floor_ms']['p50']:.1f} / {x['floor_ms']['p99']:.1f} ms | |",
-        f"| node at 30 fps: sustained fps, CPU | {f30['fps']:.1f} fps, {f30['cpu_pct']:.1f} % | |",
+    ]
+    for hz in HZS:
+        h = x[f"hz{hz}"]
+        lat, fps = h["latency_ms"], h["fps30"]
+        rows += [
+            f"| server hz {hz}: input → decoded frame, probe {x['size']}, p50 | {lat['p50']:.1f} ms | ≤ floor + 2 ms |",
+            f"| server hz {hz}: input → decoded frame, p99 (n={lat['n']}) | {lat['p99']:.1f} ms | ≤ 20 ms |",
+            f"| server hz {hz}: node at 30 fps: sustained fps, CPU | {fps['fps']:.1f} fps, {fps['cpu_pct']:.1f} % | 30 ± 1 fps |",
+        ]
+    rows += [
         f"| node at 60 fps: sustained fps, CPU | {f60['fps']:.1f} fps, {f60['cpu_pct']:.1f} % | |",
         f"| CPU over {x['sleep']['seconds']:.0f} s: sleeping vs active (30 fps) | {x['sleep']['cpu_s'] * 1000:.0f} ms vs {f30['cpu_s'] * 1000:.0f} ms = {100 * x['sleep_cpu_ratio']:.2f} % | < 1 % |",
         f"| wake: input on a sleeping node → first decoded frame, p50 (max, n={x['wake_ms']['n']}) | {x['wake_ms']['p50']:.1f} ms ({x['wake_ms']['max']:.1f}) | ≤ 30 ms |",
@@ -295,8 +306,9 @@ included).
 
 {result["table"]}
 
-Server: embedded Valkey with `hz {HZ}` (see "Data plane" in README: the node's frame clock is a
-blocking XREAD, and the server times those out only hz times a second; at the default hz 10 a 30 fps
-node renders ~12 fps). Machine: {result["machine"]}.
+Server: embedded Valkey, measured at the stock `hz 10` and at `hz 100` in the same run (the node
+paces frames with its own clock and a reader thread hands it the streams' entries, so neither
+figure should depend on the server's tick); everything after the first rows runs at `hz 10`.
+Machine: {result["machine"]}.
 Rerun: `cloudq bench media --write BENCHMARKS.md` (`--json` for JSON); about 2 minutes."""
     write_section("Media", body, path)
