@@ -26,6 +26,7 @@ EXIT_CODES = {
     "usage": 2,
     "invalid": 3,
     "locked": 4,
+    "disabled": 4,
     "unreachable": 5,
     "closed": 6,
     "stream": 7,

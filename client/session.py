@@ -49,6 +49,7 @@ REASONS = {
     "logout": "the session was closed: logged out elsewhere",
     "mount_failed": "the session was closed: your data could not be loaded onto a node",
     "taken_over": "the session was taken over by another login of the same user",
+    "disabled": "the session was closed: the account was disabled by the operator",
 }
 WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -62,6 +63,8 @@ def close_message(reason: str) -> str:
         return REASONS[reason]
     if reason.startswith("mount"):
         return REASONS["mount_failed"] + f" ({reason})"
+    if reason.startswith("admin:"):
+        return f"the session was closed by the operator: {reason.removeprefix('admin:').strip()}"
     return f"the session was closed ({reason or 'no reason given'})"
 
 

@@ -74,6 +74,13 @@ def resize(rgb: np.ndarray, nw: int, nh: int) -> np.ndarray:
     return rgb[rows][:, cols]
 
 
+def show_status(label: Any, text: str, width: int) -> None:
+    """Set the status line, wrapped at the picture's width: a long warning adds a line instead of
+    widening the window past the picture."""
+    pad = 2 * sum(label.winfo_pixels(str(label.cget(o))) for o in ("bd", "padx", "highlightthickness"))
+    label.configure(text=text, wraplength=max(100, width - pad), justify="left")
+
+
 def key_name(char: str, keysym: str) -> str | None:
     if keysym in MODIFIERS:
         return None
@@ -178,7 +185,7 @@ class Viewer:
         self.shown += 1
 
     def _status(self) -> None:
-        self.status.configure(text=self.session.status_line())
+        show_status(self.status, self.session.status_line(), self.canvas.winfo_width())
         self.root.after(STATUS_MS, self._status)
 
     def to_stream(self, x: int, y: int) -> tuple[int, int] | None:

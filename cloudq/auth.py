@@ -107,8 +107,8 @@ class Users:
     def verify(self, name: str, password: str, settings: Settings) -> str:
         """Check credentials; returns "" on success, else a user-facing error code.
 
-        Codes: ``invalid`` (unknown user, wrong or over-long password, disabled account — all
-        alike) and ``locked``. Failures count per user name in a window, existing or not, so
+        Codes: ``invalid`` (unknown user, wrong or over-long password — all alike), ``locked``,
+        and ``disabled`` (only after the right password: it reveals nothing to a guesser). Failures count per user name in a window, existing or not, so
         the answer never reveals whether a user exists.
         """
         if self.r.exists(self.keys.user_lock(name)):
@@ -117,13 +117,13 @@ class Users:
         disabled = self.r.hget(self.keys.user(name), "disabled") == b"1"
         raw = password.encode()
         try:
-            ok = bcrypt.checkpw(raw, stored or _DUMMY_HASH) and stored is not None and not disabled
+            ok = bcrypt.checkpw(raw, stored or _DUMMY_HASH) and stored is not None
         except ValueError:  # over 72 bytes (bcrypt 5), or a damaged stored hash
             bcrypt.checkpw(b"x", _DUMMY_HASH)
             ok = False
         if ok:
             self.r.delete(self.keys.user_fails(name))
-            return ""
+            return "disabled" if disabled else ""
         return self._count_failure(name, settings)
 
     def _count_failure(self, name: str, settings: Settings) -> str:

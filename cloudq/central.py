@@ -154,6 +154,7 @@ class Central:
             msg = {
                 "invalid": "invalid credentials",
                 "locked": "too many failed logins: account locked, try again later",
+                "disabled": "this account is disabled: ask the operator",
             }[err]
             return Reply(ok=False, status=err, error=msg)
         token = auth.new_token()

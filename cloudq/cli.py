@@ -5,6 +5,7 @@ Every option can also be set from a ``CLOUDQ_…`` environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -115,6 +116,35 @@ def central_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def metrics_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--metrics-port`` (0 = off) and ``--metrics-addr``: Prometheus metrics of this process."""
+    f = click.option(
+        "--metrics-addr",
+        envvar="CLOUDQ_METRICS_ADDR",
+        default="0.0.0.0",
+        show_default=True,
+        help="Address the metrics server binds.",
+    )(f)
+    return click.option(
+        "--metrics-port",
+        envvar="CLOUDQ_METRICS_PORT",
+        type=click.IntRange(0, 65535),
+        default=0,
+        show_default=True,
+        help="Serve Prometheus metrics on this port (0 = off).",
+    )(f)
+
+
+def _serve_metrics(port: int, addr: str, registry: Any) -> Callable[[], None] | None:
+    from cloudq.metrics import serve
+
+    try:
+        return serve(port, registry, addr)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on {addr}:{port}: {exc}", 1)
+        return None
+
+
 def settings_from(kw: dict[str, Any]) -> Settings:
     names = Settings.__dataclass_fields__.keys()
     return Settings(**{k: kw.pop(k) for k in list(kw) if k in names})
@@ -125,15 +155,26 @@ def settings_from(kw: dict[str, Any]) -> Settings:
 @prefix_option
 @central_options
 @click.option("--no-notifications", is_flag=True, help="Do not use keyspace notifications at all.")
-def central(redis_url: str | None, prefix: str, no_notifications: bool, **kw: Any) -> None:
+@metrics_options
+def central(
+    redis_url: str | None,
+    prefix: str,
+    no_notifications: bool,
+    metrics_port: int,
+    metrics_addr: str,
+    **kw: Any,
+) -> None:
     """Run a central server (any number of replicas may run)."""
     from cloudq.central import Central
+    from cloudq.metrics import CentralMetrics
 
     try:
         settings = settings_from(kw)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    c = Central(_connect(redis_url), Keys(prefix), settings, notifications=not no_notifications)
+    r = _connect(redis_url)
+    c = Central(r, Keys(prefix), settings, notifications=not no_notifications)
+    _serve_metrics(metrics_port, metrics_addr, CentralMetrics(r, Keys(prefix), c.counters).registry)
     done = threading.Event()
     _stop_on_signals(done.set)
     try:
@@ -154,10 +195,12 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     return w, h
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @redis_url_option
 @prefix_option
-@click.option("--id", "node_id", required=True, envvar="CLOUDQ_NODE_ID", help="Node id, unique in the pool.")
+@click.option(
+    "--id", "node_id", envvar="CLOUDQ_NODE_ID", help="Node id, unique in the pool (required to run)."
+)
 @click.option(
     "--host", envvar="CLOUDQ_HOST", default=socket.gethostname, help="Host name (its worker queue)."
 )
@@ -195,10 +238,13 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     default=None,
     help="Root of the nodes' user-data workspaces (default <tmp>/cloudq-workspace).",
 )
+@metrics_options
+@click.pass_context
 def node(
+    ctx: click.Context,
     redis_url: str | None,
     prefix: str,
-    node_id: str,
+    node_id: str | None,
     host: str,
     app: str,
     size: tuple[int, int],
@@ -207,8 +253,15 @@ def node(
     preset: str,
     gop: float,
     workspace: str | None,
+    metrics_port: int,
+    metrics_addr: str,
 ) -> None:
-    """Run one service node."""
+    """Run one service node (`cloudq node --id ID ...`), or manage nodes (`cloudq node drain ID`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not node_id:
+        raise click.UsageError("--id is required to run a node")
+    from cloudq.workers.metrics import NodeMetrics
     from cloudq.workers.node import MediaConfig, Node, NodeIdTaken, default_workspace
 
     try:
@@ -221,9 +274,13 @@ def node(
             gop=gop,
             workspace=workspace or default_workspace(),
         )
-        n = Node(_connect(redis_url), Keys(prefix), node_id, host=host, app=app, media=media)
+        metrics = NodeMetrics(node_id)
+        n = Node(
+            _connect(redis_url), Keys(prefix), node_id, host=host, app=app, media=media, observer=metrics
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _serve_metrics(metrics_port, metrics_addr, metrics.attach(n).registry)
     _stop_on_signals(n.stop.set)
     try:
         n.run()
@@ -246,6 +303,7 @@ def node(
 @click.option(
     "--quota-mib", envvar="CLOUDQ_QUOTA_MIB", type=click.FloatRange(min=0), default=100, show_default=True
 )
+@metrics_options
 def worker(
     redis_url: str | None,
     prefix: str,
@@ -255,8 +313,11 @@ def worker(
     store: str | None,
     workspace: str | None,
     quota_mib: float,
+    metrics_port: int,
+    metrics_addr: str,
 ) -> None:
     """Run an RQ worker for this host's jobs (mount, save, close)."""
+    from cloudq.workers.metrics import JobMetrics
     from cloudq.workers.worker import make_worker
 
     # the jobs (in forked work horses) read these
@@ -268,6 +329,8 @@ def worker(
         if value is not None:
             os.environ[var] = str(value)
     w = make_worker(_connect(redis_url), Keys(prefix), host, name=name)
+    w.metrics = JobMetrics()
+    _serve_metrics(metrics_port, metrics_addr, w.metrics.registry)
     w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
 
 
@@ -366,11 +429,30 @@ def user_list(redis_url: str | None, prefix: str, as_json: bool) -> None:
 @redis_url_option
 @prefix_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(redis_url: str | None, prefix: str, as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="Redraw a live table (with per-node fps and CPU) until Ctrl-C.")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="With --watch."
+)
+@click.option("--count", type=click.IntRange(min=0), default=0, help="With --watch: stop after N tables.")
+def status(
+    redis_url: str | None, prefix: str, as_json: bool, watch: bool, interval: float, count: int
+) -> None:
     """Show nodes, sessions and the queue."""
     from cloudq.status import format_text, gather
+    from cloudq.status import watch as watch_loop
 
     try:
+        if watch:
+            with contextlib.suppress(KeyboardInterrupt):
+                watch_loop(
+                    _connect(redis_url),
+                    Keys(prefix),
+                    lambda text: click.echo(text, nl=False),
+                    interval,
+                    count,
+                    clear=sys.stdout.isatty(),
+                )
+            return
         st = gather(_connect(redis_url), Keys(prefix))
     except redis.ConnectionError as exc:
         _fail(f"cannot reach Redis: {exc}", 5)
@@ -401,7 +483,7 @@ Exit codes:
   1  other error
   2  bad usage: a malformed --script (the message names the line), a bad option
   3  invalid credentials
-  4  account locked
+  4  account locked or disabled
   5  server not reachable / no central server answered / lost and not back in time
   6  the session was closed by the server (the message says why)
   7  the video stream is unusable: entries kept arriving for --stream-timeout
@@ -591,10 +673,16 @@ def up(
 
 def _register_subcommands() -> None:
     from cloudq.bench.cli import bench
+    from cloudq.cli_admin import node_drain, node_undrain, session, user_disable, user_enable
     from cloudq.cli_data import data
 
     main.add_command(data)
     main.add_command(bench)
+    main.add_command(session)
+    node.add_command(node_drain)
+    node.add_command(node_undrain)
+    user.add_command(user_disable)
+    user.add_command(user_enable)
 
 
 _register_subcommands()

@@ -15,7 +15,13 @@ DEFAULT_PREFIX = "cloudq:"
 TABLE: list[tuple[str, str, str, str, str]] = [
     ("settings", "hash", "-", "central", "clocks every process agrees on (published at start)"),
     ("users", "set", "-", "cli", "all user names"),
-    ("user:<name>", "hash", "-", "cli, central", "bcrypt hash, created, disabled, session, last_node"),
+    (
+        "user:<name>",
+        "hash",
+        "-",
+        "cli, central",
+        "bcrypt hash, created, disabled, session, last_node, qtoken, queued_at",
+    ),
     ("user:<name>:fails", "string", "lockout window", "central", "failed logins in the window"),
     ("user:<name>:lock", "string", "lockout time", "central", "present = account locked"),
     ("user:<name>:mounted", "string", "-", "mount job", "session whose node holds the user's data"),
@@ -30,13 +36,20 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "hash",
         "-",
         "scripts, node",
-        "state, host, app, session, since, gen, instance; stats (JSON counters); flushed, stopped (acks to jobs)",
+        "state, host, app, session, since, gen, instance, drained; stats (JSON counters); flushed, stopped (acks to jobs)",
     ),
     ("node:<id>:alive", "string", "node TTL", "node", "liveness; value = the process's instance id"),
     ("node:<id>:control", "stream", "MAXLEN ~1000", "central, jobs", "commands to the node"),
     ("pool", "sorted set", "-", "scripts", "free nodes, score = time freed"),
     ("queue", "list", "-", "scripts", "users waiting for a node (FIFO)"),
     ("queued:<user>", "string", "queue beat TTL", "client", "the waiting client is still there"),
+    (
+        "queue_waits",
+        "list",
+        "LTRIM 1000",
+        "scripts",
+        "seconds each dispatched user waited (drained by metrics)",
+    ),
     ("notify:<token hash>", "list", "token TTL", "central", "assignment for a queued client"),
     ("deadlines", "sorted set", "-", "central, scripts", "member `kind|id`, score = due time"),
     ("session:{<sid>}", "hash", "-", "scripts", "user, node, state, gen, timestamps, reason"),
@@ -82,6 +95,10 @@ class Keys:
     @property
     def queue(self) -> str:
         return self._k("queue")
+
+    @property
+    def queue_waits(self) -> str:
+        return self._k("queue_waits")
 
     @property
     def deadlines(self) -> str:

@@ -25,6 +25,9 @@ _NAMES = [
     "wake",
     "close_begin",
     "release",
+    "drain",
+    "admin_close",
+    "user_disable",
 ]
 
 NODE_STATES = ("free", "assigned", "active", "sleeping", "closing", "offline")
@@ -108,3 +111,17 @@ class StateMachine:
 
     def release(self, sid: str, gen: int) -> str:
         return _s(self._run("release", sid, gen))
+
+    def drain(self, node: str, on: bool, who: str, why: str = "") -> bool:
+        """Take a node out of rotation (it finishes its session) or put it back; False if unknown."""
+        return _s(self._run("drain", node, "1" if on else "0", who, why)) == "ok"
+
+    def admin_close(self, sid: str, reason: str, who: str) -> str:
+        """Ask for a session to be closed (saved, node freed): ``ok``, ``gone`` or ``closing``."""
+        return _s(self._run("admin_close", sid, reason, who))
+
+    def user_disable(self, user: str, on: bool, who: str, why: str = "") -> str | None:
+        """Disable (closing the live session) or enable a user; the session being closed, or None
+        for an unknown user."""
+        res = _s(self._run("user_disable", user, "1" if on else "0", who, why))
+        return None if res == "unknown" else res

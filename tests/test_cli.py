@@ -110,3 +110,18 @@ def test_up_starts_everything_prints_the_url_and_cleans_up(tmp_path) -> None:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def test_bench_json_is_strict_json_with_null_for_missing_figures(procs: Procs, tmp_path) -> None:
+    from cloudq.bench.cli import json_safe
+
+    assert json_safe({"p99": float("inf"), "xs": [float("nan"), 1.5]}) == {"p99": None, "xs": [None, 1.5]}
+    out = procs.run("bench", "data", "--sizes", "0.05", "--workdir", str(tmp_path), "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} is not JSON")
+
+    doc = json.loads(out.stdout, parse_constant=refuse)
+    assert "null_means" in doc and doc["sizes"]
+    assert not (tmp_path / "BENCHMARKS.md").exists() and not os.path.exists("BENCHMARKS.md.tmp")

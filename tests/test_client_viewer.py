@@ -21,7 +21,7 @@ import redis
 from helpers import Procs, wait_for
 from test_client_headless import BLUE, pool, share, stats
 
-from cloudq.client.viewer import fit, key_name, resize
+from cloudq.client.viewer import fit, key_name, resize, show_status
 from cloudq.keys import Keys
 
 MISSING = [p for p in ("Xvfb", "xdotool") if shutil.which(p) is None]
@@ -106,3 +106,28 @@ def test_viewer_shows_the_stream_and_a_synthetic_key_press_and_drag_reach_the_ap
     s = stats(js)
     assert s["counters"]["inputs_sent"] >= 3 and s["exit_code"] == 0
     assert "Traceback" not in procs.output(client)
+
+
+@needs_x
+def test_a_long_warning_wraps_the_status_line_instead_of_widening_the_window(
+    display: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tkinter as tk
+
+    monkeypatch.setenv("DISPLAY", display)
+    root = tk.Tk()
+    try:
+        canvas = tk.Canvas(root, width=320, height=240, highlightthickness=0, bd=0)
+        canvas.pack(fill="both", expand=True)
+        label = tk.Label(root, text="active", anchor="w", font=("TkFixedFont", 9))
+        label.pack(fill="x", side="bottom")
+        root.update()
+        width = root.winfo_width()
+        show_status(
+            label, "active | 30 fps | WARNING: " + "the session reaches its maximum length soon " * 5, 320
+        )
+        root.update()
+        assert root.winfo_width() == width  # not wider than before the warning
+        assert label.winfo_reqheight() > 20  # the text took more than one line
+    finally:
+        root.destroy()

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Protocol
 
 import redis
 
@@ -125,12 +126,30 @@ class MediaConfig:
         )
 
 
+class MediaObserver(Protocol):
+    """A plug-in that watches the media loop (metrics): called after each encoded frame and after
+    the first frame following a wake."""
+
+    def on_frame(self, encode_s: float, nbytes: int) -> None: ...
+
+    def on_wake_frame(self, latency_s: float) -> None: ...
+
+
 class Streamer:
     """One session's media on a node: the app, the encoder (only while awake) and the video stream."""
 
     def __init__(
-        self, r: redis.Redis, keys: Keys, sid: str, app: App, cfg: MediaConfig, counters: Counter[str]
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        sid: str,
+        app: App,
+        cfg: MediaConfig,
+        counters: Counter[str],
+        observer: MediaObserver | None = None,
     ) -> None:
+        self.observer = observer
+        self.woke_at: float | None = None
         self.r = r
         self.key = keys.video(sid)
         self.app = app
@@ -205,8 +224,11 @@ class Streamer:
             self.counters["encoders_opened"] += 1
         pts = max(self.last_pts + 1, int((now - self.t0) * 1000))
         self.last_pts = pts
+        t_enc = time.perf_counter()
         packets = self.encoder.encode(rgb, pts, force_keyframe=keyframe)
+        encode_s = time.perf_counter() - t_enc
         params = self.encoder.params
+        nbytes = 0
         for p in packets:
             extra = (
                 {"codec": params.codec, "width": params.width, "height": params.height, "fps": params.fps}
@@ -218,10 +240,16 @@ class Streamer:
             self.seq += 1
             self.counters["packets"] += 1
             self.counters["video_bytes"] += len(p.data)
+            nbytes += len(p.data)
             if p.keyframe:
                 self.last_key = now
                 self.counters["keyframes"] += 1
         self.counters["frames"] += 1
+        if self.observer is not None:
+            self.observer.on_frame(encode_s, nbytes)
+            if self.woke_at is not None:
+                self.observer.on_wake_frame(time.monotonic() - self.woke_at)
+        self.woke_at = None
 
     def sleep(self) -> None:
         """Stop rendering and encoding and free the encoder; the app stays in memory."""
@@ -234,7 +262,7 @@ class Streamer:
     def wake(self) -> None:
         """Render at once; the new encoder starts with an IDR."""
         self.sleeping = False
-        self.next_frame = time.monotonic()
+        self.next_frame = self.woke_at = time.monotonic()
 
     def save(self, data_dir: Path) -> bool:
         try:
@@ -320,7 +348,10 @@ class Node:
         host: str | None = None,
         app: str = "paint",
         media: MediaConfig | None = None,
+        observer: MediaObserver | None = None,
     ) -> None:
+        self.observer = observer
+        self.slept_at: float | None = None
         self.r = r
         self.keys = keys
         self.id = node_id
@@ -370,10 +401,14 @@ class Node:
 
     def stats(self) -> dict[str, int]:
         st = self.session.streamer if self.session else None
+        cpu = os.times()
         return {
             **self.counters,
             "encoder_open": int(st is not None and st.encoder is not None),
             "sleeping": int(bool(self.session and self.session.sleeping)),
+            # for rates (fps, CPU %) between two readings, e.g. `cloudq status --watch`
+            "cpu_ms": int((cpu.user + cpu.system) * 1000),
+            "at_ms": int(time.time() * 1000),
         }
 
     def publish_stats(self) -> None:
@@ -394,6 +429,7 @@ class Node:
 
     # -- session ----------------------------------------------------------------------------
     def start_session(self, sid: str, gen: int) -> None:
+        self._end_sleep()
         last = self.r.xrevrange(self.keys.input(sid), count=1)
         streamer = None
         if self.session and self.session.sid == sid and self.session.streamer:
@@ -404,7 +440,7 @@ class Node:
             app = load_app(self.app, self.media.width, self.media.height)
             self.data_dir.mkdir(parents=True, exist_ok=True)
             app.load(self.data_dir)
-            streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters)
+            streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters, self.observer)
         self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", streamer=streamer)
         if self.sm.activate(self.id, sid, gen):
             streamer.wake()
@@ -417,6 +453,7 @@ class Node:
     def stop_session(self, reason: str, save: bool = False) -> bool:
         """Drop the session's app and encoder (saving the app's data first if ``save``)."""
         saved = True
+        self._end_sleep()
         if self.session:
             log.info("node %s: session %s stopped (%s)", self.id, self.session.sid, reason)
             st = self.session.streamer
@@ -432,10 +469,22 @@ class Node:
             self.session.sleeping = True
             if self.session.streamer:
                 self.session.streamer.sleep()
+            self.slept_at = time.monotonic()
             log.info("node %s: sleeping", self.id)
+
+    def sleeping_seconds(self) -> float:
+        """Seconds this node has slept in all (counting a sleep in progress)."""
+        now = 0.0 if self.slept_at is None else time.monotonic() - self.slept_at
+        return self.counters["sleeping_ms"] / 1000 + now
+
+    def _end_sleep(self) -> None:
+        if self.slept_at is not None:
+            self.counters["sleeping_ms"] += int((time.monotonic() - self.slept_at) * 1000)
+            self.slept_at = None
 
     def wake(self) -> None:
         if self.session and self.session.sleeping:
+            self._end_sleep()
             self.session.sleeping = False
             if self.session.streamer:
                 self.session.streamer.wake()

@@ -11,24 +11,65 @@ retried within ~15 s.
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from rq import Worker
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from cloudq.jobs import ANY_HOST, queue_for
 from cloudq.keys import Keys
+from cloudq.workers.metrics import JobMetrics
 
 log = logging.getLogger(__name__)
 
 MONITORING_INTERVAL = 2
 HEARTBEAT_MARGIN = 8
+KNOWN_RESULTS = frozenset(
+    {"started", "failed", "stale", "closed", "gone", "not live", "no node", "unchanged", "node did not answer",
+     "another save is running"}
+)  # fmt: skip
+"""What the job bodies return (``workers/jobs.py``, ``workers/data.py``): the metric's result label."""
 
 
 class CloudqWorker(Worker):
+    metrics: JobMetrics | None = None
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_monitoring_interval + HEARTBEAT_MARGIN
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run the job (in a forked work horse, as RQ does); then, in this process, count it."""
+        t0 = time.monotonic()
+        try:
+            super().execute_job(job, queue)
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(job_kind(job), job_result(job), time.monotonic() - t0)
+
+
+def job_kind(job: Job) -> str:
+    """``mount``, ``close``, ``save`` (or the function's name for anything else)."""
+    name = (job.func_name or "").rpartition(".")[2]
+    return name.removesuffix("_job") or "unknown"
+
+
+def job_result(job: Job) -> str:
+    """What the job body returned when it is one of the known outcomes, else RQ's status."""
+    try:
+        status = job.get_status(refresh=True)
+        if status == JobStatus.FINISHED:
+            value = job.return_value(refresh=True)
+            if isinstance(value, str) and value.startswith("version "):
+                return "saved"
+            if isinstance(value, str) and value in KNOWN_RESULTS:
+                return value.replace(" ", "_")
+            return "finished"
+        return str(status.value if status is not None else "unknown")
+    except redis.RedisError:
+        return "unknown"
 
 
 def make_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None) -> CloudqWorker:

@@ -5,6 +5,7 @@ unless asked. The benchmark modules are imported only when their command runs.""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import click
@@ -19,8 +20,25 @@ write_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the raw results as JSON.")
 
 
+def json_safe(value: Any) -> Any:
+    """Strict JSON: a figure that is not a number (NaN: nothing to measure; infinity: an event
+    that never arrived within the window) becomes ``null``; the table says which and why."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _emit(result: dict[str, Any], table: str, as_json: bool) -> None:
-    click.echo(json.dumps(result, indent=2, default=str) if as_json else table)
+    if as_json:
+        out = json_safe({k: v for k, v in result.items() if k != "table"})
+        out["null_means"] = "not measured, or (latencies) did not arrive within the benchmark's window"
+        click.echo(json.dumps(out, indent=2, default=str, allow_nan=False))
+    else:
+        click.echo(table)
 
 
 @click.group()

@@ -73,9 +73,9 @@ local function create_session(user, node, token_hash)
   return sid, 1
 end
 
--- Free node `node` that was serving `sid`: back to the pool.
+-- Free node `node` that was serving `sid`: back to the pool (unless an operator drained it).
 local function free_node(node, reason)
   redis.call('HSET', nkey(node), 'session', '')
   node_state(node, 'free', reason)
-  redis.call('ZADD', P .. 'pool', NOW, node)
+  if redis.call('HGET', nkey(node), 'drained') ~= '1' then redis.call('ZADD', P .. 'pool', NOW, node) end
 end

@@ -42,6 +42,12 @@ while n < limit and redis.call('ZCARD', P .. 'pool') > 0 do
       table.insert(out, sid2); table.insert(out, node); table.insert(out, gen)
       table.insert(out, user); table.insert(out, th)
       n = n + 1
+      -- how long the user waited, for the central server's queue-wait histogram (bounded)
+      local since = tonumber(redis.call('HGET', ukey(user), 'queued_at') or '')
+      if since then
+        redis.call('LPUSH', P .. 'queue_waits', string.format('%.3f', NOW - since))
+        redis.call('LTRIM', P .. 'queue_waits', 0, 999)
+      end
     else
       event('user:' .. user, 'queued', 'left', 'client stopped waiting')
     end

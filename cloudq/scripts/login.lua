@@ -75,7 +75,7 @@ end
 issue_token()
 if not node then
   redis.call('RPUSH', P .. 'queue', user)
-  redis.call('HSET', ukey(user), 'qtoken', token_hash)
+  redis.call('HSET', ukey(user), 'qtoken', token_hash, 'queued_at', string.format('%.3f', NOW))
   event('user:' .. user, '', 'queued', 'no free node')
   return {'queued', '', '', 0, redis.call('LLEN', P .. 'queue')}
 end
