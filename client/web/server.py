@@ -75,7 +75,7 @@ import math
 import struct
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +130,10 @@ def before(entry_id: bytes) -> bytes:
     if int(seq or 0) > 0:
         return b"%d-%d" % (int(ms), int(seq) - 1)
     return b"%d-%d" % (int(ms) - 1, 2**64 - 1) if int(ms) > 0 else b"0-0"
+
+
+def _median(values: list[float]) -> float | None:
+    return round(sorted(values)[len(values) // 2] * 1000, 2) if values else None
 
 
 def _ms(entry_id: bytes) -> int:
@@ -274,6 +278,8 @@ class Gateway:
     closes: Counter[str] = field(default_factory=Counter)
     rights: Counter[str] = field(default_factory=Counter)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # (node capture -> read by the gateway, read -> handed to the socket) of the last packets, seconds
+    lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=500))
 
     def __post_init__(self) -> None:
         self.r = _redis(self.cfg.redis_url)
@@ -336,6 +342,10 @@ class Gateway:
                 "counters": dict(self.counters),
                 "closes": dict(self.closes),
                 "rights": dict(self.rights),
+                "video_ms_p50": {
+                    "capture_to_gateway": _median([a for a, _ in self.lag]),
+                    "gateway_to_socket": _median([b for _, b in self.lag]),
+                },
             }
         )
 
@@ -643,8 +653,10 @@ class Socket:
                     continue  # the page sees the seq jump and asks for a keyframe
                 if vp.has_params:
                     self.size = (vp.width or 0, vp.height or 0)
+                received = time.time()
                 await self.ws.send_bytes(pack_video(vp, *self.size))
                 self.gw.counters["video_packets"] += 1
+                self.gw.lag.append((received - vp.capture_time, time.time() - received))
 
     async def request_keyframe(self) -> None:
         now = time.monotonic()

@@ -3,7 +3,7 @@
 
 import { CLOSE_SESSION, CLOSE_UNAUTHORIZED, Connection, closeWords } from './connection.js';
 import { InputCapture } from './input.js';
-import { Stats } from './stats.js';
+import { Stats, wallClock } from './stats.js';
 import { VideoPipe } from './video.js';
 
 const STATUS_EVERY_MS = 500;
@@ -182,7 +182,7 @@ class Session {
   }
 
   sendInput(type, fields) {
-    const ct = Date.now() / 1000;
+    const ct = wallClock();
     const ok = this.conn.send({ t: 'input', type, seq: this.seq++, ct, ...fields });
     if (ok) stats.onInputSent(ct);
     return ok;

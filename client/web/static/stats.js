@@ -9,6 +9,12 @@ const WINDOW_MS = 2000;
 const LATENCY_HORIZON = 5.0; // seconds
 const MAX_SAMPLES = 2000;
 
+/** Seconds since the epoch with sub-millisecond resolution (Date.now() has whole milliseconds);
+ * the same clock as the node's capture times, like time.time() in the Python client. */
+export function wallClock() {
+  return (performance.timeOrigin + performance.now()) / 1000;
+}
+
 export class Stats {
   constructor() {
     this.pub = {
@@ -16,10 +22,14 @@ export class Stats {
       keyframeRequests: 0, dropped: 0, connects: 0, disconnects: 0,
       fps: 0, bitrate: 0, codec: null, width: 0, height: 0,
       latency: { p50: null, p99: null, n: 0, last: null, unanswered: 0 },
+      decodeMs: { p50: null }, // packet arrival -> frame drawn
+      transitMs: { p50: null }, // capture on the node -> packet arrival in the page (render, encode, Redis, gateway)
     };
     this.recent = []; // [ms, bytes, isFrame]
     this.pending = []; // send times (s) of unanswered input events
     this.sorted = []; // latency samples (ms), ascending
+    this.decodeSamples = []; // packet arrival -> frame drawn (ms), the last 200
+    this.transitSamples = []; // node capture -> packet arrival in the page (ms; wall clocks), the last 200
   }
 
   onPacket(bytes, keyframe) {
@@ -29,11 +39,20 @@ export class Stats {
     this.recent.push([performance.now(), bytes, false]);
   }
 
-  onFrame(captureTime) {
+  /** A frame was drawn; ``decodeMs``: from its packet's arrival to now (null: unknown). */
+  onFrame(captureTime, decodeMs = null, arrivedWall = null) {
     const p = this.pub;
     p.frames++;
     this.recent.push([performance.now(), 0, true]);
-    const now = Date.now() / 1000;
+    if (decodeMs !== null) {
+      this.decodeSamples.push(decodeMs);
+      if (this.decodeSamples.length > 200) this.decodeSamples.shift();
+    }
+    if (arrivedWall !== null && captureTime) {
+      this.transitSamples.push((arrivedWall - captureTime) * 1000);
+      if (this.transitSamples.length > 200) this.transitSamples.shift();
+    }
+    const now = wallClock();
     let last = null;
     while (this.pending.length && this.pending[0] <= captureTime) {
       last = (now - this.pending.shift()) * 1000;
@@ -89,6 +108,14 @@ export class Stats {
     for (const [, b, f] of this.recent) { bytes += b; if (f) frames++; }
     this.pub.fps = Math.round((frames / (WINDOW_MS / 1000)) * 10) / 10;
     this.pub.bitrate = Math.round((bytes * 8) / (WINDOW_MS / 1000));
+    if (this.decodeSamples.length) {
+      const d = [...this.decodeSamples].sort((a, b) => a - b);
+      this.pub.decodeMs.p50 = Math.round(d[d.length >> 1] * 100) / 100;
+    }
+    if (this.transitSamples.length) {
+      const d = [...this.transitSamples].sort((a, b) => a - b);
+      this.pub.transitMs.p50 = Math.round(d[d.length >> 1] * 100) / 100;
+    }
     return this.pub;
   }
 }

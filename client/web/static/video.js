@@ -5,6 +5,7 @@
 // next keyframe and asks the server for one (at most KEYFRAME_REQUESTS_PER_S a second).
 
 import { FALLBACK_CODEC, codecFromSps, isIdr, parseVideoPacket } from './protocol.js';
+import { wallClock } from './stats.js';
 
 const KEYFRAME_REQUEST_INTERVAL_MS = 250; // 4 a second
 const MAX_DECODE_QUEUE = 16; // packets queued in the decoder before we skip to a keyframe
@@ -36,7 +37,7 @@ export class VideoPipe {
     this.checking = false; // waiting for isConfigSupported: packets go to this.pending
     this.pending = [];
     this.generation = 0; // bumped by reset(); stale async results are ignored
-    this.captures = new Map(); // chunk timestamp (us) -> capture time (s)
+    this.captures = new Map(); // chunk timestamp (us) -> [capture time (s), arrival (performance.now ms)]
     this.lastKeyRequest = -Infinity;
     this.keyTimer = null;
     this.reset();
@@ -166,7 +167,7 @@ export class VideoPipe {
       return;
     }
     const timestamp = pkt.pts * 1000; // microseconds; unique per socket (pts strictly increases)
-    this.captures.set(timestamp, pkt.captureTime);
+    this.captures.set(timestamp, [pkt.captureTime, performance.now(), wallClock()]);
     if (this.captures.size > MAX_CAPTURES) this.captures.delete(this.captures.keys().next().value);
     try {
       this.decoder.decode(new EncodedVideoChunk({ type: key ? 'key' : 'delta', timestamp, data: pkt.data }));
@@ -180,7 +181,7 @@ export class VideoPipe {
   output(frame) {
     try {
       const ts = frame.timestamp;
-      const captureTime = this.captures.get(ts);
+      const [captureTime, arrived, arrivedWall] = this.captures.get(ts) || [0, null, null];
       // frames come out in order: anything older than this one will not come out any more
       for (const k of this.captures.keys()) {
         if (k > ts) break;
@@ -195,7 +196,7 @@ export class VideoPipe {
         this.onResize(w, h);
       }
       this.ctx.drawImage(frame, 0, 0, w, h);
-      this.stats.onFrame(captureTime ?? 0);
+      this.stats.onFrame(captureTime, arrived === null ? null : performance.now() - arrived, arrivedWall);
     } finally {
       frame.close();
     }
