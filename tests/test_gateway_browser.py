@@ -398,3 +398,58 @@ def test_page_messages_are_validated_into_input_events() -> None:
     ):
         with pytest.raises(PageMessageError):
             parse_page_message(bad)
+
+
+def test_queued_browser_shows_its_position_then_plays_when_a_node_frees(
+    r: redis.Redis, keys: Keys, procs: Procs, driver: Any
+) -> None:
+    from cloudq.client.kernel import Heartbeat
+    from cloudq.client.launcher import Launcher
+    from cloudq.settings import Settings
+
+    start_pool(
+        r, keys, procs, nodes=1, node_args=("--size", f"{W}x{H}", "--fps", "30"), grace=30, idle_timeout=30
+    )
+    gw = Gateway(procs).start()
+    launcher = Launcher(r, keys)
+    alice = launcher.login("alice", "pw")
+    hb = Heartbeat(r, keys, alice.sid, Settings.load(r, keys))
+    hb.start()
+    try:
+        login(driver, gw, "bob")
+        queue = driver.find_element(By.ID, "queue")
+        wait_for(queue.is_displayed, 15, what="the queue position")
+        assert queue.text == "You are number 1 in the queue."
+        assert driver.find_element(By.ID, "status").get_attribute("data-state") == "queued"
+        assert frames(driver) == 0
+    finally:
+        hb.stop.set()
+        launcher.logout(alice.token)
+    wait_for(lambda: frames(driver) > 0, 30, what="bob's first frame once alice's node is free")
+    assert not queue.is_displayed()
+    assert stats(driver)["sid"] == sid_of(r, keys, "bob") != alice.sid
+
+
+def test_a_gap_in_the_stream_makes_the_page_ask_for_a_keyframe_and_recover(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    import time
+
+    from cloudq.wire import VideoPacket
+
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    sid = stats(driver)["sid"]
+    drag(driver, [(40, 30), (280, 30)])
+    wait_for(lambda: ink(canvas(driver))[30, 80:240].all(), 10, what="a stroke")
+    s0, k0 = stats(driver), gateway.stats()["counters"].get("keyframe_requests", 0)
+    # a packet from far ahead in the sequence: to the page, packets went missing
+    bogus = VideoPacket(10**9, 0, False, time.time(), b"\x00\x00\x00\x01\x41\x9a\x00")
+    r.xadd(keys.video(sid), bogus.pack())
+    wait_for(lambda: stats(driver)["gaps"] > s0["gaps"], 10, what="the page noticing the gap")
+    wait_for(lambda: stats(driver)["keyframeRequests"] > s0["keyframeRequests"], 5, what="a keyframe request")
+    wait_for(lambda: gateway.stats()["counters"].get("keyframe_requests", 0) > k0, 5, what="forwarded")
+    wait_for(lambda: stats(driver)["keyframes"] > s0["keyframes"], 10, what="the node's keyframe")
+    drag(driver, [(40, 90), (280, 90)])
+    wait_for(lambda: ink(canvas(driver))[90, 80:240].all(), 10, what="a stroke after the gap")
+    assert stats(driver)["decodeErrors"] == s0["decodeErrors"]
