@@ -453,3 +453,95 @@ def test_a_gap_in_the_stream_makes_the_page_ask_for_a_keyframe_and_recover(
     drag(driver, [(40, 90), (280, 90)])
     wait_for(lambda: ink(canvas(driver))[90, 80:240].all(), 10, what="a stroke after the gap")
     assert stats(driver)["decodeErrors"] == s0["decodeErrors"]
+
+
+def session_acl(r: redis.Redis, keys: Keys, sid: str, token: str) -> str:
+    """A per-session Redis ACL user with only what a browser's session needs (the security work
+    defines the real ones; this is the least the gateway uses)."""
+    from cloudq.tokens import session_acl_password, session_acl_user
+
+    name = session_acl_user(sid)
+    r.acl_setuser(
+        name,
+        enabled=True,
+        passwords=[f"+{session_acl_password(token)}"],
+        keys=[f"{keys.session(sid)}*"],
+        commands=[
+            "-@all",
+            "+ping",
+            "+client|setinfo",
+            "+xread",
+            "+xrevrange",
+            "+xadd",
+            "+set",
+            "+hget",
+            "+hmget",
+        ],
+        reset_keys=True,
+        reset_passwords=True,
+    )
+    return name
+
+
+def test_with_a_session_acl_user_the_browsers_traffic_runs_with_only_that_sessions_rights(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    assert stats(driver)["rights"] == "gateway"  # no such ACL user yet: the gateway's own connection
+    sid, token = stats(driver)["sid"], driver.get_cookie("cloudq_token")["value"]
+    name = session_acl(r, keys, sid, token)
+    try:
+        driver.refresh()  # a new socket: now as the session's user
+        wait_for(lambda: frames(driver) > 0, 20, what="frames as the session user")
+        assert stats(driver)["rights"] == "session"
+        assert gateway.stats()["rights"].get("session") == 1
+        drag(driver, [(40, 150), (280, 150)])
+        wait_for(lambda: ink(canvas(driver))[150, 80:240].all(), 10, what="a stroke as the session user")
+        # and that user really is confined to its session's keys
+        from cloudq.tokens import session_acl_password
+
+        url = r.connection_pool.connection_kwargs
+        confined = redis.Redis(
+            host=url["host"], port=url["port"], db=url.get("db", 0), username=name,
+            password=session_acl_password(token),
+        )  # fmt: skip
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            confined.get(keys.user("alice"))
+        confined.close()
+    finally:
+        r.acl_deluser(name)
+
+
+def test_open_session_redis_falls_back_to_the_gateway_only_in_auto_mode(redis_url: str) -> None:
+    from cloudq.client.web.server import open_session_redis
+
+    async def go() -> tuple[str, str]:
+        c, rights = await open_session_redis(redis_url, "nosuch", "token", "auto")
+        await c.aclose()
+        try:
+            await open_session_redis(redis_url, "nosuch", "token", "session")
+        except redis.exceptions.AuthenticationError as exc:
+            return rights, type(exc).__name__
+        return rights, "accepted"
+
+    assert asyncio.run(go()) == ("gateway", "AuthenticationError")
+
+
+def test_another_login_of_the_same_user_takes_the_session_over_and_the_page_says_so(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    from cloudq.client.launcher import Launcher
+
+    login(driver, gateway, "bob")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    ticket = Launcher(r, keys).login("bob", "pw")  # `cloudq connect` elsewhere: same session, new token
+    assert ticket.status == "reconnect" and ticket.sid == stats(driver)["sid"]
+    status = driver.find_element(By.ID, "status")
+    wait_for(lambda: status.get_attribute("data-state") == "closed", 10, what="the page closed")
+    assert "the session was taken over by another login of the same user" in status.text
+    assert driver.find_element(By.ID, "login").is_displayed()
+    connects = stats(driver)["connects"]
+    with pytest.raises(AssertionError):  # a closed session is not reconnected by itself
+        wait_for(lambda: stats(driver)["connects"] > connects, 1.5, what="no reconnect")
+    Launcher(r, keys).logout(ticket.token)

@@ -508,9 +508,15 @@ class Socket:
                     return
             else:
                 self.sid = who.sid
-            self.sr, rights = await open_session_redis(
-                self.gw.cfg.redis_url, self.sid, self.token, self.gw.cfg.session_rights
-            )
+            try:
+                self.sr, rights = await open_session_redis(
+                    self.gw.cfg.redis_url, self.sid, self.token, self.gw.cfg.session_rights
+                )
+            except AuthenticationError as exc:  # --session-rights session, and Redis refused the user
+                log.warning("ws %s: %s", self.sid, exc)
+                await _send_json(self.ws, {"t": "close", "reason": "unauthorized"})
+                await self.close(CLOSE_UNAUTHORIZED, "unauthorized", "session_user_refused")
+                return
             self.gw.rights[rights] += 1
             node = (await self.sr.hget(self.keys.session(self.sid), "node") or b"").decode()
             await _send_json(
@@ -755,4 +761,13 @@ def create_app(cfg: Config) -> web.Application:
 def serve(cfg: Config, host: str, port: int) -> None:
     """Run the gateway until SIGINT/SIGTERM."""
     log.info("gateway on http://%s:%d (session rights: %s)", host, port, cfg.session_rights)
-    web.run_app(create_app(cfg), host=host, port=port, print=None, shutdown_timeout=2.0, reuse_address=True)
+    access = logging.getLogger("aiohttp.access")
+    web.run_app(
+        create_app(cfg),
+        host=host,
+        port=port,
+        print=None,
+        shutdown_timeout=2.0,
+        reuse_address=True,
+        access_log=access if access.isEnabledFor(logging.DEBUG) else None,  # -vv logs every request
+    )

@@ -162,6 +162,10 @@ class Session {
     }
     if (code === CLOSE_SESSION && !this.note) this.note = reasonWords(reason);
     this.setState('closed');
+    // the last picture and the reason stay on screen; the form is there to log in again
+    this.input.detach();
+    el.login.hidden = false;
+    el.loginError.textContent = this.note;
   }
 
   setState(state, position) {
@@ -226,6 +230,7 @@ async function api(path, body) {
 }
 
 function begin(user) {
+  if (session) session.stop();
   el.login.hidden = true;
   el.loginError.textContent = '';
   session = new Session(user);
