@@ -279,7 +279,7 @@ class Gateway:
     rights: Counter[str] = field(default_factory=Counter)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     # (node capture -> read by the gateway, read -> handed to the socket) of the last packets, seconds
-    lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=500))
+    lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
 
     def __post_init__(self) -> None:
         self.r = _redis(self.cfg.redis_url)

@@ -189,7 +189,19 @@ def run(samples: int = 300, blocks: int = 6) -> dict[str, Any]:
         with urllib.request.urlopen(url + "/stats", timeout=5) as resp:
             result["gateway"] = json.loads(resp.read())["video_ms_p50"]
         s = browser.stats()
-        result["page"] = {k: s.get(k) for k in ("frames", "keyframes", "gaps", "decodeErrors", "codec", "decodeMs", "transitMs")}
+        result["page"] = {
+            k: s.get(k)
+            for k in (
+                "frames",
+                "keyframes",
+                "gaps",
+                "decodeErrors",
+                "codec",
+                "transitMs",
+                "decodeMs",
+                "drawMs",
+            )
+        }
         for name, v in lat.items():
             result[name] = {"p50": _pct(v, 50), "p99": _pct(v, 99), "n": len(v)}
         result["p50_difference_ms"] = result["browser"]["p50"] - result["python"]["p50"]
@@ -224,19 +236,25 @@ def table(x: dict[str, Any]) -> str:
 
 
 def write_markdown(result: dict[str, Any], path: str) -> None:
-    page = result["page"]
+    page, gw = result["page"], result["gateway"]
     body = f"""Through real processes: embedded Valkey, central, RQ worker, two `probe` nodes at
 {result["size"]} 30 fps, and `cloudq gateway`. User `py` runs the Python client kernel in the
 benchmark process; user `web` logs in through the gateway's page in headless Chromium (Selenium,
 `--disable-gpu`: software decoding). Both latencies are measured the same way, by the client
 itself: from sending an input (wall clock) to decoding the first frame rendered after it (in the
-page: the WebCodecs output callback, after drawing to the canvas). One input at a time, 30-70 ms
+page: the WebCodecs output callback, before drawing to the canvas). One input at a time, 30-70 ms
 apart, in alternating blocks (Python, browser, ...), each block after a few unmeasured inputs.
 
 {result["table"]}
 
-Page counters at the end: {page["frames"]} frames, {page["keyframes"]} keyframes, {page["gaps"]} gaps,
-{page["decodeErrors"]} decode errors, codec `{page["codec"]}`. Machine: {result["machine"]}.
+Where a browser frame's time goes (medians over the last 200 frames, each side's own window, so they
+need not add up): node capture → packet in the page {page["transitMs"]["p50"]} ms; capture → read by the
+gateway {gw["capture_to_gateway"]} ms (encode, XADD, XREAD); gateway → socket {gw["gateway_to_socket"]} ms; packet → WebCodecs output {page["decodeMs"]["p50"]} ms;
+output → drawn on the 2D canvas {page["drawMs"]["p50"]} ms (not in the latency above, as the Python
+client's figure has no display step either). Page counters at the end: {page["frames"]} frames,
+{page["keyframes"]} keyframes, {page["gaps"]} gaps, {page["decodeErrors"]} decode errors, codec
+`{page["codec"]}`. Machine: {result["machine"]}; the machine is shared, so figures move between runs
+by several ms (the alternating blocks keep both clients under the same load).
 Rerun: `cloudq bench browser --write BENCHMARKS.md` (`--json` for JSON; needs `chromium`,
 `chromium-driver` and `pip install selenium`)."""
     write_section("Browser", body, path)

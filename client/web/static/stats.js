@@ -15,21 +15,26 @@ export function wallClock() {
   return (performance.timeOrigin + performance.now()) / 1000;
 }
 
+const ROLLING = 200; // samples behind each rolling median
+
 export class Stats {
   constructor() {
     this.pub = {
-      user: null, sid: null, rights: null, closeReason: null, state: null, frames: 0, keyframes: 0, packets: 0, bytes: 0, gaps: 0, decodeErrors: 0,
+      user: null, sid: null, rights: null, closeReason: null, state: null,
+      frames: 0, keyframes: 0, packets: 0, bytes: 0, gaps: 0, decodeErrors: 0,
       keyframeRequests: 0, dropped: 0, connects: 0, disconnects: 0,
       fps: 0, bitrate: 0, codec: null, width: 0, height: 0,
+      // input -> decoded frame (ms), measured like the Python client
       latency: { p50: null, p99: null, n: 0, last: null, unanswered: 0 },
-      decodeMs: { p50: null }, // packet arrival -> frame drawn
-      transitMs: { p50: null }, // capture on the node -> packet arrival in the page (render, encode, Redis, gateway)
+      // where a frame's time goes, medians of the last ROLLING frames (ms):
+      transitMs: { p50: null }, // captured on the node -> its packet arrived here (encode, Redis, gateway)
+      decodeMs: { p50: null }, // packet arrived -> WebCodecs output
+      drawMs: { p50: null }, // output -> drawn on the canvas
     };
     this.recent = []; // [ms, bytes, isFrame]
     this.pending = []; // send times (s) of unanswered input events
     this.sorted = []; // latency samples (ms), ascending
-    this.decodeSamples = []; // packet arrival -> frame drawn (ms), the last 200
-    this.transitSamples = []; // node capture -> packet arrival in the page (ms; wall clocks), the last 200
+    this.rolling = { transitMs: [], decodeMs: [], drawMs: [] };
   }
 
   onPacket(bytes, keyframe) {
@@ -39,26 +44,30 @@ export class Stats {
     this.recent.push([performance.now(), bytes, false]);
   }
 
-  /** A frame was drawn; ``decodeMs``: from its packet's arrival to now (null: unknown). */
-  onFrame(captureTime, decodeMs = null, arrivedWall = null) {
+  /**
+   * A frame was decoded and drawn. ``decodedWall``: wall clock (s) when WebCodecs output it;
+   * ``arrivedWall``: when its packet arrived (null: unknown); ``decodeMs``, ``drawMs``: durations.
+   */
+  onFrame({ captureTime, decodedWall, arrivedWall = null, decodeMs = null, drawMs = null }) {
     const p = this.pub;
     p.frames++;
     this.recent.push([performance.now(), 0, true]);
-    if (decodeMs !== null) {
-      this.decodeSamples.push(decodeMs);
-      if (this.decodeSamples.length > 200) this.decodeSamples.shift();
-    }
-    if (arrivedWall !== null && captureTime) {
-      this.transitSamples.push((arrivedWall - captureTime) * 1000);
-      if (this.transitSamples.length > 200) this.transitSamples.shift();
-    }
-    const now = wallClock();
+    this.roll('decodeMs', decodeMs);
+    this.roll('drawMs', drawMs);
+    if (arrivedWall !== null && captureTime) this.roll('transitMs', (arrivedWall - captureTime) * 1000);
     let last = null;
     while (this.pending.length && this.pending[0] <= captureTime) {
-      last = (now - this.pending.shift()) * 1000;
+      last = (decodedWall - this.pending.shift()) * 1000;
       this.addSample(last);
     }
     if (last !== null) this.summarise(last);
+  }
+
+  roll(name, value) {
+    if (value === null || !Number.isFinite(value)) return;
+    const a = this.rolling[name];
+    a.push(value);
+    if (a.length > ROLLING) a.shift();
   }
 
   onInputSent(sendTime) {
@@ -108,13 +117,10 @@ export class Stats {
     for (const [, b, f] of this.recent) { bytes += b; if (f) frames++; }
     this.pub.fps = Math.round((frames / (WINDOW_MS / 1000)) * 10) / 10;
     this.pub.bitrate = Math.round((bytes * 8) / (WINDOW_MS / 1000));
-    if (this.decodeSamples.length) {
-      const d = [...this.decodeSamples].sort((a, b) => a - b);
-      this.pub.decodeMs.p50 = Math.round(d[d.length >> 1] * 100) / 100;
-    }
-    if (this.transitSamples.length) {
-      const d = [...this.transitSamples].sort((a, b) => a - b);
-      this.pub.transitMs.p50 = Math.round(d[d.length >> 1] * 100) / 100;
+    for (const [name, values] of Object.entries(this.rolling)) {
+      if (!values.length) continue;
+      const d = [...values].sort((a, b) => a - b);
+      this.pub[name].p50 = Math.round(d[d.length >> 1] * 100) / 100;
     }
     return this.pub;
   }

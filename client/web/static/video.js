@@ -180,6 +180,7 @@ export class VideoPipe {
 
   output(frame) {
     try {
+      const decodedAt = performance.now(), decodedWall = wallClock();
       const ts = frame.timestamp;
       const [captureTime, arrived, arrivedWall] = this.captures.get(ts) || [0, null, null];
       // frames come out in order: anything older than this one will not come out any more
@@ -196,7 +197,13 @@ export class VideoPipe {
         this.onResize(w, h);
       }
       this.ctx.drawImage(frame, 0, 0, w, h);
-      this.stats.onFrame(captureTime, arrived === null ? null : performance.now() - arrived, arrivedWall);
+      this.stats.onFrame({
+        captureTime,
+        decodedWall,
+        arrivedWall,
+        decodeMs: arrived === null ? null : decodedAt - arrived,
+        drawMs: performance.now() - decodedAt,
+      });
     } finally {
       frame.close();
     }
