@@ -545,3 +545,20 @@ def test_another_login_of_the_same_user_takes_the_session_over_and_the_page_says
     with pytest.raises(AssertionError):  # a closed session is not reconnected by itself
         wait_for(lambda: stats(driver)["connects"] > connects, 1.5, what="no reconnect")
     Launcher(r, keys).logout(ticket.token)
+
+
+def test_keys_on_the_page_reach_the_app_as_keysyms(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    driver.execute_script("document.getElementById('screen').focus()")
+    ActionChains(driver, duration=0).send_keys("2").perform()  # paint: colour 2 is red
+    drag(driver, [(40, 120), (280, 120)])
+
+    def red() -> bool:
+        px = canvas(driver)[120, 80:240].astype(int)
+        return bool(((px[:, 0] > 150) & (px[:, 1] < 100) & (px[:, 2] < 100)).all())
+
+    wait_for(red, 10, what="a red stroke")
+    assert driver.current_url.startswith(gateway.url)  # the page did not act on the key itself
