@@ -311,18 +311,19 @@ class Gateway:
         sid, qtoken = (
             (v or b"").decode() for v in await self.r.hmget(self.keys.user(user), "session", "qtoken")
         )
+        live = False
         if sid:
             state, reason, stoken = (
                 (v or b"").decode()
                 for v in await self.r.hmget(self.keys.session(sid), "state", "close_reason", "token")
             )
+            live = bool(state) and state != "closed" and not reason
             if stoken and same_token(stoken, th):
-                if state and state != "closed" and not reason:
-                    return Who(user, sid, "session")
-                return Who(user, sid, "gone", reason or "closed")
+                return Who(user, sid, "session") if live else Who(user, sid, "gone", reason or "closed")
         if qtoken and same_token(qtoken, th):
             return Who(user, "", "queued")
-        return Who(user, sid, "gone", "taken_over" if sid else "closed")
+        # a live token with neither: another login holds the user's session, or it left the queue
+        return Who(user, sid, "gone", "taken_over" if live else "closed")
 
     # -- HTTP ---------------------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -564,9 +565,16 @@ class Socket:
             if got is not None:
                 await r.delete(keys.queued(self.user))
                 return got[1].decode()
-            if pos is None and await r.get(keys.token(th)) is None:
-                await self.end_session("logout")
-                return ""
+            if pos is None:
+                # out of the queue without a notification for us: another socket of the same token
+                # (a second tab, another gateway) took it, or the ticket ended
+                who = await self.gw.resolve(self.token)
+                if who is not None and who.status == "session":
+                    await r.delete(keys.queued(self.user))
+                    return who.sid
+                if who is None or who.status == "gone":
+                    await self.end_session(who.reason if who else "logout")
+                    return ""
 
     # -- the session ---------------------------------------------------------------------------
     async def mark_activity(self, force: bool = False) -> None:
