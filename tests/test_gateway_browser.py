@@ -562,3 +562,24 @@ def test_keys_on_the_page_reach_the_app_as_keysyms(
 
     wait_for(red, 10, what="a red stroke")
     assert driver.current_url.startswith(gateway.url)  # the page did not act on the key itself
+
+
+def test_an_idle_page_lets_the_session_sleep_and_input_wakes_it(
+    r: redis.Redis, keys: Keys, procs: Procs, driver: Any
+) -> None:
+    start_pool(
+        r, keys, procs, nodes=1, node_args=("--size", f"{W}x{H}", "--fps", "30"), grace=30, idle_timeout=1.0
+    )
+    gw = Gateway(procs).start()
+    login(driver, gw, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    sid = stats(driver)["sid"]
+    status = driver.find_element(By.ID, "status")
+    # the socket beats the heartbeat but only real input counts as activity
+    wait_for(lambda: session_field(r, keys, sid) == "sleeping", 10, what="the idle session asleep")
+    wait_for(lambda: status.text.startswith("sleeping"), 5, what="the status line saying so")
+    assert r.exists(keys.heartbeat(sid)) and not r.exists(keys.activity(sid))
+    drag(driver, [(40, 120), (280, 120)])
+    wait_for(lambda: session_field(r, keys, sid) == "active", 10, what="input woke the session")
+    wait_for(lambda: ink(canvas(driver))[120, 80:240].all(), 10, what="the stroke after waking")
+    wait_for(lambda: status.text.startswith("active"), 5, what="the status line active again")
