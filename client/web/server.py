@@ -280,6 +280,8 @@ class Gateway:
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     # (node capture -> read by the gateway, read -> handed to the socket) of the last packets, seconds
     lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
+    # (page sent an input -> the gateway read it (wall clocks), read -> XADDed), seconds
+    input_lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
 
     def __post_init__(self) -> None:
         self.r = _redis(self.cfg.redis_url)
@@ -346,6 +348,8 @@ class Gateway:
                 "video_ms_p50": {
                     "capture_to_gateway": _median([a for a, _ in self.lag]),
                     "gateway_to_socket": _median([b for _, b in self.lag]),
+                    "page_input_to_gateway": _median([a for a, _ in self.input_lag]),
+                    "gateway_input_to_xadd": _median([b for _, b in self.input_lag]),
                 },
             }
         )
@@ -523,7 +527,7 @@ class Socket:
             await _send_json(
                 self.ws, {"t": "hello", "user": self.user, "sid": self.sid, "node": node, "rights": rights}
             )
-            await self.mark_activity(force=True)
+            await self.mark_activity()
             tasks = [
                 asyncio.ensure_future(c)
                 for c in (self.heartbeat_loop(), self.watch_loop(), self.video_loop())
@@ -577,11 +581,11 @@ class Socket:
                     return ""
 
     # -- the session ---------------------------------------------------------------------------
-    async def mark_activity(self, force: bool = False) -> None:
+    async def mark_activity(self) -> None:
+        """The browser attached: like the launcher at start, the user is there."""
         idle = self.settings.idle_timeout
-        now = time.monotonic()
-        if idle and self.sr is not None and (force or now - self.last_activity >= min(0.25, idle / 10)):
-            self.last_activity = now
+        if idle and self.sr is not None:
+            self.last_activity = time.monotonic()
             await self.sr.set(self.keys.activity(self.sid), "1", px=int(idle * 1000))
 
     async def heartbeat_loop(self) -> None:
@@ -681,15 +685,27 @@ class Socket:
         await self.send_input(InputEvent("keyframe_request", 0, time.time()))
         self.gw.counters["keyframe_requests"] += 1
 
-    async def send_input(self, ev: InputEvent) -> None:
-        if self.sr is not None:
+    async def send_input(self, ev: InputEvent, activity: bool = False) -> None:
+        """XADD ``ev`` to the input stream; with ``activity`` also refresh the activity key (real
+        input, at most every quarter second), in the same round trip."""
+        if self.sr is None:
+            return
+        idle, now = self.settings.idle_timeout, time.monotonic()
+        if not (activity and idle and now - self.last_activity >= min(0.25, idle / 10)):
             await self.sr.xadd(self.keys.input(self.sid), ev.pack(), maxlen=INPUT_MAXLEN, approximate=True)
+            return
+        self.last_activity = now
+        pipe = self.sr.pipeline(transaction=False)
+        pipe.xadd(self.keys.input(self.sid), ev.pack(), maxlen=INPUT_MAXLEN, approximate=True)
+        pipe.set(self.keys.activity(self.sid), "1", px=int(idle * 1000))
+        await pipe.execute()
 
     async def read_loop(self) -> None:
         """The page's messages; any bad one closes this socket (counted by reason)."""
         ws = self.ws
         while True:
             msg = await ws.receive()
+            received = time.time()
             if msg.type == WSMsgType.TEXT:
                 if not self.bucket.take():
                     await self.close(WSCloseCode.POLICY_VIOLATION, "too many messages", "rate")
@@ -709,9 +725,9 @@ class Socket:
                     await self.request_keyframe()
                 else:
                     assert isinstance(got, InputEvent)
-                    await self.send_input(got)
+                    await self.send_input(got, activity=True)
                     self.gw.counters["inputs"] += 1
-                    await self.mark_activity()
+                    self.gw.input_lag.append((received - got.client_time, time.time() - received))
             elif msg.type == WSMsgType.BINARY:
                 await self.close(WSCloseCode.POLICY_VIOLATION, "binary messages are not accepted", "binary")
                 raise _Closed
