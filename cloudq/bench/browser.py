@@ -250,6 +250,8 @@ apart, in alternating blocks (Python, browser, ...), each block after a few unme
 Where a browser frame's time goes (medians over the last 200 frames, each side's own window, so they
 need not add up): node capture → packet in the page {page["transitMs"]["p50"]} ms; capture → read by the
 gateway {gw["capture_to_gateway"]} ms (encode, XADD, XREAD); gateway → socket {gw["gateway_to_socket"]} ms; packet → WebCodecs output {page["decodeMs"]["p50"]} ms;
+input sent by the page → read by the gateway {gw.get("page_input_to_gateway")} ms, → its XADD answered {gw.get("gateway_input_to_xadd")} ms
+(the node has the input before that answer comes back);
 output → drawn on the 2D canvas {page["drawMs"]["p50"]} ms (not in the latency above, as the Python
 client's figure has no display step either). Page counters at the end: {page["frames"]} frames,
 {page["keyframes"]} keyframes, {page["gaps"]} gaps, {page["decodeErrors"]} decode errors, codec
