@@ -632,6 +632,77 @@ def connect(
     click.echo(reason, err=True)
 
 
+# -- the browser gateway ---------------------------------------------------------------------
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option(
+    "--host",
+    envvar="CLOUDQ_GATEWAY_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    show_envvar=True,
+    help="Listen on this address (put a TLS reverse proxy in front for anything but localhost).",
+)
+@click.option(
+    "--port",
+    envvar="CLOUDQ_GATEWAY_PORT",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    show_envvar=True,
+)
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    envvar="CLOUDQ_GATEWAY_ALLOW_ORIGIN",
+    show_envvar=True,
+    help="Also accept WebSockets from this Origin (e.g. https://cloudq.example); repeatable. "
+    "By default only the gateway's own host is accepted.",
+)
+@click.option(
+    "--secure-cookie",
+    is_flag=True,
+    envvar="CLOUDQ_GATEWAY_SECURE_COOKIE",
+    show_envvar=True,
+    help="Mark the token cookie Secure (set this behind a TLS proxy).",
+)
+@click.option(
+    "--session-rights",
+    type=click.Choice(["auto", "session", "gateway"]),
+    default="auto",
+    envvar="CLOUDQ_GATEWAY_SESSION_RIGHTS",
+    show_default=True,
+    show_envvar=True,
+    help="Per-browser Redis connection: the session's ACL user (session), the gateway's own "
+    "credentials (gateway), or the session user when the server has it (auto).",
+)
+def gateway(
+    redis_url: str | None,
+    prefix: str,
+    host: str,
+    port: int,
+    allow_origins: tuple[str, ...],
+    secure_cookie: bool,
+    session_rights: str,
+) -> None:
+    """Serve the browser client: login page, video over WebSockets, input back."""
+    from cloudq.client.web.server import Config, serve
+
+    if not redis_url:
+        _connect(redis_url)  # the usage error
+    assert redis_url is not None
+    cfg = Config(
+        redis_url=redis_url,
+        prefix=prefix,
+        allow_origins=frozenset(o.lower().rstrip("/") for o in allow_origins),
+        secure_cookie=secure_cookie,
+        session_rights=session_rights,
+    )
+    serve(cfg, host, port)
+
+
 # -- everything on one machine ---------------------------------------------------------------
 @main.command()
 @redis_url_option

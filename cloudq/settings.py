@@ -50,7 +50,11 @@ class Settings:
     @classmethod
     def load(cls, r: redis.Redis, keys: Keys) -> Settings:
         """The published settings (defaults for anything missing)."""
-        raw = r.hgetall(keys.settings)
+        return cls.from_hash(r.hgetall(keys.settings))
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> Settings:
+        """Settings from the published hash's fields (what HGETALL returns; async readers too)."""
         kwargs = {}
         for f in fields(cls):
             v = raw.get(f.name.encode())

@@ -75,6 +75,19 @@ def test_keys_pick_colour_and_brush_size():
     assert app.changed() and not painted(app.render(0.0)).any()
 
 
+def test_paint_takes_a_browsers_key_down_with_x_keysym_names():
+    app = PaintApp(W, H, brush=2)
+    app.handle_input(InputEvent("key_down", 1, 0.0, key="3"))
+    app.handle_input(InputEvent("key_up", 2, 0.0, key="3"))
+    assert app.colour == PALETTE[2]
+    app.handle_input(InputEvent("key_down", 3, 0.0, key="plus"))
+    app.handle_input(InputEvent("key_down", 4, 0.0, key="equal"))
+    app.handle_input(InputEvent("key_down", 5, 0.0, key="minus"))
+    assert app.brush == 3
+    app.handle_input(InputEvent("key_up", 6, 0.0, key="plus"))  # a release does nothing
+    assert app.brush == 3
+
+
 def test_strokes_off_the_canvas_are_clipped():
     app = PaintApp(W, H)
     drag(app, (-1000, -1000), (-(2**31), 2**31 - 1))

@@ -59,4 +59,14 @@ def test_every_cloudq_command_starts_without_the_store() -> None:
     mods = _loaded_after("import cloudq.cli")
     assert "cloudq.cli" in mods
     assert not [m for m in mods if m.startswith(("cloudq.workers", "cloudq.client"))]
-    assert not {"cloudq.bench.control", "cloudq.bench.media", "cloudq.bench.data"} & mods
+    assert (
+        not {"cloudq.bench.control", "cloudq.bench.media", "cloudq.bench.data", "cloudq.bench.browser"} & mods
+    )
+
+
+def test_the_gateway_loads_no_media_stack_and_no_worker() -> None:
+    mods = _loaded_after("import cloudq.client.web.server")
+    assert "cloudq.client.web.server" in mods
+    for forbidden in ("av", "numpy", "bcrypt", "rq", "cloudq.codec", "cloudq.auth", "cloudq.central"):
+        assert forbidden not in mods, forbidden
+    assert not [m for m in mods if m.startswith("cloudq.workers")]

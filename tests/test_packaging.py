@@ -37,7 +37,7 @@ def test_compose_services_run_real_cloudq_commands() -> None:
     services = compose["services"]
     assert {"redis", "central", "node", "worker"} <= set(services)
     assert "Ex" in services["redis"]["command"]
-    for name in ("central", "node", "worker"):
+    for name in ("central", "node", "worker", "gateway"):
         cmd = services[name]["command"]
         line = cmd[-1] if cmd[0] == "sh" else " ".join(cmd)
         sub = line.split("cloudq", 1)[1].split()

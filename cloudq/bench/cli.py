@@ -103,3 +103,23 @@ def bench_data(sizes: str, workdir: str | None, as_json: bool, write_path: str |
     if write_path:
         data.write_markdown(result, write_path)
     _emit(result, data.format_table(result), as_json)
+
+
+@bench.command("browser")
+@json_option
+@write_option
+@click.option("--samples", type=click.IntRange(min=10), default=300, show_default=True, help="Per client.")
+@click.option(
+    "--blocks", type=click.IntRange(min=2), default=6, show_default=True, help="Alternating blocks."
+)
+def bench_browser(as_json: bool, write_path: str | None, samples: int, blocks: int) -> None:
+    """Input→decoded frame in headless Chromium via `cloudq gateway`, next to the Python client."""
+    from cloudq.bench.browser import run, write_markdown
+
+    try:
+        result = run(samples=samples, blocks=blocks)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    if write_path:
+        write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)

@@ -72,7 +72,7 @@ class PaintApp(App):
         return self._dirty
 
     def handle_input(self, ev: InputEvent) -> None:
-        if ev.type == "key" and ev.key is not None:
+        if ev.type in ("key", "key_down") and ev.key is not None:  # key_down: the browser's keys
             self._key(ev.key)
         elif ev.type in ("mouse_down", "mouse_move", "mouse_up") and ev.x is not None and ev.y is not None:
             point = (ev.x, ev.y)
@@ -88,9 +88,9 @@ class PaintApp(App):
             self.colour_index = int(key) - 1
         elif key == "c":
             self.colour_index = (self.colour_index + 1) % len(PALETTE)
-        elif key in ("+", "="):
+        elif key in ("+", "=", "plus", "equal"):  # the character or its X keysym name
             self.brush = min(MAX_BRUSH, self.brush + 1)
-        elif key == "-":
+        elif key in ("-", "minus"):
             self.brush = max(MIN_BRUSH, self.brush - 1)
         elif key == "Delete":
             self.canvas[:] = BACKGROUND

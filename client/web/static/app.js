@@ -1,0 +1,277 @@
+// cloudq browser client: login, then one WebSocket carrying H.264 (binary) and control (JSON).
+// The protocol is described in client/web/server.py's docstring.
+
+import { CLOSE_SESSION, CLOSE_UNAUTHORIZED, Connection, closeWords } from './connection.js';
+import { InputCapture } from './input.js';
+import { Stats, wallClock } from './stats.js';
+import { VideoPipe } from './video.js';
+
+const STATUS_EVERY_MS = 500;
+
+const STATE_WORDS = {
+  connecting: 'connecting',
+  queued: 'queued: waiting for a free node',
+  starting: 'starting (loading your data onto a node)',
+  active: 'active',
+  disconnected: 'disconnected',
+  sleeping: 'sleeping (no input for a while: move the mouse or press a key)',
+  reconnecting: 'reconnecting',
+  closed: 'closed',
+};
+
+// session close reasons, in plain words (the same as client/session.py)
+const REASONS = {
+  grace: 'the session was closed: the client was gone longer than the reconnect grace',
+  idle: 'the session was closed: no input for too long',
+  max_session: 'the session was closed: it reached the maximum session length',
+  logout: 'the session was closed: logged out elsewhere',
+  mount_failed: 'the session was closed: your data could not be loaded onto a node',
+  taken_over: 'the session was taken over by another login of the same user',
+  unauthorized: 'you are not logged in (or the login expired): please log in again',
+  closed: 'the session was closed',
+};
+
+function reasonWords(reason) {
+  if (reason in REASONS) return REASONS[reason];
+  if (String(reason).startsWith('mount')) return `${REASONS.mount_failed} (${reason})`;
+  return `the session was closed (${reason || 'no reason given'})`;
+}
+const WARNINGS = { max_session: 'the session reaches its maximum length soon: save your work' };
+
+const params = new URLSearchParams(location.search);
+const stats = new Stats();
+window.cloudqStats = stats.pub;
+
+const el = {
+  login: document.getElementById('login'),
+  loginError: document.getElementById('login-error'),
+  queue: document.getElementById('queue'),
+  viewer: document.getElementById('viewer'),
+  stage: document.getElementById('stage'),
+  status: document.getElementById('status'),
+  logout: document.getElementById('logout'),
+};
+
+let session = null;
+
+class Session {
+  constructor(user) {
+    this.user = user;
+    stats.pub.user = user;
+    this.state = 'connecting';
+    this.node = '';
+    this.warning = '';
+    this.note = ''; // why we are reconnecting / closed
+    this.seq = 0;
+    this.canvas = document.createElement('canvas');
+    this.canvas.id = 'screen';
+    this.canvas.width = 16;
+    this.canvas.height = 9;
+    this.canvas.setAttribute('aria-label', 'remote screen');
+    el.stage.replaceChildren(this.canvas);
+    this.video = new VideoPipe({
+      canvas: this.canvas,
+      stats,
+      requestKeyframe: () => this.conn.send({ t: 'keyframe' }),
+      onWarning: (w) => this.warn(w),
+      onResize: () => this.fit(),
+      codec: params.get('codec') || undefined,
+      readback: params.has('readback'),
+    });
+    this.input = new InputCapture(this.canvas, (type, fields) => this.sendInput(type, fields));
+    this.conn = new Connection({
+      onOpen: () => this.onOpen(),
+      onBinary: (buf) => this.video.push(buf),
+      onControl: (msg) => this.onControl(msg),
+      onDown: (d) => this.onDown(d),
+      onEnd: (d) => this.onEnd(d),
+    });
+    this.resizer = new ResizeObserver(() => this.fit());
+    this.timer = null;
+  }
+
+  start() {
+    el.viewer.hidden = false;
+    this.input.attach();
+    this.resizer.observe(el.stage);
+    this.timer = setInterval(() => this.render(), STATUS_EVERY_MS);
+    this.conn.start();
+    this.canvas.focus({ preventScroll: true });
+    this.render();
+  }
+
+  stop() {
+    clearInterval(this.timer);
+    this.resizer.disconnect();
+    this.input.detach();
+    this.conn.stop();
+    this.video.close();
+    this.canvas.remove();
+    el.viewer.hidden = true;
+    el.queue.hidden = true;
+  }
+
+  onOpen() {
+    stats.pub.connects++;
+    this.video.reset();
+    stats.resetPending();
+    this.setState('connecting');
+  }
+
+  onControl(msg) {
+    switch (msg.t) {
+      case 'hello':
+        this.conn.healthy();
+        this.note = '';
+        stats.pub.sid = String(msg.sid || '');
+        stats.pub.rights = String(msg.rights || '');
+        this.node = String(msg.node || '');
+        break;
+      case 'state':
+        if (msg.node !== undefined) this.node = String(msg.node || '');
+        this.setState(String(msg.state), msg.position);
+        break;
+      case 'warning':
+        this.warn(WARNINGS[msg.warning] || String(msg.text || msg.warning || ''));
+        break;
+      case 'keyframe': // the server lost packets on its side and resyncs us
+        this.video.lost('server asked for a resync');
+        break;
+      case 'close':
+        this.note = reasonWords(msg.reason);
+        stats.pub.closeReason = String(msg.reason || '');
+        break;
+      default:
+        break; // a newer server's message: ignore
+    }
+    this.render();
+  }
+
+  onDown({ code, reason, retryInMs }) {
+    stats.pub.disconnects++;
+    this.note = `${closeWords(code, reason)}; reconnecting in ${(retryInMs / 1000).toFixed(1)} s`;
+    this.setState('reconnecting');
+  }
+
+  onEnd({ code, reason }) {
+    stats.pub.disconnects++;
+    if (code === CLOSE_UNAUTHORIZED) {
+      const why = REASONS.unauthorized;
+      logout(why);
+      return;
+    }
+    if (code === CLOSE_SESSION && !this.note) this.note = reasonWords(reason);
+    this.setState('closed');
+    // the last picture and the reason stay on screen; the form is there to log in again
+    this.input.detach();
+    el.login.hidden = false;
+    el.loginError.textContent = this.note;
+  }
+
+  setState(state, position) {
+    this.state = state;
+    stats.pub.state = state;
+    if (state === 'queued' && Number.isInteger(position)) {
+      el.queue.textContent = `You are number ${position} in the queue.`;
+      el.queue.hidden = false;
+    } else {
+      el.queue.hidden = true;
+    }
+    this.render();
+  }
+
+  warn(text) {
+    this.warning = text;
+    this.render();
+  }
+
+  sendInput(type, fields) {
+    const ct = wallClock();
+    const ok = this.conn.send({ t: 'input', type, seq: this.seq++, ct, ...fields });
+    if (ok) stats.onInputSent(ct);
+    return ok;
+  }
+
+  /** Scale the canvas to the stage, keeping the aspect ratio. */
+  fit() {
+    const { clientWidth: aw, clientHeight: ah } = el.stage;
+    const { width: w, height: h } = this.canvas;
+    if (!aw || !ah || !w || !h) return;
+    const scale = Math.min(aw / w, ah / h);
+    this.canvas.style.width = `${Math.floor(w * scale)}px`;
+    this.canvas.style.height = `${Math.floor(h * scale)}px`;
+  }
+
+  render() {
+    const p = stats.tick();
+    const parts = [(STATE_WORDS[this.state] || this.state) + (this.node && this.state !== 'closed' ? ` on ${this.node}` : '')];
+    if (this.state === 'active' || this.state === 'sleeping') {
+      parts.push(`${p.fps.toFixed(0)} fps`, `${(p.bitrate / 1e6).toFixed(2)} Mbit/s`);
+      if (p.latency.n) parts.push(`input ${p.latency.last ?? p.latency.p50} ms (p50 ${p.latency.p50}, p99 ${p.latency.p99})`);
+    }
+    if (this.note) parts.push(this.note);
+    if (this.warning) parts.push(`warning: ${this.warning}`);
+    el.status.textContent = parts.join(' · ');
+    el.status.dataset.state = this.state;
+  }
+}
+
+async function api(path, body) {
+  const resp = await fetch(path, {
+    method: body === undefined ? 'GET' : 'POST',
+    headers: body === undefined ? {} : { 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: 'same-origin',
+    cache: 'no-store',
+  });
+  let data = {};
+  try { data = await resp.json(); } catch { /* not JSON */ }
+  return { status: resp.status, data };
+}
+
+function begin(user) {
+  if (session) session.stop();
+  el.login.hidden = true;
+  el.loginError.textContent = '';
+  session = new Session(user);
+  session.start();
+}
+
+function logout(message = '') {
+  if (session) session.stop();
+  session = null;
+  el.login.hidden = false;
+  el.loginError.textContent = message;
+  el.login.querySelector('input[name=password]').value = '';
+}
+
+el.login.addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const form = new FormData(el.login);
+  const button = el.login.querySelector('button[type=submit]');
+  button.disabled = true;
+  el.loginError.textContent = '';
+  try {
+    const { status, data } = await api('/login', { user: form.get('user'), password: form.get('password') });
+    if (status === 200) begin(data.user);
+    else el.loginError.textContent = data.error || `login failed (HTTP ${status})`;
+  } catch (err) {
+    el.loginError.textContent = `cannot reach the server (${err.message})`;
+  } finally {
+    button.disabled = false;
+  }
+});
+
+el.logout.addEventListener('click', async () => {
+  try { await api('/logout', {}); } catch { /* the cookie goes when it expires */ }
+  logout('');
+});
+
+// a page reload with a valid cookie re-attaches without the form
+(async () => {
+  try {
+    const { status, data } = await api('/session');
+    if (status === 200 && !session) { begin(data.user); return; }
+  } catch { /* server down: show the form */ }
+  el.login.hidden = false;
+})();

@@ -1,0 +1,118 @@
+// Keyboard, mouse and wheel on the canvas -> input events in stream pixel coordinates.
+
+import { keysym } from './keys.js';
+
+const WHEEL_PIXELS_PER_STEP = 100; // Chromium: 100 px per notch with deltaMode 0
+const WHEEL_LINES_PER_STEP = 3;
+
+export class InputCapture {
+  /**
+   * @param {HTMLCanvasElement} canvas
+   * @param {(type: string, fields: object) => boolean} send  false if the event was not sent
+   */
+  constructor(canvas, send) {
+    this.canvas = canvas;
+    this.send = send;
+    this.keys = new Set(); // keysyms held down (released on blur)
+    this.buttons = new Set();
+    this.wheel = { x: 0, y: 0 };
+    this.lastPos = null;
+    this.handlers = [];
+  }
+
+  attach() {
+    const c = this.canvas;
+    c.tabIndex = 0;
+    this.on(document, 'keydown', (e) => this.key(e, 'key_down'));
+    this.on(document, 'keyup', (e) => this.key(e, 'key_up'));
+    this.on(c, 'pointerdown', (e) => this.pointerDown(e));
+    this.on(c, 'pointermove', (e) => this.pointerMove(e));
+    this.on(c, 'pointerup', (e) => this.pointerUp(e));
+    this.on(c, 'pointercancel', (e) => this.pointerUp(e));
+    this.on(c, 'wheel', (e) => this.onWheel(e), { passive: false });
+    this.on(c, 'contextmenu', (e) => e.preventDefault());
+    this.on(c, 'blur', () => this.releaseAll());
+    this.on(window, 'blur', () => this.releaseAll());
+  }
+
+  detach() {
+    this.releaseAll();
+    for (const [target, type, fn, opts] of this.handlers) target.removeEventListener(type, fn, opts);
+    this.handlers = [];
+  }
+
+  on(target, type, fn, opts = undefined) {
+    target.addEventListener(type, fn, opts);
+    this.handlers.push([target, type, fn, opts]);
+  }
+
+  key(e, type) {
+    if (document.activeElement !== this.canvas || e.isComposing) return;
+    const k = keysym(e);
+    if (k === null) return;
+    e.preventDefault(); // no browser shortcuts, scrolling or focus moves while in the stream
+    if (type === 'key_down') this.keys.add(k);
+    else if (!this.keys.delete(k)) return; // the press went elsewhere: do not send a lone release
+    this.send(type, { key: k });
+  }
+
+  /** Client coordinates -> stream pixels (the canvas is CSS-scaled to fit the window). */
+  position(e) {
+    const c = this.canvas;
+    const r = c.getBoundingClientRect();
+    if (r.width <= 0 || r.height <= 0) return null;
+    const x = Math.floor(((e.clientX - r.left) * c.width) / r.width);
+    const y = Math.floor(((e.clientY - r.top) * c.height) / r.height);
+    this.lastPos = { x: Math.min(Math.max(x, 0), c.width - 1), y: Math.min(Math.max(y, 0), c.height - 1) };
+    return this.lastPos;
+  }
+
+  pointerDown(e) {
+    if (e.button < 0 || e.button > 2) return;
+    e.preventDefault();
+    this.canvas.focus({ preventScroll: true });
+    try { this.canvas.setPointerCapture(e.pointerId); } catch { /* synthetic event */ }
+    const p = this.position(e);
+    if (!p) return;
+    this.buttons.add(e.button + 1);
+    this.send('mouse_down', { ...p, button: e.button + 1 });
+  }
+
+  pointerMove(e) {
+    const p = this.position(e);
+    if (p) this.send('mouse_move', p);
+  }
+
+  pointerUp(e) {
+    if (e.button < 0 || e.button > 2) return;
+    const button = e.button + 1;
+    if (!this.buttons.delete(button)) return;
+    e.preventDefault();
+    const p = this.position(e);
+    if (p) this.send('mouse_up', { ...p, button });
+  }
+
+  onWheel(e) {
+    e.preventDefault();
+    const per = e.deltaMode === 0 ? WHEEL_PIXELS_PER_STEP : e.deltaMode === 1 ? WHEEL_LINES_PER_STEP : 1;
+    this.wheel.x += e.deltaX / per;
+    this.wheel.y += e.deltaY / per; // DOM: positive deltaY = scrolling down = positive dy
+    const dx = Math.trunc(this.wheel.x), dy = Math.trunc(this.wheel.y);
+    if (!dx && !dy) return;
+    this.wheel.x -= dx;
+    this.wheel.y -= dy;
+    const p = this.position(e);
+    this.send('wheel', { ...(p || {}), dx: clampSteps(dx), dy: clampSteps(dy) });
+  }
+
+  releaseAll() {
+    for (const k of this.keys) this.send('key_up', { key: k });
+    this.keys.clear();
+    for (const b of this.buttons) this.send('mouse_up', { ...(this.lastPos || { x: 0, y: 0 }), button: b });
+    this.buttons.clear();
+  }
+}
+
+function clampSteps(n) {
+  return Math.max(-100, Math.min(100, n));
+}

@@ -1,0 +1,585 @@
+"""The browser client: `cloudq gateway` + its page in real headless Chromium (Selenium), against real
+central/node/worker processes and the suite's Valkey.
+
+One browser serves the whole module (a second one only where a second user needs a cookie jar of
+its own). Every wait is bounded and waits on a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from helpers import Procs, session_field, start_pool, wait_for
+
+from cloudq.keys import Keys
+from cloudq.messages import Control, pack_control
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+HAVE_BROWSER = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+W, H = 320, 240
+TOL = 40  # a thin stroke's edge pixels are blurred by 4:2:0 chroma and the encoder
+
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (pip install '.[test]')"
+)
+pytestmark = pytest.mark.skipif(
+    not HAVE_BROWSER,
+    reason="chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; .ci/run does)",
+)
+
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+
+def new_driver(profile: str) -> Any:
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1000,800",
+        f"--user-data-dir={profile}",
+    ):
+        opts.add_argument(a)
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    d.set_script_timeout(30)
+    return d
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    profile = tempfile.mkdtemp(prefix="cloudq-chrome-")
+    d = new_driver(profile)
+    try:
+        yield d
+    finally:
+        d.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    def __init__(self, procs: Procs) -> None:
+        self.procs = procs
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Gateway:
+        self.proc = self.procs.start("gateway", "--host", "127.0.0.1", "--port", str(self.port))
+        wait_for(self.healthy, 20, what="the gateway answering /healthz")
+        return self
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        assert self.proc.poll() is None, f"gateway exited with {self.proc.returncode}"
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
+                return resp.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        Procs.kill(self.proc, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/stats", timeout=5) as resp:
+            return json.loads(resp.read())
+
+
+@pytest.fixture
+def gateway(r: redis.Redis, keys: Keys, procs: Procs) -> Gateway:
+    start_pool(
+        r, keys, procs, nodes=2, node_args=("--size", f"{W}x{H}", "--fps", "30"), grace=30, idle_timeout=30
+    )
+    return Gateway(procs).start()
+
+
+def login(d: Any, gw: Gateway, user: str, password: str = "pw") -> None:
+    d.get(gw.url + "/?readback")
+    d.delete_all_cookies()
+    d.get(gw.url + "/?readback")
+    form = d.find_element(By.ID, "login")
+    wait_for(form.is_displayed, 10, what="the login form")
+    d.find_element(By.NAME, "user").send_keys(user)
+    d.find_element(By.NAME, "password").send_keys(password)
+    d.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+
+
+def stats(d: Any) -> dict[str, Any]:
+    return d.execute_script("return window.cloudqStats")
+
+
+def frames(d: Any) -> int:
+    try:
+        return stats(d)["frames"]
+    except WebDriverException:
+        return 0
+
+
+def canvas(d: Any) -> np.ndarray:
+    """The page's canvas as an (H, W, 3) array."""
+    flat = d.execute_script(
+        "const c = document.getElementById('screen');"
+        "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);"
+    )
+    return np.array(flat, dtype=np.uint8).reshape(H, W, 4)[..., :3]
+
+
+def drag(d: Any, points: list[tuple[int, int]]) -> None:
+    """A mouse drag through stream pixels ``points`` on the canvas."""
+    el = d.find_element(By.ID, "screen")
+    rect = d.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", el)
+
+    def off(x: int, y: int) -> tuple[int, int]:
+        return round((x + 0.5) * rect[0] / W - rect[0] / 2), round((y + 0.5) * rect[1] / H - rect[1] / 2)
+
+    chain = ActionChains(d, duration=0).move_to_element_with_offset(el, *off(*points[0])).click_and_hold()
+    for p in points[1:]:
+        chain.move_to_element_with_offset(el, *off(*p))
+    chain.release().perform()
+
+
+def ink(img: np.ndarray) -> np.ndarray:
+    """Pixels clearly darker than the white paint background."""
+    return img.max(axis=2) < 128
+
+
+def sid_of(r: redis.Redis, keys: Keys, user: str) -> str:
+    return (r.hget(keys.user(user), "session") or b"").decode()
+
+
+def test_login_form_shows_the_paint_canvas_and_a_drag_is_drawn_and_saved_at_logout(
+    r: redis.Redis, keys: Keys, procs: Procs, driver: Any, gateway: Gateway
+) -> None:
+    from cloudq.workers.store import DirectoryStore
+
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    sid = sid_of(r, keys, "alice")
+    assert sid and stats(driver)["sid"] == sid
+    wait_for(lambda: session_field(r, keys, sid) == "active", 10, what="session active")
+    assert driver.execute_script(
+        "const c = document.getElementById('screen'); return [c.width, c.height]"
+    ) == [W, H]
+    # the paint app's blank canvas: white, like the node's frame
+    img = canvas(driver)
+    assert (img.min(axis=2) > 255 - TOL).all()
+    status = driver.find_element(By.ID, "status")
+    wait_for(lambda: status.text.startswith("active on n"), 5, what="status line")
+    # the token: an HttpOnly SameSite=Strict cookie, not readable by the page, never in the URL
+    cookie = driver.get_cookie("cloudq_token")
+    assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert "cloudq_token" not in driver.execute_script("return document.cookie")
+    assert cookie["value"] not in driver.current_url
+
+    y = 120
+    drag(driver, [(40, y), (120, y), (200, y), (280, y)])
+    wait_for(lambda: ink(canvas(driver))[y, 60:260].all(), 10, what="the stroke on the canvas")
+    # pixels match the node's frame: flush the node's canvas to its workspace and compare
+    node = session_field(r, keys, sid, "node")
+    r.xadd(keys.node_control(node), pack_control(Control("flush", sid, 0, "t1")))
+    wait_for(lambda: (r.hget(keys.node(node), "flushed") or b"").startswith(b"t1"), 10, what="flush")
+    from cloudq.workers.data import workspace_dir
+
+    node_canvas = np.load(workspace_dir(Path(procs.log_dir) / "workspace", node) / "canvas.npy")
+    page = canvas(driver)
+    assert np.abs(page.astype(int) - node_canvas.astype(int)).mean() < 3
+    assert (ink(page) == ink(node_canvas)).mean() > 0.995
+    assert stats(driver)["latency"]["n"] > 0  # input latency measured in the page
+
+    # logout: the session closes and the stroke is in alice's saved data
+    driver.find_element(By.ID, "logout").click()
+    wait_for(lambda: driver.find_element(By.ID, "login").is_displayed(), 10, what="the login form again")
+    wait_for(lambda: session_field(r, keys, sid) == "closed", 30, what="session closed")
+    assert driver.get_cookie("cloudq_token") is None
+    dest = Path(procs.log_dir) / "restored"
+    DirectoryStore(Path(procs.log_dir) / "store").restore("alice", dest)
+    saved = np.load(dest / "canvas.npy")
+    assert ink(saved)[y, 60:260].all()
+
+
+def test_wrong_password_shows_an_error_and_starts_no_session(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    login(driver, gateway, "alice", "wrong")
+    err = driver.find_element(By.ID, "login-error")
+    wait_for(lambda: err.text.strip(), 15, what="an error under the form")
+    assert "wrong user name or password" in err.text
+    assert driver.find_elements(By.ID, "screen") == []
+    assert driver.get_cookie("cloudq_token") is None
+    assert sid_of(r, keys, "alice") == ""
+    assert not r.scard(keys.sessions)
+
+
+def test_gateway_killed_and_restarted_the_page_reconnects_to_the_same_session(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    login(driver, gateway, "bob")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    sid = stats(driver)["sid"]
+    drag(driver, [(40, 60), (280, 60)])
+    wait_for(lambda: ink(canvas(driver))[60, 80:240].all(), 10, what="bob's stroke")
+    before = stats(driver)
+    gateway.kill()
+    status = driver.find_element(By.ID, "status")
+    wait_for(lambda: status.get_attribute("data-state") == "reconnecting", 10, what="page reconnecting")
+    wait_for(lambda: session_field(r, keys, sid) == "disconnected", 10, what="heartbeat lapsed: disconnected")
+    gateway.start()  # same port: the page's backoff finds it
+    wait_for(lambda: stats(driver)["connects"] > before["connects"], 20, what="the page reconnected")
+    assert stats(driver)["sid"] == sid
+    wait_for(lambda: session_field(r, keys, sid) in ("sleeping", "active"), 10, what="heartbeat back")
+    drag(driver, [(40, 180), (280, 180)])  # input wakes the node; the picture resumes from a keyframe
+    wait_for(lambda: ink(canvas(driver))[180, 80:240].all(), 15, what="a stroke after the reconnect")
+    img = canvas(driver)
+    assert ink(img)[60, 80:240].all(), "the app state survived: the first stroke is still there"
+    assert session_field(r, keys, sid) == "active"
+    assert stats(driver)["decodeErrors"] == 0
+
+
+def test_a_second_browser_for_another_user_sees_only_their_own_canvas(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="alice's first frame")
+    drag(driver, [(40, 100), (280, 100)])
+    wait_for(lambda: ink(canvas(driver))[100, 80:240].all(), 10, what="alice's stroke")
+    profile = tempfile.mkdtemp(prefix="cloudq-chrome-")
+    other = new_driver(profile)
+    try:
+        login(other, gateway, "carol")
+        wait_for(lambda: frames(other) > 0, 20, what="carol's first frame")
+        assert stats(other)["sid"] != stats(driver)["sid"]
+        assert stats(other)["user"] == "carol"
+        assert not ink(canvas(other)).any(), "carol sees a blank canvas, not alice's stroke"
+        drag(other, [(160, 20), (160, 220)])
+        wait_for(lambda: ink(canvas(other))[40:200, 160].all(), 10, what="carol's stroke")
+        # neither sees the other's stroke
+        assert not ink(canvas(driver))[150:200, 160].any()
+        assert not ink(canvas(other))[100, 40:120].any()
+    finally:
+        other.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+BAD_SOCKETS_JS = r"""
+const done = arguments[arguments.length - 1];
+const url = `ws://${location.host}/ws`;
+const result = {closes: {}};
+const open = (name) => new Promise((resolve, reject) => {
+  const ws = new WebSocket(url);
+  ws.binaryType = 'arraybuffer';
+  ws.onopen = () => resolve(ws);
+  ws.onerror = () => reject(new Error(name + ' failed to open'));
+  ws.onclose = (e) => { result.closes[name] = e.code; };
+});
+const closed = (ws) => new Promise((resolve) => {
+  if (ws.readyState === WebSocket.CLOSED) return resolve();
+  ws.addEventListener('close', () => resolve());
+});
+(async () => {
+  const bad = {
+    garbage: 'this is not json {',
+    oversized: JSON.stringify({t: 'input', type: 'key_down', seq: 1, ct: 1, key: 'a', pad: 'x'.repeat(5000)}),
+    schema: JSON.stringify({t: 'input', type: 'mouse_move', seq: 1, ct: 1, x: 'left', y: 3}),
+    binary: new Uint8Array([1, 2, 3]),
+    flood: null,
+  };
+  const sockets = {};
+  for (const name of Object.keys(bad)) sockets[name] = await open(name);
+  for (const [name, payload] of Object.entries(bad)) {
+    if (payload !== null) { sockets[name].send(payload); continue; }
+    const msg = JSON.stringify({t: 'keyframe'});
+    for (let i = 0; i < 2000 && sockets[name].readyState === WebSocket.OPEN; i++) sockets[name].send(msg);
+  }
+  await Promise.all(Object.values(sockets).map(closed));
+  done(result);
+})().catch((e) => done({error: String(e)}));
+"""
+
+
+def test_garbage_and_oversized_messages_close_only_that_socket(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    before = gateway.stats()["closes"]
+    drops = stats(driver)["disconnects"]
+    got = driver.execute_async_script(BAD_SOCKETS_JS)
+    assert "error" not in got, got
+    assert got["closes"] == {
+        "garbage": 1008,
+        "schema": 1008,
+        "binary": 1008,
+        "flood": 1008,
+        "oversized": 1009,
+    }
+    after = gateway.stats()["closes"]
+    for reason in ("malformed", "invalid", "binary", "rate", "too_big"):
+        assert after.get(reason, 0) == before.get(reason, 0) + 1, (reason, before, after)
+    # the page's own socket kept streaming, and input still works
+    drag(driver, [(40, 200), (280, 200)])
+    wait_for(lambda: ink(canvas(driver))[200, 80:240].all(), 10, what="a stroke after the bad sockets")
+    assert stats(driver)["disconnects"] == drops
+
+
+def test_websocket_refuses_a_foreign_origin_and_a_missing_cookie(gateway: Gateway) -> None:
+    import aiohttp
+
+    async def attempt(headers: dict[str, str]) -> tuple[str, Any]:
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.ws_connect(gateway.url + "/ws", headers=headers) as ws:
+                    msg = await asyncio.wait_for(ws.receive(), 5)
+                    first = json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else None
+                    while msg.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                        msg = await asyncio.wait_for(ws.receive(), 5)
+                    return "closed", (ws.close_code, first)
+            except aiohttp.WSServerHandshakeError as e:
+                return "refused", e.status
+
+    assert asyncio.run(attempt({"Origin": "http://evil.example"})) == ("refused", 403)
+    assert asyncio.run(attempt({})) == ("refused", 403)
+    assert asyncio.run(attempt({"Origin": gateway.url})) == (
+        "closed",
+        (4401, {"t": "close", "reason": "unauthorized"}),
+    )
+    forged = {"Origin": gateway.url, "Cookie": "cloudq_token=not-a-token"}
+    assert asyncio.run(attempt(forged))[1][0] == 4401
+
+
+def test_page_messages_are_validated_into_input_events() -> None:
+    from cloudq.client.web.server import PageMessageError, parse_page_message
+
+    ev = parse_page_message('{"t":"input","type":"wheel","seq":3,"ct":1.5,"dx":0,"dy":2,"new":1}')
+    assert (ev.type, ev.seq, ev.dy) == ("wheel", 3, 2)  # type: ignore[union-attr]
+    assert parse_page_message('{"t":"keyframe"}') == "keyframe"
+    for bad in (
+        "[]",
+        '{"t":"input"}',
+        '{"t":"input","type":"key_down","seq":1,"ct":1}',
+        '{"t":"input","type":"keyframe_request","seq":1,"ct":1}',
+        '{"t":"input","type":"mouse_down","seq":1,"ct":1,"x":1,"y":1,"button":4}',
+        '{"t":"input","type":"mouse_move","seq":true,"ct":1,"x":1,"y":1}',
+        '{"t":"input","type":"mouse_move","seq":1,"ct":NaN,"x":1,"y":1}',
+        '{"t":"input","type":"wheel","seq":1,"ct":1,"dx":0,"dy":1000}',
+        '{"t":"nope"}',
+        "[" * 5000,
+    ):
+        with pytest.raises(PageMessageError):
+            parse_page_message(bad)
+
+
+def test_queued_browser_shows_its_position_then_plays_when_a_node_frees(
+    r: redis.Redis, keys: Keys, procs: Procs, driver: Any
+) -> None:
+    from cloudq.client.kernel import Heartbeat
+    from cloudq.client.launcher import Launcher
+    from cloudq.settings import Settings
+
+    start_pool(
+        r, keys, procs, nodes=1, node_args=("--size", f"{W}x{H}", "--fps", "30"), grace=30, idle_timeout=30
+    )
+    gw = Gateway(procs).start()
+    launcher = Launcher(r, keys)
+    alice = launcher.login("alice", "pw")
+    hb = Heartbeat(r, keys, alice.sid, Settings.load(r, keys))
+    hb.start()
+    try:
+        login(driver, gw, "bob")
+        queue = driver.find_element(By.ID, "queue")
+        wait_for(queue.is_displayed, 15, what="the queue position")
+        assert queue.text == "You are number 1 in the queue."
+        assert driver.find_element(By.ID, "status").get_attribute("data-state") == "queued"
+        assert frames(driver) == 0
+    finally:
+        hb.stop.set()
+        launcher.logout(alice.token)
+    wait_for(lambda: frames(driver) > 0, 30, what="bob's first frame once alice's node is free")
+    assert not queue.is_displayed()
+    assert stats(driver)["sid"] == sid_of(r, keys, "bob") != alice.sid
+
+
+def test_a_gap_in_the_stream_makes_the_page_ask_for_a_keyframe_and_recover(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    import time
+
+    from cloudq.wire import VideoPacket
+
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    sid = stats(driver)["sid"]
+    drag(driver, [(40, 30), (280, 30)])
+    wait_for(lambda: ink(canvas(driver))[30, 80:240].all(), 10, what="a stroke")
+    s0, k0 = stats(driver), gateway.stats()["counters"].get("keyframe_requests", 0)
+    # a packet from far ahead in the sequence: to the page, packets went missing
+    bogus = VideoPacket(10**9, 0, False, time.time(), b"\x00\x00\x00\x01\x41\x9a\x00")
+    r.xadd(keys.video(sid), bogus.pack())
+    wait_for(lambda: stats(driver)["gaps"] > s0["gaps"], 10, what="the page noticing the gap")
+    wait_for(lambda: stats(driver)["keyframeRequests"] > s0["keyframeRequests"], 5, what="a keyframe request")
+    wait_for(lambda: gateway.stats()["counters"].get("keyframe_requests", 0) > k0, 5, what="forwarded")
+    wait_for(lambda: stats(driver)["keyframes"] > s0["keyframes"], 10, what="the node's keyframe")
+    drag(driver, [(40, 90), (280, 90)])
+    wait_for(lambda: ink(canvas(driver))[90, 80:240].all(), 10, what="a stroke after the gap")
+    assert stats(driver)["decodeErrors"] == s0["decodeErrors"]
+
+
+def session_acl(r: redis.Redis, keys: Keys, sid: str, token: str) -> str:
+    """A per-session Redis ACL user with only what a browser's session needs (the security work
+    defines the real ones; this is the least the gateway uses)."""
+    from cloudq.tokens import session_acl_password, session_acl_user
+
+    name = session_acl_user(sid)
+    r.acl_setuser(
+        name,
+        enabled=True,
+        passwords=[f"+{session_acl_password(token)}"],
+        keys=[f"{keys.session(sid)}*"],
+        commands=[
+            "-@all",
+            "+ping",
+            "+client|setinfo",
+            "+xread",
+            "+xrevrange",
+            "+xadd",
+            "+set",
+            "+hget",
+            "+hmget",
+        ],
+        reset_keys=True,
+        reset_passwords=True,
+    )
+    return name
+
+
+def test_with_a_session_acl_user_the_browsers_traffic_runs_with_only_that_sessions_rights(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    assert stats(driver)["rights"] == "gateway"  # no such ACL user yet: the gateway's own connection
+    sid, token = stats(driver)["sid"], driver.get_cookie("cloudq_token")["value"]
+    name = session_acl(r, keys, sid, token)
+    try:
+        driver.refresh()  # a new socket: now as the session's user
+        wait_for(lambda: frames(driver) > 0, 20, what="frames as the session user")
+        assert stats(driver)["rights"] == "session"
+        assert gateway.stats()["rights"].get("session") == 1
+        drag(driver, [(40, 150), (280, 150)])
+        wait_for(lambda: ink(canvas(driver))[150, 80:240].all(), 10, what="a stroke as the session user")
+        # and that user really is confined to its session's keys
+        from cloudq.tokens import session_acl_password
+
+        url = r.connection_pool.connection_kwargs
+        confined = redis.Redis(
+            host=url["host"], port=url["port"], db=url.get("db", 0), username=name,
+            password=session_acl_password(token),
+        )  # fmt: skip
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            confined.get(keys.user("alice"))
+        confined.close()
+    finally:
+        r.acl_deluser(name)
+
+
+def test_open_session_redis_falls_back_to_the_gateway_only_in_auto_mode(redis_url: str) -> None:
+    from cloudq.client.web.server import open_session_redis
+
+    async def go() -> tuple[str, str]:
+        c, rights = await open_session_redis(redis_url, "nosuch", "token", "auto")
+        await c.aclose()
+        try:
+            await open_session_redis(redis_url, "nosuch", "token", "session")
+        except redis.exceptions.AuthenticationError as exc:
+            return rights, type(exc).__name__
+        return rights, "accepted"
+
+    assert asyncio.run(go()) == ("gateway", "AuthenticationError")
+
+
+def test_another_login_of_the_same_user_takes_the_session_over_and_the_page_says_so(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    from cloudq.client.launcher import Launcher
+
+    login(driver, gateway, "bob")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    ticket = Launcher(r, keys).login("bob", "pw")  # `cloudq connect` elsewhere: same session, new token
+    assert ticket.status == "reconnect" and ticket.sid == stats(driver)["sid"]
+    status = driver.find_element(By.ID, "status")
+    wait_for(lambda: status.get_attribute("data-state") == "closed", 10, what="the page closed")
+    assert "the session was taken over by another login of the same user" in status.text
+    assert driver.find_element(By.ID, "login").is_displayed()
+    connects = stats(driver)["connects"]
+    with pytest.raises(AssertionError):  # a closed session is not reconnected by itself
+        wait_for(lambda: stats(driver)["connects"] > connects, 1.5, what="no reconnect")
+    Launcher(r, keys).logout(ticket.token)
+
+
+def test_keys_on_the_page_reach_the_app_as_keysyms(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    login(driver, gateway, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    driver.execute_script("document.getElementById('screen').focus()")
+    ActionChains(driver, duration=0).send_keys("2").perform()  # paint: colour 2 is red
+    drag(driver, [(40, 120), (280, 120)])
+
+    def red() -> bool:
+        px = canvas(driver)[120, 80:240].astype(int)
+        return bool(((px[:, 0] > 150) & (px[:, 1] < 100) & (px[:, 2] < 100)).all())
+
+    wait_for(red, 10, what="a red stroke")
+    assert driver.current_url.startswith(gateway.url)  # the page did not act on the key itself
+
+
+def test_an_idle_page_lets_the_session_sleep_and_input_wakes_it(
+    r: redis.Redis, keys: Keys, procs: Procs, driver: Any
+) -> None:
+    start_pool(
+        r, keys, procs, nodes=1, node_args=("--size", f"{W}x{H}", "--fps", "30"), grace=30, idle_timeout=1.0
+    )
+    gw = Gateway(procs).start()
+    login(driver, gw, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    sid = stats(driver)["sid"]
+    status = driver.find_element(By.ID, "status")
+    # the socket beats the heartbeat but only real input counts as activity
+    wait_for(lambda: session_field(r, keys, sid) == "sleeping", 10, what="the idle session asleep")
+    wait_for(lambda: status.text.startswith("sleeping"), 5, what="the status line saying so")
+    assert r.exists(keys.heartbeat(sid)) and not r.exists(keys.activity(sid))
+    drag(driver, [(40, 120), (280, 120)])
+    wait_for(lambda: session_field(r, keys, sid) == "active", 10, what="input woke the session")
+    wait_for(lambda: ink(canvas(driver))[120, 80:240].all(), 10, what="the stroke after waking")
+    wait_for(lambda: status.text.startswith("active"), 5, what="the status line active again")
