@@ -49,6 +49,9 @@ REASONS = {
     "logout": "the session was closed: logged out elsewhere",
     "mount_failed": "the session was closed: your data could not be loaded onto a node",
     "taken_over": "the session was taken over by another login of the same user",
+    "app_exited": "the session was closed: the program exited (your files were saved)",
+    "app_crashed": "the session was closed: the program crashed (your files were saved)",
+    "app_failed": "the session was closed: the program could not start on the node",
 }
 WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -62,6 +65,9 @@ def close_message(reason: str) -> str:
         return REASONS[reason]
     if reason.startswith("mount"):
         return REASONS["mount_failed"] + f" ({reason})"
+    kind, _, detail = reason.partition(": ")
+    if kind in ("app_crashed", "app_failed") and detail:
+        return REASONS[kind] + f" ({detail})"
     return f"the session was closed ({reason or 'no reason given'})"
 
 

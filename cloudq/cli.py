@@ -166,7 +166,21 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     envvar="CLOUDQ_APP",
     default="paint",
     show_default=True,
-    help="App to run: paint, probe or package.module:Class.",
+    help="App to run: paint, probe, package.module:Class, or x11:COMMAND (a real X11 program, "
+    "e.g. x11:xterm or x11:'xclock -update 1').",
+)
+@click.option(
+    "--display",
+    envvar="CLOUDQ_DISPLAY",
+    default=None,
+    help="x11 apps: run on this existing X display (e.g. :0) instead of starting Xvfb.",
+)
+@click.option(
+    "--freeze/--no-freeze",
+    envvar="CLOUDQ_FREEZE",
+    default=False,
+    show_default=True,
+    help="Asleep, stop the app's program (SIGSTOP of its process group; SIGCONT on wake).",
 )
 @click.option(
     "--size", envvar="CLOUDQ_SIZE", default="1280x720", show_default=True, callback=_size, help="WxH."
@@ -201,6 +215,8 @@ def node(
     node_id: str,
     host: str,
     app: str,
+    display: str | None,
+    freeze: bool,
     size: tuple[int, int],
     fps: float,
     bitrate: int,
@@ -221,7 +237,16 @@ def node(
             gop=gop,
             workspace=workspace or default_workspace(),
         )
-        n = Node(_connect(redis_url), Keys(prefix), node_id, host=host, app=app, media=media)
+        n = Node(
+            _connect(redis_url),
+            Keys(prefix),
+            node_id,
+            host=host,
+            app=app,
+            media=media,
+            display=display,
+            freeze=freeze,
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     _stop_on_signals(n.stop.set)

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import select
 import socket
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -39,7 +41,7 @@ from cloudq.settings import Settings
 from cloudq.state import StateMachine
 from cloudq.wire import BadMessage as BadMedia
 from cloudq.wire import InputEvent, VideoPacket
-from cloudq.workers.apps import App, load_app
+from cloudq.workers.apps import App, app_factory
 from cloudq.workers.data import workspace_dir
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ MAX_INPUT_ENTRY = 64 * 1024
 KEYFRAME_REQUEST_GAP = 0.25
 """Seconds between two keyframes forced by client requests (a flood of requests costs one IDR)."""
 MAX_BLOCK = 1.0
+MAX_REASON = 300
+"""Longest close reason a node writes (an app's error message can be long)."""
 """Longest single XREAD block (below any socket timeout)."""
 _REFRESH_ALIVE = """
 local v = redis.call('GET', KEYS[1])
@@ -133,6 +137,7 @@ class Streamer:
         self.last_pts = -1
         self.next_frame = self.t0
         self.last_render = -math.inf
+        self.last_frame = -math.inf  # when a frame was last encoded
         self.last_input_render = -math.inf
         self.input_pending = False
         self.last_key = -math.inf
@@ -212,9 +217,13 @@ class Streamer:
                 self.last_key = now
                 self.counters["keyframes"] += 1
         self.counters["frames"] += 1
+        self.last_frame = now
 
-    def sleep(self) -> None:
-        """Stop rendering and encoding and free the encoder; the app stays in memory."""
+    def sleep(self, freeze: bool = False) -> None:
+        """Stop rendering and encoding and free the encoder; the app stays in memory (with
+        ``freeze``, the app also stops what it runs: :meth:`App.sleep`)."""
+        if not self.sleeping:
+            self._hook("sleep", freeze)
         self.sleeping = True
         self.key_requested = False
         if self.encoder is not None:
@@ -223,8 +232,41 @@ class Streamer:
 
     def wake(self) -> None:
         """Render at once; the new encoder starts with an IDR."""
+        if self.sleeping:
+            self._hook("wake")
         self.sleeping = False
         self.next_frame = time.monotonic()
+
+    def _hook(self, name: str, *args: object) -> None:
+        try:
+            getattr(self.app, name)(*args)
+        except Exception:  # a third-party app may raise anything; the node keeps serving
+            self.counters[f"app_{name}_failed"] += 1
+            log.exception("app %s() failed", name)
+
+    def exit_status(self) -> tuple[str, int] | None:
+        """The app's :meth:`App.exit_status` (None while it runs)."""
+        try:
+            return self.app.exit_status()
+        except Exception:
+            log.exception("app exit_status() failed")
+            return ("app_crashed", -1)
+
+    def fileno(self) -> int | None:
+        """The app's change descriptor while awake (None: asleep, or the app has none)."""
+        if self.sleeping:
+            return None
+        try:
+            return self.app.fileno()
+        except Exception:
+            return None
+
+    def on_change(self, now: float) -> None:
+        """The app's descriptor was readable: render now if the picture changed, at most once a
+        frame period (a program that animates is paced by the frame clock, not by its damage)."""
+        if self.sleeping or not self.app.changed():
+            return
+        self.next_frame = min(self.next_frame, max(now, self.last_frame + self.cfg.period))
 
     def save(self, data_dir: Path) -> bool:
         try:
@@ -238,6 +280,7 @@ class Streamer:
 
     def close(self) -> None:
         self.sleep()
+        self._hook("close")
 
 
 @dataclass
@@ -247,6 +290,7 @@ class NodeSession:
     input_id: bytes = b"$"
     sleeping: bool = False
     streamer: Streamer | None = None
+    ending: bool = False  # its app exited: a close was asked for
 
 
 class Node:
@@ -258,6 +302,8 @@ class Node:
         host: str | None = None,
         app: str = "paint",
         media: MediaConfig | None = None,
+        display: str | None = None,
+        freeze: bool = False,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -265,7 +311,9 @@ class Node:
         self.host = host or socket.gethostname()
         self.app = app
         self.media = media or MediaConfig()
-        load_app(app, self.media.width, self.media.height)  # a bad --app fails now, not at login
+        # a bad --app fails now, not at login; the factory owns what apps share (an X display)
+        self.factory = app_factory(app, self.media.width, self.media.height, display=display)
+        self.freeze = freeze
         self.data_dir = workspace_dir(self.media.workspace, node_id)
         self.instance = uuid.uuid4().hex
         self.sm = StateMachine(r, keys)
@@ -277,12 +325,14 @@ class Node:
         self._refresh = r.register_script(_REFRESH_ALIVE)
         self._next_refresh = 0.0
         self._published: dict[str, int] = {}
+        self._pending: redis.connection.AbstractConnection | None = None  # an XREAD in flight
 
     # -- registration and liveness -----------------------------------------------------------
     def register(self) -> None:
         last = self.r.xrevrange(self.keys.node_control(self.id), count=1)
         self.control_id = last[0][0] if last else b"0-0"
         self.settings = Settings.load(self.r, self.keys)
+        self._cancel_read()
         if not self.sm.register_node(self.id, self.host, self.app, self.instance):
             self.counters["id_taken"] += 1
             raise NodeIdTaken(f"node id {self.id!r} is already served by a live process")
@@ -344,11 +394,15 @@ class Node:
             self._published = s
 
     def shutdown(self) -> None:
+        self._cancel_read()
         try:
             self.stop_session("node shutting down", save=True)
             self.sm.unregister_node(self.id, self.instance)
         except redis.RedisError as exc:
             log.warning("node %s: could not unregister: %s", self.id, exc)
+        finally:
+            self.stop_session("node shutting down")  # the app is closed even if Redis is gone
+            self.factory.close()
 
     # -- session ----------------------------------------------------------------------------
     def start_session(self, sid: str, gen: int) -> None:
@@ -359,9 +413,15 @@ class Node:
         elif self.session:
             self.stop_session("replaced", save=True)
         if streamer is None:
-            app = load_app(self.app, self.media.width, self.media.height)
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            app.load(self.data_dir)
+            try:
+                app = self.factory()
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                app.load(self.data_dir)
+            except Exception as exc:  # e.g. the program cannot start: end the session, keep serving
+                self.counters["app_failed"] += 1
+                log.error("node %s: session %s: the app could not start: %s", self.id, sid, exc)
+                self.end_session(sid, gen, f"app_failed: {exc}")
+                return
             streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters)
         self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", streamer=streamer)
         if self.sm.activate(self.id, sid, gen):
@@ -372,9 +432,38 @@ class Node:
             streamer.close()
             self.session = None
 
+    def end_session(self, sid: str, gen: int, reason: str) -> None:
+        """Ask for this session to be closed (data saved) because of its app: ``app_exited``,
+        ``app_crashed: ...``, ``app_failed: ...``. The close job then stops it here as usual."""
+        reason = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+        status = self.sm.app_exit(self.id, sid, gen, reason)
+        log.info("node %s: session %s ends (%s): %s", self.id, sid, reason, status)
+
+    def check_app(self) -> None:
+        """End the session once its program has exited on its own (once; streaming stops)."""
+        sess = self.session
+        st = sess.streamer if sess else None
+        if sess is None or st is None or sess.ending:
+            return
+        status = st.exit_status()
+        if status is None:
+            return
+        kind, code = status
+        sess.ending = True
+        st.sleep()  # nothing left to show
+        self.counters[kind] += 1
+        if kind == "app_exited":
+            reason = "app_exited"
+        elif code < 0:
+            reason = f"app_crashed: killed by signal {-code}"
+        else:
+            reason = f"app_crashed: exit status {code}"
+        self.end_session(sess.sid, sess.gen, reason)
+
     def stop_session(self, reason: str, save: bool = False) -> bool:
         """Drop the session's app and encoder (saving the app's data first if ``save``)."""
         saved = True
+        self._cancel_read()
         if self.session:
             log.info("node %s: session %s stopped (%s)", self.id, self.session.sid, reason)
             st = self.session.streamer
@@ -389,11 +478,11 @@ class Node:
         if self.session and not self.session.sleeping:
             self.session.sleeping = True
             if self.session.streamer:
-                self.session.streamer.sleep()
-            log.info("node %s: sleeping", self.id)
+                self.session.streamer.sleep(self.freeze)
+            log.info("node %s: sleeping%s", self.id, " (app frozen)" if self.freeze else "")
 
     def wake(self) -> None:
-        if self.session and self.session.sleeping:
+        if self.session and self.session.sleeping and not self.session.ending:
             self.session.sleeping = False
             if self.session.streamer:
                 self.session.streamer.wake()
@@ -462,26 +551,84 @@ class Node:
         if self.session:
             streams[self.keys.input(self.session.sid)] = self.session.input_id
         timeout = min(self.next_timeout(), MAX_BLOCK)
-        # BLOCK 0 would mean forever: a duty that is due now gets a non-blocking read
-        block = math.ceil(timeout * 1000) if timeout > 0 else None
-        resp = self.r.xread(streams, count=100, block=block)
+        st = self.session.streamer if self.session else None
+        fd = st.fileno() if st else None
+        if fd is not None or self._pending is not None:
+            resp = self._read_or_change(streams, timeout, fd)
+        else:
+            # BLOCK 0 would mean forever: a duty that is due now gets a non-blocking read
+            block = math.ceil(timeout * 1000) if timeout > 0 else None
+            resp = self.r.xread(streams, count=100, block=block)
+        control = self.keys.node_control(self.id)
         for stream, entries in resp or []:
-            is_control = stream.decode() == self.keys.node_control(self.id)
+            name = stream.decode()
             for entry_id, fields in entries:
-                if is_control:
+                if name == control:
                     self.control_id = entry_id
                     self.handle_control(fields)
-                elif self.session:
+                elif self.session and name == self.keys.input(self.session.sid):
                     self.session.input_id = entry_id
                     self.handle_input(entry_id, fields)
         now = time.monotonic()
         if self.session and self.session.streamer:
             self.session.streamer.tick(now)
+            self.check_app()
         if now >= self._next_refresh:
             self.refresh_liveness()
 
+    def _read_or_change(self, streams: dict[str, bytes], timeout: float, fd: int | None) -> list[Any]:
+        """Wait for the streams and the app's change descriptor at once.
+
+        The XREAD is sent on a connection of its own with a long BLOCK and stays in flight across
+        steps; this process waits on its socket and on ``fd`` with ``select`` (its own clock: the
+        server's ``hz`` does not pace frames). A readable ``fd`` schedules a render; the reply, when
+        it comes, is returned and the next step sends a new XREAD with the new cursors.
+        """
+        if self._pending is None:
+            conn = self.r.connection_pool.get_connection()
+            try:
+                args: list[Any] = ["XREAD", "COUNT", 100, "BLOCK", int(MAX_BLOCK * 1000), "STREAMS"]
+                conn.send_command(*args, *streams.keys(), *streams.values())
+            except BaseException:
+                conn.disconnect()
+                self.r.connection_pool.release(conn)
+                raise
+            self._pending = conn
+        conn = self._pending
+        sock = getattr(conn, "_sock", None)
+        try:
+            ready = conn.can_read(0)
+            if not ready:
+                waits = [sock] if sock is not None else []
+                if fd is not None:
+                    waits.append(fd)
+                got, _, _ = select.select(waits, [], [], timeout)
+                ready = sock in got
+                if fd is not None and fd in got and self.session and self.session.streamer:
+                    self.session.streamer.on_change(time.monotonic())
+            if not ready:
+                return []
+            resp = self.r.parse_response(conn, "XREAD")
+        except BaseException:
+            self._cancel_read()
+            raise
+        self._pending = None
+        self.r.connection_pool.release(conn)
+        return resp or []
+
+    def _cancel_read(self) -> None:
+        """Drop an XREAD in flight (its connection is closed; the cursors did not move)."""
+        conn, self._pending = self._pending, None
+        if conn is not None:
+            conn.disconnect()
+            self.r.connection_pool.release(conn)
+
     def run(self) -> None:
-        self.register()
+        try:
+            self.register()
+        except BaseException:
+            self.factory.close()
+            raise
         backoff = Backoff()
         try:
             while not self.stop.is_set():
