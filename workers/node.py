@@ -380,8 +380,15 @@ class Node:
 
     def stats(self) -> dict[str, int]:
         st = self.session.streamer if self.session else None
+        app: dict[str, int] = {}
+        if st is not None:
+            try:
+                app = {f"app.{k}": int(v) for k, v in st.app.stats().items()}
+            except Exception:  # a third-party app's counters are not worth a dead node
+                app = {}
         return {
             **self.counters,
+            **app,
             "encoder_open": int(st is not None and st.encoder is not None),
             "sleeping": int(bool(self.session and self.session.sleeping)),
         }

@@ -54,6 +54,10 @@ class App(ABC):
         program it runs has ended on its own (the node then ends the session, data saved)."""
         return None
 
+    def stats(self) -> dict[str, int]:
+        """Counters the node publishes with its own (as ``app.NAME``), e.g. dropped input."""
+        return {}
+
     def fileno(self) -> int | None:
         """A file descriptor that becomes readable when the picture may have changed (the node waits
         on it together with Redis and renders at once), or None (the node checks :meth:`changed`

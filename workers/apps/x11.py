@@ -847,6 +847,9 @@ class X11App(App):
             return self._stderr.read().decode("utf-8", "replace").strip()
         return ""
 
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
     # -- events, damage, capture -----------------------------------------------------------------
     def fileno(self) -> int:
         """The X connection's socket, for a select loop (readable: call :meth:`changed`)."""
