@@ -249,7 +249,7 @@ def node(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    _stop_on_signals(n.stop.set)
+    _stop_on_signals(lambda: (n.stop.set(), n.interrupt()))
     try:
         n.run()
     except NodeIdTaken as exc:

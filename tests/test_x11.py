@@ -6,6 +6,7 @@ Needs ``Xvfb``, ``xterm`` and ``xclock`` (Debian: xvfb xterm x11-apps; ``.ci/run
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -188,7 +189,7 @@ def test_xclock_ticks_awake_and_a_frozen_sleeping_node_costs_under_one_percent_o
         time.sleep(2.5)  # awake: xclock redraws every second
         awake = (cpu_ns(node_pid) - c0) / (time.monotonic() - t0)
         shots = s.since(t0)
-        changes = sum(differs(a, b, 0.0001) for a, b in zip(shots, shots[1:], strict=False))
+        changes = sum(differs(a, b, 0.0001) for a, b in itertools.pairwise(shots))
         assert changes >= 2, f"xclock changed {changes} times in 2.5 s"
         wait_for(lambda: node_state(r, keys, node) == "sleeping", 10, what="node asleep")
         wait_for(lambda: node_stats(r, keys, node).get("encoder_open") == 0, 5, what="encoder freed")
@@ -276,7 +277,9 @@ def test_xvfb_and_the_program_die_with_a_killed_node(r: redis.Redis, keys: Keys,
 
     def children() -> list[int]:
         out = subprocess.run(["ps", "-eo", "pid,ppid,comm"], capture_output=True, text=True).stdout
-        return [int(p) for p, pp, c in (ln.split(None, 2) for ln in out.splitlines()[1:]) if int(pp) == node.pid]
+        return [
+            int(p) for p, pp, c in (ln.split(None, 2) for ln in out.splitlines()[1:]) if int(pp) == node.pid
+        ]
 
     kids = wait_for(lambda: len(children()) >= 2 and children(), 10, what="Xvfb and xterm started")
     os.kill(node.pid, signal.SIGKILL)

@@ -15,6 +15,7 @@ through the central server): new encoder, IDR first, then the input is applied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -50,9 +51,12 @@ MAX_INPUT_ENTRY = 64 * 1024
 KEYFRAME_REQUEST_GAP = 0.25
 """Seconds between two keyframes forced by client requests (a flood of requests costs one IDR)."""
 MAX_BLOCK = 1.0
+"""Longest single XREAD block (below any socket timeout)."""
+MAX_WAIT = 10.0
+"""Longest wait of a node whose app has a change descriptor: it waits with ``select`` (on the XREAD's
+socket, the app and :meth:`Node.interrupt`), so a sleeping node wakes only for its duties."""
 MAX_REASON = 300
 """Longest close reason a node writes (an app's error message can be long)."""
-"""Longest single XREAD block (below any socket timeout)."""
 _REFRESH_ALIVE = """
 local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[1] then return 0 end
@@ -253,9 +257,7 @@ class Streamer:
             return ("app_crashed", -1)
 
     def fileno(self) -> int | None:
-        """The app's change descriptor while awake (None: asleep, or the app has none)."""
-        if self.sleeping:
-            return None
+        """The app's change descriptor (None: the app has none), asleep or not."""
         try:
             return self.app.fileno()
         except Exception:
@@ -326,6 +328,9 @@ class Node:
         self._next_refresh = 0.0
         self._published: dict[str, int] = {}
         self._pending: redis.connection.AbstractConnection | None = None  # an XREAD in flight
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     # -- registration and liveness -----------------------------------------------------------
     def register(self) -> None:
@@ -557,12 +562,14 @@ class Node:
         streams = {self.keys.node_control(self.id): self.control_id}
         if self.session:
             streams[self.keys.input(self.session.sid)] = self.session.input_id
-        timeout = min(self.next_timeout(), MAX_BLOCK)
         st = self.session.streamer if self.session else None
         fd = st.fileno() if st else None
         if fd is not None or self._pending is not None:
-            resp = self._read_or_change(streams, timeout, fd)
+            timeout = min(self.next_timeout(), MAX_WAIT)
+            # asleep, the app's descriptor is not watched (a program that is not frozen still draws)
+            resp = self._read_or_change(streams, timeout, None if st is None or st.sleeping else fd)
         else:
+            timeout = min(self.next_timeout(), MAX_BLOCK)
             # BLOCK 0 would mean forever: a duty that is due now gets a non-blocking read
             block = math.ceil(timeout * 1000) if timeout > 0 else None
             resp = self.r.xread(streams, count=100, block=block)
@@ -587,14 +594,15 @@ class Node:
         """Wait for the streams and the app's change descriptor at once.
 
         The XREAD is sent on a connection of its own with a long BLOCK and stays in flight across
-        steps; this process waits on its socket and on ``fd`` with ``select`` (its own clock: the
-        server's ``hz`` does not pace frames). A readable ``fd`` schedules a render; the reply, when
-        it comes, is returned and the next step sends a new XREAD with the new cursors.
+        steps; this process waits on its socket, on ``fd`` and on :meth:`interrupt` with ``select``
+        (its own clock: the server's ``hz`` does not pace frames). A readable ``fd`` schedules a
+        render; the reply, when it comes, is returned and the next step sends a new XREAD with the
+        new cursors.
         """
         if self._pending is None:
             conn = self.r.connection_pool.get_connection()
             try:
-                args: list[Any] = ["XREAD", "COUNT", 100, "BLOCK", int(MAX_BLOCK * 1000), "STREAMS"]
+                args: list[Any] = ["XREAD", "COUNT", 100, "BLOCK", int(MAX_WAIT * 1000), "STREAMS"]
                 conn.send_command(*args, *streams.keys(), *streams.values())
             except BaseException:
                 conn.disconnect()
@@ -606,10 +614,13 @@ class Node:
         try:
             ready = conn.can_read(0)
             if not ready:
-                waits = [sock] if sock is not None else []
+                waits = [self._wake_r] + ([sock] if sock is not None else [])
                 if fd is not None:
                     waits.append(fd)
                 got, _, _ = select.select(waits, [], [], timeout)
+                if self._wake_r in got:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
                 ready = sock in got
                 if fd is not None and fd in got and self.session and self.session.streamer:
                     self.session.streamer.on_change(time.monotonic())
@@ -622,6 +633,11 @@ class Node:
         self._pending = None
         self.r.connection_pool.release(conn)
         return resp or []
+
+    def interrupt(self) -> None:
+        """End the current wait now (safe in a signal handler): call after setting :attr:`stop`."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
 
     def _cancel_read(self) -> None:
         """Drop an XREAD in flight (its connection is closed; the cursors did not move)."""
