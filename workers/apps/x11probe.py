@@ -1,6 +1,7 @@
 """A Tk program that shows the last key it received as blocks that survive H.264 (for latency benchmarks).
 
-Run it on the X display (``python3 latency_probe_app.py``). It fills the screen with a grey canvas and
+Run it on the X display (``python -m cloudq.workers.apps.x11probe``; ``cloudq bench x11`` runs it as
+``x11:PYTHON -m cloudq.workers.apps.x11probe``). It fills the screen with a grey canvas and
 draws, at the top-left, a row of :data:`BITS` blocks of :data:`BLOCK` x :data:`BLOCK` px, white for 1,
 black for 0, most significant bit first: the value is ``keysym & 0xFFF`` of the last key pressed
 (``a`` -> 0x061, ``Return`` -> 0xFF0D & 0xFFF = 0xF0D). A digit-entry mode is also there for
@@ -39,6 +40,12 @@ def read_probe_value(frame: np.ndarray) -> int:
         luma = float((0.299 * patch[..., 0] + 0.587 * patch[..., 1] + 0.114 * patch[..., 2]).mean())
         value = (value << 1) | (luma >= 128)
     return value
+
+
+def probe_shown(frame: np.ndarray) -> bool:
+    """Whether the probe's window is on screen (its grey margin; a bare X root is black)."""
+    corner = frame[4 : BLOCK - 4, 4 : BLOCK - 4].astype(np.float32)
+    return bool(np.abs(corner - 128).max() < 24)
 
 
 def main(argv: list[str] | None = None) -> int:
