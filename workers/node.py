@@ -142,6 +142,7 @@ class Streamer:
         self.next_frame = self.t0
         self.last_render = -math.inf
         self.last_frame = -math.inf  # when a frame was last encoded
+        self.input_unshown = False  # input applied since that frame
         self.last_input_render = -math.inf
         self.input_pending = False
         self.last_key = -math.inf
@@ -171,6 +172,7 @@ class Streamer:
             return
         self.app.handle_input(ev)
         self.unsaved_input = True
+        self.input_unshown = True
         # render at once; input-driven renders come at most every min_gap (each one also pushes the
         # periodic frame a full period on), so a mouse flood costs at most about 2x the frame rate
         self.input_pending = True
@@ -222,6 +224,7 @@ class Streamer:
                 self.counters["keyframes"] += 1
         self.counters["frames"] += 1
         self.last_frame = now
+        self.input_unshown = False
 
     def sleep(self, freeze: bool = False) -> None:
         """Stop rendering and encoding and free the encoder; the app stays in memory (with
@@ -268,7 +271,9 @@ class Streamer:
         frame period (a program that animates is paced by the frame clock, not by its damage)."""
         if self.sleeping or not self.app.changed():
             return
-        self.next_frame = min(self.next_frame, max(now, self.last_frame + self.cfg.period))
+        # the answer to an input goes out like an input-driven render (min_gap); the rest is paced
+        gap = self.cfg.min_gap if self.input_unshown else self.cfg.period
+        self.next_frame = min(self.next_frame, max(now, self.last_frame + gap))
 
     def save(self, data_dir: Path) -> bool:
         try:
