@@ -296,3 +296,22 @@ def test_xvfb_and_the_program_die_with_a_killed_node(r: redis.Redis, keys: Keys,
         return True
 
     wait_for(gone, 5, what="Xvfb and xterm gone with the node")
+
+
+def test_key_names_and_points_are_validated_before_anything_reaches_the_display() -> None:
+    from cloudq.workers.apps.x11 import OffScreenError, UnknownKeyError, check_point, parse_key
+
+    assert parse_key("a") == ([], ord("a")) and parse_key("+") == ([], ord("+"))
+    mods, sym = parse_key("ctrl++")
+    assert sym == ord("+") and len(mods) == 1
+    mods, sym = parse_key("shift+Tab")
+    assert sym == 0xFF09 and len(mods) == 1
+    assert parse_key("Enter") == parse_key("Return")
+    assert parse_key("é")[1] == 0xE9 and parse_key("€")[1] == 0x010020AC
+    for bad in ("NoSuchKey", "hyper+a", "ctrl+", "", "a" * 65):
+        with pytest.raises(UnknownKeyError):
+            parse_key(bad)
+    assert check_point(479, 319, 480, 320) == (479, 319)
+    for x, y in ((-1, 0), (0, -1), (480, 0), (0, 320)):
+        with pytest.raises(OffScreenError):
+            check_point(x, y, 480, 320)
