@@ -48,6 +48,8 @@ from cloudq.workers.data import workspace_dir
 log = logging.getLogger(__name__)
 
 MAX_INPUT_ENTRY = 64 * 1024
+INPUT_ANSWER = 0.1
+"""Seconds after an input during which the app's changes are its answer: rendered at min_gap."""
 KEYFRAME_REQUEST_GAP = 0.25
 """Seconds between two keyframes forced by client requests (a flood of requests costs one IDR)."""
 MAX_BLOCK = 1.0
@@ -142,13 +144,14 @@ class Streamer:
         self.next_frame = self.t0
         self.last_render = -math.inf
         self.last_frame = -math.inf  # when a frame was last encoded
-        self.input_unshown = False  # input applied since that frame
+        self.last_input = -math.inf
         self.last_input_render = -math.inf
         self.input_pending = False
         self.last_key = -math.inf
         self.last_forced = -math.inf
         self.key_requested = False
         self.unsaved_input = False  # user data changes only through input
+        self.broken: str | None = None  # why the app cannot render any more
 
     def _next_seq(self) -> int:
         """Carry on the stream's numbering (a reconnecting client must not see seq go back)."""
@@ -172,7 +175,7 @@ class Streamer:
             return
         self.app.handle_input(ev)
         self.unsaved_input = True
-        self.input_unshown = True
+        self.last_input = time.monotonic()
         # render at once; input-driven renders come at most every min_gap (each one also pushes the
         # periodic frame a full period on), so a mouse flood costs at most about 2x the frame rate
         self.input_pending = True
@@ -186,8 +189,14 @@ class Streamer:
         if self.key_requested and now - self.last_forced >= KEYFRAME_REQUEST_GAP:
             force, self.key_requested, self.last_forced = True, False, now
         key_due = self.encoder is None or now - self.last_key >= self.cfg.gop
-        if force or key_due or self.app.changed():
-            self._frame(now, force or key_due)
+        try:
+            if force or key_due or self.app.changed():
+                self._frame(now, force or key_due)
+        except Exception as exc:  # the app cannot render any more (e.g. its X server died)
+            if self.broken is None:
+                log.exception("app failed to render")
+            self.broken = f"{type(exc).__name__}: {exc}"
+            self.sleeping = True  # no more frames; the node ends the session
         self.last_render = now
         if self.input_pending:
             self.input_pending, self.last_input_render = False, now
@@ -224,7 +233,6 @@ class Streamer:
                 self.counters["keyframes"] += 1
         self.counters["frames"] += 1
         self.last_frame = now
-        self.input_unshown = False
 
     def sleep(self, freeze: bool = False) -> None:
         """Stop rendering and encoding and free the encoder; the app stays in memory (with
@@ -272,7 +280,7 @@ class Streamer:
         if self.sleeping or not self.app.changed():
             return
         # the answer to an input goes out like an input-driven render (min_gap); the rest is paced
-        gap = self.cfg.min_gap if self.input_unshown else self.cfg.period
+        gap = self.cfg.min_gap if now - self.last_input < INPUT_ANSWER else self.cfg.period
         self.next_frame = min(self.next_frame, max(now, self.last_frame + gap))
 
     def save(self, data_dir: Path) -> bool:
@@ -463,6 +471,11 @@ class Node:
         if sess is None or st is None or sess.ending:
             return
         status = st.exit_status()
+        if status is None and st.broken is not None:
+            sess.ending = True
+            self.counters["app_failed"] += 1
+            self.end_session(sess.sid, sess.gen, f"app_failed: {st.broken}")
+            return
         if status is None:
             return
         kind, code = status

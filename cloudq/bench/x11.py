@@ -38,6 +38,8 @@ from cloudq.workers.apps.x11probe import probe_shown, read_probe_value
 SIZE = (1280, 720)
 PROBE_CMD = [sys.executable, "-m", "cloudq.workers.apps.x11probe"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+OPEN: set[ProbeSession] = set()
+"""Sessions whose kernel runs (closed on the way out, even after a failure)."""
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -134,6 +136,7 @@ class ProbeSession:
             [CallbackSink(self._frame)],
             on_input=lambda: self.launcher.mark_activity(self.ticket.sid),
         ).start()
+        OPEN.add(self)
 
     def _frame(self, frame: av.VideoFrame, vp: VideoPacket) -> None:
         rgb = self.kernel.player.to_rgb(frame)
@@ -157,7 +160,12 @@ class ProbeSession:
     def node_state(self) -> str:
         return (self.rig.r.hget(self.rig.keys.node(self.ticket.node), "state") or b"").decode()
 
+    def mark_active(self) -> bool:
+        self.launcher.mark_activity(self.ticket.sid)
+        return True
+
     def close(self) -> None:
+        OPEN.discard(self)
         self.kernel.close()
         self.launcher.logout(self.ticket.token)
         _wait(lambda: self.node_state() == "free", 30, "node freed")
@@ -180,7 +188,7 @@ def cpu_windows(rig: Rig, freeze: bool, seconds: float) -> dict[str, float]:
     )
     s = ProbeSession(rig)
     try:
-        _wait(lambda: s.frames > 0, 30, "first frame")
+        _wait(lambda: s.mark_active() and s.frames > 0, 30, "first frame")
         c0, t0 = tree_cpu_s(node.pid), time.monotonic()
         keep_active(s, seconds)  # type: ignore[arg-type]
         awake = (tree_cpu_s(node.pid) - c0) / (time.monotonic() - t0)
@@ -203,7 +211,8 @@ def run(latency_samples: int = 200, cpu_window: float = 10.0) -> dict[str, Any]:
     try:
         node = _node(rig, "x11probe", "x11:" + " ".join(PROBE_CMD))
         s = ProbeSession(rig)
-        _wait(lambda: s.value == 0, 30, "the probe program on screen")
+        # the user is there meanwhile (the run's idle timeout is short): Tk can take seconds to start
+        _wait(lambda: s.mark_active() and s.value == 0, 60, "the probe program on screen")
         lat = []
         for i in range(latency_samples + 5):
             ms = s.key_latency_ms(LETTERS[i % len(LETTERS)])
@@ -217,6 +226,9 @@ def run(latency_samples: int = 200, cpu_window: float = 10.0) -> dict[str, Any]:
         result["cpu_freeze"] = cpu_windows(rig, True, cpu_window)
         result["cpu_window_s"] = cpu_window
     finally:
+        for s in list(OPEN):
+            s.kernel.close()
+        OPEN.clear()
         rig.close()
     result["table"] = table(result)
     return result

@@ -496,6 +496,8 @@ def _check_clicks(value: Any, name: str) -> int:
 # the app
 
 DEFAULT_COMMAND = "xterm"
+SETTLE_QUIET = 0.001
+SETTLE_MAX = 0.005
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 
 
@@ -529,8 +531,10 @@ class X11App(App):
         kill_strays: bool | None = None,
         env: dict[str, str] | None = None,
         term_timeout: float = 2.0,
+        settle: float = SETTLE_QUIET,
     ) -> None:
         super().__init__(width, height)
+        self.settle = settle
         command = command if command is not None else DEFAULT_COMMAND
         try:
             self.argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
@@ -956,6 +960,8 @@ class X11App(App):
         if self._d is None or self._sct is None:
             return np.zeros((self.height, self.width, 3), np.uint8)
         self._drain()
+        if self._box is not None and self.settle > 0:
+            self._settle()
         if self._frame is None:
             self._frame = np.zeros((self.height, self.width, 3), np.uint8)
             self._full = True
@@ -979,6 +985,22 @@ class X11App(App):
                 if (x1 - x0) * (y1 - y0) < w * h:
                     self.counters["partial_grabs"] += 1
         return self._frame.copy()
+
+    def _settle(self) -> None:
+        """Let a redraw in progress finish: wait while damage keeps coming, until the display has
+        been quiet for ``settle`` s (default :data:`SETTLE_QUIET`; at most :data:`SETTLE_MAX` s), so
+        one frame shows a program's whole answer to an input instead of its first rectangle."""
+        assert self._d is not None
+        end = time.monotonic() + SETTLE_MAX
+        fd = self._d.fileno()
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            ready, _, _ = select.select([fd], [], [], min(self.settle, left))
+            if not ready:
+                return
+            self._drain()
 
     def _grab_into(self, frame: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
         shot = self._sct.grab({"left": x0, "top": y0, "width": x1 - x0, "height": y1 - y0})
