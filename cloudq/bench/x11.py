@@ -68,14 +68,15 @@ def tree_cpu_s(pid: int) -> float:
 
 def measure_floor(samples: int) -> dict[str, Any]:
     """In one process: XTEST key → wait for damage (timed apart) → capture + convert + encode +
-    decode + to RGB of the frame showing the key (the floor)."""
+    decode + to RGB of the frame showing the key (the floor; without the node's wait for a redraw
+    to settle, which the end-to-end figure includes)."""
     w, h = SIZE
     floor: list[float] = []
     react: list[float] = []
     with (
         DisplayManager(w, h) as dm,
         tempfile.TemporaryDirectory() as home,
-        X11App(w, h, PROBE_CMD, display=dm) as app,
+        X11App(w, h, PROBE_CMD, display=dm, settle=0) as app,
     ):
         app.load(Path(home))
         enc, dec = H264Encoder(w, h, 30, bitrate=2_000_000), H264Decoder()
