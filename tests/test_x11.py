@@ -315,3 +315,20 @@ def test_key_names_and_points_are_validated_before_anything_reaches_the_display(
     for x, y in ((-1, 0), (0, -1), (480, 0), (0, 320)):
         with pytest.raises(OffScreenError):
             check_point(x, y, 480, 320)
+
+
+def test_display_option_runs_the_program_on_an_existing_display_and_leaves_it_running(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    from cloudq.workers.apps.x11 import DisplayManager
+
+    with DisplayManager(480, 320) as dm:
+        pool = start_pool(
+            r, keys, procs, 1, "x11:xterm", (*SIZE, "--display", dm.name), users=("alice",), idle_timeout=30
+        )
+        t, _ = login(r, keys)
+        with Screen(r, keys, t) as s:
+            wait_for(lambda: xterm_shown(s), 15, what="xterm on the existing display")
+        logout_and_wait(r, keys, t)
+        procs.stop(pool.nodes[0])
+        assert dm.alive(), "the node stopped a display it did not start"
