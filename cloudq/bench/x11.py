@@ -206,7 +206,7 @@ def cpu_windows(rig: Rig, freeze: bool, seconds: float) -> dict[str, float]:
 
 def run(latency_samples: int = 200, cpu_window: float = 10.0) -> dict[str, Any]:
     w, h = SIZE
-    result: dict[str, Any] = {"machine": machine(), "size": f"{w}x{h}"}
+    result: dict[str, Any] = {"machine": machine(), "size": f"{w}x{h}", "load_before": os.getloadavg()[0]}
     result["floor_ms"] = measure_floor(latency_samples)
     rig = Rig()
     try:
@@ -226,6 +226,7 @@ def run(latency_samples: int = 200, cpu_window: float = 10.0) -> dict[str, Any]:
         result["cpu"] = cpu_windows(rig, False, cpu_window)
         result["cpu_freeze"] = cpu_windows(rig, True, cpu_window)
         result["cpu_window_s"] = cpu_window
+        result["load_after"] = os.getloadavg()[0]
     finally:
         for s in list(OPEN):
             s.kernel.close()
@@ -267,6 +268,8 @@ line: it is in the end-to-end figure but not in the floor). CPU: scheduler time
 
 {result["table"]}
 
-Machine: {result["machine"]}.
+Machine: {result["machine"]}; 1-minute load average {result["load_before"]:.1f} before the run and
+{result.get("load_after", float("nan")):.1f} after it (other work shares these cores: p99 and the floor's
+p99 move with it).
 Rerun: `cloudq bench x11 --write BENCHMARKS.md` (`--json` for JSON); about a minute and a half."""
     write_section("X11 programs", body, path)

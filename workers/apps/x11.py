@@ -496,7 +496,7 @@ def _check_clicks(value: Any, name: str) -> int:
 # the app
 
 DEFAULT_COMMAND = "xterm"
-SETTLE_QUIET = 0.001
+SETTLE_QUIET = 0.0005
 SETTLE_MAX = 0.005
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 
