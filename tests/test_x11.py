@@ -332,3 +332,20 @@ def test_display_option_runs_the_program_on_an_existing_display_and_leaves_it_ru
         logout_and_wait(r, keys, t)
         procs.stop(pool.nodes[0])
         assert dm.alive(), "the node stopped a display it did not start"
+
+
+def test_a_program_that_cannot_start_at_login_ends_the_session_with_app_failed(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    prog = tmp_path / "vanishing-program"
+    prog.write_text("#!/bin/sh\nexec xterm\n")
+    prog.chmod(0o755)
+    pool = start_pool(r, keys, procs, 1, f"x11:{prog}", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    prog.unlink()  # there when the node started, gone when the session starts
+    t = Launcher(r, keys).login("alice", "pw")
+    asked = time.monotonic()
+    wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
+    assert session_field(r, keys, t.sid, "close_reason").startswith("app_failed: command not found")
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
+    assert time.monotonic() - asked < 8, "the node acknowledged the close at once"
+    assert pool.nodes[0].poll() is None

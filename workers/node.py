@@ -11,6 +11,14 @@ client's request, every ``gop`` seconds) and XADDs one video envelope per packet
 Sleep: the node stops rendering and encoding, frees its encoder and only blocks on its streams;
 the app stays in memory. The first input on a sleeping node wakes it at once (no round trip
 through the central server): new encoder, IDR first, then the input is applied.
+
+Apps that run programs (``x11:COMMAND``) use the generic hooks of :class:`App`: ``sleep(freeze)``
+and ``wake()`` around sleep (``--freeze`` stops the program), ``close()`` when the session ends,
+``exit_status()`` (a program that exits on its own ends the session through ``app_exit.lua``, data
+saved) and ``fileno()``: a descriptor that is readable when the picture may have changed. For such
+an app the node keeps its XREAD in flight on a connection of its own and waits with ``select`` on
+that socket, the app's descriptor and a wake-up pipe, so an app's answer to input is rendered the
+moment it is drawn and a sleeping node wakes only for its liveness refresh.
 """
 
 from __future__ import annotations
@@ -445,6 +453,8 @@ class Node:
             except Exception as exc:  # e.g. the program cannot start: end the session, keep serving
                 self.counters["app_failed"] += 1
                 log.error("node %s: session %s: the app could not start: %s", self.id, sid, exc)
+                # kept without an app, so the close job's `stop` is acknowledged at once
+                self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", ending=True)
                 self.end_session(sid, gen, f"app_failed: {exc}")
                 return
             streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters)
