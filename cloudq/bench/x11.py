@@ -268,8 +268,10 @@ line: it is in the end-to-end figure but not in the floor). CPU: scheduler time
 
 {result["table"]}
 
-Machine: {result["machine"]}; 1-minute load average {result["load_before"]:.1f} before the run and
-{result.get("load_after", float("nan")):.1f} after it (other work shares these cores: p99 and the floor's
-p99 move with it).
+The asleep cost is the node's liveness refresh (once a second at the default `--node-ttl 3`): the
+program, frozen, and Xvfb use none. Other work shared these cores during the run (1-minute load
+average {result["load_before"]:.1f} before, {result.get("load_after", float("nan")):.1f} after): the
+p99 figures, the floor's included, move with it.
+Machine: {result["machine"]}.
 Rerun: `cloudq bench x11 --write BENCHMARKS.md` (`--json` for JSON); about a minute and a half."""
     write_section("X11 programs", body, path)
