@@ -349,3 +349,31 @@ def test_a_program_that_cannot_start_at_login_ends_the_session_with_app_failed(
     wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
     assert time.monotonic() - asked < 8, "the node acknowledged the close at once"
     assert pool.nodes[0].poll() is None
+
+
+def test_when_xvfb_dies_the_session_ends_and_the_node_serves_the_next_one_on_a_new_xvfb(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool = start_pool(r, keys, procs, 1, "x11:xterm", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    t, _ = login(r, keys)
+    node = pool.nodes[0]
+    with Screen(r, keys, t) as s:
+        wait_for(lambda: xterm_shown(s), 15, what="xterm on screen")
+        out = subprocess.run(["ps", "-eo", "pid,ppid,comm"], capture_output=True, text=True).stdout
+        xvfb = [
+            int(p)
+            for p, pp, c in (ln.split(None, 2) for ln in out.splitlines()[1:])
+            if int(pp) == node.pid and c.strip() == "Xvfb"
+        ]
+        assert len(xvfb) == 1
+        os.kill(xvfb[0], signal.SIGKILL)
+        s.send("key", key="a")  # input and capture on a display that is gone
+        wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
+    assert session_field(r, keys, t.sid, "close_reason").startswith("app_"), session_field(
+        r, keys, t.sid, "close_reason"
+    )
+    assert node.poll() is None, "the node survived its display"
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
+    t2, _ = login(r, keys)
+    with Screen(r, keys, t2) as s:
+        wait_for(lambda: xterm_shown(s), 15, what="xterm on a new Xvfb")

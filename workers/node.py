@@ -181,7 +181,12 @@ class Streamer:
             self.counters["keyframe_requests"] += 1
             self.key_requested = True
             return
-        self.app.handle_input(ev)
+        try:
+            self.app.handle_input(ev)
+        except Exception as exc:  # a third-party app may raise anything; the node keeps serving
+            self.counters["app_input_failed"] += 1
+            log.warning("app could not take input %s: %s: %s", ev.type, type(exc).__name__, exc)
+            return
         self.unsaved_input = True
         self.last_input = time.monotonic()
         # render at once; input-driven renders come at most every min_gap (each one also pushes the
@@ -201,10 +206,7 @@ class Streamer:
             if force or key_due or self.app.changed():
                 self._frame(now, force or key_due)
         except Exception as exc:  # the app cannot render any more (e.g. its X server died)
-            if self.broken is None:
-                log.exception("app failed to render")
-            self.broken = f"{type(exc).__name__}: {exc}"
-            self.sleeping = True  # no more frames; the node ends the session
+            self._broke(exc)
         self.last_render = now
         if self.input_pending:
             self.input_pending, self.last_input_render = False, now
@@ -260,6 +262,13 @@ class Streamer:
         self.sleeping = False
         self.next_frame = time.monotonic()
 
+    def _broke(self, exc: Exception) -> None:
+        """The app cannot show anything any more: no more frames; the node ends the session."""
+        if self.broken is None:
+            log.error("app failed: %s: %s", type(exc).__name__, exc)
+        self.broken = f"{type(exc).__name__}: {exc}"
+        self.sleeping = True
+
     def _hook(self, name: str, *args: object) -> None:
         try:
             getattr(self.app, name)(*args)
@@ -285,7 +294,13 @@ class Streamer:
     def on_change(self, now: float) -> None:
         """The app's descriptor was readable: render now if the picture changed, at most once a
         frame period (a program that animates is paced by the frame clock, not by its damage)."""
-        if self.sleeping or not self.app.changed():
+        if self.sleeping:
+            return
+        try:
+            if not self.app.changed():
+                return
+        except Exception as exc:
+            self._broke(exc)
             return
         # the answer to an input goes out like an input-driven render (min_gap); the rest is paced
         gap = self.cfg.min_gap if now - self.last_input < INPUT_ANSWER else self.cfg.period
