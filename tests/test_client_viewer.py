@@ -106,3 +106,23 @@ def test_viewer_shows_the_stream_and_a_synthetic_key_press_and_drag_reach_the_ap
     s = stats(js)
     assert s["counters"]["inputs_sent"] >= 3 and s["exit_code"] == 0
     assert "Traceback" not in procs.output(client)
+
+
+def test_viewer_sends_wheel_buttons_as_wheel_steps_at_the_pointer() -> None:
+    from types import SimpleNamespace
+
+    from cloudq.client.viewer import Viewer
+
+    sent: list[tuple[str, dict[str, object]]] = []
+    v = Viewer.__new__(Viewer)  # no window, no session: only the event mapping
+    v.session = SimpleNamespace(send_input=lambda kind, **kw: sent.append((kind, kw)))
+    v.size, v.view, v.pressed = (320, 240), (1.0, 0, 0), None
+    v._mouse("mouse_down", SimpleNamespace(x=10, y=20, num=5))
+    v._mouse("mouse_up", SimpleNamespace(x=10, y=20, num=5))
+    v._mouse("mouse_down", SimpleNamespace(x=999, y=20, num=4))
+    v._key("key_down", SimpleNamespace(char="", keysym="Shift_L"))
+    assert sent == [
+        ("wheel", {"dx": 0, "dy": 1, "x": 10, "y": 20}),
+        ("wheel", {"dx": 0, "dy": -1}),
+        ("key_down", {"key": "Shift_L"}),
+    ]

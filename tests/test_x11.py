@@ -166,6 +166,20 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def proc_state(parent: int, comm: str) -> str:
+    """The /proc state letter of ``parent``'s child named ``comm``."""
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        fields = rest.split()
+        if head.split("(", 1)[1] == comm and int(fields[1]) == parent:
+            return fields[0]
+    raise AssertionError(f"no {comm} child of {parent}")
+
+
 def test_xclock_ticks_awake_and_a_frozen_sleeping_node_costs_under_one_percent_of_awake(
     r: redis.Redis, keys: Keys, procs: Procs
 ) -> None:
@@ -195,6 +209,7 @@ def test_xclock_ticks_awake_and_a_frozen_sleeping_node_costs_under_one_percent_o
         wait_for(lambda: node_stats(r, keys, node).get("encoder_open") == 0, 5, what="encoder freed")
         frozen = [line for line in procs.output(pool.nodes[0]).splitlines() if "app frozen" in line]
         assert frozen, "the node says it froze the app"
+        assert proc_state(node_pid, "xclock") == "T", "xclock is stopped (SIGSTOP)"
         n0 = s.count()
         t1, c1 = time.monotonic(), cpu_ns(node_pid)
         time.sleep(2.5)
@@ -206,6 +221,7 @@ def test_xclock_ticks_awake_and_a_frozen_sleeping_node_costs_under_one_percent_o
         wait_for(lambda: s.count() > n0, 2, what="a frame after waking")
         assert time.monotonic() - asked < 1.0
         assert node_state(r, keys, node) == "active"
+        assert proc_state(node_pid, "xclock") != "T", "xclock runs again (SIGCONT)"
 
 
 def test_a_second_user_on_the_same_node_never_sees_the_first_users_windows(
