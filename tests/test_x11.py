@@ -263,13 +263,16 @@ def test_bad_input_is_dropped_and_counted_and_the_program_keeps_working(
         assert node_state(r, keys, node) == "active"
 
 
+@pytest.mark.parametrize(
+    ("command", "reason"), [("false", "app_crashed: exit status 1"), ("sh -c 'exit 0'", "app_exited")]
+)
 def test_a_program_that_exits_at_once_ends_the_session_with_its_status_and_the_node_serves_again(
-    r: redis.Redis, keys: Keys, procs: Procs
+    r: redis.Redis, keys: Keys, procs: Procs, command: str, reason: str
 ) -> None:
-    pool = start_pool(r, keys, procs, 1, "x11:false", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    pool = start_pool(r, keys, procs, 1, f"x11:{command}", SIZE, users=("alice",), idle_timeout=30, grace=30)
     t = Launcher(r, keys).login("alice", "pw")
     wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
-    assert session_field(r, keys, t.sid, "close_reason") == "app_crashed: exit status 1"
+    assert session_field(r, keys, t.sid, "close_reason") == reason
     wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
     assert pool.nodes[0].poll() is None
     t2 = Launcher(r, keys).login("alice", "pw")  # and again: the node is not dead
@@ -393,3 +396,13 @@ def test_when_xvfb_dies_the_session_ends_and_the_node_serves_the_next_one_on_a_n
     t2, _ = login(r, keys)
     with Screen(r, keys, t2) as s:
         wait_for(lambda: xterm_shown(s), 15, what="xterm on a new Xvfb")
+
+
+def test_the_client_explains_app_exit_reasons() -> None:
+    from cloudq.client.session import close_message
+
+    assert "program exited" in close_message("app_exited")
+    assert close_message("app_crashed: exit status 1").endswith(
+        "crashed (your files were saved) (exit status 1)"
+    )
+    assert "could not start" in close_message("app_failed: command not found: 'x'")
