@@ -8,8 +8,20 @@ One event per line: seconds since the stream started (the first decoded frame), 
     0.6  mouse_move 150 200
     0.7  mouse_up 200 200
 
-``key K`` takes one key name (``a``, ``+``, ``Delete``, ...); the mouse events take integer frame
-pixels ``X Y``. ``#`` starts a comment; blank lines are skipped. Times must not go backwards.
+    # a real program (x11:xterm): type a command, run it, scroll, interrupt
+    1.0  text echo hello-cloudq > note.txt
+    1.5  key Return
+    2.0  wheel 0 3
+    2.5  key ctrl+c
+    3.0  key_down shift
+    3.1  key_up shift
+
+``key K`` presses and releases one key, ``key_down K`` / ``key_up K`` press or release it: K is an X
+keysym name (``a``, ``Return``, ``Delete``, ``F5``) or the character itself (``+``), with modifiers
+(``ctrl+c``, ``shift+Tab``, ``alt+F4``). ``text STRING`` types the rest of the line as it is (a
+``#`` there is typed, not a comment; surrounding spaces are dropped). ``wheel DX DY`` scrolls by
+integer steps (positive DY scrolls down). The mouse events take integer frame pixels ``X Y``.
+``#`` starts a comment; blank lines are skipped. Times must not go backwards.
 :func:`parse_script` checks the whole file before anything connects and raises
 :class:`ScriptError` naming the first bad line.
 """
@@ -23,11 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloudq.wire import MAX_KEY_CHARS
+from cloudq.wire import MAX_KEY_CHARS, MAX_TEXT_CHARS, MAX_WHEEL_STEPS
 
 log = logging.getLogger(__name__)
 
 MOUSE = ("mouse_down", "mouse_move", "mouse_up")
+KEYS = ("key", "key_down", "key_up")
+EVENTS = (*KEYS, "text", "wheel", *MOUSE)
 
 
 class ScriptError(ValueError):
@@ -42,11 +56,18 @@ class ScriptEvent:
     x: int | None = None
     y: int | None = None
     line: int = 0
+    text: str | None = None
+    dx: int | None = None
+    dy: int | None = None
 
     def fields(self) -> dict[str, object]:
         """Keyword arguments for :meth:`InputSender.send`."""
-        if self.type == "key":
+        if self.type in KEYS:
             return {"key": self.key}
+        if self.type == "text":
+            return {"text": self.text}
+        if self.type == "wheel":
+            return {"dx": self.dx, "dy": self.dy}
         return {"x": self.x, "y": self.y, "button": 1}
 
 
@@ -62,6 +83,11 @@ def parse_line(text: str, line: int = 0) -> ScriptEvent | None:
     words = text.split("#", 1)[0].split()
     if not words:
         return None
+    rest = ""
+    if len(words) >= 2 and words[1] == "text":  # the rest of the line, '#' included
+        full = text.split(None, 2)
+        words = words[:2]
+        rest = full[2].strip() if len(full) > 2 else ""
     try:
         at = float(words[0])
     except ValueError:
@@ -71,12 +97,26 @@ def parse_line(text: str, line: int = 0) -> ScriptEvent | None:
     if len(words) < 2:
         raise ValueError("missing the event after the time")
     kind, args = words[1], words[2:]
-    if kind == "key":
+    if kind in KEYS:
         if len(args) != 1:
-            raise ValueError("key takes exactly one key name, e.g. 'key a'")
+            raise ValueError(f"{kind} takes exactly one key name, e.g. '{kind} a' or '{kind} ctrl+c'")
         if len(args[0]) > MAX_KEY_CHARS:
             raise ValueError(f"key name longer than {MAX_KEY_CHARS} characters")
-        return ScriptEvent(at, "key", key=args[0], line=line)
+        return ScriptEvent(at, kind, key=args[0], line=line)
+    if kind == "text":
+        if not rest:
+            raise ValueError("text takes the string to type, e.g. 'text hello'")
+        if len(rest) > MAX_TEXT_CHARS:
+            raise ValueError(f"text longer than {MAX_TEXT_CHARS} characters")
+        return ScriptEvent(at, "text", text=rest, line=line)
+    if kind == "wheel":
+        try:
+            dx, dy = (int(a) for a in args)
+        except ValueError:
+            raise ValueError(f"wheel takes integer DX DY, e.g. 'wheel 0 3', got {' '.join(args)!r}") from None
+        if not (dx or dy) or max(abs(dx), abs(dy)) > MAX_WHEEL_STEPS:
+            raise ValueError(f"wheel DX DY must not both be 0 and stay within +-{MAX_WHEEL_STEPS}")
+        return ScriptEvent(at, "wheel", dx=dx, dy=dy, line=line)
     if kind in MOUSE:
         if len(args) != 2:
             raise ValueError(f"{kind} takes X Y, e.g. '{kind} 100 200'")
@@ -85,7 +125,7 @@ def parse_line(text: str, line: int = 0) -> ScriptEvent | None:
         except ValueError:
             raise ValueError(f"{kind} takes integer X Y, got {' '.join(args)!r}") from None
         return ScriptEvent(at, kind, x=x, y=y, line=line)
-    raise ValueError(f"unknown event {kind!r} (key, mouse_down, mouse_move or mouse_up)")
+    raise ValueError(f"unknown event {kind!r} ({', '.join(EVENTS)})")
 
 
 def parse_script(text: str, name: str = "script") -> list[ScriptEvent]:

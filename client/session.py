@@ -50,6 +50,9 @@ REASONS = {
     "mount_failed": "the session was closed: your data could not be loaded onto a node",
     "taken_over": "the session was taken over by another login of the same user",
     "disabled": "the session was closed: the account was disabled by the operator",
+    "app_exited": "the session was closed: the program exited (your files were saved)",
+    "app_crashed": "the session was closed: the program crashed (your files were saved)",
+    "app_failed": "the session was closed: the program could not start on the node",
 }
 WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -65,6 +68,9 @@ def close_message(reason: str) -> str:
         return REASONS["mount_failed"] + f" ({reason})"
     if reason.startswith("admin:"):
         return f"the session was closed by the operator: {reason.removeprefix('admin:').strip()}"
+    kind, _, detail = reason.partition(": ")
+    if kind in ("app_crashed", "app_failed") and detail:
+        return REASONS[kind] + f" ({detail})"
     return f"the session was closed ({reason or 'no reason given'})"
 
 

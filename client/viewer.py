@@ -8,9 +8,11 @@ window drops frames instead of falling behind), polled every ``TICK_MS``.
 
 Input mapping: window pixels -> stream pixels through the current scale and offset. Mouse button
 presses, drags and releases are sent (``mouse_down``/``mouse_move``/``mouse_up``, ``button`` = the
-Tk button number); plain hovering is not sent. A key is sent as the character it types when that is
-one printable character (``a``, ``+``), else as its Tk key name (``Delete``, ``Escape``, ``space``);
-modifier keys alone are not sent. Closing the window ends the session (and logs out).
+Tk button number 1-3); plain hovering is not sent; the wheel (Tk buttons 4-7 on X11, ``<MouseWheel>``
+elsewhere) is sent as ``wheel`` steps at the pointer. Keys are sent as ``key_down`` and ``key_up``
+with their X keysym names (Tk's ``keysym``: ``a``, ``plus``, ``Return``, ``Shift_L``), modifier keys
+included, so a real program sees shortcuts and held keys as typed. Closing the window ends the
+session (and logs out).
 """
 
 from __future__ import annotations
@@ -32,10 +34,8 @@ log = logging.getLogger(__name__)
 
 TICK_MS = 15
 STATUS_MS = 250
-MODIFIERS = {
-    "Shift_L", "Shift_R", "Control_L", "Control_R", "Alt_L", "Alt_R", "Meta_L", "Meta_R",
-    "Super_L", "Super_R", "Caps_Lock", "Num_Lock", "ISO_Level3_Shift",
-}  # fmt: skip
+WHEEL_BUTTONS = {4: (0, -1), 5: (0, 1), 6: (-1, 0), 7: (1, 0)}
+"""X11 Tk reports the wheel as buttons 4-7: (dx, dy) steps of each."""
 
 
 class NoWindow(Exception):
@@ -82,11 +82,12 @@ def show_status(label: Any, text: str, width: int) -> None:
 
 
 def key_name(char: str, keysym: str) -> str | None:
-    if keysym in MODIFIERS:
-        return None
+    """The X keysym name to send for a Tk key event (None: Tk could not name it)."""
+    if keysym and keysym != "??":
+        return keysym
     if len(char) == 1 and char.isprintable() and not char.isspace():
         return char
-    return keysym or None
+    return None
 
 
 class Viewer:
@@ -136,7 +137,9 @@ class Viewer:
         self.image_item = self.canvas.create_image(0, 0, anchor="nw")
         self.photo: Any = None
         root.protocol("WM_DELETE_WINDOW", self.session.stop.set)
-        root.bind("<KeyPress>", self._key)
+        root.bind("<KeyPress>", lambda e: self._key("key_down", e))
+        root.bind("<KeyRelease>", lambda e: self._key("key_up", e))
+        self.canvas.bind("<MouseWheel>", self._wheel)
         self.canvas.bind("<ButtonPress>", lambda e: self._mouse("mouse_down", e))
         self.canvas.bind("<Motion>", lambda e: self._mouse("mouse_move", e))
         self.canvas.bind("<ButtonRelease>", lambda e: self._mouse("mouse_up", e))
@@ -199,12 +202,30 @@ class Viewer:
             return sx, sy
         return None
 
-    def _key(self, event: Any) -> None:
+    def _key(self, kind: str, event: Any) -> None:
         key = key_name(event.char or "", event.keysym or "")
         if key:
-            self.session.send_input("key", key=key)
+            self.session.send_input(kind, key=key)
+
+    def _wheel(self, event: Any, steps: tuple[int, int] | None = None) -> None:
+        if steps is None:  # <MouseWheel> (Windows, macOS): delta > 0 scrolls up
+            delta = int(getattr(event, "delta", 0) or 0)
+            if not delta:
+                return
+            steps = (0, -1 if delta > 0 else 1)
+        point = self.to_stream(event.x, event.y)
+        dx, dy = steps
+        if point is None:
+            self.session.send_input("wheel", dx=dx, dy=dy)
+        else:
+            self.session.send_input("wheel", dx=dx, dy=dy, x=point[0], y=point[1])
 
     def _mouse(self, kind: str, event: Any) -> None:
+        num = int(getattr(event, "num", 0) or 0) if kind != "mouse_move" else 0
+        if num in WHEEL_BUTTONS:
+            if kind == "mouse_down":
+                self._wheel(event, WHEEL_BUTTONS[num])
+            return
         if kind == "mouse_move" and self.pressed is None:
             return  # hovering is not input
         point = self.to_stream(event.x, event.y)

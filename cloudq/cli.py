@@ -209,7 +209,21 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     envvar="CLOUDQ_APP",
     default="paint",
     show_default=True,
-    help="App to run: paint, probe or package.module:Class.",
+    help="App to run: paint, probe, package.module:Class, or x11:COMMAND (a real X11 program, "
+    "e.g. x11:xterm or x11:'xclock -update 1').",
+)
+@click.option(
+    "--display",
+    envvar="CLOUDQ_DISPLAY",
+    default=None,
+    help="x11 apps: run on this existing X display (e.g. :0) instead of starting Xvfb.",
+)
+@click.option(
+    "--freeze/--no-freeze",
+    envvar="CLOUDQ_FREEZE",
+    default=False,
+    show_default=True,
+    help="Asleep, stop the app's program (SIGSTOP of its process group; SIGCONT on wake).",
 )
 @click.option(
     "--size", envvar="CLOUDQ_SIZE", default="1280x720", show_default=True, callback=_size, help="WxH."
@@ -247,6 +261,8 @@ def node(
     node_id: str | None,
     host: str,
     app: str,
+    display: str | None,
+    freeze: bool,
     size: tuple[int, int],
     fps: float,
     bitrate: int,
@@ -276,12 +292,20 @@ def node(
         )
         metrics = NodeMetrics(node_id)
         n = Node(
-            _connect(redis_url), Keys(prefix), node_id, host=host, app=app, media=media, observer=metrics
+            _connect(redis_url),
+            Keys(prefix),
+            node_id,
+            host=host,
+            app=app,
+            media=media,
+            display=display,
+            freeze=freeze,
+            observer=metrics,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     _serve_metrics(metrics_port, metrics_addr, metrics.attach(n).registry)
-    _stop_on_signals(n.stop.set)
+    _stop_on_signals(lambda: (n.stop.set(), n.interrupt()))
     try:
         n.run()
     except NodeIdTaken as exc:

@@ -28,6 +28,7 @@ _NAMES = [
     "drain",
     "admin_close",
     "user_disable",
+    "app_exit",
 ]
 
 NODE_STATES = ("free", "assigned", "active", "sleeping", "closing", "offline")
@@ -108,6 +109,10 @@ class StateMachine:
     def close_begin(self, sid: str, gen: int, reason: str) -> tuple[str, str]:
         status, node = self._run("close_begin", sid, gen, reason)
         return _s(status), _s(node)
+
+    def app_exit(self, node: str, sid: str, gen: int, reason: str) -> str:
+        """The node's app ended on its own: close ``sid`` with ``reason`` (see ``app_exit.lua``)."""
+        return _s(self._run("app_exit", node, sid, gen, reason))
 
     def release(self, sid: str, gen: int) -> str:
         return _s(self._run("release", sid, gen))

@@ -64,6 +64,28 @@ def frames_of(path: Path) -> list[np.ndarray]:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
+def test_script_carries_key_down_up_text_and_wheel_for_real_programs() -> None:
+    evs = parse_script(
+        "0 key_down shift\n0.1 key_up shift\n0.2 key ctrl+c\n"
+        "0.3 text echo hi # there > note.txt\n0.4 wheel 0 -3\n"
+    )
+    assert [(e.type, e.fields()) for e in evs] == [
+        ("key_down", {"key": "shift"}),
+        ("key_up", {"key": "shift"}),
+        ("key", {"key": "ctrl+c"}),
+        ("text", {"text": "echo hi # there > note.txt"}),
+        ("wheel", {"dx": 0, "dy": -3}),
+    ]
+    for text, err in (
+        ("0 text\n", "text takes the string"),
+        ("0 wheel 0 0\n", "must not both be 0"),
+        ("0 wheel 1\n", "wheel takes integer DX DY"),
+        ("0 key_down\n", "key_down takes exactly one key name"),
+    ):
+        with pytest.raises(ScriptError, match=err):
+            parse_script(text)
+
+
 def test_script_errors_name_the_line_and_exit_2_before_connecting(tmp_path: Path) -> None:
     assert [e.type for e in parse_script(DRAW)] == [
         "key",

@@ -35,9 +35,9 @@ def test_window_pixels_map_to_stream_pixels_and_keys_map_to_names() -> None:
     assert fit(320, 240, 800, 480) == (2.0, 640, 480, 80, 0)  # letterboxed, centred
     rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
     assert resize(rgb, 12, 8)[::2, ::2].tolist() == rgb.tolist()
-    assert key_name("a", "a") == "a" and key_name("+", "plus") == "+"
+    assert key_name("a", "a") == "a" and key_name("+", "plus") == "plus"
     assert key_name("\x7f", "Delete") == "Delete" and key_name(" ", "space") == "space"
-    assert key_name("", "Shift_L") is None
+    assert key_name("", "Shift_L") == "Shift_L" and key_name("é", "??") == "é"
 
 
 @pytest.fixture
@@ -131,3 +131,21 @@ def test_a_long_warning_wraps_the_status_line_instead_of_widening_the_window(
         assert label.winfo_reqheight() > 20  # the text took more than one line
     finally:
         root.destroy()
+def test_viewer_sends_wheel_buttons_as_wheel_steps_at_the_pointer() -> None:
+    from types import SimpleNamespace
+
+    from cloudq.client.viewer import Viewer
+
+    sent: list[tuple[str, dict[str, object]]] = []
+    v = Viewer.__new__(Viewer)  # no window, no session: only the event mapping
+    v.session = SimpleNamespace(send_input=lambda kind, **kw: sent.append((kind, kw)))
+    v.size, v.view, v.pressed = (320, 240), (1.0, 0, 0), None
+    v._mouse("mouse_down", SimpleNamespace(x=10, y=20, num=5))
+    v._mouse("mouse_up", SimpleNamespace(x=10, y=20, num=5))
+    v._mouse("mouse_down", SimpleNamespace(x=999, y=20, num=4))
+    v._key("key_down", SimpleNamespace(char="", keysym="Shift_L"))
+    assert sent == [
+        ("wheel", {"dx": 0, "dy": 1, "x": 10, "y": 20}),
+        ("wheel", {"dx": 0, "dy": -1}),
+        ("key_down", {"key": "Shift_L"}),
+    ]

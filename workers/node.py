@@ -17,49 +17,68 @@ client's request, every ``gop`` seconds) and XADDs one video envelope per packet
 Sleep: the node stops rendering and encoding, frees its encoder and only blocks on its streams;
 the app stays in memory. The first input on a sleeping node wakes it at once (no round trip
 through the central server): new encoder, IDR first, then the input is applied.
+
+Apps that run programs (``x11:COMMAND``) use the generic hooks of :class:`App`: ``sleep(freeze)``
+and ``wake()`` around sleep (``--freeze`` stops the program), ``close()`` when the session ends,
+``exit_status()`` (a program that exits on its own ends the session through ``app_exit.lua``, data
+saved) and ``fileno()``: a descriptor that is readable when the picture may have changed. The node
+loop waits with ``select`` on a pipe the reader writes at each hand-over (and :meth:`Node.interrupt`
+writes from a signal handler) and on that descriptor, so an app's answer to input is rendered the
+moment it is drawn and a sleeping node wakes only for its duties.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
 import queue
+import select
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from fractions import Fraction
-from pathlib import Path
-from typing import Protocol
+from dataclasses import dataclass
 
 import redis
 
-from cloudq.codec import Encoder, get_encoder
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, unpack_control
 from cloudq.retry import Backoff
 from cloudq.settings import Settings
 from cloudq.state import StateMachine
 from cloudq.wire import BadMessage as BadMedia
-from cloudq.wire import InputEvent, VideoPacket
-from cloudq.workers.apps import App, load_app
+from cloudq.wire import InputEvent
+from cloudq.workers.apps import app_factory
 from cloudq.workers.data import workspace_dir
+from cloudq.workers.streamer import MediaConfig, MediaObserver, Streamer, default_workspace
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "MediaConfig",
+    "MediaObserver",
+    "Node",
+    "NodeIdTaken",
+    "NodeSession",
+    "StreamReader",
+    "Streamer",
+    "default_workspace",
+]
+
 MAX_INPUT_ENTRY = 64 * 1024
-KEYFRAME_REQUEST_GAP = 0.25
-"""Seconds between two keyframes forced by client requests (a flood of requests costs one IDR)."""
-MAX_BLOCK = 1.0
-"""Longest single XREAD block of the reader thread (below any socket timeout)."""
+MAX_BLOCK = 5.0
+"""Longest single XREAD block of the reader thread (half the socket timeout, if that is shorter).
+Only entries end it early; nothing else depends on it, so a sleeping node wakes this rarely."""
 HANDOVER_WAIT = 1.0
 """How long the reader waits for the node loop to take a batch before it checks for stop."""
+MAX_WAIT = 10.0
+"""Longest single wait of the node loop (it wakes earlier for a hand-over, its app or a duty)."""
+MAX_REASON = 300
+"""Longest close reason a node writes (an app's error message can be long)."""
 _REFRESH_ALIVE = """
 local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[1] then return 0 end
@@ -69,213 +88,8 @@ return 1
 """
 
 
-def default_workspace() -> str:
-    return os.environ.get("CLOUDQ_WORKSPACE") or os.path.join(tempfile.gettempdir(), "cloudq-workspace")
-
-
 class NodeIdTaken(RuntimeError):
     """Another live process already serves this node id."""
-
-
-@dataclass(frozen=True)
-class MediaConfig:
-    """Picture and encoder settings of one node (``cloudq node --size --fps --bitrate ...``)."""
-
-    width: int = 1280
-    height: int = 720
-    fps: float = 30.0
-    bitrate: int = 2_000_000
-    preset: str = "ultrafast"
-    gop: float = 2.0
-    codec: str = "h264"
-    workspace: str = field(default_factory=default_workspace)
-
-    def __post_init__(self) -> None:
-        if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
-            raise ValueError(f"size must be positive and even, got {self.width}x{self.height}")
-        if not 0 < self.fps <= 240:
-            raise ValueError(f"fps must be in (0, 240], got {self.fps}")
-        if self.bitrate <= 0 or self.gop <= 0:
-            raise ValueError("bitrate and gop must be positive")
-
-    @property
-    def period(self) -> float:
-        return 1.0 / self.fps
-
-    @property
-    def min_gap(self) -> float:
-        """Input-driven renders come at most this often (twice the frame rate)."""
-        return 0.5 / self.fps
-
-    @property
-    def video_maxlen(self) -> int:
-        """MAXLEN ~ of the video stream: two GOPs at the highest render rate (2 x fps), plus slack,
-        so the newest keyframe and every packet after it are always still in the stream."""
-        return 2 * math.ceil(2 * self.fps * self.gop) + 64
-
-    def encoder(self) -> Encoder:
-        return get_encoder(
-            self.codec,
-            self.width,
-            self.height,
-            self.fps,
-            bitrate=self.bitrate,
-            preset=self.preset,
-            gop_seconds=self.gop,
-            time_base=Fraction(1, 1000),  # pts = milliseconds since the session's stream began
-        )
-
-
-class MediaObserver(Protocol):
-    """A plug-in that watches the media loop (metrics): called after each encoded frame and after
-    the first frame following a wake."""
-
-    def on_frame(self, encode_s: float, nbytes: int) -> None: ...
-
-    def on_wake_frame(self, latency_s: float) -> None: ...
-
-
-class Streamer:
-    """One session's media on a node: the app, the encoder (only while awake) and the video stream."""
-
-    def __init__(
-        self,
-        r: redis.Redis,
-        keys: Keys,
-        sid: str,
-        app: App,
-        cfg: MediaConfig,
-        counters: Counter[str],
-        observer: MediaObserver | None = None,
-    ) -> None:
-        self.observer = observer
-        self.woke_at: float | None = None
-        self.r = r
-        self.key = keys.video(sid)
-        self.app = app
-        self.cfg = cfg
-        self.counters = counters
-        self.encoder: Encoder | None = None
-        self.sleeping = False
-        self.seq = self._next_seq()
-        self.t0 = time.monotonic()
-        self.last_pts = -1
-        self.next_frame = self.t0
-        self.last_render = -math.inf
-        self.last_input_render = -math.inf
-        self.input_pending = False
-        self.last_key = -math.inf
-        self.last_forced = -math.inf
-        self.key_requested = False
-        self.unsaved_input = False  # user data changes only through input
-
-    def _next_seq(self) -> int:
-        """Carry on the stream's numbering (a reconnecting client must not see seq go back)."""
-        last = self.r.xrevrange(self.key, count=1)
-        if last:
-            try:
-                return VideoPacket.unpack(last[0][1]).seq + 1
-            except BadMedia:
-                pass
-        return 0
-
-    # -- what the node loop calls -----------------------------------------------------------
-    def deadline(self) -> float | None:
-        """Monotonic time of the next frame, or None while sleeping (nothing to do but wait)."""
-        return None if self.sleeping else self.next_frame
-
-    def on_input(self, ev: InputEvent) -> None:
-        if ev.type == "keyframe_request":
-            self.counters["keyframe_requests"] += 1
-            self.key_requested = True
-            return
-        self.app.handle_input(ev)
-        self.unsaved_input = True
-        # render at once; input-driven renders come at most every min_gap (each one also pushes the
-        # periodic frame a full period on), so a mouse flood costs at most about 2x the frame rate
-        self.input_pending = True
-        due = max(time.monotonic(), self.last_input_render + self.cfg.min_gap)
-        self.next_frame = min(self.next_frame, due)
-
-    def tick(self, now: float) -> None:
-        if self.sleeping or now < self.next_frame:
-            return
-        force = False
-        if self.key_requested and now - self.last_forced >= KEYFRAME_REQUEST_GAP:
-            force, self.key_requested, self.last_forced = True, False, now
-        key_due = self.encoder is None or now - self.last_key >= self.cfg.gop
-        if force or key_due or self.app.changed():
-            self._frame(now, force or key_due)
-        self.last_render = now
-        if self.input_pending:
-            self.input_pending, self.last_input_render = False, now
-        nxt = self.next_frame + self.cfg.period
-        if nxt <= now:  # fell behind (or rendered on input): start the clock again from now
-            if now - self.next_frame > self.cfg.period:
-                self.counters["late_frames"] += 1
-            nxt = now + self.cfg.period
-        self.next_frame = nxt
-
-    def _frame(self, now: float, keyframe: bool) -> None:
-        rgb = self.app.render(now - self.t0)
-        capture = time.time()
-        if self.encoder is None:
-            self.encoder = self.cfg.encoder()
-            self.counters["encoders_opened"] += 1
-        pts = max(self.last_pts + 1, int((now - self.t0) * 1000))
-        self.last_pts = pts
-        t_enc = time.perf_counter()
-        packets = self.encoder.encode(rgb, pts, force_keyframe=keyframe)
-        encode_s = time.perf_counter() - t_enc
-        params = self.encoder.params
-        nbytes = 0
-        for p in packets:
-            extra = (
-                {"codec": params.codec, "width": params.width, "height": params.height, "fps": params.fps}
-                if p.keyframe
-                else {}
-            )
-            vp = VideoPacket(self.seq, p.pts, p.keyframe, capture, p.data, **extra)
-            self.r.xadd(self.key, vp.pack(), maxlen=self.cfg.video_maxlen, approximate=True)
-            self.seq += 1
-            self.counters["packets"] += 1
-            self.counters["video_bytes"] += len(p.data)
-            nbytes += len(p.data)
-            if p.keyframe:
-                self.last_key = now
-                self.counters["keyframes"] += 1
-        self.counters["frames"] += 1
-        if self.observer is not None:
-            self.observer.on_frame(encode_s, nbytes)
-            if self.woke_at is not None:
-                self.observer.on_wake_frame(time.monotonic() - self.woke_at)
-        self.woke_at = None
-
-    def sleep(self) -> None:
-        """Stop rendering and encoding and free the encoder; the app stays in memory."""
-        self.sleeping = True
-        self.key_requested = False
-        if self.encoder is not None:
-            self.encoder.close()
-            self.encoder = None
-
-    def wake(self) -> None:
-        """Render at once; the new encoder starts with an IDR."""
-        self.sleeping = False
-        self.next_frame = self.woke_at = time.monotonic()
-
-    def save(self, data_dir: Path) -> bool:
-        try:
-            self.app.save(data_dir)
-            self.unsaved_input = False
-        except Exception:  # a third-party app may raise anything; the node keeps serving
-            self.counters["save_failed"] += 1
-            log.exception("app could not save its data into %s", data_dir)
-            return False
-        return True
-
-    def close(self) -> None:
-        self.sleep()
 
 
 Batch = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
@@ -291,9 +105,14 @@ class StreamReader(threading.Thread):
     """
 
     def __init__(
-        self, r: redis.Redis, streams: Callable[[], dict[str, bytes]], block: float = MAX_BLOCK
+        self,
+        r: redis.Redis,
+        streams: Callable[[], dict[str, bytes]],
+        block: float = MAX_BLOCK,
+        wake: int | None = None,
     ) -> None:
         super().__init__(name="node-reader", daemon=True)
+        self.wake = wake  # a pipe's write end: one byte per hand-over wakes a select()ing loop
         self.r = r
         self.streams = streams
         self.block_ms = max(1, int(block * 1000))
@@ -312,6 +131,9 @@ class StreamReader(threading.Thread):
                 continue  # the block timed out: read again (the streams may have changed)
             self.done.clear()
             self.batches.put(item)
+            if self.wake is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self.wake, b"r")
             while not self.done.wait(HANDOVER_WAIT):
                 if self.stop.is_set():
                     return
@@ -323,7 +145,8 @@ class StreamReader(threading.Thread):
         except queue.Empty:
             return None
 
-    def close(self, timeout: float = MAX_BLOCK + 1) -> None:
+    def close(self, timeout: float = 0.2) -> None:
+        """Stop after the read in flight (a daemon thread: it never holds the process up)."""
         self.stop.set()
         self.done.set()
         if self.is_alive():
@@ -337,6 +160,7 @@ class NodeSession:
     input_id: bytes = b"$"
     sleeping: bool = False
     streamer: Streamer | None = None
+    ending: bool = False  # its app exited: a close was asked for
 
 
 class Node:
@@ -348,6 +172,8 @@ class Node:
         host: str | None = None,
         app: str = "paint",
         media: MediaConfig | None = None,
+        display: str | None = None,
+        freeze: bool = False,
         observer: MediaObserver | None = None,
     ) -> None:
         self.observer = observer
@@ -358,7 +184,9 @@ class Node:
         self.host = host or socket.gethostname()
         self.app = app
         self.media = media or MediaConfig()
-        load_app(app, self.media.width, self.media.height)  # a bad --app fails now, not at login
+        # a bad --app fails now, not at login; the factory owns what apps share (an X display)
+        self.factory = app_factory(app, self.media.width, self.media.height, display=display)
+        self.freeze = freeze
         self.data_dir = workspace_dir(self.media.workspace, node_id)
         self.instance = uuid.uuid4().hex
         self.sm = StateMachine(r, keys)
@@ -372,6 +200,10 @@ class Node:
         self._published: dict[str, int] = {}
         self._lock = threading.Lock()  # the node's state, between the loop and the reader
         self.reader: StreamReader | None = None
+        # readable when the reader hands a batch over or interrupt() is called
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     # -- registration and liveness -----------------------------------------------------------
     def register(self) -> None:
@@ -402,8 +234,15 @@ class Node:
     def stats(self) -> dict[str, int]:
         st = self.session.streamer if self.session else None
         cpu = os.times()
+        app: dict[str, int] = {}
+        if st is not None:
+            try:
+                app = {f"app.{k}": int(v) for k, v in st.app.stats().items()}
+            except Exception:  # a third-party app's counters are not worth a dead node
+                app = {}
         return {
             **self.counters,
+            **app,
             "encoder_open": int(st is not None and st.encoder is not None),
             "sleeping": int(bool(self.session and self.session.sleeping)),
             # for rates (fps, CPU %) between two readings, e.g. `cloudq status --watch`
@@ -426,6 +265,9 @@ class Node:
             self.sm.unregister_node(self.id, self.instance)
         except redis.RedisError as exc:
             log.warning("node %s: could not unregister: %s", self.id, exc)
+        finally:
+            self.stop_session("node shutting down")  # the app is closed even if Redis is gone
+            self.factory.close()
 
     # -- session ----------------------------------------------------------------------------
     def start_session(self, sid: str, gen: int) -> None:
@@ -437,9 +279,17 @@ class Node:
         elif self.session:
             self.stop_session("replaced", save=True)
         if streamer is None:
-            app = load_app(self.app, self.media.width, self.media.height)
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            app.load(self.data_dir)
+            try:
+                app = self.factory()
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                app.load(self.data_dir)
+            except Exception as exc:  # e.g. the program cannot start: end the session, keep serving
+                self.counters["app_failed"] += 1
+                log.error("node %s: session %s: the app could not start: %s", self.id, sid, exc)
+                # kept without an app, so the close job's `stop` is acknowledged at once
+                self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", ending=True)
+                self.end_session(sid, gen, f"app_failed: {exc}")
+                return
             streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters, self.observer)
         self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", streamer=streamer)
         if self.sm.activate(self.id, sid, gen):
@@ -449,6 +299,39 @@ class Node:
             log.info("node %s: start of %s gen %s is stale", self.id, sid, gen)
             streamer.close()
             self.session = None
+
+    def end_session(self, sid: str, gen: int, reason: str) -> None:
+        """Ask for this session to be closed (data saved) because of its app: ``app_exited``,
+        ``app_crashed: ...``, ``app_failed: ...``. The close job then stops it here as usual."""
+        reason = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+        status = self.sm.app_exit(self.id, sid, gen, reason)
+        log.info("node %s: session %s ends (%s): %s", self.id, sid, reason, status)
+
+    def check_app(self) -> None:
+        """End the session once its program has exited on its own (once; streaming stops)."""
+        sess = self.session
+        st = sess.streamer if sess else None
+        if sess is None or st is None or sess.ending:
+            return
+        status = st.exit_status()
+        if status is None and st.broken is not None:
+            sess.ending = True
+            self.counters["app_failed"] += 1
+            self.end_session(sess.sid, sess.gen, f"app_failed: {st.broken}")
+            return
+        if status is None:
+            return
+        kind, code = status
+        sess.ending = True
+        st.sleep()  # nothing left to show
+        self.counters[kind] += 1
+        if kind == "app_exited":
+            reason = "app_exited"
+        elif code < 0:
+            reason = f"app_crashed: killed by signal {-code}"
+        else:
+            reason = f"app_crashed: exit status {code}"
+        self.end_session(sess.sid, sess.gen, reason)
 
     def stop_session(self, reason: str, save: bool = False) -> bool:
         """Drop the session's app and encoder (saving the app's data first if ``save``)."""
@@ -468,9 +351,9 @@ class Node:
         if self.session and not self.session.sleeping:
             self.session.sleeping = True
             if self.session.streamer:
-                self.session.streamer.sleep()
+                self.session.streamer.sleep(self.freeze)
             self.slept_at = time.monotonic()
-            log.info("node %s: sleeping", self.id)
+            log.info("node %s: sleeping%s", self.id, " (app frozen)" if self.freeze else "")
 
     def sleeping_seconds(self) -> float:
         """Seconds this node has slept in all (counting a sleep in progress)."""
@@ -483,7 +366,7 @@ class Node:
             self.slept_at = None
 
     def wake(self) -> None:
-        if self.session and self.session.sleeping:
+        if self.session and self.session.sleeping and not self.session.ending:
             self._end_sleep()
             self.session.sleeping = False
             if self.session.streamer:
@@ -557,11 +440,24 @@ class Node:
             return streams
 
     def step(self) -> None:
-        """Wait (on the local clock) for a batch from the reader or the next duty; do both."""
+        """Wait (on the local clock) for a batch from the reader, the app's change descriptor or
+        the next duty; then do what is due."""
         if self.reader is None or not self.reader.is_alive():
-            self.reader = StreamReader(self.r, self.streams)
+            sock_timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout")
+            block = min(MAX_BLOCK, sock_timeout / 2) if sock_timeout else MAX_BLOCK
+            self.reader = StreamReader(self.r, self.streams, block=block, wake=self._wake_w)
             self.reader.start()
-        batch = self.reader.next(self.next_timeout())
+        st = self.session.streamer if self.session else None
+        # asleep, the app's descriptor is not watched (a program that is not frozen still draws)
+        fd = st.fileno() if st is not None and not st.sleeping else None
+        changed = False
+        if self.reader.batches.empty():
+            waits = [self._wake_r] + ([fd] if fd is not None else [])
+            got, _, _ = select.select(waits, [], [], min(self.next_timeout(), MAX_WAIT))
+            changed = fd is not None and fd in got
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        batch = self.reader.next(0)
         if batch is not None:
             try:
                 with self._lock:
@@ -572,8 +468,11 @@ class Node:
                 self.reader.done.set()
         now = time.monotonic()
         with self._lock:
+            if changed and self.session and self.session.streamer:
+                self.session.streamer.on_change(now)
             if self.session and self.session.streamer:
                 self.session.streamer.tick(now)
+                self.check_app()
             if now >= self._next_refresh:
                 self.refresh_liveness()
 
@@ -591,8 +490,17 @@ class Node:
                 else:
                     self.counters["stale_input"] += 1  # a session that ended while the read was blocked
 
+    def interrupt(self) -> None:
+        """End the current wait now (safe in a signal handler): call after setting :attr:`stop`."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
     def run(self) -> None:
-        self.register()
+        try:
+            self.register()
+        except BaseException:
+            self.factory.close()
+            raise
         backoff = Backoff()
         try:
             while not self.stop.is_set():

@@ -90,6 +90,21 @@ def bench_media(as_json: bool, write_path: str | None, latency_samples: int, cpu
     _emit(result, result["table"], as_json)
 
 
+@bench.command("x11")
+@json_option
+@write_option
+@click.option("--latency-samples", type=click.IntRange(min=10), default=200, show_default=True)
+@click.option("--cpu-window", type=click.FloatRange(min=1), default=10.0, show_default=True, help="Seconds.")
+def bench_x11(as_json: bool, write_path: str | None, latency_samples: int, cpu_window: float) -> None:
+    """A real X11 program: key→frame latency vs floor at 1280x720; CPU awake, asleep, frozen."""
+    from cloudq.bench.x11 import run, write_markdown
+
+    result = run(latency_samples=latency_samples, cpu_window=cpu_window)
+    if write_path:
+        write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
+
+
 @bench.command("data")
 @click.option("--sizes", default="1,10,100", show_default=True, help="MiB of user data per case.")
 @click.option("--workdir", default=None, help="Where to create the files (default: a temp dir).")

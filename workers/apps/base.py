@@ -36,3 +36,30 @@ class App(ABC):
 
     def save(self, data_dir: Path) -> None:  # noqa: B027 - a stateless app needs no override
         """Write state into the user's data directory."""
+
+    # -- hooks of apps that run programs (no-ops for the built-ins) -------------------------------
+    def sleep(self, freeze: bool = False) -> None:  # noqa: B027 - nothing runs between renders
+        """The session went to sleep (no renders until :meth:`wake`). With ``freeze`` the app should
+        also stop whatever it runs (e.g. SIGSTOP a program) so a sleeping session costs no CPU."""
+
+    def wake(self) -> None:  # noqa: B027
+        """The session woke up; called before the first render after :meth:`sleep`."""
+
+    def close(self) -> None:  # noqa: B027
+        """The session is over: stop everything the app started and leave nothing of the user's on
+        screen. Called once, after the final :meth:`save`."""
+
+    def exit_status(self) -> tuple[str, int] | None:
+        """None while the app runs; ``("app_exited", 0)`` or ``("app_crashed", code)`` once the
+        program it runs has ended on its own (the node then ends the session, data saved)."""
+        return None
+
+    def stats(self) -> dict[str, int]:
+        """Counters the node publishes with its own (as ``app.NAME``), e.g. dropped input."""
+        return {}
+
+    def fileno(self) -> int | None:
+        """A file descriptor that becomes readable when the picture may have changed (the node waits
+        on it together with Redis and renders at once), or None (the node checks :meth:`changed`
+        on its frame clock)."""
+        return None

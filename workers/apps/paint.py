@@ -28,6 +28,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 BACKGROUND = (255, 255, 255)
 MIN_BRUSH, MAX_BRUSH = 1, 64
+KEY_NAMES = {"plus": "+", "equal": "=", "minus": "-", "KP_Add": "+", "KP_Subtract": "-"}
+"""X keysym names (what the viewer sends) of the keys paint reads as characters."""
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -42,7 +44,7 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 class PaintApp(App):
     """A canvas: mouse_down/move/up draw round-brush strokes.
 
-    Keys: ``1``..``9`` pick a colour (``9`` is the eraser), ``c`` cycles colours, ``+``/``=`` and
+    Keys (``key`` or ``key_down``; characters or X keysym names): ``1``..``9`` pick a colour (``9`` is the eraser), ``c`` cycles colours, ``+``/``=`` and
     ``-`` grow and shrink the brush, ``Delete`` clears the canvas. The canvas is
     ``canvas.npy`` in the data directory.
     """
@@ -72,8 +74,8 @@ class PaintApp(App):
         return self._dirty
 
     def handle_input(self, ev: InputEvent) -> None:
-        if ev.type in ("key", "key_down") and ev.key is not None:  # key_down: the browser's keys
-            self._key(ev.key)
+        if ev.type in ("key", "key_down") and ev.key is not None:
+            self._key(KEY_NAMES.get(ev.key, ev.key))
         elif ev.type in ("mouse_down", "mouse_move", "mouse_up") and ev.x is not None and ev.y is not None:
             point = (ev.x, ev.y)
             if ev.type == "mouse_down":

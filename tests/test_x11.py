@@ -1,0 +1,408 @@
+"""Real X11 programs on nodes (``cloudq node --app x11:COMMAND``), through real processes: central,
+nodes (each with its own Xvfb), a worker, and the client kernel in the test process.
+
+Needs ``Xvfb``, ``xterm`` and ``xclock`` (Debian: xvfb xterm x11-apps; ``.ci/run`` installs them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import redis
+from helpers import Procs, node_state, session_field, start_pool, wait_for
+
+from cloudq.client.kernel import Kernel
+from cloudq.client.launcher import Launcher, Ticket
+from cloudq.client.sinks import CallbackSink
+from cloudq.keys import Keys
+from cloudq.settings import Settings
+from cloudq.wire import VideoPacket
+from cloudq.workers.data import workspace_dir
+
+MISSING = [p for p in ("Xvfb", "xterm", "xclock") if shutil.which(p) is None]
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"X11 app tests need {', '.join(MISSING)} on PATH (apt: xvfb xterm x11-apps)"
+)
+
+SIZE = ("--size", "480x320")
+
+
+class Screen:
+    """A kernel whose decoded frames are kept (RGB) with their arrival time."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, t: Ticket) -> None:
+        self.frames: list[tuple[float, np.ndarray]] = []
+        self.lock = threading.Lock()
+        self.kernel = Kernel(r, keys, t.sid, Settings.load(r, keys), [CallbackSink(self._frame)])
+
+    def _frame(self, frame: av.VideoFrame, vp: VideoPacket) -> None:
+        rgb = self.kernel.player.to_rgb(frame)
+        with self.lock:
+            self.frames.append((time.monotonic(), rgb))
+
+    def __enter__(self) -> Screen:
+        self.kernel.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kernel.close()
+
+    def last(self) -> np.ndarray | None:
+        with self.lock:
+            return self.frames[-1][1] if self.frames else None
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.frames)
+
+    def since(self, t: float) -> list[np.ndarray]:
+        with self.lock:
+            return [f for at, f in self.frames if at >= t]
+
+    def send(self, type: str, **kw: object) -> None:
+        self.kernel.input.send(type, **kw)
+
+
+def differs(a: np.ndarray | None, b: np.ndarray | None, share: float = 0.002) -> bool:
+    """More than ``share`` of the pixels differ by more than H.264 noise."""
+    if a is None or b is None:
+        return False
+    return float((np.abs(a.astype(int) - b.astype(int)).max(axis=2) > 60).mean()) > share
+
+
+def xterm_shown(s: Screen) -> bool:
+    """xterm's window fills the screen: mostly white (the root window is black)."""
+    f = s.last()
+    return f is not None and float(f.mean()) > 200
+
+
+def login(r: redis.Redis, keys: Keys, user: str = "alice") -> tuple[Ticket, str]:
+    t = Launcher(r, keys).login(user, "pw")
+    wait_for(lambda: session_field(r, keys, t.sid) == "active", 20, what=f"{user}'s session active")
+    return t, session_field(r, keys, t.sid, "node")
+
+
+def logout_and_wait(r: redis.Redis, keys: Keys, t: Ticket) -> None:
+    Launcher(r, keys).logout(t.token)
+    wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
+
+
+def node_stats(r: redis.Redis, keys: Keys, node: str) -> dict[str, int]:
+    return json.loads(r.hget(keys.node(node), "stats") or b"{}")
+
+
+def type_line(s: Screen, text: str) -> None:
+    s.send("text", text=text)
+    s.send("key", key="Return")
+
+
+def test_xterm_typing_saves_a_file_that_a_second_session_on_another_node_finds(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool = start_pool(r, keys, procs, 2, "x11:xterm", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    t, node = login(r, keys)
+    with Screen(r, keys, t) as s:
+        wait_for(lambda: xterm_shown(s), 15, what="xterm on screen")
+        time.sleep(0.3)  # the prompt settles (an absence of change cannot be awaited)
+        before = s.last()
+        type_line(s, "echo hello-cloudq > note.txt")
+        wait_for(lambda: differs(before, s.last()), 5, what="the typing on screen")
+        home = workspace_dir(Path(procs.log_dir) / "workspace", node)
+        wait_for(lambda: (home / "note.txt").exists(), 5, what="note.txt written in HOME")
+    logout_and_wait(r, keys, t)
+    assert session_field(r, keys, t.sid, "close_reason") == "logout"
+    store = str(Path(procs.log_dir) / "store")
+    listing = procs.run("data", "ls", "alice", "--store", store)
+    newest = listing.stdout.strip().splitlines()[-1].split()[0]
+    shown = procs.run("data", "show", "alice", newest, "--store", store)
+    assert shown.returncode == 0 and "note.txt" in shown.stdout, shown.stdout + shown.stderr
+
+    # the same user on the other node: the file is in the restored HOME, and cat shows it
+    procs.stop(pool.nodes[int(node[1:]) - 1])
+    t2, node2 = login(r, keys)
+    assert node2 != node
+    home2 = workspace_dir(Path(procs.log_dir) / "workspace", node2)
+    assert (home2 / "note.txt").read_text() == "hello-cloudq\n"
+    with Screen(r, keys, t2) as s:
+        wait_for(lambda: xterm_shown(s), 15, what="xterm on the second node")
+        time.sleep(0.3)  # the prompt settles (an absence of change cannot be awaited)
+        before = s.last()
+        type_line(s, "cat note.txt")
+        wait_for(lambda: differs(before, s.last()), 5, what="cat's output on screen")
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time (ns, scheduler accounting) of ``pid``, its threads and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, ()))
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def proc_state(parent: int, comm: str) -> str:
+    """The /proc state letter of ``parent``'s child named ``comm``."""
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        fields = rest.split()
+        if head.split("(", 1)[1] == comm and int(fields[1]) == parent:
+            return fields[0]
+    raise AssertionError(f"no {comm} child of {parent}")
+
+
+def test_xclock_ticks_awake_and_a_frozen_sleeping_node_costs_under_one_percent_of_awake(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool = start_pool(
+        r,
+        keys,
+        procs,
+        1,
+        "x11:xclock -update 1",
+        ("--size", "1280x720", "--freeze"),
+        users=("alice",),
+        idle_timeout=4.5,
+        grace=30,
+        node_ttl=10,
+    )
+    node_pid = pool.nodes[0].pid
+    t, node = login(r, keys)
+    with Screen(r, keys, t) as s:
+        wait_for(lambda: s.count() >= 1, 10, what="first frame")
+        t0, c0 = time.monotonic(), cpu_ns(node_pid)
+        time.sleep(2.5)  # awake: xclock redraws every second
+        awake = (cpu_ns(node_pid) - c0) / (time.monotonic() - t0)
+        shots = s.since(t0)
+        changes = sum(differs(a, b, 0.0001) for a, b in itertools.pairwise(shots))
+        assert changes >= 2, f"xclock changed {changes} times in 2.5 s"
+        wait_for(lambda: node_state(r, keys, node) == "sleeping", 10, what="node asleep")
+        wait_for(lambda: node_stats(r, keys, node).get("encoder_open") == 0, 5, what="encoder freed")
+        frozen = [line for line in procs.output(pool.nodes[0]).splitlines() if "app frozen" in line]
+        assert frozen, "the node says it froze the app"
+        assert proc_state(node_pid, "xclock") == "T", "xclock is stopped (SIGSTOP)"
+        n0 = s.count()
+        t1, c1 = time.monotonic(), cpu_ns(node_pid)
+        time.sleep(2.5)
+        asleep = (cpu_ns(node_pid) - c1) / (time.monotonic() - t1)
+        assert s.count() == n0, "no frames while asleep"
+        assert asleep < 0.01 * awake, f"asleep {asleep / 1e6:.2f} ms/s vs awake {awake / 1e6:.2f} ms/s"
+        asked = time.monotonic()
+        s.send("key", key="a")
+        wait_for(lambda: s.count() > n0, 2, what="a frame after waking")
+        assert time.monotonic() - asked < 1.0
+        assert node_state(r, keys, node) == "active"
+        assert proc_state(node_pid, "xclock") != "T", "xclock runs again (SIGCONT)"
+
+
+def test_a_second_user_on_the_same_node_never_sees_the_first_users_windows(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    start_pool(r, keys, procs, 1, "x11:xterm", SIZE, users=("alice", "bob"), idle_timeout=30, grace=30)
+    t, node = login(r, keys, "alice")
+    with Screen(r, keys, t) as s:
+        wait_for(lambda: xterm_shown(s), 15, what="alice's xterm")
+        before = s.last()
+        s.send("text", text="alice-secret " * 3)
+        wait_for(lambda: differs(before, s.last()), 5, what="alice's typing on screen")
+        time.sleep(0.2)
+        alices_last = s.last()
+    logout_and_wait(r, keys, t)
+    t2, node2 = login(r, keys, "bob")
+    assert node2 == node
+    with Screen(r, keys, t2) as s:
+        wait_for(lambda: s.count() >= 1, 10, what="bob's first frame")
+        bobs_first = s.frames[0][1]
+        assert differs(alices_last, bobs_first), "bob's first frame shows alice's screen"
+
+
+def test_bad_input_is_dropped_and_counted_and_the_program_keeps_working(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    start_pool(r, keys, procs, 1, "x11:xterm", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    t, node = login(r, keys)
+    with Screen(r, keys, t) as s:
+        wait_for(lambda: xterm_shown(s), 15, what="xterm on screen")
+        s.send("key", key="NoSuchKeysym")
+        s.send("key_down", key="hyper+a")  # unknown modifier
+        s.send("mouse_move", x=5000, y=-7)
+        s.send("mouse_down", x=10, y=10, button=9)
+        wait_for(lambda: node_stats(r, keys, node).get("app.input_dropped", 0) >= 4, 5, what="drops counted")
+        before = s.last()
+        type_line(s, "echo still-alive")
+        wait_for(lambda: differs(before, s.last()), 5, what="xterm still takes input")
+        assert node_state(r, keys, node) == "active"
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"), [("false", "app_crashed: exit status 1"), ("sh -c 'exit 0'", "app_exited")]
+)
+def test_a_program_that_exits_at_once_ends_the_session_with_its_status_and_the_node_serves_again(
+    r: redis.Redis, keys: Keys, procs: Procs, command: str, reason: str
+) -> None:
+    pool = start_pool(r, keys, procs, 1, f"x11:{command}", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    t = Launcher(r, keys).login("alice", "pw")
+    wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
+    assert session_field(r, keys, t.sid, "close_reason") == reason
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
+    assert pool.nodes[0].poll() is None
+    t2 = Launcher(r, keys).login("alice", "pw")  # and again: the node is not dead
+    wait_for(lambda: session_field(r, keys, t2.sid) == "closed", 20, what="second session closed")
+    assert pool.nodes[0].poll() is None
+
+
+def test_a_command_that_does_not_exist_stops_the_node_at_start_with_a_clear_message(
+    procs: Procs,
+) -> None:
+    out = procs.run("node", "--id", "n1", "--app", "x11:no-such-program-cloudq", timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert "command not found: 'no-such-program-cloudq'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_xvfb_and_the_program_die_with_a_killed_node(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    pool = start_pool(r, keys, procs, 1, "x11:xterm", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    login(r, keys)
+    node = pool.nodes[0]
+
+    def children() -> list[int]:
+        out = subprocess.run(["ps", "-eo", "pid,ppid,comm"], capture_output=True, text=True).stdout
+        return [
+            int(p) for p, pp, c in (ln.split(None, 2) for ln in out.splitlines()[1:]) if int(pp) == node.pid
+        ]
+
+    kids = wait_for(lambda: len(children()) >= 2 and children(), 10, what="Xvfb and xterm started")
+    os.kill(node.pid, signal.SIGKILL)
+    node.wait(5)
+
+    def gone() -> bool:
+        for k in kids:
+            try:
+                with open(f"/proc/{k}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                        return False
+            except OSError:
+                continue
+        return True
+
+    wait_for(gone, 5, what="Xvfb and xterm gone with the node")
+
+
+def test_key_names_and_points_are_validated_before_anything_reaches_the_display() -> None:
+    from cloudq.workers.apps.x11 import OffScreenError, UnknownKeyError, check_point, parse_key
+
+    assert parse_key("a") == ([], ord("a")) and parse_key("+") == ([], ord("+"))
+    mods, sym = parse_key("ctrl++")
+    assert sym == ord("+") and len(mods) == 1
+    mods, sym = parse_key("shift+Tab")
+    assert sym == 0xFF09 and len(mods) == 1
+    assert parse_key("Enter") == parse_key("Return")
+    assert parse_key("é")[1] == 0xE9 and parse_key("€")[1] == 0x010020AC
+    for bad in ("NoSuchKey", "hyper+a", "ctrl+", "", "a" * 65):
+        with pytest.raises(UnknownKeyError):
+            parse_key(bad)
+    assert check_point(479, 319, 480, 320) == (479, 319)
+    for x, y in ((-1, 0), (0, -1), (480, 0), (0, 320)):
+        with pytest.raises(OffScreenError):
+            check_point(x, y, 480, 320)
+
+
+def test_display_option_runs_the_program_on_an_existing_display_and_leaves_it_running(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    from cloudq.workers.apps.x11 import DisplayManager
+
+    with DisplayManager(480, 320) as dm:
+        pool = start_pool(
+            r, keys, procs, 1, "x11:xterm", (*SIZE, "--display", dm.name), users=("alice",), idle_timeout=30
+        )
+        t, _ = login(r, keys)
+        with Screen(r, keys, t) as s:
+            wait_for(lambda: xterm_shown(s), 15, what="xterm on the existing display")
+        logout_and_wait(r, keys, t)
+        procs.stop(pool.nodes[0])
+        assert dm.alive(), "the node stopped a display it did not start"
+
+
+def test_a_program_that_cannot_start_at_login_ends_the_session_with_app_failed(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    prog = tmp_path / "vanishing-program"
+    prog.write_text("#!/bin/sh\nexec xterm\n")
+    prog.chmod(0o755)
+    pool = start_pool(r, keys, procs, 1, f"x11:{prog}", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    prog.unlink()  # there when the node started, gone when the session starts
+    t = Launcher(r, keys).login("alice", "pw")
+    asked = time.monotonic()
+    wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
+    assert session_field(r, keys, t.sid, "close_reason").startswith("app_failed: command not found")
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
+    assert time.monotonic() - asked < 8, "the node acknowledged the close at once"
+    assert pool.nodes[0].poll() is None
+
+
+def test_when_xvfb_dies_the_session_ends_and_the_node_serves_the_next_one_on_a_new_xvfb(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool = start_pool(r, keys, procs, 1, "x11:xterm", SIZE, users=("alice",), idle_timeout=30, grace=30)
+    t, _ = login(r, keys)
+    node = pool.nodes[0]
+    with Screen(r, keys, t) as s:
+        wait_for(lambda: xterm_shown(s), 15, what="xterm on screen")
+        out = subprocess.run(["ps", "-eo", "pid,ppid,comm"], capture_output=True, text=True).stdout
+        xvfb = [
+            int(p)
+            for p, pp, c in (ln.split(None, 2) for ln in out.splitlines()[1:])
+            if int(pp) == node.pid and c.strip() == "Xvfb"
+        ]
+        assert len(xvfb) == 1
+        os.kill(xvfb[0], signal.SIGKILL)
+        s.send("key", key="a")  # input and capture on a display that is gone
+        wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
+    assert session_field(r, keys, t.sid, "close_reason").startswith("app_"), session_field(
+        r, keys, t.sid, "close_reason"
+    )
+    assert node.poll() is None, "the node survived its display"
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
+    t2, _ = login(r, keys)
+    with Screen(r, keys, t2) as s:
+        wait_for(lambda: xterm_shown(s), 15, what="xterm on a new Xvfb")
+
+
+def test_the_client_explains_app_exit_reasons() -> None:
+    from cloudq.client.session import close_message
+
+    assert "program exited" in close_message("app_exited")
+    assert close_message("app_crashed: exit status 1").endswith(
+        "crashed (your files were saved) (exit status 1)"
+    )
+    assert "could not start" in close_message("app_failed: command not found: 'x'")
