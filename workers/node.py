@@ -125,8 +125,10 @@ class StreamReader(threading.Thread):
             item: Batch | Exception | None
             try:
                 item = self.r.xread(self.streams(), count=100, block=self.block_ms) or None
-            except redis.RedisError as exc:
+            except Exception as exc:  # handed over: the loop decides (RedisError: back off)
                 item = exc
+            if self.stop.is_set():
+                return  # closed while the read was in flight (its connection may be gone too)
             if item is None:
                 continue  # the block timed out: read again (the streams may have changed)
             self.done.clear()
