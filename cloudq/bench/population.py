@@ -47,7 +47,7 @@ import redis
 from cloudq.auth import Users
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import ClientError, Launcher, Ticket
-from cloudq.client.sinks import CallbackSink
+from cloudq.client.sinks import CallbackSink, Sink
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
 from cloudq.procs import ProcessGroup
@@ -121,18 +121,18 @@ class Habits:
 
     activity: float = 0.3
     """Share of a visit spent giving input: mean burst = mean gap x activity / (1 - activity)."""
-    idle_gap: float = 90.0
+    idle_gap: float = 180.0
     """Mean ordinary idle gap between two bursts (exponential)."""
-    p_break: float = 0.12
+    p_break: float = 0.15
     """Chance that a gap is a long break (the user stays logged in and walks away)."""
-    long_break: tuple[float, float] = (600.0, 1800.0)
+    long_break: tuple[float, float] = (600.0, 2400.0)
     """A long break lasts uniformly this long."""
-    p_drop: float = 0.1
+    p_drop: float = 0.08
     """Chance that a gap is a dropped connection; the user is back within the reconnect grace."""
-    visit: float = 900.0
+    visit: float = 480.0
     """Mean visit (login to logout, exponential, at least ``min_visit``)."""
     min_visit: float = 120.0
-    away: float = 1200.0
+    away: float = 1800.0
     """Mean time away between two visits (exponential)."""
     input_hz: float = 30.0
     """Mouse events per second while drawing (real seconds: a hand does not speed up)."""
@@ -189,8 +189,8 @@ class Mode:
 
 @dataclass
 class PopulationConfig:
-    users: int = 6
-    nodes: int = 3
+    users: int = 8
+    nodes: int = 4
     duration: float = 150.0
     """Real seconds that users act (the measured window)."""
     seed: int = 1
@@ -199,6 +199,21 @@ class PopulationConfig:
     fps: float = 30.0
     app: str = "paint"
     habits: Habits = field(default_factory=Habits)
+    user_habits: dict[str, Habits] = field(default_factory=dict)
+    """Habits of particular users (``u1``, ``u2``...), e.g. the demo's scripted three; others get ``habits``."""
+    sinks: Callable[[str], list[Sink]] | None = None
+    """Extra sinks for each kernel a user starts (e.g. an MP4 recorder), by user name; called again
+    after every reconnection, since a dropped client starts a new kernel."""
+
+    def habits_of(self, name: str) -> Habits:
+        return self.user_habits.get(name, self.habits)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            **{k: v for k, v in asdict(self).items() if k not in ("sinks", "user_habits", "habits")},
+            "habits": asdict(self.habits),
+            "user_habits": {k: asdict(v) for k, v in self.user_habits.items()},
+        }
 
     def __post_init__(self) -> None:
         if self.users < 1 or self.nodes < 1:
@@ -217,6 +232,8 @@ class UserRecord:
     """Waits still unanswered when the run ended (a lower bound of the real wait)."""
     sessions: list[str] = field(default_factory=list)
     presence_s: float = 0.0
+    session_s: float = 0.0
+    """Time holding a session (node assigned -> logout or close seen), drops included."""
     input_s: float = 0.0
     inputs: int = 0
     frames: int = 0
@@ -250,9 +267,10 @@ class SimUser(threading.Thread):
         self.launcher = Launcher(r, keys)
         self.kernel: Kernel | None = None
         self.ticket: Ticket | None = None
+        self.assigned_at: float | None = None
         self.frames = 0
         s = cfg.time_scale
-        h = cfg.habits
+        h = self.habits = cfg.habits_of(name)
         # a drop lasts until the server noticed (heartbeat TTL) plus part of the grace
         self.drop_fraction = (0.2, 0.7)
         self.grace_real, self.hb_ttl_real = grace_real, hb_ttl_real
@@ -279,7 +297,7 @@ class SimUser(threading.Thread):
             self.keys,
             sid,
             self.launcher.settings,
-            [CallbackSink(self._on_frame)],
+            [CallbackSink(self._on_frame), *(self.cfg.sinks(self.rec.name) if self.cfg.sinks else [])],
             on_input=lambda: self.launcher.mark_activity(sid),
         ).start()
 
@@ -315,6 +333,8 @@ class SimUser(threading.Thread):
         waited = time.monotonic() - t0
         self.ticket = t
         if t.sid != old:
+            self._end_session()
+            self.assigned_at = time.monotonic()
             self.rec.sessions.append(t.sid)
             self.rec.waits.append(waited)
         else:
@@ -327,8 +347,14 @@ class SimUser(threading.Thread):
                 self.stop.wait(0.02)
         return True
 
+    def _end_session(self) -> None:
+        if self.assigned_at is not None:
+            self.rec.session_s += time.monotonic() - self.assigned_at
+            self.assigned_at = None
+
     def _logout(self) -> None:
         self._stop_kernel()
+        self._end_session()
         if self.ticket is not None:
             with contextlib.suppress(ClientError, redis.RedisError):
                 self.launcher.logout(self.ticket.token)
@@ -338,7 +364,7 @@ class SimUser(threading.Thread):
         """Mouse strokes (down, moves at ``input_hz``, up), a colour key now and then."""
         w, h = self.cfg.size
         end = min(time.monotonic() + seconds, self.t_end)
-        period = 1.0 / self.cfg.habits.input_hz
+        period = 1.0 / self.habits.input_hz
         t0 = time.monotonic()
         while time.monotonic() < end and not self.stop.is_set() and self.kernel is not None:
             x, y = self.pen.uniform(0, w), self.pen.uniform(0, h)
@@ -369,6 +395,7 @@ class SimUser(threading.Thread):
             if self.ticket is not None and (reason := self._session_closed()):
                 self.rec.closed_by_server[reason] += 1
                 self._stop_kernel()  # the client shows why and stops; the person comes back later
+                self._end_session()
                 self.ticket = None
                 self.stop.wait(max(0.0, min(end - time.monotonic(), self._left())))
                 return False
@@ -386,7 +413,7 @@ class SimUser(threading.Thread):
                 self._logout()
 
     def _live(self) -> None:
-        h, s, rng = self.cfg.habits, self.scale, self.rng
+        h, s, rng = self.habits, self.scale, self.rng
         # people arrive spread over the first part of the run
         if not self._pause(rng.uniform(0, min(h.away / s, self.cfg.duration / 3))):
             return
@@ -400,7 +427,10 @@ class SimUser(threading.Thread):
                     burst = rng.expovariate(1 / self.burst_mean)
                     u = rng.random()
                     if u < h.p_drop:
-                        kind, gap = "drop", self.hb_ttl_real + rng.uniform(*self.drop_fraction) * self.grace_real
+                        kind, gap = (
+                            "drop",
+                            self.hb_ttl_real + rng.uniform(*self.drop_fraction) * self.grace_real,
+                        )
                     elif u < h.p_drop + h.p_break:
                         kind, gap = "break", rng.uniform(*h.long_break) / s
                     else:
@@ -587,7 +617,7 @@ def run_population(
         "mode": mode.name,
         "always_encode": mode.always_encode,
         "settings": asdict(mode.settings),
-        "config": {**asdict(cfg), "habits": asdict(cfg.habits)},
+        "config": cfg.report(),
         "window_s": window,
         "cpu_s": cpu,
         "cpu_by_role": _by_role(cpu),
@@ -610,7 +640,8 @@ def run_population(
         "node_state_share": {k: v / node_time for k, v in sorted(states.items())},
         "sleep_share": states.get("sleeping", 0.0) / node_time,
         "timeline": timeline,
-        "activity_measured": sum(r.input_s for r in recs) / max(1e-9, sum(r.presence_s for r in recs)),
+        "activity_measured": sum(r.input_s for r in recs) / max(1e-9, sum(r.session_s for r in recs)),
+        "session_hours": sum(r.session_s for r in recs) / 3600,
         "inputs": sum(r.inputs for r in recs),
         "frames_decoded": sum(u.frames for u in users),
         "drops": sum(r.drops for r in recs),
