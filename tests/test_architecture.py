@@ -59,4 +59,13 @@ def test_every_cloudq_command_starts_without_the_store() -> None:
     mods = _loaded_after("import cloudq.cli")
     assert "cloudq.cli" in mods
     assert not [m for m in mods if m.startswith(("cloudq.workers", "cloudq.client"))]
-    assert not {"cloudq.bench.control", "cloudq.bench.media", "cloudq.bench.data"} & mods
+    assert (
+        not {
+            "cloudq.bench.control",
+            "cloudq.bench.media",
+            "cloudq.bench.data",
+            "cloudq.bench.cost",
+            "cloudq.bench.population",
+        }
+        & mods
+    )

@@ -9,8 +9,9 @@ from collections import Counter
 
 import pytest
 import redis
+from helpers import Procs
 
-from cloudq.bench.population import Mode, PopulationConfig, run_population, tree_cpu
+from cloudq.bench.population import Habits, Mode, PopulationConfig, run_population, tree_cpu
 from cloudq.keys import Keys
 from cloudq.wire import VideoPacket
 from cloudq.workers.apps import PaintApp
@@ -64,7 +65,11 @@ def test_tree_cpu_counts_children() -> None:
 
 @pytest.mark.timeout(90)
 def test_population_runs_both_modes_and_accounts_for_every_process(tmp_path) -> None:
-    cfg = PopulationConfig(users=4, nodes=2, duration=10, time_scale=60, seed=3)
+    # short visits and breaks (simulated seconds / 60): users come and go, so 4 users share 2 nodes
+    habits = Habits(
+        idle_gap=60, p_break=0.2, long_break=(120, 240), p_drop=0.2, visit=120, min_visit=60, away=90
+    )
+    cfg = PopulationConfig(users=4, nodes=2, duration=10, time_scale=60, seed=3, habits=habits)
     runs = {m.name: run_population(cfg, m, log_dir=str(tmp_path / m.name)) for m in (Mode.on(60), Mode.off())}
     for name, x in runs.items():
         json.dumps(x)  # a report is plain data
@@ -88,3 +93,23 @@ def test_population_runs_both_modes_and_accounts_for_every_process(tmp_path) -> 
     assert runs["off"]["sleep_share"] == 0.0, "without the method no node ever sleeps"
     assert runs["on"]["sleep_share"] > 0.0, "with the method idle nodes sleep"
     assert runs["off"]["always_encode"] and not runs["on"]["always_encode"]
+
+
+def test_bench_cost_refuses_bad_options_with_a_clear_message(procs: Procs) -> None:
+    out = procs.run("bench", "cost", "--activity", "1.5")
+    assert out.returncode == 2 and "--activity" in out.stderr and "Traceback" not in out.stderr
+    out = procs.run("bench", "cost", "--users", "0")
+    assert out.returncode == 2 and "--users" in out.stderr and "Traceback" not in out.stderr
+    out = procs.run("bench", "cost", "--help")
+    assert out.returncode == 0
+    for opt in (
+        "--users",
+        "--nodes",
+        "--duration",
+        "--activity",
+        "--seed",
+        "--time-scale",
+        "--json",
+        "--write",
+    ):
+        assert opt in out.stdout

@@ -123,16 +123,17 @@ class Habits:
     """Share of a visit spent giving input: mean burst = mean gap x activity / (1 - activity)."""
     idle_gap: float = 180.0
     """Mean ordinary idle gap between two bursts (exponential)."""
-    p_break: float = 0.15
+    p_break: float = 0.12
     """Chance that a gap is a long break (the user stays logged in and walks away)."""
-    long_break: tuple[float, float] = (600.0, 2400.0)
+    long_break: tuple[float, float] = (480.0, 1500.0)
     """A long break lasts uniformly this long."""
     p_drop: float = 0.08
     """Chance that a gap is a dropped connection; the user is back within the reconnect grace."""
-    visit: float = 480.0
-    """Mean visit (login to logout, exponential, at least ``min_visit``)."""
-    min_visit: float = 120.0
-    away: float = 1800.0
+    visit: float = 900.0
+    """Mean visit (exponential, at least ``min_visit``): the user logs out after the first burst and
+    gap that end past it (whole cycles, so the share of input stays ``activity``)."""
+    min_visit: float = 240.0
+    away: float = 2400.0
     """Mean time away between two visits (exponential)."""
     input_hz: float = 30.0
     """Mouse events per second while drawing (real seconds: a hand does not speed up)."""
@@ -232,6 +233,8 @@ class UserRecord:
     """Waits still unanswered when the run ended (a lower bound of the real wait)."""
     sessions: list[str] = field(default_factory=list)
     presence_s: float = 0.0
+    wait_s: float = 0.0
+    """All time spent in login (queue waits, reconnections)."""
     session_s: float = 0.0
     """Time holding a session (node assigned -> logout or close seen), drops included."""
     input_s: float = 0.0
@@ -331,6 +334,7 @@ class SimUser(threading.Thread):
                 self.rec.errors.append(str(exc))
             return False
         waited = time.monotonic() - t0
+        self.rec.wait_s += waited
         self.ticket = t
         if t.sid != old:
             self._end_session()
@@ -414,8 +418,8 @@ class SimUser(threading.Thread):
 
     def _live(self) -> None:
         h, s, rng = self.habits, self.scale, self.rng
-        # people arrive spread over the first part of the run
-        if not self._pause(rng.uniform(0, min(h.away / s, self.cfg.duration / 3))):
+        # the run starts mid-day, not at opening time: first arrivals are spread over a mean time away
+        if not self._pause(rng.uniform(0, h.away / s)):
             return
         while self._left() > 0 and not self.stop.is_set():
             visit = max(h.min_visit, rng.expovariate(1 / h.visit)) / s
@@ -437,7 +441,7 @@ class SimUser(threading.Thread):
                         kind, gap = "idle", rng.expovariate(1 / h.idle_gap) / s
                     if self.ticket is None and not self._login():  # the server closed it meanwhile
                         break
-                    self._burst(min(burst, max(0.0, visit_end - time.monotonic())))
+                    self._burst(burst)
                     if kind == "drop":
                         self.rec.drops += 1
                         self._stop_kernel()  # connection gone: no heartbeats, no player
@@ -445,7 +449,7 @@ class SimUser(threading.Thread):
                             break
                         self._login()  # back within grace: the same session and node
                     elif not self._idle(gap):
-                        continue  # closed by the server; back at the next burst
+                        continue  # closed by the server; back at the next burst (if the visit goes on)
             self._logout()
             self.rec.presence_s += time.monotonic() - arrived
             if not self._pause(away):
@@ -640,7 +644,9 @@ def run_population(
         "node_state_share": {k: v / node_time for k, v in sorted(states.items())},
         "sleep_share": states.get("sleeping", 0.0) / node_time,
         "timeline": timeline,
-        "activity_measured": sum(r.input_s for r in recs) / max(1e-9, sum(r.session_s for r in recs)),
+        # input time over the time users wanted the app and had it (presence minus waiting to log in)
+        "activity_measured": sum(r.input_s for r in recs)
+        / max(1e-9, sum(r.presence_s - r.wait_s for r in recs)),
         "session_hours": sum(r.session_s for r in recs) / 3600,
         "inputs": sum(r.inputs for r in recs),
         "frames_decoded": sum(u.frames for u in users),
