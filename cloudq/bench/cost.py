@@ -189,7 +189,9 @@ def write_markdown(x: dict[str, Any], path: str) -> None:
     t = x["targets_met"]
     on, off = x["on"], x["off"]
     node_ratio = (
-        off["cpu_by_role"]["node"] / on["cpu_by_role"]["node"] if on["cpu_by_role"]["node"] else math.nan
+        (off["cpu_by_role"]["node"] / off["user_hours"]) / (on["cpu_by_role"]["node"] / on["user_hours"])
+        if on["cpu_by_role"]["node"] and on["user_hours"] and off["user_hours"]
+        else math.nan
     )
 
     def fixed(m: dict[str, Any]) -> float:
