@@ -179,10 +179,11 @@ def plot(x: dict[str, Any], path: str | Path) -> Path:
     return p
 
 
-def write_markdown(x: dict[str, Any], path: str) -> None:
-    """The table into ``path``'s section and the plot next to it (``docs/bench-cost.png``)."""
-    png = Path(os.path.dirname(os.path.abspath(path))) / PLOT
-    plot(x, png)
+def write_markdown(x: dict[str, Any], path: str, draw: bool = True) -> None:
+    """The table into ``path``'s section and the plot next to it (``docs/bench-cost.png``;
+    ``draw=False`` keeps the plot already there, e.g. rewriting the text of a saved result)."""
+    if draw:
+        plot(x, Path(os.path.dirname(os.path.abspath(path))) / PLOT)
     c = x["on"]["config"]
     h = c["habits"]
     s = x["on"]["settings"]
@@ -238,9 +239,11 @@ served per node (target ≥ 2.5: {"met" if t["users_per_node"] else "NOT met"}),
 
 Where the CPU goes: the nodes alone use {_f(node_ratio, ".2f")}x less with the method (active
 {100 * on["node_state_share"].get("active", 0.0):.0f} % and asleep {100 * on["sleep_share"]:.0f} % of node-time, against
-{100 * off["node_state_share"].get("active", 0.0):.0f} % active without it). What does not shrink with encoding — Valkey, the
-central server and the worker — is {100 * fixed(on):.0f} % of the server CPU with the method and
-{100 * fixed(off):.0f} % without, and grows with it (the worker forks a save job on every sleep).
+{100 * off["node_state_share"].get("active", 0.0):.0f} % active without it). The rest — Valkey, the
+central server and the worker, which does more with the method (a save job forked on every
+sleep, a close and a mount per idle-closed session) — is {100 * fixed(on):.0f} % of the server CPU with the
+method and {100 * fixed(off):.0f} % without. The queue wait percentiles come from
+{on["queue_wait_s"]["n"]} and {off["queue_wait_s"]["n"]} logins: one long wait moves the p95.
 Time scaling makes the method look worse than it is: what it costs per event (a save job forked
 by the worker on every sleep, waking with a keyframe, closing and mounting) comes {c["time_scale"]:g}x
 more often per real hour than with real people, while encoding costs the same per second.
