@@ -17,7 +17,7 @@ heartbeats, no player; the user logs in again within the reconnect grace). A vis
 logout, and the user comes back later as a new session. Human times are in simulated seconds and
 divided by ``time_scale``; the network clocks (heartbeat) and the frame rate are not scaled.
 
-What it measures (every figure over the same window, from the first user's arrival to the end):
+What it measures (every figure over the same window: from the moment the users start to the end):
 CPU seconds of every process from ``/proc/<pid>/stat`` (utime + stime, plus reaped and live
 children: the worker's forked work horses), by role, with this process (every simulated client)
 counted apart; each node's peak resident memory (``VmHWM``); the node state timeline from the
