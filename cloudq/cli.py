@@ -252,6 +252,12 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     default=None,
     help="Root of the nodes' user-data workspaces (default <tmp>/cloudq-workspace).",
 )
+@click.option(
+    "--always-encode",
+    envvar="CLOUDQ_ALWAYS_ENCODE",
+    is_flag=True,
+    help="Encode every frame tick even when nothing changed (the baseline `bench cost` compares with).",
+)
 @metrics_options
 @click.pass_context
 def node(
@@ -269,6 +275,7 @@ def node(
     preset: str,
     gop: float,
     workspace: str | None,
+    always_encode: bool,
     metrics_port: int,
     metrics_addr: str,
 ) -> None:
@@ -289,6 +296,7 @@ def node(
             preset=preset,
             gop=gop,
             workspace=workspace or default_workspace(),
+            always_encode=always_encode,
         )
         metrics = NodeMetrics(node_id)
         n = Node(

@@ -60,7 +60,15 @@ def test_every_cloudq_command_starts_without_the_store() -> None:
     assert "cloudq.cli" in mods
     assert not [m for m in mods if m.startswith(("cloudq.workers", "cloudq.client"))]
     assert (
-        not {"cloudq.bench.control", "cloudq.bench.media", "cloudq.bench.data", "cloudq.bench.browser"} & mods
+        not {
+            "cloudq.bench.control",
+            "cloudq.bench.media",
+            "cloudq.bench.data",
+            "cloudq.bench.browser",
+            "cloudq.bench.cost",
+            "cloudq.bench.population",
+        }
+        & mods
     )
 
 

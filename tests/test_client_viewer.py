@@ -131,6 +131,8 @@ def test_a_long_warning_wraps_the_status_line_instead_of_widening_the_window(
         assert label.winfo_reqheight() > 20  # the text took more than one line
     finally:
         root.destroy()
+
+
 def test_viewer_sends_wheel_buttons_as_wheel_steps_at_the_pointer() -> None:
     from types import SimpleNamespace
 

@@ -49,6 +49,9 @@ class MediaConfig:
     gop: float = 2.0
     codec: str = "h264"
     workspace: str = field(default_factory=default_workspace)
+    always_encode: bool = False
+    """Encode every frame tick even when the app says nothing changed (a conventional streamer
+    without the method; ``cloudq bench cost`` measures against it)."""
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
@@ -174,7 +177,7 @@ class Streamer:
             force, self.key_requested, self.last_forced = True, False, now
         key_due = self.encoder is None or now - self.last_key >= self.cfg.gop
         try:
-            if force or key_due or self.app.changed():
+            if force or key_due or self.cfg.always_encode or self.app.changed():
                 self._frame(now, force or key_due)
         except Exception as exc:  # the app cannot render any more (e.g. its X server died)
             self._broke(exc)

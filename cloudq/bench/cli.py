@@ -138,3 +138,72 @@ def bench_browser(as_json: bool, write_path: str | None, samples: int, blocks: i
     if write_path:
         write_markdown(result, write_path)
     _emit(result, result["table"], as_json)
+
+
+@bench.command("cost")
+@click.option(
+    "--users", envvar="CLOUDQ_BENCH_USERS", type=click.IntRange(min=1), default=8, show_default=True
+)
+@click.option(
+    "--nodes", envvar="CLOUDQ_BENCH_NODES", type=click.IntRange(min=1), default=4, show_default=True
+)
+@click.option(
+    "--duration",
+    envvar="CLOUDQ_BENCH_DURATION",
+    type=click.FloatRange(min=5),
+    default=150.0,
+    show_default=True,
+    help="Seconds the users act, per run (two runs).",
+)
+@click.option(
+    "--activity",
+    envvar="CLOUDQ_BENCH_ACTIVITY",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.3,
+    show_default=True,
+    help="Share of a visit the users give input.",
+)
+@click.option("--seed", envvar="CLOUDQ_BENCH_SEED", type=int, default=1, show_default=True)
+@click.option(
+    "--time-scale",
+    envvar="CLOUDQ_BENCH_TIME_SCALE",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="Human times (idle gaps, visits, idle/grace clocks) are divided by this.",
+)
+@json_option
+@write_option
+def bench_cost(
+    users: int,
+    nodes: int,
+    duration: float,
+    activity: float,
+    seed: int,
+    time_scale: float,
+    as_json: bool,
+    write_path: str | None,
+) -> None:
+    """CPU per user-hour with the method on vs off, users per node, queue wait, sleep share."""
+    import signal
+    import sys
+
+    from cloudq.bench import cost
+
+    # SIGTERM unwinds like Ctrl-C: every run's processes and embedded server are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if write_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--write draws a plot: pip install 'cloudq[bench]' (matplotlib)") from None
+    result = cost.run(cost.config(users, nodes, duration, activity, seed, time_scale))
+    if write_path:
+        cost.write_markdown(result, write_path)
+    if as_json:
+        out = {k: v for k, v in result.items() if k not in ("on", "off")}
+        out["on"] = {k: v for k, v in result["on"].items() if k != "timeline"}
+        out["off"] = {k: v for k, v in result["off"].items() if k != "timeline"}
+        _emit(out, result["table"], as_json)
+    else:
+        _emit(result, result["table"], as_json)

@@ -1,0 +1,115 @@
+"""``cloudq bench cost``'s machinery: the population engine against real processes, and the node's
+``--always-encode`` baseline. Structure and basic truths only; no figure is asserted."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pytest
+import redis
+from helpers import Procs
+
+from cloudq.bench.population import Habits, Mode, PopulationConfig, run_population, tree_cpu
+from cloudq.keys import Keys
+from cloudq.wire import VideoPacket
+from cloudq.workers.apps import PaintApp
+from cloudq.workers.node import MediaConfig, Streamer
+
+W, H = 320, 240
+
+
+def run_ticks(s: Streamer, seconds: float) -> None:
+    """Drive the streamer as the node loop would (deadline-paced, bounded)."""
+    end = time.monotonic() + seconds
+    while (now := time.monotonic()) < end:
+        due = s.deadline()
+        if due is not None and due > now:
+            time.sleep(min(due, end) - now)  # stands in for the node's blocking XREAD timeout
+        s.tick(time.monotonic())
+
+
+def video(r: redis.Redis, keys: Keys, sid: str) -> list[VideoPacket]:
+    return [VideoPacket.unpack(f) for _, f in r.xrange(keys.video(sid))]
+
+
+def test_always_encode_streams_every_tick_of_an_unchanged_canvas(
+    r: redis.Redis, keys: Keys, tmp_path
+) -> None:
+    base = MediaConfig(width=W, height=H, fps=20, workspace=str(tmp_path))
+    always = MediaConfig(width=W, height=H, fps=20, workspace=str(tmp_path), always_encode=True)
+    s_on = Streamer(r, keys, "on2", PaintApp(W, H), base, Counter())
+    s_off = Streamer(r, keys, "off", PaintApp(W, H), always, Counter())
+    run_ticks(s_on, 0.5)
+    run_ticks(s_off, 0.5)
+    assert len(video(r, keys, "on2")) == 1, "paint idle: the IDR, then nothing"
+    assert len(video(r, keys, "off")) >= 5, "always-encode: a frame on every tick (20 fps for 0.5 s)"
+
+
+def test_tree_cpu_counts_children() -> None:
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"]
+    )
+    try:
+        p.wait(20)
+    finally:
+        p.kill()
+    # the child was reaped by this process: its CPU shows in our cutime
+    assert tree_cpu(os.getpid()) >= 0.25
+
+
+@pytest.mark.timeout(90)
+def test_population_runs_both_modes_and_accounts_for_every_process(tmp_path) -> None:
+    # short visits and breaks (simulated seconds / 60): users come and go, so 4 users share 2 nodes
+    habits = Habits(
+        idle_gap=60, p_break=0.2, long_break=(120, 240), p_drop=0.2, visit=120, min_visit=60, away=90
+    )
+    cfg = PopulationConfig(users=4, nodes=2, duration=10, time_scale=60, seed=3, habits=habits)
+    runs = {m.name: run_population(cfg, m, log_dir=str(tmp_path / m.name)) for m in (Mode.on(60), Mode.off())}
+    for name, x in runs.items():
+        json.dumps(x)  # a report is plain data
+        assert not x["errors"], (name, x["errors"])
+        assert set(x["cpu_s"]) == {"valkey", "central", "worker", "node:n1", "node:n2", "clients"}
+        assert all(v >= 0 for v in x["cpu_s"].values())
+        assert x["cpu_s"]["node:n1"] > 0 and x["cpu_s"]["node:n2"] > 0 and x["cpu_s"]["clients"] > 0
+        assert x["server_cpu_s"] == pytest.approx(sum(v for k, v in x["cpu_s"].items() if k != "clients"))
+        assert set(x["peak_rss_mib"]) == {"n1", "n2"} and all(v > 0 for v in x["peak_rss_mib"].values())
+        assert x["users_served"] == cfg.users, f"{name}: every user got a node"
+        assert x["sessions"] >= cfg.users and x["users_per_node"] == x["sessions"] / cfg.nodes
+        assert (
+            x["queue_wait_s"]["n"] == x["sessions"] and x["queue_wait_s"]["p95"] >= x["queue_wait_s"]["p50"]
+        )
+        assert x["user_hours"] > 0 and x["frames_decoded"] > 0 and x["inputs"] > 0
+        assert sum(x["node_state_share"].values()) == pytest.approx(1.0)
+        for spans in x["timeline"].values():
+            assert spans[0][0] == pytest.approx(0.0, abs=1e-6) and spans[-1][1] == pytest.approx(
+                x["window_s"], abs=1
+            )
+    assert runs["off"]["sleep_share"] == 0.0, "without the method no node ever sleeps"
+    assert runs["on"]["sleep_share"] > 0.0, "with the method idle nodes sleep"
+    assert runs["off"]["always_encode"] and not runs["on"]["always_encode"]
+
+
+def test_bench_cost_refuses_bad_options_with_a_clear_message(procs: Procs) -> None:
+    out = procs.run("bench", "cost", "--activity", "1.5")
+    assert out.returncode == 2 and "--activity" in out.stderr and "Traceback" not in out.stderr
+    out = procs.run("bench", "cost", "--users", "0")
+    assert out.returncode == 2 and "--users" in out.stderr and "Traceback" not in out.stderr
+    out = procs.run("bench", "cost", "--help")
+    assert out.returncode == 0
+    for opt in (
+        "--users",
+        "--nodes",
+        "--duration",
+        "--activity",
+        "--seed",
+        "--time-scale",
+        "--json",
+        "--write",
+    ):
+        assert opt in out.stdout
