@@ -190,13 +190,20 @@ class Central:
     def sweep_once(self) -> int:
         """One pass: due deadlines, free nodes to waiting users; returns jobs enqueued."""
         n = 0
-        for action in self.sm.sweep():
+        for action in self.sm.sweep(run_id=self.server_run_id()):
             jobs.enqueue_action(self.r, self.keys, action)
             n += 1
         for a in self.sm.dispatch():
             jobs.enqueue_assignment(self.r, self.keys, a)
             n += 1
         return n
+
+    def server_run_id(self) -> str:
+        """The Redis server's ``run_id`` (a new one = the server restarted); '' if not allowed."""
+        try:
+            return str(self.r.info("server").get("run_id", ""))
+        except redis.ResponseError:
+            return ""
 
     def _next_due_in(self) -> float:
         first = self.r.zrange(self.keys.deadlines, 0, 0, withscores=True)

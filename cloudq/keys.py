@@ -48,6 +48,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("moves", "list", "-", "scripts", "sessions whose node died, waiting for another"),
     ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
     ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
+    ("sweeper", "hash", "-", "central", "last: server time of the last sweep; run_id: the server it ran on"),
 ]
 
 
@@ -94,6 +95,10 @@ class Keys:
     @property
     def events(self) -> str:
         return self._k("events")
+
+    @property
+    def sweeper(self) -> str:
+        return self._k("sweeper")
 
     # users and tokens
     def user(self, name: str) -> str:

@@ -83,8 +83,9 @@ class StateMachine:
             for i in range(0, len(flat), 5)
         ]
 
-    def sweep(self, limit: int = 500) -> list[Action]:
-        flat = [_s(x) for x in self._run("sweep", limit)]
+    def sweep(self, limit: int = 500, run_id: str = "") -> list[Action]:
+        """Claim due deadlines; ``run_id`` (the server's) lets the script see a restart."""
+        flat = [_s(x) for x in self._run("sweep", limit, run_id)]
         return [
             Action(flat[i], flat[i + 1], int(flat[i + 2] or 0), flat[i + 3], flat[i + 4], flat[i + 5])
             for i in range(0, len(flat), 6)

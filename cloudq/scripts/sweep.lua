@@ -1,8 +1,48 @@
--- sweep(P, limit) -> flat list of {action, sid, gen, reason, node, host} for the caller to enqueue.
+-- sweep(P, limit, run_id) -> flat list of {action, sid, gen, reason, node, host} for the caller to enqueue.
 -- Claims due deadlines atomically (two central replicas never both act on one entry) and
 -- checks each against the key it stands for: a refreshed key only moves the deadline.
+--
+-- Blind periods: liveness is judged only over time in which someone could see Redis. When no
+-- sweep ran for longer than a beat (Redis paused or unreachable, every central replica down) or
+-- the server restarted (`run_id` changed), nobody could refresh a TTL key meanwhile. Deadlines
+-- that fell inside that period are moved past it: a TTL key's (node liveness, heartbeat,
+-- activity) to a full TTL from now, so its owner gets a fair chance to refresh it first; the
+-- other clocks (grace, idle, autosave, leases, max) by the length of the blind period, as if
+-- their clock had stopped.
 local limit = tonumber(ARGV[2])
+local run_id = ARGV[3] or ''
 local D = P .. 'deadlines'
+local W = P .. 'sweeper'
+do
+  local last = tonumber(redis.call('HGET', W, 'last') or '')
+  local known = redis.call('HGET', W, 'run_id') or ''
+  local restarted = run_id ~= '' and known ~= '' and known ~= run_id
+  local blind_after = math.max(1.0, setting('heartbeat_interval'))
+  if last and last < NOW and (NOW - last > blind_after or restarted) then
+    local blind = NOW - last
+    local ttl = {alive = setting('node_ttl'), hb = setting('heartbeat_ttl'), act = setting('idle_timeout')}
+    local inside = redis.call('ZRANGEBYSCORE', D, last, NOW, 'WITHSCORES')
+    for i = 1, #inside, 2 do
+      local member, score = inside[i], tonumber(inside[i + 1])
+      local kind = string.sub(member, 1, string.find(member, '|', 1, true) - 1)
+      local full = ttl[kind]
+      local due
+      if full then
+        due = NOW + math.max(full, 0.05)
+      else
+        due = score + blind
+        if kind == 'grace' or kind == 'idle' then due = math.max(due, NOW + setting('heartbeat_ttl')) end
+      end
+      redis.call('ZADD', D, due, member)
+    end
+    local why = 'no sweep'
+    if restarted then why = 'server restarted' end
+    event('central', '', 'blind', string.format('blind period of %.1f s (%s): %d deadlines moved past it',
+      blind, why, #inside / 2))
+  end
+  redis.call('HSET', W, 'last', string.format('%.6f', NOW))
+  if run_id ~= '' then redis.call('HSET', W, 'run_id', run_id) end
+end
 local due = redis.call('ZRANGEBYSCORE', D, '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, limit)
 local out = {}
 local lease = setting('job_lease')

@@ -1,0 +1,80 @@
+"""Faults that must cost nobody their work or leave anything stuck (issue 9).
+
+Tests that pause or restart Redis run on a server of their own, so the suite's shared server
+is never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import Procs, node_state, session_field, start_pool, wait_for
+from test_userdata import SIZE, connect, draw, flush, ink_rows
+
+from cloudq.embedded import EmbeddedServer
+from cloudq.keys import Keys
+
+
+@dataclass
+class Own:
+    server: EmbeddedServer
+    r: redis.Redis
+    procs: Procs
+
+
+@pytest.fixture
+def own(keys: Keys, tmp_path: Path) -> Iterator[Own]:
+    server = EmbeddedServer().start()
+    r = redis.Redis.from_url(server.url, socket_timeout=10)
+    p = Procs(server.url, keys.prefix, str(tmp_path))
+    try:
+        yield Own(server, r, p)
+    finally:
+        p.stop_all()
+        r.close()
+        server.stop()
+
+
+def events(r: redis.Redis, keys: Keys, obj: str = "") -> list[tuple[str, str, str]]:
+    return [
+        (f[b"from"].decode(), f[b"to"].decode(), f[b"reason"].decode())
+        for _, f in r.xrange(keys.events)
+        if not obj or f[b"obj"].decode() == obj
+    ]
+
+
+def server_time(r: redis.Redis) -> float:
+    sec, usec = r.time()
+    return sec + usec / 1e6
+
+
+def test_a_three_second_redis_pause_declares_nobody_offline_and_keeps_the_drawing(
+    own: Own, keys: Keys
+) -> None:
+    r, procs = own.r, own.procs
+    clocks = dict(heartbeat_interval=0.3, heartbeat_ttl=1.0, node_ttl=1.0, idle_timeout=30, grace=30)
+    start_pool(r, keys, procs, 2, "paint", ("--size", SIZE, "--fps", "10"), **clocks)
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        draw(r, keys, a.sid, y=30)
+        wait_for(lambda: 30 in ink_rows(flush(r, keys, a.node, a.sid, procs)), 10, what="drawn")
+        own.server.pause()
+        time.sleep(3.0)  # the fault itself: Redis does not answer for 3 s
+        own.server.resume()
+        resumed = server_time(r)
+        # watch until every clock has had a full period past the pause to misjudge it
+        wait_for(lambda: server_time(r) > resumed + 3 * 1.0, 10)
+        wait_for(lambda: r.exists(keys.node_alive(a.node)) and r.exists(keys.heartbeat(a.sid)), 5)
+        assert not [e for e in events(r, keys, f"node:{a.node}") if e[1] == "offline"]
+        assert not [e for e in events(r, keys, f"session:{a.sid}") if e[1] == "disconnected"]
+        assert session_field(r, keys, a.sid) == "active" and session_field(r, keys, a.sid, "node") == a.node
+        assert node_state(r, keys, a.node) == "active"
+        assert 30 in ink_rows(flush(r, keys, a.node, a.sid, procs))
+        assert any("blind" in e[2] for e in events(r, keys, "central"))
+    finally:
+        hb.stop.set()
