@@ -195,6 +195,12 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     default=None,
     help="Root of the nodes' user-data workspaces (default <tmp>/cloudq-workspace).",
 )
+@click.option(
+    "--store",
+    envvar="CLOUDQ_STORE",
+    default=None,
+    help="User-data store (a node saves its session there if it was declared offline).",
+)
 def node(
     redis_url: str | None,
     prefix: str,
@@ -207,9 +213,13 @@ def node(
     preset: str,
     gop: float,
     workspace: str | None,
+    store: str | None,
 ) -> None:
     """Run one service node."""
     from cloudq.workers.node import MediaConfig, Node, NodeIdTaken, default_workspace
+
+    if store:
+        os.environ["CLOUDQ_STORE"] = store
 
     try:
         media = MediaConfig(

@@ -21,6 +21,7 @@ _NAMES = [
     "sweep",
     "register_node",
     "unregister_node",
+    "rejoin_node",
     "activate",
     "wake",
     "close_begin",
@@ -96,6 +97,10 @@ class StateMachine:
 
     def unregister_node(self, node: str, instance: str) -> str:
         return _s(self._run("unregister_node", node, instance))
+
+    def rejoin_node(self, node: str, instance: str, sid: str) -> str:
+        """A node declared offline takes its session back if nobody took it (see the script)."""
+        return _s(self._run("rejoin_node", node, instance, sid))
 
     def activate(self, node: str, sid: str, gen: int) -> bool:
         return _s(self._run("activate", node, sid, gen)) == "ok"

@@ -6,11 +6,13 @@ is never stopped.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from helpers import Procs, node_state, session_field, start_pool, wait_for
@@ -18,6 +20,7 @@ from test_userdata import SIZE, connect, draw, flush, ink_rows
 
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
+from cloudq.workers.store import DirectoryStore
 
 
 @dataclass
@@ -76,5 +79,59 @@ def test_a_three_second_redis_pause_declares_nobody_offline_and_keeps_the_drawin
         assert node_state(r, keys, a.node) == "active"
         assert 30 in ink_rows(flush(r, keys, a.node, a.sid, procs))
         assert any("blind" in e[2] for e in events(r, keys, "central"))
+    finally:
+        hb.stop.set()
+
+
+def newest_rows(procs: Procs, user: str, tmp: Path) -> set[int]:
+    """Ink rows of the newest saved version of ``user``'s canvas."""
+    store = DirectoryStore(Path(procs.log_dir) / "store")
+    if not store.versions(user):
+        return set()
+    dest = tmp / f"restored-{time.monotonic_ns()}"
+    store.restore(user, dest)
+    path = dest / "canvas.npy"
+    return ink_rows(np.load(path)) if path.exists() else set()
+
+
+def test_a_node_declared_offline_rejoins_with_its_session_when_nobody_took_it(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool = start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=30, grace=30)
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        draw(r, keys, a.sid, y=30)
+        wait_for(lambda: 30 in ink_rows(flush(r, keys, a.node, a.sid, procs)), 10, what="drawn")
+        pool.nodes[0].send_signal(signal.SIGSTOP)  # the node stalls longer than its liveness TTL
+        try:
+            wait_for(lambda: node_state(r, keys, "n1") == "offline", 10, what="declared offline")
+        finally:
+            pool.nodes[0].send_signal(signal.SIGCONT)
+        wait_for(lambda: session_field(r, keys, a.sid, "node") == "n1", 10, what="rejoined")
+        assert node_state(r, keys, "n1") in ("sleeping", "active")
+        assert 30 in ink_rows(flush(r, keys, "n1", a.sid, procs))  # the app's state is the live one
+        draw(r, keys, a.sid, y=50)  # input wakes it as usual
+        wait_for(lambda: session_field(r, keys, a.sid) == "active", 10, what="woke")
+        assert {30, 50} <= ink_rows(flush(r, keys, "n1", a.sid, procs))
+    finally:
+        hb.stop.set()
+
+
+def test_a_node_declared_offline_whose_session_moved_saves_the_work_to_the_store(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    pool = start_pool(r, keys, procs, 2, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=30, grace=30)
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        draw(r, keys, a.sid, y=30)
+        wait_for(lambda: b'"input": 3' in (r.hget(keys.node(a.node), "stats") or b""), 10, what="applied")
+        victim = pool.nodes[int(a.node[1:]) - 1]
+        victim.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: session_field(r, keys, a.sid, "node") not in ("", a.node), 10, what="moved")
+        finally:
+            victim.send_signal(signal.SIGCONT)
+        wait_for(lambda: 30 in newest_rows(procs, "alice", tmp_path), 15, what="the old node's save")
+        wait_for(lambda: node_state(r, keys, a.node) == "free", 10, what="old node back in the pool")
     finally:
         hb.stop.set()

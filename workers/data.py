@@ -79,7 +79,8 @@ def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) ->
     end = time.monotonic() + MOUNT_WAIT
     while True:
         holder = (r.get(keys.user_mounted(user)) or b"").decode()
-        if not holder or holder == sid or r.hget(keys.session(holder), "state") in (None, b"closed"):
+        free = not holder or holder == sid or r.hget(keys.session(holder), "state") in (None, b"closed")
+        if free and not r.exists(keys.save_lock(user)):  # and no save of the user's data under way
             break
         if time.monotonic() >= end:
             raise DataError(f"data of {user} is still mounted by session {holder}")
@@ -144,15 +145,31 @@ def save_session(
             return "node did not answer"
         if ack.endswith("|clean"):
             return "unchanged"
+    return store_workspace(
+        r, keys, sid, user, workspace_dir(workspace_root(), node), "final" if final else "save", wait=final
+    )
+
+
+def store_workspace(
+    r: redis.Redis, keys: Keys, sid: str, user: str, src: Path, label: str, wait: bool = True
+) -> str:
+    """Save the workspace ``src`` as a new version of ``user``'s data, under the user's save lock.
+
+    Only the workspace that ``sid`` mounted is saved: if the user's mount marker names another
+    session, ``src`` may hold someone else's files (or an older copy) and nothing is written.
+    """
+    holder = (r.get(keys.user_mounted(user)) or b"").decode()
+    if holder != sid:
+        log.warning("save %s: %s's data is mounted by %r, not this session; not saved", sid, user, holder)
+        return "not mounted by this session"
     fence = r.incr(keys.save_fence(user))
     lock = keys.save_lock(user)
-    end = time.monotonic() + (ACK_TIMEOUT * 6 if final else 0)
+    end = time.monotonic() + (ACK_TIMEOUT * 6 if wait else 0)
     while not r.set(lock, fence, nx=True, px=SAVE_LOCK_TTL_MS):
         if time.monotonic() >= end:
             return "another save is running"
         time.sleep(0.05)
     try:
-        src = workspace_dir(workspace_root(), node)
         try:
             info = open_store().save(user, src)
         except StoreError as exc:
@@ -160,13 +177,7 @@ def save_session(
             raise DataError(f"saving {user}'s data failed: {exc}") from None
         if r.get(lock) != str(fence).encode():
             log.error("save %s: lock lost during the save (fence %s)", sid, fence)
-        _event(
-            r,
-            keys,
-            f"session:{sid}",
-            "saved",
-            f"version {info.version} of {user} ({'final' if final else 'save'})",
-        )
+        _event(r, keys, f"session:{sid}", "saved", f"version {info.version} of {user} ({label})")
         return f"version {info.version}"
     finally:
         # release only our own lock (fencing token)

@@ -39,6 +39,7 @@ from cloudq.settings import Settings
 from cloudq.state import StateMachine
 from cloudq.wire import BadMessage as BadMedia
 from cloudq.wire import InputEvent, VideoPacket
+from cloudq.workers import data
 from cloudq.workers.apps import App, load_app
 from cloudq.workers.data import workspace_dir
 
@@ -322,11 +323,43 @@ class Node:
         if res == 0:
             raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
         if res == -1:
-            log.warning("node %s was declared offline; registering again", self.id)
-            self.stop_session("declared offline", save=False)
-            self.register()
+            self.declared_offline()
         self._next_refresh = time.monotonic() + self.settings.node_refresh
         self.publish_stats()
+
+    def declared_offline(self) -> None:
+        """The central server judged this node dead (it stalled past its TTL) while it still runs.
+
+        The app's state is the newest copy of the user's work: take the session back if nobody
+        took it, otherwise save the workspace to the store (the normal save path, under the
+        user's save lock) before letting go, then register again.
+        """
+        sess = self.session
+        if sess is None:
+            log.warning("node %s was declared offline; registering again", self.id)
+            self.register()
+            return
+        status = self.sm.rejoin_node(self.id, self.instance, sess.sid)
+        if status not in ("taken", "gone", "not-owner"):
+            log.warning(
+                "node %s was declared offline; rejoined with session %s (%s)", self.id, sess.sid, status
+            )
+            self.sleep()
+            return
+        log.warning("node %s was declared offline; session %s %s: saving its work", self.id, sess.sid, status)
+        if status != "not-owner" and sess.streamer and sess.streamer.save(self.data_dir):
+            user = (self.r.hget(self.keys.session(sess.sid), "user") or b"").decode()
+            try:
+                saved = data.store_workspace(
+                    self.r, self.keys, sess.sid, user, self.data_dir, f"node {self.id} declared offline"
+                )
+                log.info("node %s: session %s saved: %s", self.id, sess.sid, saved)
+            except data.DataError as exc:
+                log.error("node %s: could not save session %s: %s", self.id, sess.sid, exc)
+        self.stop_session("declared offline", save=False)
+        if status == "not-owner":
+            raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
+        self.register()
 
     def stats(self) -> dict[str, int]:
         st = self.session.streamer if self.session else None
