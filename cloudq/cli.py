@@ -577,9 +577,24 @@ def connect(
     default=0,
     help="Stop after this many seconds (0 = until Ctrl-C).",
 )
+@click.option(
+    "--data-dir",
+    envvar="CLOUDQ_DATA_DIR",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep everything here (embedded server with AOF everysec, user-data store, workspaces), "
+    "so it survives a restart. Without it everything is temporary.",
+)
 @central_options
 def up(
-    redis_url: str | None, prefix: str, nodes: int, workers: int, app: str, duration: float, **kw: Any
+    redis_url: str | None,
+    prefix: str,
+    nodes: int,
+    workers: int,
+    app: str,
+    duration: float,
+    data_dir: str | None,
+    **kw: Any,
 ) -> None:
     """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
     from cloudq.up import Cluster
@@ -590,8 +605,18 @@ def up(
         raise click.UsageError(str(exc)) from None
     done = threading.Event()
     _stop_on_signals(done.set)
-    with Cluster(redis_url, prefix, nodes=nodes, workers=workers, app=app, settings=settings) as cl:
+    cluster = Cluster(
+        redis_url, prefix, nodes=nodes, workers=workers, app=app, settings=settings, data_dir=data_dir
+    )
+    with cluster as cl:
         click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")
+        if data_dir:
+            click.echo(f"  everything is kept in {os.path.abspath(data_dir)} (survives a restart)")
+        elif cl.server is not None:
+            click.echo(
+                "  everything is TEMPORARY: users, sessions and saved data are gone when this stops "
+                "(use --data-dir DIR to keep them)"
+            )
         click.echo(f"  redis-cli -u {cl.redis_url} keys '{prefix}*'")
         click.echo(f"  CLOUDQ_REDIS_URL={cl.redis_url} cloudq status")
         sys.stdout.flush()

@@ -6,7 +6,10 @@ is never stopped.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,8 +21,10 @@ import redis
 from helpers import Procs, node_state, session_field, start_pool, wait_for
 from test_userdata import SIZE, connect, draw, flush, ink_rows
 
+from cloudq.auth import Users
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
+from cloudq.procs import cloudq_command
 from cloudq.workers.store import DirectoryStore
 
 
@@ -135,3 +140,85 @@ def test_a_node_declared_offline_whose_session_moved_saves_the_work_to_the_store
         wait_for(lambda: node_state(r, keys, a.node) == "free", 10, what="old node back in the pool")
     finally:
         hb.stop.set()
+
+
+def procs_at(workspace: Path) -> Procs:
+    """A harness whose ``log_dir/workspace`` is ``workspace`` (for ``flush``)."""
+    assert workspace.name == "workspace"
+    return Procs("", "", str(workspace.parent))
+
+
+def _up(data_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    clocks = [
+        "--heartbeat-interval",
+        "0.3",
+        "--heartbeat-ttl",
+        "1",
+        "--node-ttl",
+        "1",
+        "--idle-timeout",
+        "30",
+    ]
+    with open(log, "ab") as fh:
+        p = subprocess.Popen(
+            [*cloudq_command(), "-v", "up", "--nodes", "1", "--duration", "120", *clocks, *extra],
+            stdout=subprocess.PIPE,
+            stderr=fh,
+            text=True,
+            start_new_session=True,
+            cwd=data_dir.parent,
+        )
+    assert p.stdout is not None
+    m = re.search(r"CLOUDQ_REDIS_URL=(\S+)", p.stdout.readline())
+    assert m, "cloudq up printed its URL"
+    return p, m.group(1)
+
+
+def _stop_up(p: subprocess.Popen[str]) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+def test_up_with_a_data_dir_keeps_users_sessions_and_work_across_a_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "cq"
+    keys = Keys()
+    p, url = _up(data_dir, tmp_path / "up.log", "--data-dir", str(data_dir))
+    try:
+        assert "everything is kept in" in (p.stdout.readline() if p.stdout else "")
+        r = redis.Redis.from_url(url, socket_timeout=10)
+        wait_for(lambda: r.zcard(keys.pool) == 1, 30, what="node up")
+        Users(r, keys).add("alice", "pw", cost=4)
+        _, a, hb = connect(r, keys, "alice")
+        draw(r, keys, a.sid, y=30)
+        wait_for(lambda: b'"input": 3' in (r.hget(keys.node(a.node), "stats") or b""), 10, what="applied")
+        hb.stop.set()
+        old_instance = r.hget(keys.node("node1"), "instance")
+        _stop_up(p)  # a graceful stop: the node saves the session's work to the store
+        p, url2 = _up(data_dir, tmp_path / "up.log", "--data-dir", str(data_dir))
+        assert url2 == url  # same port again: clients find the server where it was
+        r = redis.Redis.from_url(url, socket_timeout=10)
+        wait_for(lambda: r.zcard(keys.pool) + r.scard(keys.sessions) >= 1, 30, what="node up again")
+        # the new node process took the session back with what the user saved
+        wait_for(lambda: r.hget(keys.node("node1"), "instance") != old_instance, 30, what="new node")
+        _, a2, hb2 = connect(r, keys, "alice")  # the account is still there
+        try:
+            assert a2.sid == a.sid  # and so is the session (reconnect within grace)
+            ws = data_dir / "workspace"
+            assert 30 in ink_rows(flush(r, keys, a2.node, a2.sid, procs_at(ws)))
+        finally:
+            hb2.stop.set()
+    finally:
+        _stop_up(p)
+
+
+def test_up_without_a_data_dir_says_everything_is_temporary(tmp_path: Path) -> None:
+    p, _ = _up(tmp_path / "x", tmp_path / "up.log")
+    try:
+        assert p.stdout is not None and "TEMPORARY" in p.stdout.readline()
+    finally:
+        _stop_up(p)

@@ -347,19 +347,26 @@ class Node:
             self.sleep()
             return
         log.warning("node %s was declared offline; session %s %s: saving its work", self.id, sess.sid, status)
-        if status != "not-owner" and sess.streamer and sess.streamer.save(self.data_dir):
-            user = (self.r.hget(self.keys.session(sess.sid), "user") or b"").decode()
-            try:
-                saved = data.store_workspace(
-                    self.r, self.keys, sess.sid, user, self.data_dir, f"node {self.id} declared offline"
-                )
-                log.info("node %s: session %s saved: %s", self.id, sess.sid, saved)
-            except data.DataError as exc:
-                log.error("node %s: could not save session %s: %s", self.id, sess.sid, exc)
+        if status != "not-owner":
+            self.save_to_store(f"node {self.id} declared offline")
         self.stop_session("declared offline", save=False)
         if status == "not-owner":
             raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
         self.register()
+
+    def save_to_store(self, label: str) -> str:
+        """The app writes its state into the workspace, which is saved as a new version of the
+        user's data (under the user's save lock, only if this session mounted it)."""
+        sess = self.session
+        if sess is None or sess.streamer is None or not sess.streamer.save(self.data_dir):
+            return "nothing to save"
+        user = (self.r.hget(self.keys.session(sess.sid), "user") or b"").decode()
+        try:
+            saved = data.store_workspace(self.r, self.keys, sess.sid, user, self.data_dir, label)
+        except data.DataError as exc:
+            saved = str(exc)
+        log.info("node %s: session %s: %s: %s", self.id, sess.sid, label, saved)
+        return saved
 
     def stats(self) -> dict[str, int]:
         st = self.session.streamer if self.session else None
@@ -378,7 +385,10 @@ class Node:
 
     def shutdown(self) -> None:
         try:
-            self.stop_session("node shutting down", save=True)
+            # to the store, not only the workspace: the session moves on to another node (or to
+            # this one after a restart) with what the user did up to now
+            self.save_to_store(f"node {self.id} shutting down")
+            self.stop_session("node shutting down", save=False)
             self.sm.unregister_node(self.id, self.instance)
         except redis.RedisError as exc:
             log.warning("node %s: could not unregister: %s", self.id, exc)
