@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 REASONS = {
     "grace": "the session was closed: the client was gone longer than the reconnect grace",
+    "server_restarted": "the session was closed: the server restarted without it (your work was saved)",
     "idle": "the session was closed: no input for too long",
     "max_session": "the session was closed: it reached the maximum session length",
     "logout": "the session was closed: logged out elsewhere",

@@ -55,6 +55,7 @@ class Central:
         self.wakeup = threading.Event()
         self.counters: Counter[str] = Counter()
         self._threads: list[threading.Thread] = []
+        self._run_id = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -190,7 +191,14 @@ class Central:
     def sweep_once(self) -> int:
         """One pass: due deadlines, free nodes to waiting users; returns jobs enqueued."""
         n = 0
-        for action in self.sm.sweep(run_id=self.server_run_id()):
+        run_id = self.server_run_id()
+        if run_id != self._run_id:
+            if self._run_id and not self.r.exists(self.keys.settings):
+                # the server restarted without our keys: publish the clocks and the group again
+                log.warning("the Redis server restarted and lost cloudq's keys; setting up again")
+                self.setup()
+            self._run_id = run_id
+        for action in self.sm.sweep(run_id=run_id):
             jobs.enqueue_action(self.r, self.keys, action)
             n += 1
         for a in self.sm.dispatch():

@@ -148,6 +148,8 @@ class EmbeddedServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        if self.dir and self.data_dir is None:
+            shutil.rmtree(self.dir, ignore_errors=True)  # a server without a data dir keeps nothing
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()

@@ -22,6 +22,7 @@ _NAMES = [
     "register_node",
     "unregister_node",
     "rejoin_node",
+    "lost_session",
     "activate",
     "wake",
     "close_begin",
@@ -101,6 +102,10 @@ class StateMachine:
     def rejoin_node(self, node: str, instance: str, sid: str) -> str:
         """A node declared offline takes its session back if nobody took it (see the script)."""
         return _s(self._run("rejoin_node", node, instance, sid))
+
+    def lost_session(self, sid: str, user: str, node: str) -> str:
+        """Record a session whose keys a server restart lost as closed (``server_restarted``)."""
+        return _s(self._run("lost_session", sid, user, node))
 
     def activate(self, node: str, sid: str, gen: int) -> bool:
         return _s(self._run("activate", node, sid, gen)) == "ok"

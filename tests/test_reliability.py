@@ -37,7 +37,7 @@ class Own:
 
 @pytest.fixture
 def own(keys: Keys, tmp_path: Path) -> Iterator[Own]:
-    server = EmbeddedServer().start()
+    server = EmbeddedServer(data_dir=tmp_path / "redis").start()
     r = redis.Redis.from_url(server.url, socket_timeout=10)
     p = Procs(server.url, keys.prefix, str(tmp_path))
     try:
@@ -86,6 +86,59 @@ def test_a_three_second_redis_pause_declares_nobody_offline_and_keeps_the_drawin
         assert any("blind" in e[2] for e in events(r, keys, "central"))
     finally:
         hb.stop.set()
+
+
+def test_after_a_redis_crash_and_restart_every_process_reconnects_and_the_session_goes_on(
+    own: Own, keys: Keys
+) -> None:
+    r, procs = own.r, own.procs
+    clocks = dict(heartbeat_interval=0.3, heartbeat_ttl=1.0, node_ttl=1.0, idle_timeout=30, grace=30)
+    start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), **clocks)
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        draw(r, keys, a.sid, y=30)
+        wait_for(lambda: 30 in ink_rows(flush(r, keys, a.node, a.sid, procs)), 10, what="drawn")
+        r.execute_command("WAITAOF", 1, 0, 5000)  # what is written so far is on disk (everysec)
+        own.server.kill()
+        time.sleep(1.0)  # down for a while
+        own.server.start()
+        wait_for(lambda: any("restarted" in e[2] for e in events(r, keys, "central")), 15, what="seen")
+        wait_for(lambda: r.exists(keys.node_alive(a.node)) and r.exists(keys.heartbeat(a.sid)), 15)
+        before = len(r.xrange(keys.video(a.sid)))
+        draw(r, keys, a.sid, y=50)  # the node reads input and streams again
+        wait_for(lambda: len(r.xrange(keys.video(a.sid))) > before, 10, what="video after restart")
+        assert {30, 50} <= ink_rows(flush(r, keys, a.node, a.sid, procs))
+        assert session_field(r, keys, a.sid) == "active" and session_field(r, keys, a.sid, "node") == a.node
+        assert not [e for e in events(r, keys, f"node:{a.node}") if e[1] == "offline"]
+        assert all(p.poll() is None for p in procs.procs)  # nobody died of it
+    finally:
+        hb.stop.set()
+
+
+def test_a_session_whose_keys_a_restart_lost_is_closed_with_a_reason_and_its_work_saved(
+    keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    server = EmbeddedServer().start()  # no persistence: a restart loses every key
+    try:
+        r = redis.Redis.from_url(server.url, socket_timeout=10)
+        procs.redis_url = server.url
+        clocks = dict(heartbeat_interval=0.3, heartbeat_ttl=1.0, node_ttl=1.0, idle_timeout=30, grace=30)
+        pool = start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), **clocks)
+        _, a, hb = connect(r, keys, "alice")
+        hb.stop.set()
+        draw(r, keys, a.sid, y=30)
+        wait_for(lambda: b'"input": 3' in (r.hget(keys.node(a.node), "stats") or b""), 10, what="applied")
+        server.kill()
+        server.start()
+        wait_for(lambda: session_field(r, keys, a.sid) == "closed", 15, what="recorded as closed")
+        assert session_field(r, keys, a.sid, "close_reason") == "server_restarted"
+        assert 30 in newest_rows(procs, "alice", tmp_path)
+        wait_for(lambda: r.zcard(keys.pool) == 1, 15, what="node back in the pool")
+        assert r.exists(keys.settings)  # the central server published its clocks again
+        assert all(p.poll() is None for p in [pool.central, pool.worker, *pool.nodes])
+    finally:
+        procs.stop_all()
+        server.stop()
 
 
 def newest_rows(procs: Procs, user: str, tmp: Path) -> set[int]:

@@ -151,15 +151,26 @@ def save_session(
 
 
 def store_workspace(
-    r: redis.Redis, keys: Keys, sid: str, user: str, src: Path, label: str, wait: bool = True
+    r: redis.Redis,
+    keys: Keys,
+    sid: str,
+    user: str,
+    src: Path,
+    label: str,
+    wait: bool = True,
+    require_marker: bool = True,
 ) -> str:
     """Save the workspace ``src`` as a new version of ``user``'s data, under the user's save lock.
 
     Only the workspace that ``sid`` mounted is saved: if the user's mount marker names another
     session, ``src`` may hold someone else's files (or an older copy) and nothing is written.
+    (``require_marker=False`` only for a node that knows itself what it mounted, when a server
+    restart lost the marker.)
     """
+    if not user:
+        return "no user"
     holder = (r.get(keys.user_mounted(user)) or b"").decode()
-    if holder != sid:
+    if holder != sid and (require_marker or holder):
         log.warning("save %s: %s's data is mounted by %r, not this session; not saved", sid, user, holder)
         return "not mounted by this session"
     fence = r.incr(keys.save_fence(user))

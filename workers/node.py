@@ -53,6 +53,7 @@ MAX_BLOCK = 1.0
 _REFRESH_ALIVE = """
 local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'instance') ~= ARGV[1] then return -2 end
 if not v and redis.call('HGET', KEYS[2], 'state') == 'offline' then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
@@ -245,6 +246,7 @@ class Streamer:
 class NodeSession:
     sid: str
     gen: int
+    user: str = ""
     input_id: bytes = b"$"
     sleeping: bool = False
     streamer: Streamer | None = None
@@ -324,6 +326,8 @@ class Node:
             raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
         if res == -1:
             self.declared_offline()
+        elif res == -2:
+            self.lost_by_server()
         self._next_refresh = time.monotonic() + self.settings.node_refresh
         self.publish_stats()
 
@@ -354,15 +358,29 @@ class Node:
             raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
         self.register()
 
-    def save_to_store(self, label: str) -> str:
+    def lost_by_server(self) -> None:
+        """The server restarted without our keys (no persistence): save the session's work (the
+        node knows whose workspace it mounted), record the session as closed, register again."""
+        sess = self.session
+        if sess is not None:
+            log.warning("node %s: the server lost its keys; saving session %s", self.id, sess.sid)
+            self.save_to_store(f"node {self.id}: server restarted without the session", require_marker=False)
+            self.sm.lost_session(sess.sid, sess.user, self.id)
+            self.stop_session("server restarted without it", save=False)
+        else:
+            log.warning("node %s: the server lost its keys; registering again", self.id)
+        self.register()
+
+    def save_to_store(self, label: str, require_marker: bool = True) -> str:
         """The app writes its state into the workspace, which is saved as a new version of the
         user's data (under the user's save lock, only if this session mounted it)."""
         sess = self.session
         if sess is None or sess.streamer is None or not sess.streamer.save(self.data_dir):
             return "nothing to save"
-        user = (self.r.hget(self.keys.session(sess.sid), "user") or b"").decode()
         try:
-            saved = data.store_workspace(self.r, self.keys, sess.sid, user, self.data_dir, label)
+            saved = data.store_workspace(
+                self.r, self.keys, sess.sid, sess.user, self.data_dir, label, require_marker=require_marker
+            )
         except data.DataError as exc:
             saved = str(exc)
         log.info("node %s: session %s: %s: %s", self.id, sess.sid, label, saved)
@@ -406,7 +424,10 @@ class Node:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             app.load(self.data_dir)
             streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters)
-        self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", streamer=streamer)
+        user = (self.r.hget(self.keys.session(sid), "user") or b"").decode()
+        self.session = NodeSession(
+            sid, gen, user=user, input_id=last[0][0] if last else b"0-0", streamer=streamer
+        )
         if self.sm.activate(self.id, sid, gen):
             streamer.wake()
             log.info("node %s: session %s active", self.id, sid)
