@@ -22,9 +22,11 @@ from helpers import Procs, node_state, session_field, start_pool, wait_for
 from test_userdata import SIZE, connect, draw, flush, ink_rows
 
 from cloudq.auth import Users
+from cloudq.client.kernel import Heartbeat
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
 from cloudq.procs import cloudq_command
+from cloudq.settings import Settings
 from cloudq.workers.store import DirectoryStore
 
 
@@ -275,3 +277,39 @@ def test_up_without_a_data_dir_says_everything_is_temporary(tmp_path: Path) -> N
         assert p.stdout is not None and "TEMPORARY" in p.stdout.readline()
     finally:
         _stop_up(p)
+
+
+def test_a_lapsed_heartbeat_saves_the_work_at_once(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=30, grace=30)
+    _, a, hb = connect(r, keys, "alice")
+    draw(r, keys, a.sid, y=30)
+    wait_for(lambda: b'"input": 3' in (r.hget(keys.node(a.node), "stats") or b""), 10, what="applied")
+    hb.stop.set()  # the client vanishes (autosave is off, the session is far from idle)
+    wait_for(lambda: session_field(r, keys, a.sid) == "disconnected", 10)
+    wait_for(lambda: 30 in newest_rows(procs, "alice", tmp_path), 15, what="saved on disconnect")
+
+
+def test_autosave_goes_on_after_a_reconnect_and_after_a_wake(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    start_pool(
+        r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=30, grace=30, autosave=0.5
+    )
+    launcher, a, hb = connect(r, keys, "alice")
+    hb.stop.set()
+    wait_for(lambda: session_field(r, keys, a.sid) == "disconnected", 10)
+    hb.join()
+    gone = server_time(r)  # away for a few autosave periods
+    wait_for(lambda: server_time(r) > gone + 1.5, 5)
+    a2 = launcher.login("alice", "pw")  # back within grace: same session
+    hb2 = Heartbeat(r, keys, a2.sid, Settings.load(r, keys))
+    hb2.start()
+    try:
+        assert a2.sid == a.sid and a2.status == "reconnect"
+        draw(r, keys, a.sid, y=70)  # wakes the node; autosave must be running again
+        wait_for(lambda: 70 in newest_rows(procs, "alice", tmp_path), 15, what="autosave after reconnect")
+        assert session_field(r, keys, a.sid) == "active"
+    finally:
+        hb2.stop.set()

@@ -129,6 +129,8 @@ for i = 1, #due, 2 do
         else
           if state ~= 'disconnected' then
             to_sleep(id, node, 'client heartbeat lapsed')
+            -- work done up to now is saved at once, not only when the session closes
+            if node ~= '' and state ~= 'starting' then save_later(id, 'disconnect') end
             session_state(id, 'disconnected', 'heartbeat lapsed')
             undeadline('act', id)
             local grace = setting('grace')
@@ -171,7 +173,8 @@ for i = 1, #due, 2 do
         local every = setting('autosave')
         if every > 0 then
           if state == 'active' and node ~= '' then save_later(id, 'autosave') end
-          if state ~= 'disconnected' then deadline('save', id, every) end
+          -- always re-armed: a session that sleeps or is disconnected autosaves again once active
+          deadline('save', id, every)
         end
       elseif kind == 'mount' then
         if state == 'starting' and node ~= '' then
