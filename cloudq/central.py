@@ -170,21 +170,13 @@ class Central:
         user = auth.token_user(self.r, self.keys, req.token)
         if user is None:
             return Reply(ok=False, status="invalid_token", error="unknown, expired or revoked token")
-        th = auth.hash_token(req.token)
-        self.r.delete(self.keys.token(th))
-        sid = (self.r.hget(self.keys.user(user), "session") or b"").decode()
-        s = self.r.hgetall(self.keys.session(sid)) if sid else {}
-        if s and auth.same_token(s.get(b"token", b"").decode(), th):
-            # mark it closing now, so a login that arrives before the close job runs gets a new
-            # session (which mounts after this one's final save) instead of reconnecting into it
-            self.r.hsetnx(self.keys.session(sid), "close_reason", "logout")
-            gen = int(s[b"gen"])
-            host = (self.r.hget(self.keys.node(s[b"node"].decode()), "host") or b"").decode()
+        # one atomic step (logout.lua): token revoked, session marked closing (so a login that
+        # arrives before the close job runs gets a new session, mounted after this one's final
+        # save) with a close deadline that re-issues the job if it is lost; queue place left
+        sid, gen, node = self.sm.logout(user, auth.hash_token(req.token))
+        if sid:
+            host = (self.r.hget(self.keys.node(node), "host") or b"").decode() if node else ""
             jobs.enqueue(self.r, self.keys, "close", sid, gen, host, "logout")
-        qtoken = (self.r.hget(self.keys.user(user), "qtoken") or b"").decode()
-        if qtoken and auth.same_token(qtoken, th):
-            self.r.lrem(self.keys.queue, 0, user)
-            self.r.hdel(self.keys.user(user), "qtoken")
         return Reply(ok=True, status="logged_out")
 
     # -- deadlines ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ _NAMES = [
     "unregister_node",
     "rejoin_node",
     "lost_session",
+    "logout",
     "activate",
     "wake",
     "close_begin",
@@ -57,6 +58,8 @@ class Action:
     reason: str
     node: str
     host: str
+    issue: int = 0
+    """How many times the sweep issued this job (re-issues get their own job id)."""
 
 
 def _s(v: Any) -> str:
@@ -89,8 +92,16 @@ class StateMachine:
         """Claim due deadlines; ``run_id`` (the server's) lets the script see a restart."""
         flat = [_s(x) for x in self._run("sweep", limit, run_id)]
         return [
-            Action(flat[i], flat[i + 1], int(flat[i + 2] or 0), flat[i + 3], flat[i + 4], flat[i + 5])
-            for i in range(0, len(flat), 6)
+            Action(
+                flat[i],
+                flat[i + 1],
+                int(flat[i + 2] or 0),
+                flat[i + 3],
+                flat[i + 4],
+                flat[i + 5],
+                int(flat[i + 6]),
+            )
+            for i in range(0, len(flat), 7)
         ]
 
     def register_node(self, node: str, host: str, app: str, instance: str) -> bool:
@@ -106,6 +117,11 @@ class StateMachine:
     def lost_session(self, sid: str, user: str, node: str) -> str:
         """Record a session whose keys a server restart lost as closed (``server_restarted``)."""
         return _s(self._run("lost_session", sid, user, node))
+
+    def logout(self, user: str, token_hash: str) -> tuple[str, int, str]:
+        """Revoke the token, mark its session closing (re-issued until closed); (sid, gen, node)."""
+        sid, gen, node = self._run("logout", user, token_hash)
+        return _s(sid), int(gen), _s(node)
 
     def activate(self, node: str, sid: str, gen: int) -> bool:
         return _s(self._run("activate", node, sid, gen)) == "ok"

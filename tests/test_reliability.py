@@ -18,12 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from helpers import Procs, node_state, session_field, start_pool, wait_for
+from helpers import FAST, Procs, node_state, publish, session_field, start_pool, wait_for
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
 from test_userdata import SIZE, connect, draw, flush, ink_rows
 
+from cloudq import jobs
 from cloudq.auth import Users
 from cloudq.client.kernel import Heartbeat
+from cloudq.client.launcher import Launcher
 from cloudq.embedded import EmbeddedServer
+from cloudq.jobs import queue_for
 from cloudq.keys import Keys
 from cloudq.procs import cloudq_command
 from cloudq.settings import Settings
@@ -313,3 +318,113 @@ def test_autosave_goes_on_after_a_reconnect_and_after_a_wake(
         assert session_field(r, keys, a.sid) == "active"
     finally:
         hb2.stop.set()
+
+
+# -- nothing stuck ---------------------------------------------------------------------------
+def _pool_without_worker(r: redis.Redis, keys: Keys, procs: Procs, **clocks: float) -> None:
+    clk = {**FAST, **clocks}
+    publish(r, keys, **clk)
+    procs.central(**clk)
+    procs.node("n1", "h1", "paint", "--size", SIZE, "--fps", "10")
+    wait_for(lambda: r.zcard(keys.pool) == 1, 20, what="node registered")
+    Users(r, keys).add("alice", "pw", cost=4)
+
+
+def test_a_session_idle_during_a_slow_mount_still_starts_and_the_node_is_not_stuck(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    _pool_without_worker(r, keys, procs, idle_timeout=0.5, grace=30)
+    launcher = Launcher(r, keys)
+    a = launcher.login("alice", "pw")
+    hb = Heartbeat(r, keys, a.sid, Settings.load(r, keys))
+    hb.start()
+    try:
+        # the mount is slow (no worker yet): the user's activity lapses meanwhile
+        wait_for(lambda: not r.exists(keys.activity(a.sid)), 5)
+        t = server_time(r)
+        wait_for(lambda: server_time(r) > t + 1.0, 5)
+        procs.worker()
+        wait_for(lambda: ("starting", "active") in [e[:2] for e in events(r, keys, f"session:{a.sid}")], 15)
+        wait_for(lambda: node_state(r, keys, "n1") in ("active", "sleeping"), 5, what="node in service")
+    finally:
+        hb.stop.set()
+
+
+def test_a_reconnect_during_a_slow_mount_still_starts_the_session(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    _pool_without_worker(r, keys, procs, idle_timeout=30, grace=30)
+    launcher = Launcher(r, keys)
+    a = launcher.login("alice", "pw")  # no heartbeat: the client is gone during the mount
+    wait_for(lambda: not r.exists(keys.heartbeat(a.sid)), 5)
+    t = server_time(r)
+    wait_for(lambda: server_time(r) > t + 1.0, 5)
+    a2 = launcher.login("alice", "pw")  # ... and comes back before the mount ran
+    hb = Heartbeat(r, keys, a2.sid, Settings.load(r, keys))
+    hb.start()
+    try:
+        assert a2.sid == a.sid
+        procs.worker()
+        wait_for(lambda: session_field(r, keys, a.sid) == "active", 15, what="session started")
+        assert node_state(r, keys, "n1") == "active"
+    finally:
+        hb.stop.set()
+
+
+def test_idle_close_is_re_armed_after_a_reconnect_into_a_sleeping_session(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=0.5, idle_close=2.0)
+    launcher = Launcher(r, keys)
+    a = launcher.login("alice", "pw")
+    hb = Heartbeat(r, keys, a.sid, Settings.load(r, keys))
+    hb.start()
+    try:
+        wait_for(lambda: session_field(r, keys, a.sid) == "sleeping", 15, what="asleep")
+        hb.stop.set()
+        hb.join()
+        wait_for(lambda: session_field(r, keys, a.sid) == "disconnected", 5)
+        a2 = launcher.login("alice", "pw")  # reconnects into the sleeping session, gives no input
+        assert a2.sid == a.sid
+        hb = Heartbeat(r, keys, a2.sid, Settings.load(r, keys))
+        hb.start()
+        wait_for(lambda: session_field(r, keys, a.sid) == "closed", 10, what="idle close")
+        assert session_field(r, keys, a.sid, "close_reason") == "idle"
+    finally:
+        hb.stop.set()
+
+
+def test_a_logout_whose_close_job_was_lost_still_closes(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    pool = start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), job_lease=1.0)
+    launcher, a, hb = connect(r, keys, "alice")
+    procs.stop(pool.worker)  # no worker for a moment, so the job waits in the queue ...
+    launcher.logout(a.token)
+    hb.stop.set()
+    q = queue_for(r, keys, "h1")
+    wait_for(lambda: q.count >= 1, 5, what="close job queued")
+    q.empty()  # ... and is lost (a failover, an operator, a crash between two steps)
+    procs.worker()
+    wait_for(lambda: session_field(r, keys, a.sid) == "closed", 15, what="closed anyway")
+    assert session_field(r, keys, a.sid, "close_reason") == "logout"
+    assert node_state(r, keys, "n1") == "free"
+
+
+def test_a_mount_re_issued_after_its_job_failed_runs_under_its_own_id(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    _pool_without_worker(r, keys, procs, idle_timeout=30, grace=30, job_lease=1.0)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    bad = procs.start("worker", "--host", "h1", CLOUDQ_WORKSPACE=str(blocker / "ws"))  # mounts fail
+    launcher = Launcher(r, keys)
+    a = launcher.login("alice", "pw")
+    hb = Heartbeat(r, keys, a.sid, Settings.load(r, keys))
+    hb.start()
+    try:
+        failed = FailedJobRegistry(keys.job_queue("h1"), connection=r, serializer=JSONSerializer)
+        wait_for(lambda: jobs.job_id(keys, "mount", a.sid, 1) in failed.get_job_ids(), 20, what="failed")
+        procs.stop(bad)
+        procs.worker()
+        wait_for(lambda: session_field(r, keys, a.sid) == "active", 15, what="re-issued mount ran")
+    finally:
+        hb.stop.set()

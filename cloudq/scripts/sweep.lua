@@ -48,10 +48,17 @@ local out = {}
 local lease = setting('job_lease')
 local hb_interval = setting('heartbeat_interval')
 
-local function act(action, sid, gen, reason, node)
+-- `issue` numbers re-issues of a job (a close or mount whose lease ran out): each gets its own
+-- job id, so RQ does not refuse it while the previous run's finished or failed job still exists
+local function act(action, sid, gen, reason, node, issue)
   local host = ''
   if node and node ~= '' then host = redis.call('HGET', nkey(node), 'host') or '' end
-  for _, v in ipairs({action, sid, tostring(gen), reason, node or '', host}) do table.insert(out, v) end
+  for _, v in ipairs({action, sid, tostring(gen), reason, node or '', host, tostring(issue or 0)}) do
+    table.insert(out, v)
+  end
+end
+local function reissue(sid, action)
+  return redis.call('HINCRBY', skey(sid), 'issued_' .. action, 1)
 end
 
 local function close_later(sid, reason)
@@ -59,7 +66,8 @@ local function close_later(sid, reason)
   local s = skey(sid)
   if (redis.call('HGET', s, 'close_reason') or '') == '' then redis.call('HSET', s, 'close_reason', reason) end
   deadline('close', sid, lease)
-  act('close', sid, redis.call('HGET', s, 'gen'), redis.call('HGET', s, 'close_reason'), redis.call('HGET', s, 'node'))
+  act('close', sid, redis.call('HGET', s, 'gen'), redis.call('HGET', s, 'close_reason'), redis.call('HGET', s, 'node'),
+    reissue(sid, 'close'))
 end
 
 local function save_later(sid, why)
@@ -93,7 +101,8 @@ for i = 1, #due, 2 do
         if st and st ~= 'closed' then
           if (redis.call('HGET', skey(sid), 'close_reason') or '') ~= '' then
             -- it was closing: nothing left to save on a dead node; the close job finishes it
-            act('close', sid, redis.call('HGET', skey(sid), 'gen'), redis.call('HGET', skey(sid), 'close_reason'), '')
+            act('close', sid, redis.call('HGET', skey(sid), 'gen'), redis.call('HGET', skey(sid), 'close_reason'), '',
+              reissue(sid, 'close'))
           else
             redis.call('HSET', skey(sid), 'move', '1', 'node', '')
             undeadline('mount', sid)
@@ -126,6 +135,9 @@ for i = 1, #due, 2 do
             if idle > 0 then deadline('act', id, pttl_s(s .. ':act') or 0) end
           end
           redis.call('ZADD', D, NOW + left, member)
+        elseif state == 'starting' then
+          -- the mount is still running: the session goes on (or is found gone) once it is active
+          deadline('hb', id, math.max(hb_interval, 0.05))
         else
           if state ~= 'disconnected' then
             to_sleep(id, node, 'client heartbeat lapsed')
@@ -146,7 +158,14 @@ for i = 1, #due, 2 do
         local left = pttl_s(s .. ':act')
         if left then
           redis.call('ZADD', D, NOW + left, member)
-        elseif state == 'active' or state == 'starting' then
+        elseif state == 'sleeping' or state == 'disconnected' then
+          -- e.g. a reconnect into a sleeping session that gave no input since: close it when idle
+          local idle_close = setting('idle_close')
+          if idle_close > 0 then
+            redis.call('ZADD', D, 'NX', score - setting('idle_timeout') + idle_close, 'idle|' .. id)
+          end
+        elseif state == 'active' then
+          -- (a `starting` session's idle clock is re-armed by activate.lua once it runs)
           to_sleep(id, node, 'user idle')
           session_state(id, 'sleeping', 'activity lapsed')
           if node ~= '' then save_later(id, 'sleep') end  -- a sleeping session's data is saved
@@ -179,7 +198,7 @@ for i = 1, #due, 2 do
       elseif kind == 'mount' then
         if state == 'starting' and node ~= '' then
           deadline('mount', id, lease)
-          act('mount', id, gen, 'mount', node)
+          act('mount', id, gen, 'mount', node, reissue(id, 'mount'))
         end
       end
     end
