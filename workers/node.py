@@ -546,7 +546,9 @@ class Node:
 
     def run(self) -> None:
         self.register()
-        backoff = Backoff()
+        # retry at least as often as the liveness refresh, so that after an outage the node is
+        # back within one TTL of the central server seeing again (see sweep.lua, blind periods)
+        backoff = Backoff(0.05, max(0.05, self.settings.node_refresh))
         try:
             while not self.stop.is_set():
                 try:
