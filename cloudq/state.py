@@ -24,6 +24,7 @@ _NAMES = [
     "rejoin_node",
     "lost_session",
     "logout",
+    "app_error",
     "activate",
     "wake",
     "close_begin",
@@ -122,6 +123,10 @@ class StateMachine:
         """Revoke the token, mark its session closing (re-issued until closed); (sid, gen, node)."""
         sid, gen, node = self._run("logout", user, token_hash)
         return _s(sid), int(gen), _s(node)
+
+    def app_error(self, node: str, sid: str, detail: str) -> str:
+        """The node's app raised: close the session with reason ``app_error``."""
+        return _s(self._run("app_error", node, sid, detail))
 
     def activate(self, node: str, sid: str, gen: int) -> bool:
         return _s(self._run("activate", node, sid, gen)) == "ok"

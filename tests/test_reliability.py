@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from helpers import FAST, Procs, node_state, publish, session_field, start_pool, wait_for
+from helpers import FAST, Pool, Procs, node_state, publish, session_field, start_pool, wait_for
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from test_userdata import SIZE, connect, draw, flush, ink_rows
@@ -30,8 +30,10 @@ from cloudq.client.launcher import Launcher
 from cloudq.embedded import EmbeddedServer
 from cloudq.jobs import queue_for
 from cloudq.keys import Keys
+from cloudq.messages import Control, pack_control
 from cloudq.procs import cloudq_command
 from cloudq.settings import Settings
+from cloudq.wire import InputEvent
 from cloudq.workers.store import DirectoryStore
 
 
@@ -426,5 +428,54 @@ def test_a_mount_re_issued_after_its_job_failed_runs_under_its_own_id(
         procs.stop(bad)
         procs.worker()
         wait_for(lambda: session_field(r, keys, a.sid) == "active", 15, what="re-issued mount ran")
+    finally:
+        hb.stop.set()
+
+
+# -- nothing crosses between users, no process dies of another's bug --------------------------
+def _app_pool(r: redis.Redis, keys: Keys, procs: Procs, app: str, **clocks: float) -> Pool:
+    clk = {"idle_timeout": 30, "grace": 30, **clocks}
+    return start_pool(r, keys, procs, 1, f"apps_for_tests:{app}", ("--size", SIZE, "--fps", "10"), **clk)
+
+
+@pytest.mark.parametrize("key", ["x", "r"])
+def test_an_app_that_raises_closes_the_session_with_app_error_and_the_node_serves_on(
+    r: redis.Redis, keys: Keys, procs: Procs, key: str
+) -> None:
+    pool = _app_pool(r, keys, procs, "Fragile")
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        r.xadd(keys.input(a.sid), InputEvent("key", 1, time.time(), key=key).pack())
+        wait_for(lambda: session_field(r, keys, a.sid) == "closed", 20, what="closed")
+        assert session_field(r, keys, a.sid, "close_reason") == "app_error"
+        wait_for(lambda: node_state(r, keys, "n1") == "free", 5)
+        assert pool.nodes[0].poll() is None
+        _, _b, hbb = connect(r, keys, "bob")  # the node serves the next user
+        hbb.stop.set()
+    finally:
+        hb.stop.set()
+
+
+def test_an_app_that_raises_in_load_closes_the_session_with_app_error(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool = _app_pool(r, keys, procs, "BrokenLoad")
+    a = Launcher(r, keys).login("alice", "pw")
+    wait_for(lambda: session_field(r, keys, a.sid) == "closed", 20, what="closed")
+    assert session_field(r, keys, a.sid, "close_reason") == "app_error"
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 5)
+    assert pool.nodes[0].poll() is None
+
+
+def test_a_slow_app_save_does_not_delay_the_node_liveness(r: redis.Redis, keys: Keys, procs: Procs) -> None:
+    _app_pool(r, keys, procs, "SlowSave", node_ttl=1.0)
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        draw(r, keys, a.sid, y=30)
+        wait_for(lambda: b'"input": 3' in (r.hget(keys.node("n1"), "stats") or b""), 10, what="applied")
+        ref = "slow"
+        r.xadd(keys.node_control("n1"), pack_control(Control("flush", a.sid, 0, ref)))
+        wait_for(lambda: r.hget(keys.node("n1"), "flushed") == b"slow|dirty", 10, what="flushed")
+        assert not [e for e in events(r, keys, "node:n1") if e[1] == "offline"]
     finally:
         hb.stop.set()

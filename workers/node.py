@@ -15,6 +15,7 @@ through the central server): new encoder, IDR first, then the input is applied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -371,16 +373,66 @@ class Node:
             log.warning("node %s: the server lost its keys; registering again", self.id)
         self.register()
 
+    @contextlib.contextmanager
+    def keepalive(self) -> Iterator[None]:
+        """Refresh the liveness key from a helper thread while the loop is busy in a slow app
+        call (save, load) or a save to the store: a slow app never makes the node look dead."""
+        done = threading.Event()
+        ttl_ms = int((self.settings.node_ttl or 3600) * 1000)
+
+        def run() -> None:
+            while not done.wait(self.settings.node_refresh):
+                try:
+                    self._refresh(
+                        keys=[self.keys.node_alive(self.id), self.keys.node(self.id)],
+                        args=[self.instance, ttl_ms],
+                    )
+                except redis.RedisError as exc:
+                    log.debug("node %s: keepalive refresh failed: %s", self.id, exc)
+
+        th = threading.Thread(target=run, name="keepalive", daemon=True)
+        th.start()
+        try:
+            yield
+        finally:
+            done.set()
+            th.join()
+
+    def app_failed(self, where: str) -> None:
+        """The app raised: save what can be saved, drop the app, close the session (``app_error``).
+        The node itself goes on and returns to the pool when the close is done."""
+        self.counters["app_errors"] += 1
+        sess = self.session
+        if sess is None:
+            return
+        log.exception("node %s: the app raised in %s; closing session %s", self.id, where, sess.sid)
+        if sess.streamer is not None:
+            with self.keepalive():
+                sess.streamer.save(self.data_dir)  # the close's final save stores it (if it worked)
+            sess.streamer.close()
+            sess.streamer = None
+        self.sm.app_error(self.id, sess.sid, f"{where} raised")
+
     def save_to_store(self, label: str, require_marker: bool = True) -> str:
         """The app writes its state into the workspace, which is saved as a new version of the
         user's data (under the user's save lock, only if this session mounted it)."""
         sess = self.session
-        if sess is None or sess.streamer is None or not sess.streamer.save(self.data_dir):
+        if sess is None or sess.streamer is None:
             return "nothing to save"
+        with self.keepalive():
+            if not sess.streamer.save(self.data_dir):
+                return "the app could not save"
         try:
-            saved = data.store_workspace(
-                self.r, self.keys, sess.sid, sess.user, self.data_dir, label, require_marker=require_marker
-            )
+            with self.keepalive():
+                saved = data.store_workspace(
+                    self.r,
+                    self.keys,
+                    sess.sid,
+                    sess.user,
+                    self.data_dir,
+                    label,
+                    require_marker=require_marker,
+                )
         except data.DataError as exc:
             saved = str(exc)
         log.info("node %s: session %s: %s: %s", self.id, sess.sid, label, saved)
@@ -419,12 +471,18 @@ class Node:
             streamer = self.session.streamer  # the same session again: its app state is newer than disk
         elif self.session:
             self.stop_session("replaced", save=True)
-        if streamer is None:
-            app = load_app(self.app, self.media.width, self.media.height)
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            app.load(self.data_dir)
-            streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters)
         user = (self.r.hget(self.keys.session(sid), "user") or b"").decode()
+        if streamer is None:
+            self.session = NodeSession(sid, gen, user=user, input_id=last[0][0] if last else b"0-0")
+            try:
+                app = load_app(self.app, self.media.width, self.media.height)
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                with self.keepalive():
+                    app.load(self.data_dir)
+            except Exception:
+                self.app_failed("load")
+                return
+            streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters)
         self.session = NodeSession(
             sid, gen, user=user, input_id=last[0][0] if last else b"0-0", streamer=streamer
         )
@@ -444,7 +502,8 @@ class Node:
             st = self.session.streamer
             if st:
                 if save:
-                    saved = st.save(self.data_dir)
+                    with self.keepalive():
+                        saved = st.save(self.data_dir)
                 st.close()
         self.session = None
         return saved
@@ -489,8 +548,11 @@ class Node:
             st = self.session.streamer
             if st is None or not st.unsaved_input:
                 self.r.hset(self.keys.node(self.id), "flushed", f"{c.ref}|clean")
-            elif st.save(self.data_dir):
-                self.r.hset(self.keys.node(self.id), "flushed", f"{c.ref}|dirty")
+            else:
+                with self.keepalive():
+                    ok = st.save(self.data_dir)
+                if ok:
+                    self.r.hset(self.keys.node(self.id), "flushed", f"{c.ref}|dirty")
         elif c.cmd == "stop":
             # acknowledged even if the save failed (logged, counted): the app is gone either way
             self.stop_session("closed", save=True)
@@ -511,7 +573,12 @@ class Node:
             return
         if self.session.sleeping and ev.type != "keyframe_request":
             self.wake()  # a keyframe request alone (a client catching up) does not wake the node
-        self.session.streamer.on_input(ev)
+        try:
+            self.session.streamer.on_input(ev)
+        except redis.RedisError:
+            raise
+        except Exception:  # the app's bug ends its session, not the node
+            self.app_failed("handle_input")
 
     def next_timeout(self) -> float:
         due = self._next_refresh
@@ -540,7 +607,12 @@ class Node:
                     self.handle_input(entry_id, fields)
         now = time.monotonic()
         if self.session and self.session.streamer:
-            self.session.streamer.tick(now)
+            try:
+                self.session.streamer.tick(now)
+            except redis.RedisError:
+                raise
+            except Exception:  # render (or changed) raised: the app's bug ends its session
+                self.app_failed("render")
         if now >= self._next_refresh:
             self.refresh_liveness()
 
