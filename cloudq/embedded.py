@@ -23,6 +23,8 @@ from pathlib import Path
 
 import redis
 
+from cloudq.procs import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -99,6 +101,7 @@ class EmbeddedServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # no orphaned server if our process is killed -9
         )
         deadline = time.monotonic() + self.startup_timeout
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)

@@ -479,3 +479,29 @@ def test_a_slow_app_save_does_not_delay_the_node_liveness(r: redis.Redis, keys: 
         assert not [e for e in events(r, keys, "node:n1") if e[1] == "offline"]
     finally:
         hb.stop.set()
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"  # a zombie has died
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_up_killed_with_sigkill_leaves_no_orphans(tmp_path: Path) -> None:
+    p, url = _up(tmp_path / "x", tmp_path / "up.log", "--workers", "1")
+    try:
+        r = redis.Redis.from_url(url, socket_timeout=5)
+        wait_for(lambda: r.zcard(Keys().pool) == 1, 30, what="node up")
+        kids = _children(p.pid)
+        assert len(kids) >= 4  # server, central, node, worker
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+    wait_for(lambda: not [k for k in kids if _alive(k)], 20, what="every child gone")
