@@ -505,3 +505,28 @@ def test_up_killed_with_sigkill_leaves_no_orphans(tmp_path: Path) -> None:
         os.kill(p.pid, signal.SIGKILL)
         p.wait(10)
     wait_for(lambda: not [k for k in kids if _alive(k)], 20, what="every child gone")
+
+
+def test_closing_a_session_whose_mount_never_ran_saves_nothing_of_the_previous_user(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool = start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=30, grace=30)
+    la, a, hba = connect(r, keys, "alice")
+    draw(r, keys, a.sid, y=30)
+    wait_for(lambda: b'"input": 3' in (r.hget(keys.node("n1"), "stats") or b""), 10, what="applied")
+    la.logout(a.token)
+    hba.stop.set()
+    wait_for(lambda: session_field(r, keys, a.sid) == "closed", 20)
+    procs.stop(pool.worker)
+    lb = Launcher(r, keys)
+    b = lb.login("bob", "pw")  # gets n1, whose workspace still holds alice's files
+    q = queue_for(r, keys, "h1")
+    wait_for(lambda: q.count >= 1, 5, what="mount queued")
+    q.empty()  # bob's mount never runs
+    procs.worker()
+    lb.logout(b.token)
+    wait_for(lambda: session_field(r, keys, b.sid) == "closed", 20, what="bob closed")
+    store = DirectoryStore(Path(procs.log_dir) / "store")
+    assert store.versions("bob") == []  # alice's canvas was not saved as bob's data
+    assert len(store.versions("alice")) == 1
+    wait_for(lambda: node_state(r, keys, "n1") == "free", 5)

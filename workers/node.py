@@ -535,6 +535,8 @@ class Node:
             self.start_session(c.sid, c.gen)
         elif not self.session or c.sid != self.session.sid:
             self.counters["stale_control"] += 1
+            if c.cmd == "stop":  # nothing of that session runs here: nothing to wait for
+                self.r.hset(self.keys.node(self.id), "stopped", f"{c.sid}:{c.gen}")
         elif c.cmd == "sleep":
             self.sleep()
         elif c.cmd == "wake":
