@@ -93,7 +93,7 @@ class Central:
                 try:
                     fn()
                     return
-                except redis.ConnectionError as exc:
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning(
                         "%s: redis unreachable (%s); retrying in <%.1fs", fn.__name__, exc, backoff.peek()
                     )
@@ -134,7 +134,7 @@ class Central:
         if req is not None:
             try:
                 reply = self.login(req) if req.op == "login" else self.logout(req)
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 raise
             except Exception:
                 log.exception("request %s failed", req.id)

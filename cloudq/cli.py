@@ -23,6 +23,9 @@ from cloudq.settings import Settings
 
 log = logging.getLogger("cloudq")
 
+DEFAULT_SOCKET_TIMEOUT = 10.0
+"""Seconds a server-side Redis call may wait for an answer (env CLOUDQ_SOCKET_TIMEOUT, 0 = off)."""
+
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
@@ -34,7 +37,19 @@ def _connect(url: str | None) -> redis.Redis:
         raise click.UsageError(
             "no Redis given: pass --redis-url or set CLOUDQ_REDIS_URL (or run `cloudq up`)"
         )
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
+    # a socket timeout (longer than any blocking read we issue: <= 1 s) and health checks, so a
+    # half-open TCP connection raises and is replaced instead of hanging a server process
+    try:
+        timeout = float(os.environ.get("CLOUDQ_SOCKET_TIMEOUT") or DEFAULT_SOCKET_TIMEOUT)
+    except ValueError:
+        raise click.UsageError("CLOUDQ_SOCKET_TIMEOUT must be a number of seconds (0 = off)") from None
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=timeout or None,
+        socket_keepalive=True,
+        health_check_interval=10,
+    )
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -6,10 +6,13 @@ is never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -530,3 +533,91 @@ def test_closing_a_session_whose_mount_never_ran_saves_nothing_of_the_previous_u
     assert store.versions("bob") == []  # alice's canvas was not saved as bob's data
     assert len(store.versions("alice")) == 1
     wait_for(lambda: node_state(r, keys, "n1") == "free", 5)
+
+
+class SilentProxy:
+    """A TCP proxy to Redis that can go silent: the connections open at that moment stay open
+    but never carry a byte again (half-open, as after a network partition or a dead peer
+    without RST); connections made after :meth:`heal` work."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.epoch = 0
+        self.silent = False
+        self.closed = threading.Event()
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.socks.append(c)
+            if self.silent:
+                continue  # accepted, never answered
+            u = socket.create_connection(("127.0.0.1", self.target))
+            self.socks.append(u)
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b, self.epoch), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, epoch: int) -> None:
+        a.settimeout(0.2)
+        while not self.closed.is_set():
+            try:
+                data = a.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            if self.epoch == epoch:  # a connection from before the partition carries nothing
+                try:
+                    b.sendall(data)
+                except OSError:
+                    return
+
+    def partition(self) -> None:
+        self.epoch += 1
+        self.silent = True
+
+    def heal(self) -> None:
+        self.silent = False
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def test_half_open_connections_hang_no_server_process(
+    r: redis.Redis, redis_url: str, keys: Keys, procs: Procs
+) -> None:
+    proxy = SilentProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        procs.redis_url = f"redis://127.0.0.1:{proxy.port}/0"
+        procs.extra_env["CLOUDQ_SOCKET_TIMEOUT"] = "1"
+        start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=30, grace=30)
+        proxy.partition()
+        cut = server_time(r)
+        wait_for(lambda: server_time(r) > cut + 3, 10)  # longer than the socket timeout
+        assert time.time() - float(r.hget(keys.sweeper, "last") or 0) > 2  # central cut off too
+        proxy.heal()
+        wait_for(lambda: node_state(r, keys, "n1") == "free" and r.exists(keys.node_alive("n1")), 30)
+        a = Launcher(r, keys).login("alice", "pw")  # central, worker and node all work again
+        hb = Heartbeat(r, keys, a.sid, Settings.load(r, keys))
+        hb.start()
+        try:
+            wait_for(lambda: session_field(r, keys, a.sid) == "active", 30, what="session active")
+        finally:
+            hb.stop.set()
+    finally:
+        procs.stop_all()
+        proxy.close()

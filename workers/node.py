@@ -628,7 +628,7 @@ class Node:
                 try:
                     self.step()
                     backoff.reset()
-                except redis.ConnectionError as exc:
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning(
                         "node %s: redis unreachable (%s); retrying in <%.1fs", self.id, exc, backoff.peek()
                     )

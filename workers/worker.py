@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 MONITORING_INTERVAL = 2
 HEARTBEAT_MARGIN = 8
+WORKER_TTL = 20
+"""RQ derives its blocking dequeue (TTL - 15 = 5 s) and its socket timeout (dequeue + 10 = 15 s)
+from this: a half-open connection is noticed within 15 s instead of RQ's default ~7 min."""
 
 
 class CloudqWorker(Worker):
@@ -42,4 +45,5 @@ def make_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None) 
         name=name,
         job_monitoring_interval=MONITORING_INTERVAL,
         maintenance_interval=10,
+        worker_ttl=WORKER_TTL,
     )
