@@ -114,6 +114,9 @@ def central_options(f: Callable[..., Any]) -> Callable[..., Any]:
             _clock("token-ttl", d.token_ttl, "Bearer token lifetime."),
             _clock("job-lease", d.job_lease, "Re-issue a mount/close job not done after this."),
             _clock("autosave", d.autosave, "Save an active session's data this often (when changed)."),
+            _clock(
+                "node-forget", d.node_forget, "Forget a node offline for this long (`cloudq node forget`)."
+            ),
             click.option(
                 "--lockout-limit",
                 type=click.IntRange(min=0),
@@ -169,10 +172,10 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     return w, h
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @redis_url_option
 @prefix_option
-@click.option("--id", "node_id", required=True, envvar="CLOUDQ_NODE_ID", help="Node id, unique in the pool.")
+@click.option("--id", "node_id", envvar="CLOUDQ_NODE_ID", help="Node id, unique in the pool (required).")
 @click.option(
     "--host", envvar="CLOUDQ_HOST", default=socket.gethostname, help="Host name (its worker queue)."
 )
@@ -230,7 +233,12 @@ def node(
     workspace: str | None,
     store: str | None,
 ) -> None:
-    """Run one service node."""
+    """Run one service node (``cloudq node --id ID``); ``cloudq node forget ID`` removes an
+    offline node's records."""
+    if click.get_current_context().invoked_subcommand is not None:
+        return
+    if not node_id:
+        raise click.UsageError("Missing option '--id' (or CLOUDQ_NODE_ID).")
     from cloudq.workers.node import MediaConfig, Node, NodeIdTaken, default_workspace
 
     if store:
@@ -256,6 +264,29 @@ def node(
         _fail(str(exc), 3)
     except redis.ConnectionError as exc:
         _fail(f"cannot reach Redis: {exc}", 5)
+
+
+@node.command("forget")
+@redis_url_option
+@prefix_option
+@click.argument("node_id", metavar="ID")
+def node_forget(redis_url: str | None, prefix: str, node_id: str) -> None:
+    """Forget an offline node now (its hash, control stream and pool entry)."""
+    from cloudq.state import StateMachine
+
+    r = _connect(redis_url)
+    try:
+        status = StateMachine(r, Keys(prefix)).forget_node(node_id)
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+    if status != "forgotten":
+        why = {
+            "unknown": "no such node",
+            "alive": "it is alive (stop it first)",
+            "not-offline": "it is not offline (stop it first)",
+        }
+        _fail(f"node {node_id} not forgotten: {why.get(status, status)}")
+    click.echo(f"forgot node {node_id}")
 
 
 @main.command()

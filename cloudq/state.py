@@ -25,6 +25,7 @@ _NAMES = [
     "lost_session",
     "logout",
     "app_error",
+    "forget_node",
     "activate",
     "wake",
     "close_begin",
@@ -127,6 +128,10 @@ class StateMachine:
     def app_error(self, node: str, sid: str, detail: str) -> str:
         """The node's app raised: close the session with reason ``app_error``."""
         return _s(self._run("app_error", node, sid, detail))
+
+    def forget_node(self, node: str) -> str:
+        """Remove an offline node's records now (``cloudq node forget``)."""
+        return _s(self._run("forget_node", node))
 
     def activate(self, node: str, sid: str, gen: int) -> bool:
         return _s(self._run("activate", node, sid, gen)) == "ok"

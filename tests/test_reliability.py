@@ -621,3 +621,24 @@ def test_half_open_connections_hang_no_server_process(
     finally:
         procs.stop_all()
         proxy.close()
+
+
+# -- nothing grows without bound -------------------------------------------------------------
+def test_an_offline_node_is_forgotten_after_node_forget_or_by_the_operator(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    pool = start_pool(r, keys, procs, 2, "paint", ("--size", SIZE, "--fps", "10"), node_forget=4)
+    procs.stop(pool.nodes[0])  # n1 shuts down: offline, then forgotten
+    wait_for(lambda: node_state(r, keys, "n1") == "offline", 10)
+    wait_for(lambda: not r.exists(keys.node("n1")), 10, what="forgotten")
+    assert not r.sismember(keys.nodes, "n1") and not r.exists(keys.node_control("n1"))
+    assert not [m for m in r.zrange(keys.deadlines, 0, -1) if m.endswith(b"|n1")]
+    out = procs.run("node", "forget", "n2")
+    assert out.returncode == 1 and "alive" in out.stderr and "Traceback" not in out.stderr
+    Procs.kill(pool.nodes[1])
+    wait_for(lambda: node_state(r, keys, "n2") == "offline", 10)
+    out = procs.run("node", "forget", "n2")
+    assert out.returncode == 0, out.stderr
+    assert not r.exists(keys.node("n2")) and not r.sismember(keys.nodes, "n2")
+    assert procs.run("node", "forget", "n9").returncode == 1
+    assert procs.run("node").returncode == 2  # running a node still needs --id

@@ -16,6 +16,7 @@ local ttl = setting('node_ttl')
 if ttl <= 0 then ttl = 3600 end
 redis.call('SET', P .. 'node:' .. id .. ':alive', instance, 'PX', math.floor(ttl * 1000))
 redis.call('ZADD', P .. 'deadlines', NOW + ttl, 'alive|' .. id)
+undeadline('forget', id)
 redis.call('LREM', P .. 'moves', 0, sid)
 redis.call('HSET', s, 'node', id, 'move', '0')
 redis.call('HSET', k, 'session', sid)

@@ -87,12 +87,15 @@ for i = 1, #due, 2 do
   local sep = string.find(member, '|', 1, true)
   local kind, id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
   redis.call('ZREM', D, member)
-  if kind == 'alive' then
+  if kind == 'forget' then
+    forget_node(id, 'offline for longer than node_forget')
+  elseif kind == 'alive' then
     local left = pttl_s(P .. 'node:' .. id .. ':alive')
     if left then
       redis.call('ZADD', D, NOW + left, member)
     elseif redis.call('EXISTS', nkey(id)) == 1 and redis.call('HGET', nkey(id), 'state') ~= 'offline' then
       node_state(id, 'offline', 'liveness lapsed')
+      forget_later(id)
       redis.call('ZREM', P .. 'pool', id)
       local sid = redis.call('HGET', nkey(id), 'session') or ''
       redis.call('HSET', nkey(id), 'session', '')
