@@ -33,6 +33,8 @@ REPLY_TTL_MS = 30_000
 CLAIM_IDLE_MS = 5_000
 MAX_SWEEP_WAIT = 0.25
 ABANDONED_CHECK_EVERY = 3.0
+CONSUMER_FORGET = 60.0
+"""A consumer of the requests group idle this long, with nothing pending, is a dead replica's."""
 
 
 class Central:
@@ -43,12 +45,14 @@ class Central:
         settings: Settings,
         name: str | None = None,
         notifications: bool = True,
+        consumer_forget: float = CONSUMER_FORGET,
     ) -> None:
         self.r = r
         self.keys = keys
         self.settings = settings
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.notifications = notifications
+        self.consumer_forget = consumer_forget
         self.sm = StateMachine(r, keys)
         self.users = auth.Users(r, keys)
         self.stop = threading.Event()
@@ -104,9 +108,26 @@ class Central:
         return run
 
     # -- requests ----------------------------------------------------------------------------
+    def forget_dead_consumers(self) -> list[str]:
+        """Delete the group's consumers that dead replicas left behind (idle, nothing pending:
+        their pending requests were claimed by a live replica first). Returns their names."""
+        gone = []
+        for c in self.r.xinfo_consumers(self.keys.requests, GROUP):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if name != self.name and c["pending"] == 0 and c["idle"] > self.consumer_forget * 1000:
+                self.r.xgroup_delconsumer(self.keys.requests, GROUP, name)
+                gone.append(name)
+        if gone:
+            log.info("deleted the consumers of dead central replicas: %s", ", ".join(gone))
+        return gone
+
     def _requests_loop(self) -> None:
         last_claim = 0.0
+        last_forget = 0.0
         while not self.stop.is_set():
+            if self.consumer_forget and time.monotonic() - last_forget > min(self.consumer_forget, 30.0):
+                self.forget_dead_consumers()
+                last_forget = time.monotonic()
             entries: list[tuple[bytes, dict[bytes, bytes]]] = []
             if time.monotonic() - last_claim > CLAIM_IDLE_MS / 1000:
                 # requests a dead replica read but never answered

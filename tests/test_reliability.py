@@ -28,6 +28,7 @@ from test_userdata import SIZE, connect, draw, flush, ink_rows
 
 from cloudq import jobs
 from cloudq.auth import Users
+from cloudq.central import Central
 from cloudq.client.kernel import Heartbeat
 from cloudq.client.launcher import Launcher
 from cloudq.embedded import EmbeddedServer
@@ -642,3 +643,19 @@ def test_an_offline_node_is_forgotten_after_node_forget_or_by_the_operator(
     assert not r.exists(keys.node("n2")) and not r.sismember(keys.nodes, "n2")
     assert procs.run("node", "forget", "n9").returncode == 1
     assert procs.run("node").returncode == 2  # running a node still needs --id
+
+
+def test_the_consumer_name_of_a_dead_central_replica_is_deleted(r: redis.Redis, keys: Keys) -> None:
+    publish(r, keys, **FAST)
+    r.xgroup_create(keys.requests, "central", id="0", mkstream=True)
+    r.xreadgroup("central", "dead-replica", {keys.requests: ">"}, count=1)  # a replica that died
+    central = Central(r, keys, Settings(**FAST), name="live", notifications=False, consumer_forget=0.3)
+    central.start()
+
+    def names() -> set[bytes]:
+        return {c["name"] for c in r.xinfo_consumers(keys.requests, "central")}
+
+    try:
+        wait_for(lambda: names() == {b"live"}, 10, what="dead consumer deleted")
+    finally:
+        central.shutdown()
