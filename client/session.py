@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 REASONS = {
     "grace": "the session was closed: the client was gone longer than the reconnect grace",
+    "user_deleted": "the session was closed: the account was deleted",
+    "app_error": "the session was closed: the program on the node failed (your data was saved if it could be)",
     "server_restarted": "the session was closed: the server restarted without it (your work was saved)",
     "idle": "the session was closed: no input for too long",
     "max_session": "the session was closed: it reached the maximum session length",

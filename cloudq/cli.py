@@ -387,15 +387,30 @@ def user_passwd(
 @redis_url_option
 @prefix_option
 @click.argument("name")
-def user_del(redis_url: str | None, prefix: str, name: str) -> None:
-    """Delete a user."""
+@click.option("--purge", is_flag=True, help="Also delete the user's stored data (every version).")
+@click.option("--store", envvar="CLOUDQ_STORE", default=None, help="User-data store (with --purge).")
+def user_del(redis_url: str | None, prefix: str, name: str, purge: bool, store: str | None) -> None:
+    """Delete a user: tokens revoked, a live session closed (its data saved). The stored data
+    stays (an operator can still restore it; a new account of the same name starts empty)
+    unless --purge."""
     from cloudq.auth import AuthError, Users
+    from cloudq.cli_data import purge_user
 
+    r = _connect(redis_url)
+    keys = Keys(prefix)
     try:
-        Users(_connect(redis_url), Keys(prefix)).delete(name)
+        sid = Users(r, keys).delete(name)
     except AuthError as exc:
         _fail(str(exc))
-    click.echo(f"deleted user {name}")
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+    click.echo(f"deleted user {name}" + (f"; closing session {sid}" if sid else ""))
+    if purge:
+        try:
+            purge_user(r, keys, name, sid, store)
+        except RuntimeError as exc:
+            _fail(str(exc))
+        click.echo(f"deleted the stored data of {name}")
 
 
 @user.command("list")

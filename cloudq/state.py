@@ -26,6 +26,7 @@ _NAMES = [
     "logout",
     "app_error",
     "forget_node",
+    "delete_user",
     "activate",
     "wake",
     "close_begin",
@@ -132,6 +133,11 @@ class StateMachine:
     def forget_node(self, node: str) -> str:
         """Remove an offline node's records now (``cloudq node forget``)."""
         return _s(self._run("forget_node", node))
+
+    def delete_user(self, name: str) -> tuple[str, str]:
+        """Delete an account: tokens revoked, live session closing (``user_deleted``)."""
+        status, sid = self._run("delete_user", name)
+        return _s(status), _s(sid)
 
     def activate(self, node: str, sid: str, gen: int) -> bool:
         return _s(self._run("activate", node, sid, gen)) == "ok"

@@ -659,3 +659,36 @@ def test_the_consumer_name_of_a_dead_central_replica_is_deleted(r: redis.Redis, 
         wait_for(lambda: names() == {b"live"}, 10, what="dead consumer deleted")
     finally:
         central.shutdown()
+
+
+def test_user_del_revokes_closes_and_purges_and_a_re_added_name_starts_empty(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
+) -> None:
+    start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=30, grace=30)
+    _, a, hb = connect(r, keys, "alice")
+    try:
+        draw(r, keys, a.sid, y=30)
+        wait_for(lambda: b'"input": 3' in (r.hget(keys.node("n1"), "stats") or b""), 10, what="applied")
+        token_key = keys.token(session_field(r, keys, a.sid, "token"))
+        out = procs.run("user", "del", "alice")
+        assert out.returncode == 0, out.stderr
+        assert not r.exists(token_key)  # revoked at once
+        wait_for(lambda: session_field(r, keys, a.sid) == "closed", 20, what="session closed")
+        assert session_field(r, keys, a.sid, "close_reason") == "user_deleted"
+        assert 30 in newest_rows(procs, "alice", tmp_path)  # saved before it closed
+        wait_for(lambda: node_state(r, keys, "n1") == "free", 5)
+    finally:
+        hb.stop.set()
+    assert (
+        procs.run("user", "add", "alice", "--password-stdin", "--bcrypt-cost", "4", stdin=b"pw\n").returncode
+        == 0
+    )
+    _, a2, hb2 = connect(r, keys, "alice")  # a new account of the same name
+    try:
+        assert 30 not in ink_rows(flush(r, keys, a2.node, a2.sid, procs))
+    finally:
+        hb2.stop.set()
+    out = procs.run("user", "del", "alice", "--purge")
+    assert out.returncode == 0, out.stderr
+    assert DirectoryStore(Path(procs.log_dir) / "store").versions("alice") == []
+    assert procs.run("user", "del", "alice").returncode == 1  # no such user: a clear error

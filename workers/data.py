@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -90,6 +91,15 @@ def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) ->
     dest.parent.mkdir(parents=True, exist_ok=True)
     store = open_store()
     try:
+        # versions saved before this account was created belong to a deleted account of the
+        # same name (`user del` without --purge): the new account does not inherit them
+        created = _account_created(r, keys, user)
+        versions = store.versions(user)
+        if versions and created and all(_version_time(v.created) < created for v in versions):
+            _event(
+                r, keys, f"session:{sid}", "mounted", f"older versions of {user} belong to a deleted account"
+            )
+            raise NoVersions(user)
         info = store.restore(user, dest)
     except NoVersions:
         if dest.exists():
@@ -198,6 +208,41 @@ def store_workspace(
             lock,
             fence,
         )
+
+
+PURGE_WAIT = 60.0
+
+
+def purge_user_data(r: redis.Redis, keys: Keys, user: str, sid: str, root: str | Path | None = None) -> None:
+    """Delete every stored version of ``user``'s data (``cloudq user del --purge``), after the
+    closing session ``sid`` (if any) has finished its final save. Raises DataError."""
+    end = time.monotonic() + PURGE_WAIT
+    while sid and r.hget(keys.session(sid), "state") not in (None, b"closed"):
+        if time.monotonic() >= end:
+            raise DataError(f"session {sid} of {user} did not close within {PURGE_WAIT:.0f} s; data kept")
+        time.sleep(0.1)
+    store = open_store(root)
+    try:
+        udir = store.user_dir(user)
+    except StoreError as exc:
+        raise DataError(str(exc)) from None
+    shutil.rmtree(udir, ignore_errors=True)
+    r.delete(keys.user_mounted(user), keys.save_fence(user))
+    _event(r, keys, f"user:{user}", "purged", "stored data deleted")
+
+
+def _account_created(r: redis.Redis, keys: Keys, user: str) -> float:
+    try:
+        return float(r.hget(keys.user(user), "created") or 0)
+    except ValueError:
+        return 0.0
+
+
+def _version_time(created: str) -> float:
+    try:
+        return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _delete_if(r: redis.Redis, key: str, value: str) -> None:
