@@ -21,6 +21,13 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("user:<name>:mounted", "string", "-", "mount job", "session whose node holds the user's data"),
     ("user:<name>:savelock", "string", "120 s", "save job", "fencing token of the running save"),
     ("user:<name>:fence", "string", "-", "save job", "last fencing token issued"),
+    (
+        "user:<name>:deleted",
+        "string",
+        "-",
+        "cli",
+        "when an account of this name was deleted: older versions are not mounted",
+    ),
     ("token:<sha256>", "string", "token TTL", "central", "msgpack {user, sid}; only the token's hash"),
     ("requests", "stream", "-", "clients", "login/logout requests (consumer group `central`)"),
     ("reply:<request id>", "list", "30 s", "central", "the reply to one request"),
@@ -115,6 +122,9 @@ class Keys:
 
     def save_lock(self, name: str) -> str:
         return self._k(f"user:{name}:savelock")
+
+    def user_deleted(self, name: str) -> str:
+        return self._k(f"user:{name}:deleted")
 
     def save_fence(self, name: str) -> str:
         return self._k(f"user:{name}:fence")

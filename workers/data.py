@@ -91,11 +91,11 @@ def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) ->
     dest.parent.mkdir(parents=True, exist_ok=True)
     store = open_store()
     try:
-        # versions saved before this account was created belong to a deleted account of the
-        # same name (`user del` without --purge): the new account does not inherit them
-        created = _account_created(r, keys, user)
-        versions = store.versions(user)
-        if versions and created and all(_version_time(v.created) < created for v in versions):
+        # versions saved before an account of this name was deleted (`user del` without
+        # --purge) belong to that account: a new account of the same name does not inherit them
+        deleted = _account_deleted(r, keys, user)
+        versions = store.versions(user) if deleted else []
+        if versions and all(_version_time(v.created) < deleted for v in versions):
             _event(
                 r, keys, f"session:{sid}", "mounted", f"older versions of {user} belong to a deleted account"
             )
@@ -227,13 +227,14 @@ def purge_user_data(r: redis.Redis, keys: Keys, user: str, sid: str, root: str |
     except StoreError as exc:
         raise DataError(str(exc)) from None
     shutil.rmtree(udir, ignore_errors=True)
-    r.delete(keys.user_mounted(user), keys.save_fence(user))
+    r.delete(keys.user_mounted(user), keys.save_fence(user), keys.user_deleted(user))
     _event(r, keys, f"user:{user}", "purged", "stored data deleted")
 
 
-def _account_created(r: redis.Redis, keys: Keys, user: str) -> float:
+def _account_deleted(r: redis.Redis, keys: Keys, user: str) -> float:
+    """When an earlier account of this name was deleted (0 = never)."""
     try:
-        return float(r.hget(keys.user(user), "created") or 0)
+        return float(r.get(keys.user_deleted(user)) or 0)
     except ValueError:
         return 0.0
 

@@ -25,6 +25,9 @@ local q = redis.call('HGET', u, 'qtoken')
 if q and q ~= '' then redis.call('DEL', P .. 'token:' .. q) end
 redis.call('LREM', P .. 'queue', 0, name)
 redis.call('DEL', u, u .. ':lock', u .. ':fails', P .. 'queued:' .. name)
+-- versions saved until now belong to this account: a new account of the same name starts empty
+-- (with a live session, release.lua stamps this after the session's final save)
+if out[1] == 'deleted' then redis.call('SET', u .. ':deleted', string.format('%.3f', NOW)) end
 redis.call('SREM', P .. 'users', name)
 event('user:' .. name, '', 'deleted', out[1])
 return out
