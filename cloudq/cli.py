@@ -313,7 +313,7 @@ def worker(
     quota_mib: float,
 ) -> None:
     """Run an RQ worker for this host's jobs (mount, save, close)."""
-    from cloudq.workers.worker import make_worker
+    from cloudq.workers.worker import run_worker
 
     # the jobs (in forked work horses) read these
     for var, value in (
@@ -323,8 +323,7 @@ def worker(
     ):
         if value is not None:
             os.environ[var] = str(value)
-    w = make_worker(_connect(redis_url), Keys(prefix), host, name=name)
-    w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+    run_worker(_connect(redis_url), Keys(prefix), host, name=name, burst=burst)
 
 
 # -- users -----------------------------------------------------------------------------------

@@ -692,3 +692,17 @@ def test_user_del_revokes_closes_and_purges_and_a_re_added_name_starts_empty(
     assert out.returncode == 0, out.stderr
     assert DirectoryStore(Path(procs.log_dir) / "store").versions("alice") == []
     assert procs.run("user", "del", "alice").returncode == 1  # no such user: a clear error
+
+
+def test_a_worker_comes_back_by_itself_when_redis_restarts_during_a_job(own: Own, keys: Keys) -> None:
+    r, procs = own.r, own.procs
+    w = procs.worker()
+    q = queue_for(r, keys, "h1")
+    q.enqueue("jobs_for_tests.slow_first_attempt", "cqt:test:a", 3, job_id="slow1")
+    wait_for(lambda: r.get("cqt:test:a") == b"1", 20, what="job running")
+    r.execute_command("WAITAOF", 1, 0, 5000)
+    own.server.kill()  # while the job runs: RQ's worker quits on the connection error
+    own.server.start()
+    q.enqueue("jobs_for_tests.slow_first_attempt", "cqt:test:b", 0, job_id="next")
+    wait_for(lambda: r.get("cqt:test:b") == b"1", 30, what="the next job ran")
+    assert w.poll() is None

@@ -11,6 +11,7 @@ retried within ~15 s.
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 from rq import Worker
@@ -19,6 +20,7 @@ from rq.serializers import JSONSerializer
 
 from cloudq.jobs import ANY_HOST, queue_for
 from cloudq.keys import Keys
+from cloudq.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +49,26 @@ def make_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None) 
         maintenance_interval=10,
         worker_ttl=WORKER_TTL,
     )
+
+
+def run_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None, burst: bool = False) -> None:
+    """Run an RQ worker until it is told to stop, starting it again whenever it quit because
+    Redis was unreachable: RQ's worker quits on a connection error or timeout while a job runs
+    (and on any timeout), but a cloudq process must come back by itself after a Redis restart."""
+    backoff = Backoff()
+    never = threading.Event()
+    while True:
+        w = make_worker(r, keys, host, name=name)
+        try:
+            w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("worker: redis unreachable (%s)", exc)
+        if burst or w._stop_requested:
+            return
+        log.warning("worker %s quit on a Redis error; starting again in <%.1fs", w.name, backoff.peek())
+        backoff.wait(never)
+        try:
+            r.ping()
+            backoff.reset()
+        except (redis.ConnectionError, redis.TimeoutError):
+            continue
