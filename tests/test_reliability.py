@@ -702,6 +702,7 @@ def test_a_worker_comes_back_by_itself_when_redis_restarts_during_a_job(own: Own
     wait_for(lambda: r.get("cqt:test:a") == b"1", 20, what="job running")
     r.execute_command("WAITAOF", 1, 0, 5000)
     own.server.kill()  # while the job runs: RQ's worker quits on the connection error
+    time.sleep(2.0)  # the fault itself: down for longer than redis-py's own retries
     own.server.start()
     q.enqueue("jobs_for_tests.slow_first_attempt", "cqt:test:b", 0, job_id="next")
     wait_for(lambda: r.get("cqt:test:b") == b"1", 30, what="the next job ran")
