@@ -486,8 +486,15 @@ def test_a_slow_app_save_does_not_delay_the_node_liveness(r: redis.Redis, keys: 
 
 
 def _children(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return {int(x) for x in out.split()}
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
+            kids.add(int(stat.parent.name))
+    return kids
 
 
 def _alive(pid: int) -> bool:

@@ -10,11 +10,14 @@ retried within ~15 s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 
 import redis
 from rq import Worker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -56,19 +59,23 @@ def run_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None, b
     Redis was unreachable: RQ's worker quits on a connection error or timeout while a job runs
     (and on any timeout), but a cloudq process must come back by itself after a Redis restart."""
     backoff = Backoff()
-    never = threading.Event()
-    while True:
+    stop = threading.Event()
+    while not stop.is_set():
         w = make_worker(r, keys, host, name=name)
         try:
             w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("worker: redis unreachable (%s)", exc)
-        if burst or w._stop_requested:
+        except StopRequested:
+            return
+        # RQ's own signal handlers record a SIGTERM/SIGINT as a shutdown request
+        if burst or w._stop_requested or getattr(w, "_shutdown_requested_date", None) is not None:
             return
         log.warning("worker %s quit on a Redis error; starting again in <%.1fs", w.name, backoff.peek())
-        backoff.wait(never)
-        try:
+        # until the next worker installs its handlers, a signal ends the loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        backoff.wait(stop)
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             r.ping()
             backoff.reset()
-        except (redis.ConnectionError, redis.TimeoutError):
-            continue
