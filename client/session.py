@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 REASONS = {
     "grace": "the session was closed: the client was gone longer than the reconnect grace",
+    "user_deleted": "the session was closed: the account was deleted",
+    "app_error": "the session was closed: the program on the node failed (your data was saved if it could be)",
+    "server_restarted": "the session was closed: the server restarted without it (your work was saved)",
     "idle": "the session was closed: no input for too long",
     "max_session": "the session was closed: it reached the maximum session length",
     "logout": "the session was closed: logged out elsewhere",
@@ -52,7 +55,6 @@ REASONS = {
     "disabled": "the session was closed: the account was disabled by the operator",
     "app_exited": "the session was closed: the program exited (your files were saved)",
     "app_crashed": "the session was closed: the program crashed (your files were saved)",
-    "app_failed": "the session was closed: the program could not start on the node",
 }
 WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -69,7 +71,7 @@ def close_message(reason: str) -> str:
     if reason.startswith("admin:"):
         return f"the session was closed by the operator: {reason.removeprefix('admin:').strip()}"
     kind, _, detail = reason.partition(": ")
-    if kind in ("app_crashed", "app_failed") and detail:
+    if kind in ("app_crashed", "app_error") and detail:
         return REASONS[kind] + f" ({detail})"
     return f"the session was closed ({reason or 'no reason given'})"
 

@@ -83,11 +83,15 @@ class Users:
         self.r.hset(self.keys.user(name), "hash", pw)
         self.r.delete(self.keys.user_lock(name), self.keys.user_fails(name))
 
-    def delete(self, name: str) -> None:
-        if not self.r.hexists(self.keys.user(name), "hash"):
+    def delete(self, name: str) -> str:
+        """Delete the account in one step (``delete_user.lua``): its tokens are revoked and a
+        live session closes (its data saved first). Returns that session's id ('' if none)."""
+        from cloudq.state import StateMachine
+
+        status, sid = StateMachine(self.r, self.keys).delete_user(name)
+        if status == "unknown":
             raise NoSuchUser(f"no user {name!r}")
-        self.r.delete(self.keys.user(name), self.keys.user_lock(name), self.keys.user_fails(name))
-        self.r.srem(self.keys.users, name)
+        return sid
 
     def list(self) -> list[dict[str, str]]:
         out = []

@@ -33,6 +33,8 @@ REPLY_TTL_MS = 30_000
 CLAIM_IDLE_MS = 5_000
 MAX_SWEEP_WAIT = 0.25
 ABANDONED_CHECK_EVERY = 3.0
+CONSUMER_FORGET = 60.0
+"""A consumer of the requests group idle this long, with nothing pending, is a dead replica's."""
 
 
 class Central:
@@ -43,18 +45,21 @@ class Central:
         settings: Settings,
         name: str | None = None,
         notifications: bool = True,
+        consumer_forget: float = CONSUMER_FORGET,
     ) -> None:
         self.r = r
         self.keys = keys
         self.settings = settings
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.notifications = notifications
+        self.consumer_forget = consumer_forget
         self.sm = StateMachine(r, keys)
         self.users = auth.Users(r, keys)
         self.stop = threading.Event()
         self.wakeup = threading.Event()
         self.counters: Counter[str] = Counter()
         self._threads: list[threading.Thread] = []
+        self._run_id = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -92,7 +97,7 @@ class Central:
                 try:
                     fn()
                     return
-                except redis.ConnectionError as exc:
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning(
                         "%s: redis unreachable (%s); retrying in <%.1fs", fn.__name__, exc, backoff.peek()
                     )
@@ -103,9 +108,26 @@ class Central:
         return run
 
     # -- requests ----------------------------------------------------------------------------
+    def forget_dead_consumers(self) -> list[str]:
+        """Delete the group's consumers that dead replicas left behind (idle, nothing pending:
+        their pending requests were claimed by a live replica first). Returns their names."""
+        gone = []
+        for c in self.r.xinfo_consumers(self.keys.requests, GROUP):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if name != self.name and c["pending"] == 0 and c["idle"] > self.consumer_forget * 1000:
+                self.r.xgroup_delconsumer(self.keys.requests, GROUP, name)
+                gone.append(name)
+        if gone:
+            log.info("deleted the consumers of dead central replicas: %s", ", ".join(gone))
+        return gone
+
     def _requests_loop(self) -> None:
         last_claim = 0.0
+        last_forget = 0.0
         while not self.stop.is_set():
+            if self.consumer_forget and time.monotonic() - last_forget > min(self.consumer_forget, 30.0):
+                self.forget_dead_consumers()
+                last_forget = time.monotonic()
             entries: list[tuple[bytes, dict[bytes, bytes]]] = []
             if time.monotonic() - last_claim > CLAIM_IDLE_MS / 1000:
                 # requests a dead replica read but never answered
@@ -133,7 +155,7 @@ class Central:
         if req is not None:
             try:
                 reply = self.login(req) if req.op == "login" else self.logout(req)
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 raise
             except Exception:
                 log.exception("request %s failed", req.id)
@@ -170,34 +192,40 @@ class Central:
         user = auth.token_user(self.r, self.keys, req.token)
         if user is None:
             return Reply(ok=False, status="invalid_token", error="unknown, expired or revoked token")
-        th = auth.hash_token(req.token)
-        self.r.delete(self.keys.token(th))
-        sid = (self.r.hget(self.keys.user(user), "session") or b"").decode()
-        s = self.r.hgetall(self.keys.session(sid)) if sid else {}
-        if s and auth.same_token(s.get(b"token", b"").decode(), th):
-            # mark it closing now, so a login that arrives before the close job runs gets a new
-            # session (which mounts after this one's final save) instead of reconnecting into it
-            self.r.hsetnx(self.keys.session(sid), "close_reason", "logout")
-            gen = int(s[b"gen"])
-            host = (self.r.hget(self.keys.node(s[b"node"].decode()), "host") or b"").decode()
+        # one atomic step (logout.lua): token revoked, session marked closing (so a login that
+        # arrives before the close job runs gets a new session, mounted after this one's final
+        # save) with a close deadline that re-issues the job if it is lost; queue place left
+        sid, gen, node = self.sm.logout(user, auth.hash_token(req.token))
+        if sid:
+            host = (self.r.hget(self.keys.node(node), "host") or b"").decode() if node else ""
             jobs.enqueue(self.r, self.keys, "close", sid, gen, host, "logout")
-        qtoken = (self.r.hget(self.keys.user(user), "qtoken") or b"").decode()
-        if qtoken and auth.same_token(qtoken, th):
-            self.r.lrem(self.keys.queue, 0, user)
-            self.r.hdel(self.keys.user(user), "qtoken")
         return Reply(ok=True, status="logged_out")
 
     # -- deadlines ---------------------------------------------------------------------------
     def sweep_once(self) -> int:
         """One pass: due deadlines, free nodes to waiting users; returns jobs enqueued."""
         n = 0
-        for action in self.sm.sweep():
+        run_id = self.server_run_id()
+        if run_id != self._run_id:
+            if self._run_id and not self.r.exists(self.keys.settings):
+                # the server restarted without our keys: publish the clocks and the group again
+                log.warning("the Redis server restarted and lost cloudq's keys; setting up again")
+                self.setup()
+            self._run_id = run_id
+        for action in self.sm.sweep(run_id=run_id):
             jobs.enqueue_action(self.r, self.keys, action)
             n += 1
         for a in self.sm.dispatch():
             jobs.enqueue_assignment(self.r, self.keys, a)
             n += 1
         return n
+
+    def server_run_id(self) -> str:
+        """The Redis server's ``run_id`` (a new one = the server restarted); '' if not allowed."""
+        try:
+            return str(self.r.info("server").get("run_id", ""))
+        except redis.ResponseError:
+            return ""
 
     def _next_due_in(self) -> float:
         first = self.r.zrange(self.keys.deadlines, 0, 0, withscores=True)

@@ -24,6 +24,9 @@ from cloudq.settings import Settings
 
 log = logging.getLogger("cloudq")
 
+DEFAULT_SOCKET_TIMEOUT = 10.0
+"""Seconds a server-side Redis call may wait for an answer (env CLOUDQ_SOCKET_TIMEOUT, 0 = off)."""
+
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
@@ -35,7 +38,19 @@ def _connect(url: str | None) -> redis.Redis:
         raise click.UsageError(
             "no Redis given: pass --redis-url or set CLOUDQ_REDIS_URL (or run `cloudq up`)"
         )
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
+    # a socket timeout (longer than any blocking read we issue: <= 1 s) and health checks, so a
+    # half-open TCP connection raises and is replaced instead of hanging a server process
+    try:
+        timeout = float(os.environ.get("CLOUDQ_SOCKET_TIMEOUT") or DEFAULT_SOCKET_TIMEOUT)
+    except ValueError:
+        raise click.UsageError("CLOUDQ_SOCKET_TIMEOUT must be a number of seconds (0 = off)") from None
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=timeout or None,
+        socket_keepalive=True,
+        health_check_interval=10,
+    )
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -100,6 +115,9 @@ def central_options(f: Callable[..., Any]) -> Callable[..., Any]:
             _clock("token-ttl", d.token_ttl, "Bearer token lifetime."),
             _clock("job-lease", d.job_lease, "Re-issue a mount/close job not done after this."),
             _clock("autosave", d.autosave, "Save an active session's data this often (when changed)."),
+            _clock(
+                "node-forget", d.node_forget, "Forget a node offline for this long (`cloudq node forget`)."
+            ),
             click.option(
                 "--lockout-limit",
                 type=click.IntRange(min=0),
@@ -258,6 +276,12 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     is_flag=True,
     help="Encode every frame tick even when nothing changed (the baseline `bench cost` compares with).",
 )
+@click.option(
+    "--store",
+    envvar="CLOUDQ_STORE",
+    default=None,
+    help="User-data store (a node saves its session there if it was declared offline).",
+)
 @metrics_options
 @click.pass_context
 def node(
@@ -278,14 +302,19 @@ def node(
     always_encode: bool,
     metrics_port: int,
     metrics_addr: str,
+    store: str | None,
 ) -> None:
-    """Run one service node (`cloudq node --id ID ...`), or manage nodes (`cloudq node drain ID`)."""
+    """Run one service node (`cloudq node --id ID ...`), or manage nodes (`cloudq node drain ID`,
+    `cloudq node forget ID`)."""
     if ctx.invoked_subcommand is not None:
         return
     if not node_id:
         raise click.UsageError("--id is required to run a node")
     from cloudq.workers.metrics import NodeMetrics
     from cloudq.workers.node import MediaConfig, Node, NodeIdTaken, default_workspace
+
+    if store:
+        os.environ["CLOUDQ_STORE"] = store
 
     try:
         media = MediaConfig(
@@ -322,6 +351,29 @@ def node(
         _fail(f"cannot reach Redis: {exc}", 5)
 
 
+@node.command("forget")
+@redis_url_option
+@prefix_option
+@click.argument("node_id", metavar="ID")
+def node_forget(redis_url: str | None, prefix: str, node_id: str) -> None:
+    """Forget an offline node now (its hash, control stream and pool entry)."""
+    from cloudq.state import StateMachine
+
+    r = _connect(redis_url)
+    try:
+        status = StateMachine(r, Keys(prefix)).forget_node(node_id)
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+    if status != "forgotten":
+        why = {
+            "unknown": "no such node",
+            "alive": "it is alive (stop it first)",
+            "not-offline": "it is not offline (stop it first)",
+        }
+        _fail(f"node {node_id} not forgotten: {why.get(status, status)}")
+    click.echo(f"forgot node {node_id}")
+
+
 @main.command()
 @redis_url_option
 @prefix_option
@@ -350,7 +402,7 @@ def worker(
 ) -> None:
     """Run an RQ worker for this host's jobs (mount, save, close)."""
     from cloudq.workers.metrics import JobMetrics
-    from cloudq.workers.worker import make_worker
+    from cloudq.workers.worker import run_worker
 
     # the jobs (in forked work horses) read these
     for var, value in (
@@ -360,10 +412,9 @@ def worker(
     ):
         if value is not None:
             os.environ[var] = str(value)
-    w = make_worker(_connect(redis_url), Keys(prefix), host, name=name)
-    w.metrics = JobMetrics()
-    _serve_metrics(metrics_port, metrics_addr, w.metrics.registry)
-    w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+    metrics = JobMetrics()
+    _serve_metrics(metrics_port, metrics_addr, metrics.registry)
+    run_worker(_connect(redis_url), Keys(prefix), host, name=name, burst=burst, metrics=metrics)
 
 
 # -- users -----------------------------------------------------------------------------------
@@ -426,15 +477,30 @@ def user_passwd(
 @redis_url_option
 @prefix_option
 @click.argument("name")
-def user_del(redis_url: str | None, prefix: str, name: str) -> None:
-    """Delete a user."""
+@click.option("--purge", is_flag=True, help="Also delete the user's stored data (every version).")
+@click.option("--store", envvar="CLOUDQ_STORE", default=None, help="User-data store (with --purge).")
+def user_del(redis_url: str | None, prefix: str, name: str, purge: bool, store: str | None) -> None:
+    """Delete a user: tokens revoked, a live session closed (its data saved). The stored data
+    stays (an operator can still restore it; a new account of the same name starts empty)
+    unless --purge."""
     from cloudq.auth import AuthError, Users
+    from cloudq.cli_data import purge_user
 
+    r = _connect(redis_url)
+    keys = Keys(prefix)
     try:
-        Users(_connect(redis_url), Keys(prefix)).delete(name)
+        sid = Users(r, keys).delete(name)
     except AuthError as exc:
         _fail(str(exc))
-    click.echo(f"deleted user {name}")
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+    click.echo(f"deleted user {name}" + (f"; closing session {sid}" if sid else ""))
+    if purge:
+        try:
+            purge_user(r, keys, name, sid, store)
+        except RuntimeError as exc:
+            _fail(str(exc))
+        click.echo(f"deleted the stored data of {name}")
 
 
 @user.command("list")
@@ -752,9 +818,24 @@ def gateway(
     default=0,
     help="Stop after this many seconds (0 = until Ctrl-C).",
 )
+@click.option(
+    "--data-dir",
+    envvar="CLOUDQ_DATA_DIR",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep everything here (embedded server with AOF everysec, user-data store, workspaces), "
+    "so it survives a restart. Without it everything is temporary.",
+)
 @central_options
 def up(
-    redis_url: str | None, prefix: str, nodes: int, workers: int, app: str, duration: float, **kw: Any
+    redis_url: str | None,
+    prefix: str,
+    nodes: int,
+    workers: int,
+    app: str,
+    duration: float,
+    data_dir: str | None,
+    **kw: Any,
 ) -> None:
     """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
     from cloudq.up import Cluster
@@ -765,8 +846,18 @@ def up(
         raise click.UsageError(str(exc)) from None
     done = threading.Event()
     _stop_on_signals(done.set)
-    with Cluster(redis_url, prefix, nodes=nodes, workers=workers, app=app, settings=settings) as cl:
+    cluster = Cluster(
+        redis_url, prefix, nodes=nodes, workers=workers, app=app, settings=settings, data_dir=data_dir
+    )
+    with cluster as cl:
         click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")
+        if data_dir:
+            click.echo(f"  everything is kept in {os.path.abspath(data_dir)} (survives a restart)")
+        elif cl.server is not None:
+            click.echo(
+                "  everything is TEMPORARY: users, sessions and saved data are gone when this stops "
+                "(use --data-dir DIR to keep them)"
+            )
         click.echo(f"  redis-cli -u {cl.redis_url} keys '{prefix}*'")
         click.echo(f"  CLOUDQ_REDIS_URL={cl.redis_url} cloudq status")
         sys.stdout.flush()

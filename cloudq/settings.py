@@ -27,6 +27,7 @@ class Settings:
     token_ttl: float = 24 * 3600.0
     job_lease: float = 30.0
     autosave: float = 60.0
+    node_forget: float = 3600.0
     lockout_limit: int = 5
     lockout_window: float = 300.0
     lockout_time: float = 300.0

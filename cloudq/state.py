@@ -21,6 +21,12 @@ _NAMES = [
     "sweep",
     "register_node",
     "unregister_node",
+    "rejoin_node",
+    "lost_session",
+    "logout",
+    "app_error",
+    "forget_node",
+    "delete_user",
     "activate",
     "wake",
     "close_begin",
@@ -59,6 +65,8 @@ class Action:
     reason: str
     node: str
     host: str
+    issue: int = 0
+    """How many times the sweep issued this job (re-issues get their own job id)."""
 
 
 def _s(v: Any) -> str:
@@ -87,11 +95,20 @@ class StateMachine:
             for i in range(0, len(flat), 5)
         ]
 
-    def sweep(self, limit: int = 500) -> list[Action]:
-        flat = [_s(x) for x in self._run("sweep", limit)]
+    def sweep(self, limit: int = 500, run_id: str = "") -> list[Action]:
+        """Claim due deadlines; ``run_id`` (the server's) lets the script see a restart."""
+        flat = [_s(x) for x in self._run("sweep", limit, run_id)]
         return [
-            Action(flat[i], flat[i + 1], int(flat[i + 2] or 0), flat[i + 3], flat[i + 4], flat[i + 5])
-            for i in range(0, len(flat), 6)
+            Action(
+                flat[i],
+                flat[i + 1],
+                int(flat[i + 2] or 0),
+                flat[i + 3],
+                flat[i + 4],
+                flat[i + 5],
+                int(flat[i + 6]),
+            )
+            for i in range(0, len(flat), 7)
         ]
 
     def register_node(self, node: str, host: str, app: str, instance: str) -> bool:
@@ -99,6 +116,32 @@ class StateMachine:
 
     def unregister_node(self, node: str, instance: str) -> str:
         return _s(self._run("unregister_node", node, instance))
+
+    def rejoin_node(self, node: str, instance: str, sid: str) -> str:
+        """A node declared offline takes its session back if nobody took it (see the script)."""
+        return _s(self._run("rejoin_node", node, instance, sid))
+
+    def lost_session(self, sid: str, user: str, node: str) -> str:
+        """Record a session whose keys a server restart lost as closed (``server_restarted``)."""
+        return _s(self._run("lost_session", sid, user, node))
+
+    def logout(self, user: str, token_hash: str) -> tuple[str, int, str]:
+        """Revoke the token, mark its session closing (re-issued until closed); (sid, gen, node)."""
+        sid, gen, node = self._run("logout", user, token_hash)
+        return _s(sid), int(gen), _s(node)
+
+    def app_error(self, node: str, sid: str, detail: str) -> str:
+        """The node's app raised: close the session with reason ``app_error``."""
+        return _s(self._run("app_error", node, sid, detail))
+
+    def forget_node(self, node: str) -> str:
+        """Remove an offline node's records now (``cloudq node forget``)."""
+        return _s(self._run("forget_node", node))
+
+    def delete_user(self, name: str) -> tuple[str, str]:
+        """Delete an account: tokens revoked, live session closing (``user_deleted``)."""
+        status, sid = self._run("delete_user", name)
+        return _s(status), _s(sid)
 
     def activate(self, node: str, sid: str, gen: int) -> bool:
         return _s(self._run("activate", node, sid, gen)) == "ok"

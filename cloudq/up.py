@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import redis
@@ -34,8 +35,10 @@ class Cluster:
         settings: Settings | None = None,
         host: str = "local",
         extra_env: dict[str, str] | None = None,
+        data_dir: str | None = None,
     ) -> None:
         self.server: EmbeddedServer | None = None
+        self.data_dir = data_dir
         self.redis_url = redis_url or ""
         self.prefix = prefix
         self.n_nodes = nodes
@@ -43,7 +46,12 @@ class Cluster:
         self.app = app
         self.settings = settings or Settings()
         self.host = host
-        self.extra_env = extra_env or {}
+        self.extra_env = dict(extra_env or {})
+        if data_dir:
+            # users' saved data and the nodes' workspaces live beside the server's AOF
+            root = os.path.abspath(data_dir)
+            self.extra_env.setdefault("CLOUDQ_STORE", os.path.join(root, "store"))
+            self.extra_env.setdefault("CLOUDQ_WORKSPACE", os.path.join(root, "workspace"))
         self.group = ProcessGroup(env=self.extra_env)
 
     def spawn(self, name: str, *args: str) -> None:
@@ -51,7 +59,8 @@ class Cluster:
 
     def start(self) -> Cluster:
         if not self.redis_url:
-            self.server = EmbeddedServer().start()
+            redis_dir = os.path.join(self.data_dir, "redis") if self.data_dir else None
+            self.server = EmbeddedServer(data_dir=redis_dir).start()
             self.redis_url = self.server.url
         self.group.redis_url, self.group.prefix = self.redis_url, self.prefix
         self.spawn("central", "central", *_clock_args(self.settings))

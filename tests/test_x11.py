@@ -353,7 +353,7 @@ def test_display_option_runs_the_program_on_an_existing_display_and_leaves_it_ru
         assert dm.alive(), "the node stopped a display it did not start"
 
 
-def test_a_program_that_cannot_start_at_login_ends_the_session_with_app_failed(
+def test_a_program_that_cannot_start_at_login_ends_the_session_with_app_error(
     r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
 ) -> None:
     prog = tmp_path / "vanishing-program"
@@ -364,7 +364,8 @@ def test_a_program_that_cannot_start_at_login_ends_the_session_with_app_failed(
     t = Launcher(r, keys).login("alice", "pw")
     asked = time.monotonic()
     wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
-    assert session_field(r, keys, t.sid, "close_reason").startswith("app_failed: command not found")
+    reason = session_field(r, keys, t.sid, "close_reason")
+    assert reason.startswith("app_error: load: LaunchError: command not found"), reason
     wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
     assert time.monotonic() - asked < 8, "the node acknowledged the close at once"
     assert pool.nodes[0].poll() is None
@@ -405,4 +406,6 @@ def test_the_client_explains_app_exit_reasons() -> None:
     assert close_message("app_crashed: exit status 1").endswith(
         "crashed (your files were saved) (exit status 1)"
     )
-    assert "could not start" in close_message("app_failed: command not found: 'x'")
+    assert close_message("app_error: load: LaunchError: command not found: 'x'").endswith(
+        "failed (your data was saved if it could be) (load: LaunchError: command not found: 'x')"
+    )

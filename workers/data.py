@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -79,7 +80,8 @@ def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) ->
     end = time.monotonic() + MOUNT_WAIT
     while True:
         holder = (r.get(keys.user_mounted(user)) or b"").decode()
-        if not holder or holder == sid or r.hget(keys.session(holder), "state") in (None, b"closed"):
+        free = not holder or holder == sid or r.hget(keys.session(holder), "state") in (None, b"closed")
+        if free and not r.exists(keys.save_lock(user)):  # and no save of the user's data under way
             break
         if time.monotonic() >= end:
             raise DataError(f"data of {user} is still mounted by session {holder}")
@@ -89,6 +91,15 @@ def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) ->
     dest.parent.mkdir(parents=True, exist_ok=True)
     store = open_store()
     try:
+        # versions saved before an account of this name was deleted (`user del` without
+        # --purge) belong to that account: a new account of the same name does not inherit them
+        deleted = _account_deleted(r, keys, user)
+        versions = store.versions(user) if deleted else []
+        if versions and all(_version_time(v.created) < deleted for v in versions):
+            _event(
+                r, keys, f"session:{sid}", "mounted", f"older versions of {user} belong to a deleted account"
+            )
+            raise NoVersions(user)
         info = store.restore(user, dest)
     except NoVersions:
         if dest.exists():
@@ -144,15 +155,42 @@ def save_session(
             return "node did not answer"
         if ack.endswith("|clean"):
             return "unchanged"
+    return store_workspace(
+        r, keys, sid, user, workspace_dir(workspace_root(), node), "final" if final else "save", wait=final
+    )
+
+
+def store_workspace(
+    r: redis.Redis,
+    keys: Keys,
+    sid: str,
+    user: str,
+    src: Path,
+    label: str,
+    wait: bool = True,
+    require_marker: bool = True,
+) -> str:
+    """Save the workspace ``src`` as a new version of ``user``'s data, under the user's save lock.
+
+    Only the workspace that ``sid`` mounted is saved: if the user's mount marker names another
+    session, ``src`` may hold someone else's files (or an older copy) and nothing is written.
+    (``require_marker=False`` only for a node that knows itself what it mounted, when a server
+    restart lost the marker.)
+    """
+    if not user:
+        return "no user"
+    holder = (r.get(keys.user_mounted(user)) or b"").decode()
+    if holder != sid and (require_marker or holder):
+        log.warning("save %s: %s's data is mounted by %r, not this session; not saved", sid, user, holder)
+        return "not mounted by this session"
     fence = r.incr(keys.save_fence(user))
     lock = keys.save_lock(user)
-    end = time.monotonic() + (ACK_TIMEOUT * 6 if final else 0)
+    end = time.monotonic() + (ACK_TIMEOUT * 6 if wait else 0)
     while not r.set(lock, fence, nx=True, px=SAVE_LOCK_TTL_MS):
         if time.monotonic() >= end:
             return "another save is running"
         time.sleep(0.05)
     try:
-        src = workspace_dir(workspace_root(), node)
         try:
             info = open_store().save(user, src)
         except StoreError as exc:
@@ -160,13 +198,7 @@ def save_session(
             raise DataError(f"saving {user}'s data failed: {exc}") from None
         if r.get(lock) != str(fence).encode():
             log.error("save %s: lock lost during the save (fence %s)", sid, fence)
-        _event(
-            r,
-            keys,
-            f"session:{sid}",
-            "saved",
-            f"version {info.version} of {user} ({'final' if final else 'save'})",
-        )
+        _event(r, keys, f"session:{sid}", "saved", f"version {info.version} of {user} ({label})")
         return f"version {info.version}"
     finally:
         # release only our own lock (fencing token)
@@ -176,6 +208,42 @@ def save_session(
             lock,
             fence,
         )
+
+
+PURGE_WAIT = 60.0
+
+
+def purge_user_data(r: redis.Redis, keys: Keys, user: str, sid: str, root: str | Path | None = None) -> None:
+    """Delete every stored version of ``user``'s data (``cloudq user del --purge``), after the
+    closing session ``sid`` (if any) has finished its final save. Raises DataError."""
+    end = time.monotonic() + PURGE_WAIT
+    while sid and r.hget(keys.session(sid), "state") not in (None, b"closed"):
+        if time.monotonic() >= end:
+            raise DataError(f"session {sid} of {user} did not close within {PURGE_WAIT:.0f} s; data kept")
+        time.sleep(0.1)
+    store = open_store(root)
+    try:
+        udir = store.user_dir(user)
+    except StoreError as exc:
+        raise DataError(str(exc)) from None
+    shutil.rmtree(udir, ignore_errors=True)
+    r.delete(keys.user_mounted(user), keys.save_fence(user), keys.user_deleted(user))
+    _event(r, keys, f"user:{user}", "purged", "stored data deleted")
+
+
+def _account_deleted(r: redis.Redis, keys: Keys, user: str) -> float:
+    """When an earlier account of this name was deleted (0 = never)."""
+    try:
+        return float(r.get(keys.user_deleted(user)) or 0)
+    except ValueError:
+        return 0.0
+
+
+def _version_time(created: str) -> float:
+    try:
+        return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _delete_if(r: redis.Redis, key: str, value: str) -> None:

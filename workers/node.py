@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -52,6 +52,7 @@ from cloudq.settings import Settings
 from cloudq.state import StateMachine
 from cloudq.wire import BadMessage as BadMedia
 from cloudq.wire import InputEvent
+from cloudq.workers import data
 from cloudq.workers.apps import app_factory
 from cloudq.workers.data import workspace_dir
 from cloudq.workers.streamer import MediaConfig, MediaObserver, Streamer, default_workspace
@@ -82,6 +83,7 @@ MAX_REASON = 300
 _REFRESH_ALIVE = """
 local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'instance') ~= ARGV[1] then return -2 end
 if not v and redis.call('HGET', KEYS[2], 'state') == 'offline' then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
@@ -159,6 +161,7 @@ class StreamReader(threading.Thread):
 class NodeSession:
     sid: str
     gen: int
+    user: str = ""
     input_id: bytes = b"$"
     sleeping: bool = False
     streamer: Streamer | None = None
@@ -227,11 +230,123 @@ class Node:
         if res == 0:
             raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
         if res == -1:
-            log.warning("node %s was declared offline; registering again", self.id)
-            self.stop_session("declared offline", save=False)
-            self.register()
+            self.declared_offline()
+        elif res == -2:
+            self.lost_by_server()
         self._next_refresh = time.monotonic() + self.settings.node_refresh
         self.publish_stats()
+
+    def declared_offline(self) -> None:
+        """The central server judged this node dead (it stalled past its TTL) while it still runs.
+
+        The app's state is the newest copy of the user's work: take the session back if nobody
+        took it, otherwise save the workspace to the store (the normal save path, under the
+        user's save lock) before letting go, then register again.
+        """
+        sess = self.session
+        if sess is None:
+            log.warning("node %s was declared offline; registering again", self.id)
+            self.register()
+            return
+        status = self.sm.rejoin_node(self.id, self.instance, sess.sid)
+        if status not in ("taken", "gone", "not-owner"):
+            log.warning(
+                "node %s was declared offline; rejoined with session %s (%s)", self.id, sess.sid, status
+            )
+            self.sleep()
+            return
+        log.warning("node %s was declared offline; session %s %s: saving its work", self.id, sess.sid, status)
+        if status != "not-owner":
+            self.save_to_store(f"node {self.id} declared offline")
+        self.stop_session("declared offline", save=False)
+        if status == "not-owner":
+            raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
+        self.register()
+
+    def lost_by_server(self) -> None:
+        """The server restarted without our keys (no persistence): save the session's work (the
+        node knows whose workspace it mounted), record the session as closed, register again."""
+        sess = self.session
+        if sess is not None:
+            log.warning("node %s: the server lost its keys; saving session %s", self.id, sess.sid)
+            self.save_to_store(f"node {self.id}: server restarted without the session", require_marker=False)
+            self.sm.lost_session(sess.sid, sess.user, self.id)
+            self.stop_session("server restarted without it", save=False)
+        else:
+            log.warning("node %s: the server lost its keys; registering again", self.id)
+        self.register()
+
+    @contextlib.contextmanager
+    def keepalive(self) -> Iterator[None]:
+        """Refresh the liveness key from a helper thread while the loop is busy in a slow app
+        call (save, load) or a save to the store: a slow app never makes the node look dead."""
+        done = threading.Event()
+        ttl_ms = int((self.settings.node_ttl or 3600) * 1000)
+
+        def run() -> None:
+            while not done.wait(self.settings.node_refresh):
+                try:
+                    self._refresh(
+                        keys=[self.keys.node_alive(self.id), self.keys.node(self.id)],
+                        args=[self.instance, ttl_ms],
+                    )
+                except redis.RedisError as exc:
+                    log.debug("node %s: keepalive refresh failed: %s", self.id, exc)
+
+        th = threading.Thread(target=run, name="keepalive", daemon=True)
+        th.start()
+        try:
+            yield
+        finally:
+            done.set()
+            th.join()
+
+    def app_failed(self, where: str, exc: BaseException | str | None = None) -> None:
+        """The app raised (or cannot go on): save what can be saved, drop the app, close the
+        session with reason ``app_error: <where>: <what>``. The node itself goes on and returns to
+        the pool when the close is done."""
+        self.counters["app_errors"] += 1
+        sess = self.session
+        if sess is None or sess.ending:
+            return
+        sess.ending = True
+        what = (
+            exc if isinstance(exc, str) else (f"{type(exc).__name__}: {exc}" if exc is not None else "raised")
+        )
+        detail = f"{where}: {what}"
+        detail = detail if len(detail) <= MAX_REASON else detail[: MAX_REASON - 3] + "..."
+        log.error("node %s: the app failed in %s (%s); closing session %s", self.id, where, what, sess.sid)
+        if sess.streamer is not None:
+            with self.keepalive():
+                sess.streamer.save(self.data_dir)  # the close's final save stores it (if it worked)
+            sess.streamer.close()
+            sess.streamer = None
+        self.sm.app_error(self.id, sess.sid, detail)
+
+    def save_to_store(self, label: str, require_marker: bool = True) -> str:
+        """The app writes its state into the workspace, which is saved as a new version of the
+        user's data (under the user's save lock, only if this session mounted it)."""
+        sess = self.session
+        if sess is None or sess.streamer is None:
+            return "nothing to save"
+        with self.keepalive():
+            if not sess.streamer.save(self.data_dir):
+                return "the app could not save"
+        try:
+            with self.keepalive():
+                saved = data.store_workspace(
+                    self.r,
+                    self.keys,
+                    sess.sid,
+                    sess.user,
+                    self.data_dir,
+                    label,
+                    require_marker=require_marker,
+                )
+        except data.DataError as exc:
+            saved = str(exc)
+        log.info("node %s: session %s: %s: %s", self.id, sess.sid, label, saved)
+        return saved
 
     def stats(self) -> dict[str, int]:
         st = self.session.streamer if self.session else None
@@ -263,7 +378,10 @@ class Node:
         if self.reader is not None:
             self.reader.close()
         try:
-            self.stop_session("node shutting down", save=True)
+            # to the store, not only the workspace: the session moves on to another node (or to
+            # this one after a restart) with what the user did up to now
+            self.save_to_store(f"node {self.id} shutting down")
+            self.stop_session("node shutting down", save=False)
             self.sm.unregister_node(self.id, self.instance)
         except redis.RedisError as exc:
             log.warning("node %s: could not unregister: %s", self.id, exc)
@@ -280,20 +398,21 @@ class Node:
             streamer = self.session.streamer  # the same session again: its app state is newer than disk
         elif self.session:
             self.stop_session("replaced", save=True)
+        user = (self.r.hget(self.keys.session(sid), "user") or b"").decode()
         if streamer is None:
+            self.session = NodeSession(sid, gen, user=user, input_id=last[0][0] if last else b"0-0")
             try:
                 app = self.factory()
                 self.data_dir.mkdir(parents=True, exist_ok=True)
-                app.load(self.data_dir)
+                with self.keepalive():
+                    app.load(self.data_dir)
             except Exception as exc:  # e.g. the program cannot start: end the session, keep serving
-                self.counters["app_failed"] += 1
-                log.error("node %s: session %s: the app could not start: %s", self.id, sid, exc)
-                # kept without an app, so the close job's `stop` is acknowledged at once
-                self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", ending=True)
-                self.end_session(sid, gen, f"app_failed: {exc}")
+                self.app_failed("load", exc)
                 return
             streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters, self.observer)
-        self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", streamer=streamer)
+        self.session = NodeSession(
+            sid, gen, user=user, input_id=last[0][0] if last else b"0-0", streamer=streamer
+        )
         if self.sm.activate(self.id, sid, gen):
             streamer.wake()
             log.info("node %s: session %s active", self.id, sid)
@@ -304,7 +423,7 @@ class Node:
 
     def end_session(self, sid: str, gen: int, reason: str) -> None:
         """Ask for this session to be closed (data saved) because of its app: ``app_exited``,
-        ``app_crashed: ...``, ``app_failed: ...``. The close job then stops it here as usual."""
+        ``app_crashed: ...``. The close job then stops it here as usual."""
         reason = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
         status = self.sm.app_exit(self.id, sid, gen, reason)
         log.info("node %s: session %s ends (%s): %s", self.id, sid, reason, status)
@@ -317,9 +436,7 @@ class Node:
             return
         status = st.exit_status()
         if status is None and st.broken is not None:
-            sess.ending = True
-            self.counters["app_failed"] += 1
-            self.end_session(sess.sid, sess.gen, f"app_failed: {st.broken}")
+            self.app_failed("render", st.broken)
             return
         if status is None:
             return
@@ -344,7 +461,8 @@ class Node:
             st = self.session.streamer
             if st:
                 if save:
-                    saved = st.save(self.data_dir)
+                    with self.keepalive():
+                        saved = st.save(self.data_dir)
                 st.close()
         self.session = None
         return saved
@@ -388,6 +506,8 @@ class Node:
             self.start_session(c.sid, c.gen)
         elif not self.session or c.sid != self.session.sid:
             self.counters["stale_control"] += 1
+            if c.cmd == "stop":  # nothing of that session runs here: nothing to wait for
+                self.r.hset(self.keys.node(self.id), "stopped", f"{c.sid}:{c.gen}")
         elif c.cmd == "sleep":
             self.sleep()
         elif c.cmd == "wake":
@@ -401,8 +521,11 @@ class Node:
             st = self.session.streamer
             if st is None or not st.unsaved_input:
                 self.r.hset(self.keys.node(self.id), "flushed", f"{c.ref}|clean")
-            elif st.save(self.data_dir):
-                self.r.hset(self.keys.node(self.id), "flushed", f"{c.ref}|dirty")
+            else:
+                with self.keepalive():
+                    ok = st.save(self.data_dir)
+                if ok:
+                    self.r.hset(self.keys.node(self.id), "flushed", f"{c.ref}|dirty")
         elif c.cmd == "stop":
             # acknowledged even if the save failed (logged, counted): the app is gone either way
             self.stop_session("closed", save=True)
@@ -423,7 +546,12 @@ class Node:
             return
         if self.session.sleeping and ev.type != "keyframe_request":
             self.wake()  # a keyframe request alone (a client catching up) does not wake the node
-        self.session.streamer.on_input(ev)
+        try:
+            self.session.streamer.on_input(ev)
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # the app's bug ends its session, not the node
+            self.app_failed("handle_input", exc)
 
     def next_timeout(self) -> float:
         due = self._next_refresh
@@ -503,7 +631,9 @@ class Node:
         except BaseException:
             self.factory.close()
             raise
-        backoff = Backoff()
+        # retry at least as often as the liveness refresh, so that after an outage the node is
+        # back within one TTL of the central server seeing again (see sweep.lua, blind periods)
+        backoff = Backoff(0.05, max(0.05, self.settings.node_refresh))
         try:
             while not self.stop.is_set():
                 try:

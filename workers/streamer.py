@@ -155,12 +155,7 @@ class Streamer:
             self.counters["keyframe_requests"] += 1
             self.key_requested = True
             return
-        try:
-            self.app.handle_input(ev)
-        except Exception as exc:  # a third-party app may raise anything; the node keeps serving
-            self.counters["app_input_failed"] += 1
-            log.warning("app could not take input %s: %s: %s", ev.type, type(exc).__name__, exc)
-            return
+        self.app.handle_input(ev)  # raising ends the session (the node's handler), never the node
         self.unsaved_input = True
         self.last_input = time.monotonic()
         # render at once; input-driven renders come at most every min_gap (each one also pushes the

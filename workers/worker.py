@@ -10,23 +10,31 @@ retried within ~15 s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 
 import redis
 from rq import Worker
+from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from cloudq.jobs import ANY_HOST, queue_for
 from cloudq.keys import Keys
+from cloudq.retry import Backoff
 from cloudq.workers.metrics import JobMetrics
 
 log = logging.getLogger(__name__)
 
 MONITORING_INTERVAL = 2
 HEARTBEAT_MARGIN = 8
+WORKER_TTL = 20
+"""RQ derives its blocking dequeue (TTL - 15 = 5 s) and its socket timeout (dequeue + 10 = 15 s)
+from this: a half-open connection is noticed within 15 s instead of RQ's default ~7 min."""
 KNOWN_RESULTS = frozenset(
     {"started", "failed", "stale", "closed", "gone", "not live", "no node", "unchanged", "node did not answer",
      "another save is running"}
@@ -83,4 +91,43 @@ def make_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None) 
         name=name,
         job_monitoring_interval=MONITORING_INTERVAL,
         maintenance_interval=10,
+        worker_ttl=WORKER_TTL,
     )
+
+
+def run_worker(
+    r: redis.Redis,
+    keys: Keys,
+    host: str,
+    name: str | None = None,
+    burst: bool = False,
+    metrics: JobMetrics | None = None,
+) -> None:
+    """Run an RQ worker until it is told to stop, starting it again whenever it quit because
+    Redis was unreachable: RQ's worker quits on a connection error or timeout while a job runs
+    (and on any timeout), but a cloudq process must come back by itself after a Redis restart."""
+    backoff = Backoff()
+    stop = threading.Event()
+    while not stop.is_set():
+        w: CloudqWorker | None = None
+        try:
+            w = make_worker(r, keys, host, name=name)  # talks to Redis too (CLIENT SETNAME)
+            w.metrics = metrics
+            w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("worker: redis unreachable (%s)", exc)
+        except StopRequested:
+            return
+        # RQ's own signal handlers record a SIGTERM/SIGINT as a shutdown request
+        if w is not None and (
+            burst or w._stop_requested or getattr(w, "_shutdown_requested_date", None) is not None
+        ):
+            return
+        log.warning("worker quit on a Redis error; starting again in <%.1fs", backoff.peek())
+        # until the next worker installs its handlers, a signal ends the loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        backoff.wait(stop)
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            r.ping()
+            backoff.reset()

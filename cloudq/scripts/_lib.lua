@@ -79,3 +79,22 @@ local function free_node(node, reason)
   node_state(node, 'free', reason)
   if redis.call('HGET', nkey(node), 'drained') ~= '1' then redis.call('ZADD', P .. 'pool', NOW, node) end
 end
+
+-- Forget offline node `id` (its hash, control stream, pool and set membership): 'forgotten',
+-- or 'alive'/'not-offline' when it must not be forgotten.
+local function forget_node(id, reason)
+  local k = nkey(id)
+  if redis.call('EXISTS', P .. 'node:' .. id .. ':alive') == 1 then return 'alive' end
+  local st = redis.call('HGET', k, 'state')
+  if st and st ~= 'offline' then return 'not-offline' end
+  redis.call('DEL', k, P .. 'node:' .. id .. ':control')
+  redis.call('SREM', P .. 'nodes', id)
+  redis.call('ZREM', P .. 'pool', id)
+  redis.call('ZREM', P .. 'deadlines', 'alive|' .. id, 'forget|' .. id)
+  event('node:' .. id, st or '', 'forgotten', reason)
+  return 'forgotten'
+end
+local function forget_later(id)
+  local f = setting('node_forget')
+  if f > 0 then deadline('forget', id, f) end
+end

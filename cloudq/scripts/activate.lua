@@ -9,6 +9,8 @@ if redis.call('HGET', s, 'state') ~= 'starting' or redis.call('HGET', s, 'gen') 
 end
 undeadline('mount', sid)
 if setting('autosave') > 0 then deadline('save', sid, setting('autosave')) end
+-- the idle clock did not judge the session while it was starting: it does from now on
+if setting('idle_timeout') > 0 then deadline('act', sid, pttl_s(s .. ':act') or 0) end
 node_state(node, 'active', 'session ' .. sid .. ' started')
 session_state(sid, 'active', 'node ' .. node .. ' ready')
 return 'ok'

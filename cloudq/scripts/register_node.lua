@@ -23,4 +23,5 @@ redis.call('HINCRBY', k, 'gen', 1)
 redis.call('SADD', P .. 'nodes', id)
 free_node(id, 'registered')
 redis.call('ZADD', P .. 'deadlines', NOW + ttl, 'alive|' .. id)
+undeadline('forget', id)
 return 'ok'

@@ -12,6 +12,10 @@ redis.call('SREM', P .. 'sessions', sid)
 redis.call('LREM', P .. 'moves', 0, sid)
 undeadline('close', sid)
 if redis.call('HGET', ukey(user), 'session') == sid then redis.call('HDEL', ukey(user), 'session') end
+if reason == 'user_deleted' then
+  -- saved for the last time: what is stored now belongs to the deleted account
+  redis.call('SET', ukey(user) .. ':deleted', string.format('%.3f', NOW))
+end
 redis.call('DEL', s .. ':hb', s .. ':act')
 -- the session's streams go after a while, so a client can still read why it ended
 local keep = 60000

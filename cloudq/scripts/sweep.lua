@@ -1,17 +1,64 @@
--- sweep(P, limit) -> flat list of {action, sid, gen, reason, node, host} for the caller to enqueue.
+-- sweep(P, limit, run_id) -> flat list of {action, sid, gen, reason, node, host} for the caller to enqueue.
 -- Claims due deadlines atomically (two central replicas never both act on one entry) and
 -- checks each against the key it stands for: a refreshed key only moves the deadline.
+--
+-- Blind periods: liveness is judged only over time in which someone could see Redis. When no
+-- sweep ran for longer than a beat (Redis paused or unreachable, every central replica down) or
+-- the server restarted (`run_id` changed), nobody could refresh a TTL key meanwhile. Deadlines
+-- that fell inside that period are moved past it: a TTL key's (node liveness, heartbeat,
+-- activity) to a full TTL from now, so its owner gets a fair chance to refresh it first; the
+-- other clocks (grace, idle, autosave, leases, max) by the length of the blind period, as if
+-- their clock had stopped.
 local limit = tonumber(ARGV[2])
+local run_id = ARGV[3] or ''
 local D = P .. 'deadlines'
+local W = P .. 'sweeper'
+do
+  local last = tonumber(redis.call('HGET', W, 'last') or '')
+  local known = redis.call('HGET', W, 'run_id') or ''
+  local restarted = run_id ~= '' and known ~= '' and known ~= run_id
+  local blind_after = math.max(1.0, setting('heartbeat_interval'))
+  if last and last < NOW and (NOW - last > blind_after or restarted) then
+    local blind = NOW - last
+    local ttl = {alive = setting('node_ttl'), hb = setting('heartbeat_ttl'), act = setting('idle_timeout')}
+    local inside = redis.call('ZRANGEBYSCORE', D, last, NOW, 'WITHSCORES')
+    for i = 1, #inside, 2 do
+      local member, score = inside[i], tonumber(inside[i + 1])
+      local kind = string.sub(member, 1, string.find(member, '|', 1, true) - 1)
+      local full = ttl[kind]
+      local due
+      if full then
+        due = NOW + math.max(full, 0.05)
+      else
+        due = score + blind
+        if kind == 'grace' or kind == 'idle' then due = math.max(due, NOW + setting('heartbeat_ttl')) end
+      end
+      redis.call('ZADD', D, due, member)
+    end
+    local why = 'no sweep'
+    if restarted then why = 'server restarted' end
+    event('central', '', 'blind', string.format('blind period of %.1f s (%s): %d deadlines moved past it',
+      blind, why, #inside / 2))
+  end
+  redis.call('HSET', W, 'last', string.format('%.6f', NOW))
+  if run_id ~= '' then redis.call('HSET', W, 'run_id', run_id) end
+end
 local due = redis.call('ZRANGEBYSCORE', D, '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, limit)
 local out = {}
 local lease = setting('job_lease')
 local hb_interval = setting('heartbeat_interval')
 
-local function act(action, sid, gen, reason, node)
+-- `issue` numbers re-issues of a job (a close or mount whose lease ran out): each gets its own
+-- job id, so RQ does not refuse it while the previous run's finished or failed job still exists
+local function act(action, sid, gen, reason, node, issue)
   local host = ''
   if node and node ~= '' then host = redis.call('HGET', nkey(node), 'host') or '' end
-  for _, v in ipairs({action, sid, tostring(gen), reason, node or '', host}) do table.insert(out, v) end
+  for _, v in ipairs({action, sid, tostring(gen), reason, node or '', host, tostring(issue or 0)}) do
+    table.insert(out, v)
+  end
+end
+local function reissue(sid, action)
+  return redis.call('HINCRBY', skey(sid), 'issued_' .. action, 1)
 end
 
 local function close_later(sid, reason)
@@ -19,7 +66,8 @@ local function close_later(sid, reason)
   local s = skey(sid)
   if (redis.call('HGET', s, 'close_reason') or '') == '' then redis.call('HSET', s, 'close_reason', reason) end
   deadline('close', sid, lease)
-  act('close', sid, redis.call('HGET', s, 'gen'), redis.call('HGET', s, 'close_reason'), redis.call('HGET', s, 'node'))
+  act('close', sid, redis.call('HGET', s, 'gen'), redis.call('HGET', s, 'close_reason'), redis.call('HGET', s, 'node'),
+    reissue(sid, 'close'))
 end
 
 local function save_later(sid, why)
@@ -39,12 +87,15 @@ for i = 1, #due, 2 do
   local sep = string.find(member, '|', 1, true)
   local kind, id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
   redis.call('ZREM', D, member)
-  if kind == 'alive' then
+  if kind == 'forget' then
+    forget_node(id, 'offline for longer than node_forget')
+  elseif kind == 'alive' then
     local left = pttl_s(P .. 'node:' .. id .. ':alive')
     if left then
       redis.call('ZADD', D, NOW + left, member)
     elseif redis.call('EXISTS', nkey(id)) == 1 and redis.call('HGET', nkey(id), 'state') ~= 'offline' then
       node_state(id, 'offline', 'liveness lapsed')
+      forget_later(id)
       redis.call('ZREM', P .. 'pool', id)
       local sid = redis.call('HGET', nkey(id), 'session') or ''
       redis.call('HSET', nkey(id), 'session', '')
@@ -53,7 +104,8 @@ for i = 1, #due, 2 do
         if st and st ~= 'closed' then
           if (redis.call('HGET', skey(sid), 'close_reason') or '') ~= '' then
             -- it was closing: nothing left to save on a dead node; the close job finishes it
-            act('close', sid, redis.call('HGET', skey(sid), 'gen'), redis.call('HGET', skey(sid), 'close_reason'), '')
+            act('close', sid, redis.call('HGET', skey(sid), 'gen'), redis.call('HGET', skey(sid), 'close_reason'), '',
+              reissue(sid, 'close'))
           else
             redis.call('HSET', skey(sid), 'move', '1', 'node', '')
             undeadline('mount', sid)
@@ -86,9 +138,14 @@ for i = 1, #due, 2 do
             if idle > 0 then deadline('act', id, pttl_s(s .. ':act') or 0) end
           end
           redis.call('ZADD', D, NOW + left, member)
+        elseif state == 'starting' then
+          -- the mount is still running: the session goes on (or is found gone) once it is active
+          deadline('hb', id, math.max(hb_interval, 0.05))
         else
           if state ~= 'disconnected' then
             to_sleep(id, node, 'client heartbeat lapsed')
+            -- work done up to now is saved at once, not only when the session closes
+            if node ~= '' and state ~= 'starting' then save_later(id, 'disconnect') end
             session_state(id, 'disconnected', 'heartbeat lapsed')
             undeadline('act', id)
             local grace = setting('grace')
@@ -104,7 +161,14 @@ for i = 1, #due, 2 do
         local left = pttl_s(s .. ':act')
         if left then
           redis.call('ZADD', D, NOW + left, member)
-        elseif state == 'active' or state == 'starting' then
+        elseif state == 'sleeping' or state == 'disconnected' then
+          -- e.g. a reconnect into a sleeping session that gave no input since: close it when idle
+          local idle_close = setting('idle_close')
+          if idle_close > 0 then
+            redis.call('ZADD', D, 'NX', score - setting('idle_timeout') + idle_close, 'idle|' .. id)
+          end
+        elseif state == 'active' then
+          -- (a `starting` session's idle clock is re-armed by activate.lua once it runs)
           to_sleep(id, node, 'user idle')
           session_state(id, 'sleeping', 'activity lapsed')
           if node ~= '' then save_later(id, 'sleep') end  -- a sleeping session's data is saved
@@ -131,12 +195,13 @@ for i = 1, #due, 2 do
         local every = setting('autosave')
         if every > 0 then
           if state == 'active' and node ~= '' then save_later(id, 'autosave') end
-          if state ~= 'disconnected' then deadline('save', id, every) end
+          -- always re-armed: a session that sleeps or is disconnected autosaves again once active
+          deadline('save', id, every)
         end
       elseif kind == 'mount' then
         if state == 'starting' and node ~= '' then
           deadline('mount', id, lease)
-          act('mount', id, gen, 'mount', node)
+          act('mount', id, gen, 'mount', node, reissue(id, 'mount'))
         end
       end
     end

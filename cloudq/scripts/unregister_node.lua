@@ -12,4 +12,5 @@ if sid ~= '' then
 end
 node_state(id, 'offline', 'shut down')
 undeadline('alive', id)
+forget_later(id)
 return 'ok'
