@@ -49,6 +49,7 @@ REASONS = {
     "logout": "the session was closed: logged out elsewhere",
     "mount_failed": "the session was closed: your data could not be loaded onto a node",
     "taken_over": "the session was taken over by another login of the same user",
+    "input_flood": "the session was closed: the client sent more input than the limits allow",
 }
 WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)

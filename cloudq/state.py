@@ -25,6 +25,7 @@ _NAMES = [
     "wake",
     "close_begin",
     "release",
+    "request_close",
 ]
 
 NODE_STATES = ("free", "assigned", "active", "sleeping", "closing", "offline")
@@ -105,6 +106,9 @@ class StateMachine:
     def close_begin(self, sid: str, gen: int, reason: str) -> tuple[str, str]:
         status, node = self._run("close_begin", sid, gen, reason)
         return _s(status), _s(node)
+
+    def request_close(self, sid: str, gen: int, reason: str) -> str:
+        return _s(self._run("request_close", sid, gen, reason))
 
     def release(self, sid: str, gen: int) -> str:
         return _s(self._run("release", sid, gen))

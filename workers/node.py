@@ -41,10 +41,12 @@ from cloudq.wire import BadMessage as BadMedia
 from cloudq.wire import InputEvent, VideoPacket
 from cloudq.workers.apps import App, load_app
 from cloudq.workers.data import workspace_dir
+from cloudq.workers.guard import InputGuard, InputLimits
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_ENTRY = 64 * 1024
+MAX_INPUT_ENTRY = InputLimits.max_entry
+FLOOD_REASON = "input_flood"
 KEYFRAME_REQUEST_GAP = 0.25
 """Seconds between two keyframes forced by client requests (a flood of requests costs one IDR)."""
 MAX_BLOCK = 1.0
@@ -247,6 +249,7 @@ class NodeSession:
     input_id: bytes = b"$"
     sleeping: bool = False
     streamer: Streamer | None = None
+    closing: bool = False  # a close was requested for abuse
 
 
 class Node:
@@ -274,6 +277,7 @@ class Node:
         self.control_id = b"0-0"
         self.stop = threading.Event()
         self.counters: Counter[str] = Counter()
+        self.guard = InputGuard(InputLimits(), self.counters)
         self._refresh = r.register_script(_REFRESH_ALIVE)
         self._next_refresh = 0.0
         self._published: dict[str, int] = {}
@@ -364,6 +368,7 @@ class Node:
             app.load(self.data_dir)
             streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters)
         self.session = NodeSession(sid, gen, input_id=last[0][0] if last else b"0-0", streamer=streamer)
+        self.guard.reset()
         if self.sm.activate(self.id, sid, gen):
             streamer.wake()
             log.info("node %s: session %s active", self.id, sid)
@@ -432,11 +437,32 @@ class Node:
             self.stop_session("closed", save=True)
             self.r.hset(self.keys.node(self.id), "stopped", f"{c.sid}:{c.gen}")
 
+    def close_for_abuse(self, why: str) -> None:
+        """Ask for the session to be closed (``input_flood``); the sweeper enqueues the close."""
+        if not self.session or self.session.closing:
+            return
+        self.session.closing = True
+        self.counters["input_flood_closes"] += 1
+        res = self.sm.request_close(self.session.sid, self.session.gen, FLOOD_REASON)
+        log.warning("node %s: closing session %s: %s (%s)", self.id, self.session.sid, why, res)
+
+    def check_input_stream(self) -> None:
+        if self.session:
+            why = self.guard.check_stream(self.r, self.keys.input(self.session.sid))
+            if why:
+                self.close_for_abuse(why)
+
     def handle_input(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         size = sum(len(k) + len(v) for k, v in fields.items())
+        dropped = self.guard.admit(size)
+        if dropped:
+            if dropped == "size":
+                self.counters["bad_input"] += 1
+                log.warning("node %s: dropped input entry %s of %d bytes", self.id, entry_id.decode(), size)
+            if self.guard.flooded:
+                self.close_for_abuse(f"{self.guard.drops} input entries over the limits")
+            return
         try:
-            if size > MAX_INPUT_ENTRY:
-                raise BadMedia(f"entry of {size} bytes")
             ev = InputEvent.unpack(fields)
         except BadMedia as exc:
             self.counters["bad_input"] += 1
@@ -467,6 +493,8 @@ class Node:
         resp = self.r.xread(streams, count=100, block=block)
         for stream, entries in resp or []:
             is_control = stream.decode() == self.keys.node_control(self.id)
+            if not is_control and len(entries) >= 100:
+                self.check_input_stream()  # a full batch: the client may be flooding
             for entry_id, fields in entries:
                 if is_control:
                     self.control_id = entry_id
@@ -479,6 +507,7 @@ class Node:
             self.session.streamer.tick(now)
         if now >= self._next_refresh:
             self.refresh_liveness()
+            self.check_input_stream()
 
     def run(self) -> None:
         self.register()
