@@ -53,8 +53,11 @@ def free_port() -> int:
 class EmbeddedServer:
     """One private Valkey process on 127.0.0.1:<free port>."""
 
-    def __init__(self, port: int | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self, port: int | None = None, startup_timeout: float = 10.0, extra_args: list[str] | None = None
+    ) -> None:
         self.port = port or free_port()
+        self.extra_args = list(extra_args or [])
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir: str | None = None
@@ -78,6 +81,7 @@ class EmbeddedServer:
             "--hz", "100",
             "--logfile", os.path.join(self.dir, "server.log"),
             *SERVER_LIMITS,
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             args,
