@@ -361,6 +361,6 @@ def test_without_acls_every_process_says_clients_are_trusted(
     publish(r, keys, **FAST)
     central = procs.start("central", "--no-acl", *clock_args(**FAST))
     wait_for(lambda: r.hget(keys.settings, "acl") == b"0", 10, what="acl=0 published")
-    node = procs.node("n1", "h1", "probe", "--size", "64x64")
+    node = procs.node("n1", "h1", "paint", "--size", "64x64")
     wait_for(lambda: "clients are trusted" in procs.output(node), 10, what="node warns")
     assert "clients are trusted" in procs.output(central)
