@@ -78,7 +78,7 @@ class Launcher:
 
     def use_identity(self, acl_user: str, token: str) -> None:
         """Authenticate :attr:`sr` as ``acl_user`` from now on (``""``: ACLs off, use the login
-        connection). Connections made with older credentials are closed."""
+        connection). Idle connections made with older credentials are closed."""
         if not acl_user:
             if not self.trusted:
                 log.warning("the server created no Redis user for this session: %s", acl.TRUSTED_WARNING)
@@ -88,7 +88,10 @@ class Launcher:
         if self._sr is None:
             self._sr = acl.as_user(self.r, self.creds)
         else:
-            self._sr.connection_pool.disconnect()
+            # idle connections only: a busy one belongs to another thread (closing it under that
+            # thread breaks its read); the server cuts those itself (CLIENT KILL USER) when the
+            # old credentials stop being valid, and they reconnect with the new ones
+            self._sr.connection_pool.disconnect(inuse_connections=False)
         try:
             acl.wait_authenticated(self._sr, AUTH_WAIT)
         except redis.AuthenticationError:

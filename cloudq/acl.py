@@ -305,7 +305,7 @@ class SessionUsers:
         self.r = r
         self.keys = keys
         self.token_ttl = token_ttl
-        self.expiry_key = keys.prefix + "acl:expiry"
+        self.expiry_key = keys.acl_expiry
 
     def _expire_at(self, name: str) -> None:
         if self.token_ttl:

@@ -15,7 +15,13 @@ DEFAULT_PREFIX = "cloudq:"
 TABLE: list[tuple[str, str, str, str, str]] = [
     ("settings", "hash", "-", "central", "clocks every process agrees on (published at start)"),
     ("users", "set", "-", "cli", "all user names"),
-    ("user:<name>", "hash", "-", "cli, central", "bcrypt hash, created, disabled, session, last_node"),
+    (
+        "user:<name>",
+        "hash",
+        "-",
+        "cli, central",
+        "bcrypt hash, created, disabled, session, last_node; qtoken, qacl while queued",
+    ),
     ("user:<name>:fails", "string", "lockout window", "central", "failed logins in the window"),
     ("user:<name>:lock", "string", "lockout time", "central", "present = account locked"),
     ("user:<name>:mounted", "string", "-", "mount job", "session whose node holds the user's data"),
@@ -39,7 +45,13 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("queued:<user>", "string", "queue beat TTL", "client", "the waiting client is still there"),
     ("notify:<token hash>", "list", "token TTL", "central", "assignment for a queued client"),
     ("deadlines", "sorted set", "-", "central, scripts", "member `kind|id`, score = due time"),
-    ("session:{<sid>}", "hash", "-", "scripts", "user, node, state, gen, timestamps, reason"),
+    (
+        "session:{<sid>}",
+        "hash",
+        "-",
+        "scripts",
+        "user, node, state, gen, timestamps, reason; token (hash), acl (SHA-256 of the session user's password)",
+    ),
     ("session:{<sid>}:hb", "string", "heartbeat TTL", "client kernel", "heartbeat"),
     ("session:{<sid>}:act", "string", "idle timeout", "client launcher", "user activity"),
     ("session:{<sid>}:video", "stream", "MAXLEN ~", "node", "encoded video, one packet per entry"),
@@ -48,6 +60,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("moves", "list", "-", "scripts", "sessions whose node died, waiting for another"),
     ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
     ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
+    ("acl:expiry", "sorted set", "-", "central", "session/queue ACL users, score = when their token expires"),
 ]
 
 
@@ -94,6 +107,10 @@ class Keys:
     @property
     def events(self) -> str:
         return self._k("events")
+
+    @property
+    def acl_expiry(self) -> str:
+        return self._k("acl:expiry")
 
     # users and tokens
     def user(self, name: str) -> str:

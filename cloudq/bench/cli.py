@@ -85,3 +85,20 @@ def bench_data(sizes: str, workdir: str | None, as_json: bool, write_path: str |
     if write_path:
         data.write_markdown(result, write_path)
     _emit(result, data.format_table(result), as_json)
+
+
+@bench.command("security")
+@click.option("--logins", type=click.IntRange(min=4), default=24, show_default=True, help="Logins per run.")
+@click.option(
+    "--users", type=click.IntRange(min=100), default=10_000, show_default=True, help="Session users."
+)
+@json_option
+@write_option
+def bench_security(logins: int, users: int, as_json: bool, write_path: str | None) -> None:
+    """Logins/s with 1 and 2 central replicas (bcrypt 12); session user create/delete; 10k users vs none."""
+    from cloudq.bench.security import run, write_markdown
+
+    result = run(logins=logins, users=users)
+    if write_path:
+        write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
