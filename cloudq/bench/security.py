@@ -59,7 +59,7 @@ def _logins(urls: dict[str, str], replicas: int, logins: int, threads: int) -> f
     keys = Keys(PREFIX)
     admin = redis.Redis.from_url(urls["admin"])
     admin.flushdb()
-    Settings().publish(admin, keys)
+    Settings(node_ttl=0).publish(admin, keys)  # the nodes are fake: liveness off
     sm = StateMachine(admin, keys)
     pw = bcrypt.hashpw(b"pw", bcrypt.gensalt(COST))
     pipe = admin.pipeline(transaction=False)
@@ -72,7 +72,9 @@ def _logins(urls: dict[str, str], replicas: int, logins: int, threads: int) -> f
     group = ProcessGroup(urls["central"], PREFIX, env={"CLOUDQ_BCRYPT_COST": str(COST)})
     try:
         for _ in range(replicas):
-            group.start("central", "--no-notifications")
+            group.start(
+                "central", "--no-notifications", "--node-ttl", "0"
+            )  # the nodes are fake: never offline
         # every replica ready (its consumer joined the group) before the clock starts
         end = time.monotonic() + 30
 
