@@ -295,11 +295,14 @@ class SessionUsers:
 
     Explicit paths (login, reconnection, logout, dispatch) create and delete users at once;
     :meth:`reconcile` (every ``RECONCILE_EVERY`` s) catches the rest: users of sessions that
-    closed, tokens that expired (sorted set ``acl:expiry``), and users missing after a Redis
+    closed (``CLOSED_KEEP`` s after the close), tokens that expired (sorted set ``acl:expiry``), and users missing after a Redis
     restart (re-created from the session hash's ``acl`` field).
     """
 
     RECONCILE_EVERY = 0.25
+    CLOSED_KEEP = 0.5
+    """A closed session's user lives this long (s) so its client (polling every 0.2 s) reads the
+    close reason; deleted by the next pass after that: within 1 s of the close."""
 
     def __init__(self, r: redis.Redis, keys: Keys, token_ttl: float) -> None:
         self.r = r
@@ -350,10 +353,14 @@ class SessionUsers:
                 done["expired"] += 1
             else:
                 self._expire_at(name)
+        now = sec + usec / 1e6
         present = {u.decode() for u in self.r.execute_command("ACL", "USERS")}
         live = {s.decode() for s in self.r.smembers(self.keys.sessions)}
         for name in present:
             if name.startswith(SESSION_PREFIX) and name[len(SESSION_PREFIX) :] not in live:
+                closed = self.r.hget(self.keys.session(name[len(SESSION_PREFIX) :]), "closed")
+                if closed and now - float(closed) < self.CLOSED_KEEP:
+                    continue  # its client still gets to read why the session ended
                 self.drop(name)
                 done["stale"] += 1
             elif name.startswith(QUEUE_PREFIX):
