@@ -200,6 +200,53 @@ def _user_costs(urls: dict[str, str], n: int, users: int, samples: int) -> dict[
     return out
 
 
+def _flooder(url: str, key: str, seconds: float) -> None:
+    """As session user A: XADD input as fast as one connection can (pipelines of 200)."""
+    r = redis.Redis.from_url(url)
+    end = time.monotonic() + seconds
+    fields = {"m": b"x" * 40}
+    while time.monotonic() < end:
+        pipe = r.pipeline(transaction=False)
+        for _ in range(200):
+            pipe.xadd(key, fields)
+        pipe.execute()
+    r.close()
+
+
+def _flood(urls: dict[str, str], samples: int) -> dict[str, float]:
+    """B's XADD latency (median) while session user A floods its own input stream vs quiet.
+
+    This is the Redis-level share a flooding client takes before its node closes the session
+    (the close itself is tested: ``test_a_flooding_client_is_closed_...``)."""
+    import multiprocessing as mp
+
+    keys = Keys(PREFIX)
+    admin = redis.Redis.from_url(urls["admin"])
+    su = acl.SessionUsers(admin, keys, token_ttl=0)
+    conns = {}
+    for sid in ("fa", "fb"):
+        token = new_token()
+        su.session_user(sid, acl.session_password_hash(token))
+        conns[sid] = acl.with_user(urls["admin"], session_acl_user(sid), session_acl_password(token))
+    b = redis.Redis.from_url(conns["fb"])
+    send = lambda: b.xadd(keys.input("fb"), {"m": b"x" * 40}, maxlen=1000, approximate=True)  # noqa: E731
+    quiet = _median_ms(send, samples)
+    proc = mp.get_context("spawn").Process(target=_flooder, args=(conns["fa"], keys.input("fa"), 60.0))
+    proc.start()
+    try:
+        end = time.monotonic() + 10
+        while admin.xlen(keys.input("fa")) < 10_000 and time.monotonic() < end:
+            time.sleep(0.05)
+        flooded = _median_ms(send, samples)
+    finally:
+        proc.terminate()
+        proc.join(10)
+    quiet_after = _median_ms(send, samples)
+    b.close()
+    admin.close()
+    return {"flood_quiet_ms": quiet, "flood_ms": flooded, "flood_quiet_after_ms": quiet_after}
+
+
 def run(
     logins: int = 24, threads: int = 8, n: int = 500, users: int = 10_000, samples: int = 2000
 ) -> dict[str, Any]:
@@ -220,6 +267,7 @@ def run(
             two.append(_logins(urls, 2, logins, threads))
             log.info("logins/s: 1 replica %.2f, 2 replicas %.2f", one[-1], two[-1])
         costs = _user_costs(urls, n, users, samples)
+        costs.update(_flood(urls, samples))
     finally:
         server.stop()
     result: dict[str, Any] = {
@@ -262,6 +310,11 @@ def format_table(x: dict[str, Any]) -> str:
             f"| {what}, {m['users']:,} users | {b:.3f} ms | none: {a:.3f} ms before, {c:.3f} ms after "
             f"| {b / ((a + c) / 2):.2f} |"
         )
+    q = (m["flood_quiet_ms"] + m["flood_quiet_after_ms"]) / 2
+    rows.append(
+        f"| B's XADD input (median) while A floods its own input | {m['flood_ms']:.3f} ms | quiet: "
+        f"{m['flood_quiet_ms']:.3f} ms before, {m['flood_quiet_after_ms']:.3f} ms after | {m['flood_ms'] / q:.2f} |"
+    )
     return "\n".join(rows)
 
 
