@@ -1,6 +1,12 @@
 """The cloud client's launcher: logs in through the central server, waits in the queue,
 starts and stops the kernel, marks user activity, logs out.
 
+Two Redis identities (see :mod:`cloudq.acl`): the connection it is given (the login user, or
+no credentials) only posts requests and reads their replies; everything else goes through
+:attr:`Launcher.sr`, which authenticates as the Redis user the login reply names (the queue
+user while waiting, then the session user) with a password derived from the bearer token. A
+new login (online reconnection) changes that password: :attr:`sr` follows.
+
 Errors a user can meet are :class:`ClientError` with a one-line message and a distinct
 exit code (see ``EXIT_CODES``).
 """
@@ -9,15 +15,16 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 
+from cloudq import acl
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_reply
 from cloudq.settings import Settings
+from cloudq.tokens import session_acl_password, session_acl_user
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,10 @@ class Ticket:
     sid: str
     node: str
     status: str
+    acl_user: str = ""
+
+
+AUTH_WAIT = 5.0  # the central server creates a queued client's session user just after the notification
 
 
 class Launcher:
@@ -57,6 +68,35 @@ class Launcher:
         self.keys = keys
         self.reply_timeout = reply_timeout
         self.settings = Settings()
+        self.creds = acl.Credentials()
+        self._sr: redis.Redis | None = None
+        self.trusted = False  # the server gave no Redis user: ACLs are off
+
+    @property
+    def sr(self) -> redis.Redis:
+        """The connection for everything but login/logout: the session's own Redis user."""
+        return self._sr if self._sr is not None else self.r
+
+    def use_identity(self, acl_user: str, token: str) -> None:
+        """Authenticate :attr:`sr` as ``acl_user`` from now on (``""``: ACLs off, use the login
+        connection). Idle connections made with older credentials are closed."""
+        if not acl_user:
+            if not self.trusted:
+                log.warning("the server created no Redis user for this session: %s", acl.TRUSTED_WARNING)
+            self.trusted, self._sr = True, None
+            return
+        self.creds.set(acl_user, session_acl_password(token))
+        if self._sr is None:
+            self._sr = acl.as_user(self.r, self.creds)
+        else:
+            # idle connections only: a busy one belongs to another thread (closing it under that
+            # thread breaks its read); the server cuts those itself (CLIENT KILL USER) when the
+            # old credentials stop being valid, and they reconnect with the new ones
+            self._sr.connection_pool.disconnect(inuse_connections=False)
+        try:
+            acl.wait_authenticated(self._sr, AUTH_WAIT)
+        except redis.AuthenticationError:
+            raise ClientError("error", "the server did not accept this session's credentials") from None
 
     def _request(self, req: Request) -> Reply:
         try:
@@ -89,15 +129,16 @@ class Launcher:
         With ``queue=False`` (a client logging in again to its session) a queued reply is not
         waited on: the ticket comes back with status ``queued`` and the caller decides.
         """
-        try:
-            self.settings = Settings.load(self.r, self.keys)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
-        reply = self._request(Request("login", uuid.uuid4().hex, user=user, password=password))
+        reply = self._request(Request("login", acl.new_request_id(), user=user, password=password))
         if not reply.ok:
             raise ClientError(reply.status if reply.status in EXIT_CODES else "error", reply.error)
+        try:
+            self.use_identity(reply.acl_user, reply.token)
+            self.settings = Settings.load(self.sr, self.keys)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
         if reply.status != "queued" or not queue:
-            return Ticket(user, reply.token, reply.sid, reply.node, reply.status)
+            return Ticket(user, reply.token, reply.sid, reply.node, reply.status, reply.acl_user)
         return self._wait_in_queue(user, reply, wait, on_position)
 
     def _wait_in_queue(
@@ -114,14 +155,16 @@ class Launcher:
             on_position(position)
         try:
             while deadline is None or time.monotonic() < deadline:
-                self.r.set(self.keys.queued(user), "1", px=int(ttl * 1000))
-                got = self.r.blpop([self.keys.notify(th)], timeout=interval)
+                self.sr.set(self.keys.queued(user), "1", px=int(ttl * 1000))
+                got = self.sr.blpop([self.keys.notify(th)], timeout=interval)
                 if got is not None:
                     sid = got[1].decode()
-                    node = (self.r.hget(self.keys.session(sid), "node") or b"").decode()
-                    self.r.delete(self.keys.queued(user))
-                    return Ticket(user, reply.token, sid, node, "assigned")
-                pos = self.r.lpos(self.keys.queue, user)
+                    # the queued user's `queued` beat lapses by itself (it may not DEL)
+                    acl_user = session_acl_user(sid) if reply.acl_user else ""
+                    self.use_identity(acl_user, reply.token)
+                    node = (self.sr.hget(self.keys.session(sid), "node") or b"").decode()
+                    return Ticket(user, reply.token, sid, node, "assigned", acl_user)
+                pos = self.sr.lpos(self.keys.queue, user)
                 if pos is not None and pos + 1 != position:
                     position = pos + 1
                     if on_position:
@@ -133,11 +176,11 @@ class Launcher:
 
     def logout(self, token: str) -> None:
         try:
-            self._request(Request("logout", uuid.uuid4().hex, token=token))
+            self._request(Request("logout", acl.new_request_id(), token=token))
         except ClientError as exc:
             log.warning("logout failed: %s", exc)
 
     def mark_activity(self, sid: str) -> None:
         """The user gave input: refresh the session's activity key."""
         if self.settings.idle_timeout:
-            self.r.set(self.keys.activity(sid), "1", px=int(self.settings.idle_timeout * 1000))
+            self.sr.set(self.keys.activity(sid), "1", px=int(self.settings.idle_timeout * 1000))

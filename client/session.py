@@ -55,12 +55,14 @@ REASONS = {
     "disabled": "the session was closed: the account was disabled by the operator",
     "app_exited": "the session was closed: the program exited (your files were saved)",
     "app_crashed": "the session was closed: the program crashed (your files were saved)",
+    "input_flood": "the session was closed: the client sent more input than the limits allow",
 }
 WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 STREAM_TIMEOUT = 10.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
 STATS_EVERY = 1.0
+CREDENTIALS_REFUSED_FOR = 2.0
 
 
 def close_message(reason: str) -> str:
@@ -268,7 +270,7 @@ class ClientSession:
         if self.opt.snapshot:
             sinks.append(SnapshotSink(self.opt.snapshot))
         self.kernel = Kernel(
-            self.r,
+            self.launcher.sr,
             self.keys,
             t.sid,
             self.launcher.settings,
@@ -325,7 +327,7 @@ class ClientSession:
 
     def _check_session(self) -> None:
         assert self.ticket is not None
-        raw = self.r.hmget(
+        raw = self.launcher.sr.hmget(
             self.keys.session(self.ticket.sid), "state", "close_reason", "node", "warning", "token"
         )
         state, reason, node, warning, token = ((v or b"").decode() for v in raw)
@@ -385,13 +387,29 @@ class ClientSession:
         self.write_stats()
         self.say(f"lost the server ({exc}); reconnecting for up to {budget:.0f} s")
         backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
+        refused_since: float | None = None
         while True:
             if self.stop.is_set():
                 raise _Quit
             try:
-                self.r.ping()
+                try:
+                    self.launcher.sr.ping()
+                    refused_since = None
+                except redis.AuthenticationError:
+                    # the server answers but no longer takes this session's credentials: another
+                    # login took the session over (or its access was revoked). A Redis restart
+                    # also refuses them until the central server re-creates the user: wait a bit.
+                    self.r.ping()
+                    refused_since = refused_since or time.monotonic()
+                    if time.monotonic() - refused_since >= CREDENTIALS_REFUSED_FOR:
+                        self.say("the server no longer accepts this session's credentials")
+                        self._seen("closed")
+                        self.close_reason = "taken_over"
+                        raise ClientError("closed", close_message("taken_over")) from None
+                    raise
                 state, reason = (
-                    (v or b"").decode() for v in self.r.hmget(self.keys.session(sid), "state", "close_reason")
+                    (v or b"").decode()
+                    for v in self.launcher.sr.hmget(self.keys.session(sid), "state", "close_reason")
                 )
                 if not state or state == "closed":
                     self.close_reason = reason or "unknown"

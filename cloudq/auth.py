@@ -6,12 +6,14 @@ Only the central server reads password hashes. Tokens are random (256 bits from
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import bcrypt
 import redis
 
+from cloudq import acl
 from cloudq.keys import Keys
 from cloudq.messages import USER_NAME
 from cloudq.settings import Settings
@@ -32,8 +34,14 @@ __all__ = [
 
 MAX_PASSWORD_BYTES = 72  # bcrypt's limit; bcrypt 5 raises beyond it
 DEFAULT_COST = 12
-# compared against when the user does not exist, so both paths cost one bcrypt check
-_DUMMY_HASH = bcrypt.hashpw(b"cloudq-dummy", bcrypt.gensalt(4))
+
+
+@functools.cache
+def dummy_hash(cost: int) -> bytes:
+    """Checked when the user does not exist (or the password cannot be checked), at the same
+    cost as real hashes, so an unknown name answers no faster than a known one. Made once per
+    cost, on first use."""
+    return bcrypt.hashpw(b"cloudq-dummy", bcrypt.gensalt(cost))
 
 
 class AuthError(Exception):
@@ -63,31 +71,57 @@ def check_password(password: str) -> bytes:
 
 
 class Users:
-    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+    """``cost``: the bcrypt cost of new hashes and of the dummy hash for unknown users (keep it
+    equal to the cost the stored hashes were made with: ``--bcrypt-cost``)."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, cost: int = DEFAULT_COST) -> None:
         self.r = r
         self.keys = keys
+        self.cost = cost
 
-    def add(self, name: str, password: str, cost: int = DEFAULT_COST) -> None:
+    def revoke(self, name: str) -> None:
+        """End every grant the user holds: tokens (session and queue) and their Redis users,
+        whose connections are cut. The session itself lapses (heartbeat, grace) and is saved."""
+        h = self.r.hmget(self.keys.user(name), "session", "qtoken")
+        sid, qtoken = ((v or b"").decode() for v in h)
+        if qtoken:
+            self.r.delete(self.keys.token(qtoken))
+        if sid:
+            th = (self.r.hget(self.keys.session(sid), "token") or b"").decode()
+            if th:
+                self.r.delete(self.keys.token(th))
+            self.r.hdel(self.keys.session(sid), "acl")
+        if not acl.supported(self.r):
+            return
+        for user in ([acl.session_acl_user(sid)] if sid else []) + [acl.queue_acl_user(name)]:
+            try:
+                acl.drop_user(self.r, user)
+            except redis.ResponseError as exc:  # e.g. run with a user that may not manage ACLs
+                log.warning("could not delete Redis user %s: %s", user, exc)
+
+    def add(self, name: str, password: str, cost: int | None = None) -> None:
         check_name(name)
-        pw = bcrypt.hashpw(check_password(password), bcrypt.gensalt(cost))
+        pw = bcrypt.hashpw(check_password(password), bcrypt.gensalt(cost or self.cost))
         if not self.r.hsetnx(self.keys.user(name), "hash", pw):
             raise UserExists(f"user {name!r} already exists")
         self.r.hset(self.keys.user(name), mapping={"created": f"{time.time():.3f}", "disabled": "0"})
         self.r.sadd(self.keys.users, name)
 
-    def passwd(self, name: str, password: str, cost: int = DEFAULT_COST) -> None:
+    def passwd(self, name: str, password: str, cost: int | None = None) -> None:
         check_name(name)
-        pw = bcrypt.hashpw(check_password(password), bcrypt.gensalt(cost))
+        pw = bcrypt.hashpw(check_password(password), bcrypt.gensalt(cost or self.cost))
         if not self.r.hexists(self.keys.user(name), "hash"):
             raise NoSuchUser(f"no user {name!r}")
         self.r.hset(self.keys.user(name), "hash", pw)
         self.r.delete(self.keys.user_lock(name), self.keys.user_fails(name))
+        self.revoke(name)
 
     def delete(self, name: str) -> str:
         """Delete the account in one step (``delete_user.lua``): its tokens are revoked and a
         live session closes (its data saved first). Returns that session's id ('' if none)."""
         from cloudq.state import StateMachine
 
+        self.revoke(name)  # tokens and their Redis users first (their connections are cut)
         status, sid = StateMachine(self.r, self.keys).delete_user(name)
         if status == "unknown":
             raise NoSuchUser(f"no user {name!r}")
@@ -112,8 +146,9 @@ class Users:
         """Check credentials; returns "" on success, else a user-facing error code.
 
         Codes: ``invalid`` (unknown user, wrong or over-long password — all alike), ``locked``,
-        and ``disabled`` (only after the right password: it reveals nothing to a guesser). Failures count per user name in a window, existing or not, so
-        the answer never reveals whether a user exists.
+        and ``disabled`` (only after the right password: it reveals nothing to a guesser).
+        Failures count per user name in a window, existing or not, so the answer never reveals
+        whether a user exists.
         """
         if self.r.exists(self.keys.user_lock(name)):
             return "locked"
@@ -121,9 +156,9 @@ class Users:
         disabled = self.r.hget(self.keys.user(name), "disabled") == b"1"
         raw = password.encode()
         try:
-            ok = bcrypt.checkpw(raw, stored or _DUMMY_HASH) and stored is not None
+            ok = bcrypt.checkpw(raw, stored or dummy_hash(self.cost)) and stored is not None
         except ValueError:  # over 72 bytes (bcrypt 5), or a damaged stored hash
-            bcrypt.checkpw(b"x", _DUMMY_HASH)
+            bcrypt.checkpw(b"x", dummy_hash(self.cost))
             ok = False
         if ok:
             self.r.delete(self.keys.user_fails(name))

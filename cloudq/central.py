@@ -6,6 +6,9 @@ Two loops, each on its own thread so a slow bcrypt check never delays a deadline
 - sweeper: claims due deadlines atomically (``sweep.lua``), hands free nodes to waiting
   users (``dispatch.lua``) and enqueues the resulting jobs. It sleeps until the next
   deadline; keyspace notifications only wake it early (they are late and lossy).
+
+With ACLs on (the default where the server has them), every login creates the session's
+Redis user and every way a token stops being valid deletes it (:mod:`cloudq.acl`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections import Counter
 
 import redis
 
-from cloudq import auth, jobs
+from cloudq import acl, auth, jobs
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_request
 from cloudq.retry import Backoff
@@ -46,6 +49,8 @@ class Central:
         name: str | None = None,
         notifications: bool = True,
         consumer_forget: float = CONSUMER_FORGET,
+        use_acl: bool = True,
+        bcrypt_cost: int = auth.DEFAULT_COST,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -54,7 +59,9 @@ class Central:
         self.notifications = notifications
         self.consumer_forget = consumer_forget
         self.sm = StateMachine(r, keys)
-        self.users = auth.Users(r, keys)
+        self.users = auth.Users(r, keys, cost=bcrypt_cost)
+        self.use_acl = use_acl
+        self.acl: acl.SessionUsers | None = None
         self.stop = threading.Event()
         self.wakeup = threading.Event()
         self.counters: Counter[str] = Counter()
@@ -64,6 +71,11 @@ class Central:
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
         self.settings.publish(self.r, self.keys)
+        if self.use_acl and not acl.supported(self.r):
+            log.warning("the Redis server has no ACL command")
+            self.use_acl = False
+        self.acl = acl.SessionUsers(self.r, self.keys, self.settings.token_ttl) if self.use_acl else None
+        acl.announce(self.r, self.keys, self.use_acl)
         try:
             # from the start of the stream: requests sent before the first central server came up count too
             self.r.xgroup_create(self.keys.requests, GROUP, id="0", mkstream=True)
@@ -181,12 +193,17 @@ class Central:
             return Reply(ok=False, status=err, error=msg)
         token = auth.new_token()
         th = auth.hash_token(token)
-        status, sid, node, gen, pos = self.sm.login(req.user, th)
+        pw_hash = acl.session_password_hash(token) if self.acl else ""
+        status, sid, node, gen, pos = self.sm.login(req.user, th, pw_hash)
         self.counters[f"login_{status}"] += 1
+        acl_user = ""
+        if self.acl is not None:
+            # before the reply: the client connects as this user as soon as it has the token
+            acl_user = self.acl.session_user(sid, pw_hash) if sid else self.acl.queue_user(req.user, token)
         if status == "assigned":
             jobs.enqueue_assignment(self.r, self.keys, Assignment(sid, node, gen))
         log.info("login %s: %s %s %s", req.user, status, sid, node)
-        return Reply(ok=True, status=status, token=token, sid=sid, node=node, position=pos)
+        return Reply(ok=True, status=status, token=token, sid=sid, node=node, position=pos, acl_user=acl_user)
 
     def logout(self, req: Request) -> Reply:
         user = auth.token_user(self.r, self.keys, req.token)
@@ -195,10 +212,16 @@ class Central:
         # one atomic step (logout.lua): token revoked, session marked closing (so a login that
         # arrives before the close job runs gets a new session, mounted after this one's final
         # save) with a close deadline that re-issues the job if it is lost; queue place left
-        sid, gen, node = self.sm.logout(user, auth.hash_token(req.token))
+        th = auth.hash_token(req.token)
+        queued = auth.same_token((self.r.hget(self.keys.user(user), "qtoken") or b"").decode(), th)
+        sid, gen, node = self.sm.logout(user, th)
         if sid:
+            if self.acl is not None:
+                self.acl.revoke_session(sid)
             host = (self.r.hget(self.keys.node(node), "host") or b"").decode() if node else ""
             jobs.enqueue(self.r, self.keys, "close", sid, gen, host, "logout")
+        if queued and self.acl is not None:
+            self.acl.drop(acl.queue_acl_user(user))
         return Reply(ok=True, status="logged_out")
 
     # -- deadlines ---------------------------------------------------------------------------
@@ -216,6 +239,12 @@ class Central:
             jobs.enqueue_action(self.r, self.keys, action)
             n += 1
         for a in self.sm.dispatch():
+            if self.acl is not None and a.token_hash:
+                # a queued client got a node: its session user before it reads the notification's sid
+                pw_hash = (self.r.hget(self.keys.session(a.sid), "acl") or b"").decode()
+                if pw_hash:
+                    self.acl.session_user(a.sid, pw_hash, kill=False)
+                self.acl.drop(acl.queue_acl_user(a.user))
             jobs.enqueue_assignment(self.r, self.keys, a)
             n += 1
         return n
@@ -235,13 +264,19 @@ class Central:
         return max(0.0, first[0][1] - (sec + usec / 1e6))
 
     def _sweep_loop(self) -> None:
-        last_abandoned = 0.0
+        last_abandoned = last_reconcile = 0.0
         while not self.stop.is_set():
             self.sweep_once()
+            if self.acl is not None and time.monotonic() - last_reconcile > self.acl.RECONCILE_EVERY:
+                self.acl.reconcile()
+                last_reconcile = time.monotonic()
             if time.monotonic() - last_abandoned > ABANDONED_CHECK_EVERY:
                 jobs.requeue_abandoned(self.r, self.keys)
                 last_abandoned = time.monotonic()
-            self.wakeup.wait(min(self._next_due_in(), MAX_SWEEP_WAIT))
+            wait = min(self._next_due_in(), MAX_SWEEP_WAIT)
+            if self.acl is not None:
+                wait = min(wait, self.acl.RECONCILE_EVERY)
+            self.wakeup.wait(wait)
             self.wakeup.clear()
 
     def _notification_loop(self) -> None:

@@ -58,6 +58,13 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def _warn_if_trusted(r: redis.Redis, keys: Keys, who: str) -> None:
+    from cloudq.acl import warn_if_trusted
+
+    with contextlib.suppress(redis.ConnectionError):  # the process's own loop reports that
+        warn_if_trusted(r, keys, who)
+
+
 def _stop_on_signals(stop: Callable[[], None]) -> None:
     def handler(signum: int, frame: Any) -> None:
         stop()
@@ -87,6 +94,17 @@ def main(verbose: int) -> None:
 
 
 # -- central ---------------------------------------------------------------------------------
+_cost_opt = click.option(
+    "--bcrypt-cost",
+    type=click.IntRange(4, 31),
+    default=12,
+    envvar="CLOUDQ_BCRYPT_COST",
+    show_default=True,
+    show_envvar=True,
+    help="bcrypt cost of password hashes (central: also of the dummy hash checked for unknown users).",
+)
+
+
 def _clock(name: str, default: float, help_: str) -> Callable[[Any], Any]:
     env = "CLOUDQ_" + name.upper().replace("-", "_")
     return click.option(
@@ -173,11 +191,21 @@ def settings_from(kw: dict[str, Any]) -> Settings:
 @prefix_option
 @central_options
 @click.option("--no-notifications", is_flag=True, help="Do not use keyspace notifications at all.")
+@click.option(
+    "--no-acl",
+    is_flag=True,
+    envvar="CLOUDQ_NO_ACL",
+    show_envvar=True,
+    help="Create no per-session Redis users: clients are trusted (logged loudly).",
+)
+@_cost_opt
 @metrics_options
 def central(
     redis_url: str | None,
     prefix: str,
     no_notifications: bool,
+    no_acl: bool,
+    bcrypt_cost: int,
     metrics_port: int,
     metrics_addr: str,
     **kw: Any,
@@ -191,7 +219,14 @@ def central(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     r = _connect(redis_url)
-    c = Central(r, Keys(prefix), settings, notifications=not no_notifications)
+    c = Central(
+        r,
+        Keys(prefix),
+        settings,
+        notifications=not no_notifications,
+        use_acl=not no_acl,
+        bcrypt_cost=bcrypt_cost,
+    )
     _serve_metrics(metrics_port, metrics_addr, CentralMetrics(r, Keys(prefix), c.counters).registry)
     done = threading.Event()
     _stop_on_signals(done.set)
@@ -328,8 +363,9 @@ def node(
             always_encode=always_encode,
         )
         metrics = NodeMetrics(node_id)
+        r = _connect(redis_url)
         n = Node(
-            _connect(redis_url),
+            r,
             Keys(prefix),
             node_id,
             host=host,
@@ -344,6 +380,7 @@ def node(
     _serve_metrics(metrics_port, metrics_addr, metrics.attach(n).registry)
     _stop_on_signals(lambda: (n.stop.set(), n.interrupt()))
     try:
+        _warn_if_trusted(r, Keys(prefix), f"node {node_id}")
         n.run()
     except NodeIdTaken as exc:
         _fail(str(exc), 3)
@@ -412,9 +449,11 @@ def worker(
     ):
         if value is not None:
             os.environ[var] = str(value)
+    r = _connect(redis_url)
+    _warn_if_trusted(r, Keys(prefix), "worker")
     metrics = JobMetrics()
     _serve_metrics(metrics_port, metrics_addr, metrics.registry)
-    run_worker(_connect(redis_url), Keys(prefix), host, name=name, burst=burst, metrics=metrics)
+    run_worker(r, Keys(prefix), host, name=name, burst=burst, metrics=metrics)
 
 
 # -- users -----------------------------------------------------------------------------------
@@ -430,9 +469,6 @@ def user() -> None:
 
 
 _stdin_opt = click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-_cost_opt = click.option(
-    "--bcrypt-cost", type=click.IntRange(4, 31), default=12, envvar="CLOUDQ_BCRYPT_COST", show_default=True
-)
 
 
 @user.command("add")
@@ -826,6 +862,13 @@ def gateway(
     help="Keep everything here (embedded server with AOF everysec, user-data store, workspaces), "
     "so it survives a restart. Without it everything is temporary.",
 )
+@click.option(
+    "--no-acl",
+    is_flag=True,
+    envvar="CLOUDQ_NO_ACL",
+    show_envvar=True,
+    help="Run without Redis ACL users: clients are trusted (logged loudly).",
+)
 @central_options
 def up(
     redis_url: str | None,
@@ -835,6 +878,7 @@ def up(
     app: str,
     duration: float,
     data_dir: str | None,
+    no_acl: bool,
     **kw: Any,
 ) -> None:
     """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
@@ -847,7 +891,14 @@ def up(
     done = threading.Event()
     _stop_on_signals(done.set)
     cluster = Cluster(
-        redis_url, prefix, nodes=nodes, workers=workers, app=app, settings=settings, data_dir=data_dir
+        redis_url,
+        prefix,
+        nodes=nodes,
+        workers=workers,
+        app=app,
+        settings=settings,
+        data_dir=data_dir,
+        use_acl=not no_acl,
     )
     with cluster as cl:
         click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")
@@ -860,9 +911,55 @@ def up(
             )
         click.echo(f"  redis-cli -u {cl.redis_url} keys '{prefix}*'")
         click.echo(f"  CLOUDQ_REDIS_URL={cl.redis_url} cloudq status")
+        if cl.client_url != cl.redis_url:
+            click.echo(f"  clients: CLOUDQ_REDIS_URL={cl.client_url} cloudq connect --user NAME")
         sys.stdout.flush()
         done.wait(duration or None)
         click.echo("stopping ...")
+
+
+# -- ACL ------------------------------------------------------------------------------------
+@main.group("acl")
+def acl_group() -> None:
+    """Redis ACL users (see the Security section of README)."""
+
+
+def _role_password_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    from cloudq.acl import ROLES
+
+    for role in reversed(ROLES):
+        env = f"CLOUDQ_ACL_{role.upper()}_PASSWORD"
+        f = click.option(
+            f"--{role}-password",
+            envvar=env,
+            show_envvar=True,
+            default=None,
+            help=f"Password of the cloudq-{role} user (default: random, printed to stderr).",
+        )(f)
+    return f
+
+
+@acl_group.command("print")
+@prefix_option
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to FILE.")
+@_role_password_options
+def acl_print(prefix: str, out: str | None, **pw: str | None) -> None:
+    """Write the ACL file for this prefix (role users, login user, default user)."""
+    from cloudq.acl import ROLES, Passwords, acl_file
+
+    given = {role: pw.get(f"{role}_password") or "" for role in ROLES}
+    passwords = Passwords(dict(given))
+    text = acl_file(Keys(prefix), passwords)
+    for role in ROLES:
+        if not given[role]:
+            click.echo(f"CLOUDQ_ACL_{role.upper()}_PASSWORD={passwords[role]}", err=True)
+    if out:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        click.echo(f"wrote {out}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 def _register_subcommands() -> None:

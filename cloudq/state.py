@@ -35,6 +35,7 @@ _NAMES = [
     "admin_close",
     "user_disable",
     "app_exit",
+    "request_close",
 ]
 
 NODE_STATES = ("free", "assigned", "active", "sleeping", "closing", "offline")
@@ -84,8 +85,8 @@ class StateMachine:
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](keys=[], args=[self.keys.prefix, *args])
 
-    def login(self, user: str, token_hash: str) -> tuple[str, str, str, int, int]:
-        status, sid, node, gen, pos = self._run("login", user, token_hash)
+    def login(self, user: str, token_hash: str, acl_hash: str = "") -> tuple[str, str, str, int, int]:
+        status, sid, node, gen, pos = self._run("login", user, token_hash, acl_hash)
         return _s(status), _s(sid), _s(node), int(gen), int(pos)
 
     def dispatch(self, limit: int = 100) -> list[Assignment]:
@@ -156,6 +157,9 @@ class StateMachine:
     def app_exit(self, node: str, sid: str, gen: int, reason: str) -> str:
         """The node's app ended on its own: close ``sid`` with ``reason`` (see ``app_exit.lua``)."""
         return _s(self._run("app_exit", node, sid, gen, reason))
+
+    def request_close(self, sid: str, gen: int, reason: str) -> str:
+        return _s(self._run("request_close", sid, gen, reason))
 
     def release(self, sid: str, gen: int) -> str:
         return _s(self._run("release", sid, gen))

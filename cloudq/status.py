@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from cloudq.keys import Keys
+from cloudq.tokens import session_acl_user
 
 
 def _d(h: dict[bytes, bytes], k: str) -> str:
@@ -70,6 +71,8 @@ def gather(r: redis.Redis, keys: Keys) -> dict[str, Any]:
                 "heartbeat_ttl_ms": hb,
                 "activity_ttl_ms": act,
                 "closing": _d(h, "close_reason"),
+                # the Redis user its client holds ("" when ACLs are off or the token was revoked)
+                "acl_user": session_acl_user(s) if _d(h, "acl") else "",
             }
         )
     queue = [u.decode() for u in r.lrange(keys.queue, 0, -1)]

@@ -1,14 +1,23 @@
-"""Everything on one machine: embedded Redis, central, nodes, workers as child processes."""
+"""Everything on one machine: embedded Redis, central, nodes, workers as child processes.
+
+On the embedded server the ACL users of :mod:`cloudq.acl` are created at start (random role
+passwords) and every child connects as its role's user; ``--no-acl`` skips that (clients are
+trusted, and every process says so). ``redis_url`` is then the administrator's URL and
+``client_url`` the public one ``cloudq connect`` uses.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 
 import redis
 
+from cloudq import acl
 from cloudq.embedded import EmbeddedServer
+from cloudq.keys import Keys
 from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
 
@@ -20,6 +29,18 @@ def _clock_args(settings: Settings) -> list[str]:
     for name, value in settings.__dict__.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     return args
+
+
+def setup_acl(url: str, keys: Keys, passwords: acl.Passwords | None = None) -> dict[str, str]:
+    """Create cloudq's ACL users on a fresh server reached as ``default`` at ``url``; returns
+    each role's URL (``admin``, ``central``, ``node``, ``worker``, ``gateway``, ``login``)."""
+    passwords = passwords or acl.Passwords()
+    r = redis.Redis.from_url(url)
+    try:
+        acl.apply_static(r, keys, passwords)
+    finally:
+        r.close()
+    return acl.role_urls(url, passwords)
 
 
 class Cluster:
@@ -36,10 +57,13 @@ class Cluster:
         host: str = "local",
         extra_env: dict[str, str] | None = None,
         data_dir: str | None = None,
+        use_acl: bool = True,
     ) -> None:
         self.server: EmbeddedServer | None = None
         self.data_dir = data_dir
         self.redis_url = redis_url or ""
+        self.client_url = self.redis_url
+        self.use_acl = use_acl
         self.prefix = prefix
         self.n_nodes = nodes
         self.n_workers = workers
@@ -54,16 +78,40 @@ class Cluster:
             self.extra_env.setdefault("CLOUDQ_WORKSPACE", os.path.join(root, "workspace"))
         self.group = ProcessGroup(env=self.extra_env)
 
+    def _passwords(self) -> acl.Passwords:
+        """The role users' passwords: random, and with a data dir kept there (mode 0600), so the
+        URLs stay the same across restarts of ``cloudq up --data-dir``."""
+        if not self.data_dir:
+            return acl.Passwords()
+        path = os.path.join(self.data_dir, "acl-passwords.json")
+        try:
+            with open(path) as fh:
+                return acl.Passwords(dict(json.load(fh)))
+        except (OSError, ValueError, TypeError):
+            pw = acl.Passwords()
+            os.makedirs(self.data_dir, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(pw.given, fh)
+            return pw
+
     def spawn(self, name: str, *args: str) -> None:
         self.group.start(*args, name=name)
 
     def start(self) -> Cluster:
+        central_args: list[str] = []
         if not self.redis_url:
             redis_dir = os.path.join(self.data_dir, "redis") if self.data_dir else None
             self.server = EmbeddedServer(data_dir=redis_dir).start()
-            self.redis_url = self.server.url
+            self.redis_url = self.client_url = self.server.url
+            if self.use_acl:
+                urls = setup_acl(self.server.url, Keys(self.prefix), self._passwords())
+                self.redis_url, self.client_url = urls["admin"], urls["login"]
+                self.group.urls = {"central": urls["central"], "node": urls["node"], "worker": urls["worker"]}
+        if not self.use_acl:
+            central_args.append("--no-acl")
         self.group.redis_url, self.group.prefix = self.redis_url, self.prefix
-        self.spawn("central", "central", *_clock_args(self.settings))
+        self.spawn("central", "central", *central_args, *_clock_args(self.settings))
         # nodes read the published settings: wait for the central server to publish them
         r = redis.Redis.from_url(self.redis_url)
         deadline = time.monotonic() + 15

@@ -40,8 +40,8 @@ class Procs(ProcessGroup):
     """The suite's harness: ``cloudq -v`` children logging into the test's directory, each test
     with its own store and workspaces, and headless clients."""
 
-    def __init__(self, redis_url: str, prefix: str, log_dir: str) -> None:
-        super().__init__(redis_url, prefix, log_dir, global_args=("-v",))
+    def __init__(self, redis_url: str, prefix: str, log_dir: str, urls: dict[str, str] | None = None) -> None:
+        super().__init__(redis_url, prefix, log_dir, global_args=("-v",), urls=urls)
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.log_dir is not None
@@ -50,6 +50,7 @@ class Procs(ProcessGroup):
             CLOUDQ_STORE=os.path.join(self.log_dir, "store"),
             CLOUDQ_WORKSPACE=os.path.join(self.log_dir, "workspace"),
             CLOUDQ_HEADLESS="1",  # `connect` opens no window unless a test asks for one
+            CLOUDQ_BCRYPT_COST="4",  # the tests' users are made at cost 4: so is the dummy hash
         )
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
         env.update(extra)

@@ -134,7 +134,7 @@ def test_a_session_whose_keys_a_restart_lost_is_closed_with_a_reason_and_its_wor
     server = EmbeddedServer().start()  # no persistence: a restart loses every key
     try:
         r = redis.Redis.from_url(server.url, socket_timeout=10)
-        procs.redis_url = server.url
+        procs.redis_url, procs.urls = server.url, {}  # its own server, without cloudq's ACL users
         clocks = dict(heartbeat_interval=0.3, heartbeat_ttl=1.0, node_ttl=1.0, idle_timeout=30, grace=30)
         pool = start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), **clocks)
         _, a, hb = connect(r, keys, "alice")
@@ -610,7 +610,10 @@ def test_half_open_connections_hang_no_server_process(
 ) -> None:
     proxy = SilentProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
     try:
+        port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
         procs.redis_url = f"redis://127.0.0.1:{proxy.port}/0"
+        # every role's connection goes through the proxy too
+        procs.urls = {k: v.replace(f":{port}/", f":{proxy.port}/") for k, v in procs.urls.items()}
         procs.extra_env["CLOUDQ_SOCKET_TIMEOUT"] = "1"
         start_pool(r, keys, procs, 1, "paint", ("--size", SIZE, "--fps", "10"), idle_timeout=30, grace=30)
         proxy.partition()

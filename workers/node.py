@@ -55,6 +55,7 @@ from cloudq.wire import InputEvent
 from cloudq.workers import data
 from cloudq.workers.apps import app_factory
 from cloudq.workers.data import workspace_dir
+from cloudq.workers.guard import InputGuard, InputLimits
 from cloudq.workers.streamer import MediaConfig, MediaObserver, Streamer, default_workspace
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ __all__ = [
     "default_workspace",
 ]
 
-MAX_INPUT_ENTRY = 64 * 1024
+MAX_INPUT_ENTRY = InputLimits.max_entry
+FLOOD_REASON = "input_flood"
 MAX_BLOCK = 5.0
 """Longest single XREAD block of the reader thread (half the socket timeout, if that is shorter).
 Only entries end it early; nothing else depends on it, so a sleeping node wakes this rarely."""
@@ -166,6 +168,7 @@ class NodeSession:
     sleeping: bool = False
     streamer: Streamer | None = None
     ending: bool = False  # its app exited: a close was asked for
+    closing: bool = False  # a close was requested for abuse
 
 
 class Node:
@@ -200,6 +203,7 @@ class Node:
         self.control_id = b"0-0"
         self.stop = threading.Event()
         self.counters: Counter[str] = Counter()
+        self.guard = InputGuard(InputLimits(), self.counters)
         self._refresh = r.register_script(_REFRESH_ALIVE)
         self._next_refresh = 0.0
         self._published: dict[str, int] = {}
@@ -413,6 +417,7 @@ class Node:
         self.session = NodeSession(
             sid, gen, user=user, input_id=last[0][0] if last else b"0-0", streamer=streamer
         )
+        self.guard.reset()
         if self.sm.activate(self.id, sid, gen):
             streamer.wake()
             log.info("node %s: session %s active", self.id, sid)
@@ -531,11 +536,32 @@ class Node:
             self.stop_session("closed", save=True)
             self.r.hset(self.keys.node(self.id), "stopped", f"{c.sid}:{c.gen}")
 
+    def close_for_abuse(self, why: str) -> None:
+        """Ask for the session to be closed (``input_flood``); the sweeper enqueues the close."""
+        if not self.session or self.session.closing:
+            return
+        self.session.closing = True
+        self.counters["input_flood_closes"] += 1
+        res = self.sm.request_close(self.session.sid, self.session.gen, FLOOD_REASON)
+        log.warning("node %s: closing session %s: %s (%s)", self.id, self.session.sid, why, res)
+
+    def check_input_stream(self) -> None:
+        if self.session:
+            why = self.guard.check_stream(self.r, self.keys.input(self.session.sid))
+            if why:
+                self.close_for_abuse(why)
+
     def handle_input(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         size = sum(len(k) + len(v) for k, v in fields.items())
+        dropped = self.guard.admit(size)
+        if dropped:
+            if dropped == "size":
+                self.counters["bad_input"] += 1
+                log.warning("node %s: dropped input entry %s of %d bytes", self.id, entry_id.decode(), size)
+            if self.guard.flooded:
+                self.close_for_abuse(f"{self.guard.drops} input entries over the limits")
+            return
         try:
-            if size > MAX_INPUT_ENTRY:
-                raise BadMedia(f"entry of {size} bytes")
             ev = InputEvent.unpack(fields)
         except BadMedia as exc:
             self.counters["bad_input"] += 1
@@ -605,11 +631,14 @@ class Node:
                 self.check_app()
             if now >= self._next_refresh:
                 self.refresh_liveness()
+                self.check_input_stream()
 
     def handle_batch(self, batch: Batch) -> None:
         control = self.keys.node_control(self.id)
         for stream, entries in batch:
             name = stream.decode()
+            if name != control and len(entries) >= 100:
+                self.check_input_stream()  # a full batch: the client may be flooding
             for entry_id, fields in entries:
                 if name == control:
                     self.control_id = entry_id

@@ -80,7 +80,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -219,6 +219,16 @@ def _redis(url: str, **kw: Any) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=10, **kw)
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` without its user and password (a session user must not inherit the gateway's)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 async def open_session_redis(
     url: str, sid: str, token: str, mode: str = "auto"
 ) -> tuple[aioredis.Redis, str]:
@@ -232,7 +242,10 @@ async def open_session_redis(
     server refuses that user.
     """
     if mode in ("auto", "session"):
-        r = _redis(url, username=session_acl_user(sid), password=session_acl_password(token))
+        # the URL's own credentials would win over these: connect without them
+        r = _redis(
+            _without_credentials(url), username=session_acl_user(sid), password=session_acl_password(token)
+        )
         try:
             await r.ping()
             return r, "session"
@@ -479,6 +492,19 @@ class Socket:
         log.info("ws %s: closing %d (%s)", self.sid or "-", code, reason)
         await self.ws.close(code=code, message=reason.encode()[:120])
 
+    async def why_gone(self) -> str:
+        """Why this socket's session ended for it ('' if it did not, or Redis cannot say)."""
+        try:
+            raw = await self.gw.r.hmget(self.keys.session(self.sid), "state", "close_reason", "token")
+        except RedisError:
+            return ""
+        state, reason, token = ((v or b"").decode() for v in raw)
+        if not state or state == "closed" or reason:
+            return reason or "closed"
+        if token and not same_token(token, hash_token(self.token)):
+            return "taken_over"
+        return ""
+
     async def end_session(self, reason: str) -> None:
         await _send_json(self.ws, {"t": "close", "reason": reason})
         await self.close(CLOSE_SESSION, reason, f"session_{reason.split(':')[0]}")
@@ -540,6 +566,12 @@ class Socket:
             for t in done:
                 exc = t.exception()
                 if isinstance(exc, RedisError):
+                    # the server cuts a session user's connections when its token ends (another
+                    # login took the session over, logout, close): say why, not "unreachable"
+                    gone = await self.why_gone()
+                    if gone:
+                        await self.end_session(gone)
+                        continue
                     log.warning("ws %s: redis: %s", self.sid, exc)
                     await self.close(WSCloseCode.TRY_AGAIN_LATER, "redis unreachable", "redis")
                 elif exc is not None and not isinstance(exc, _Closed | ConnectionResetError):

@@ -207,3 +207,20 @@ def bench_cost(
         _emit(out, result["table"], as_json)
     else:
         _emit(result, result["table"], as_json)
+
+
+@bench.command("security")
+@click.option("--logins", type=click.IntRange(min=4), default=24, show_default=True, help="Logins per run.")
+@click.option(
+    "--users", type=click.IntRange(min=100), default=10_000, show_default=True, help="Session users."
+)
+@json_option
+@write_option
+def bench_security(logins: int, users: int, as_json: bool, write_path: str | None) -> None:
+    """Logins/s with 1 and 2 central replicas (bcrypt 12); session user create/delete; 10k users vs none."""
+    from cloudq.bench.security import run, write_markdown
+
+    result = run(logins=logins, users=users)
+    if write_path:
+        write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)

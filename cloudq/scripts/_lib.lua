@@ -46,12 +46,13 @@ local function set_ttl_key(key, value, seconds)
   end
 end
 
--- Give `node` to `user` as a new session; returns sid, gen.
-local function create_session(user, node, token_hash)
+-- Give `node` to `user` as a new session; returns sid, gen. `acl_hash`: SHA-256 of the session
+-- ACL user's password (kept so the user can be re-created after a Redis restart).
+local function create_session(user, node, token_hash, acl_hash)
   local sid = 's' .. redis.call('INCR', P .. 'seq')
   local s = skey(sid)
   redis.call('HSET', s, 'user', user, 'node', node, 'gen', 1, 'created', string.format('%.3f', NOW),
-    'token', token_hash or '')
+    'token', token_hash or '', 'acl', acl_hash or '')
   session_state(sid, 'starting', 'assigned')
   redis.call('SADD', P .. 'sessions', sid)
   redis.call('HSET', ukey(user), 'session', sid, 'last_node', node)

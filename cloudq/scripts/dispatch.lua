@@ -25,7 +25,8 @@ while n < limit and redis.call('ZCARD', P .. 'pool') > 0 do
     local user = redis.call('LPOP', P .. 'queue')
     if not user then break end
     local th = redis.call('HGET', ukey(user), 'qtoken') or ''
-    redis.call('HDEL', ukey(user), 'qtoken')
+    local acl = redis.call('HGET', ukey(user), 'qacl') or ''
+    redis.call('HDEL', ukey(user), 'qtoken', 'qacl')
     if redis.call('EXISTS', P .. 'queued:' .. user) == 1 and redis.call('EXISTS', P .. 'token:' .. th) == 1 then
       local node = nil
       local last = redis.call('HGET', ukey(user), 'last_node')
@@ -35,7 +36,7 @@ while n < limit and redis.call('ZCARD', P .. 'pool') > 0 do
       else
         node = redis.call('ZPOPMIN', P .. 'pool')[1]
       end
-      local sid2, gen = create_session(user, node, th)
+      local sid2, gen = create_session(user, node, th, acl)
       local nk = P .. 'notify:' .. th
       redis.call('RPUSH', nk, sid2)
       redis.call('PEXPIRE', nk, 60000)

@@ -1,7 +1,7 @@
--- login(P, user, token_hash) -> {status, sid, node, gen, position}
+-- login(P, user, token_hash, acl_hash) -> {status, sid, node, gen, position}
 -- status: 'reconnect' (same session and node, new token), 'assigned' (new session on a free node),
 -- 'moving' (session lost its node and got a new one), 'queued' (position in the FIFO).
-local user, token_hash = ARGV[2], ARGV[3]
+local user, token_hash, acl_hash = ARGV[2], ARGV[3], ARGV[4] or ''
 local token_ttl = setting('token_ttl')
 local function issue_token()
   local k = P .. 'token:' .. token_hash
@@ -18,7 +18,7 @@ if sid and sid ~= '' then
     -- online reconnection: revoke the old token, bump the generation so stale jobs do nothing
     local old = redis.call('HGET', s, 'token')
     if old and old ~= '' then redis.call('DEL', P .. 'token:' .. old) end
-    redis.call('HSET', s, 'token', token_hash)
+    redis.call('HSET', s, 'token', token_hash, 'acl', acl_hash)
     local gen = redis.call('HINCRBY', s, 'gen', 1)
     issue_token()
     local hb_ttl = setting('heartbeat_ttl')
@@ -56,7 +56,7 @@ if pos then
   issue_token()
   local old = redis.call('HGET', ukey(user), 'qtoken')
   if old and old ~= token_hash then redis.call('DEL', P .. 'token:' .. old) end
-  redis.call('HSET', ukey(user), 'qtoken', token_hash)
+  redis.call('HSET', ukey(user), 'qtoken', token_hash, 'qacl', acl_hash)
   return {'queued', '', '', 0, pos + 1}
 end
 
@@ -75,9 +75,9 @@ end
 issue_token()
 if not node then
   redis.call('RPUSH', P .. 'queue', user)
-  redis.call('HSET', ukey(user), 'qtoken', token_hash, 'queued_at', string.format('%.3f', NOW))
+  redis.call('HSET', ukey(user), 'qtoken', token_hash, 'qacl', acl_hash, 'queued_at', string.format('%.3f', NOW))
   event('user:' .. user, '', 'queued', 'no free node')
   return {'queued', '', '', 0, redis.call('LLEN', P .. 'queue')}
 end
-local new_sid, gen = create_session(user, node, token_hash)
+local new_sid, gen = create_session(user, node, token_hash, acl_hash)
 return {'assigned', new_sid, node, gen, 0}

@@ -21,6 +21,6 @@ if sid ~= '' then
 end
 if redis.call('HGET', ukey(user), 'qtoken') == th then
   redis.call('LREM', P .. 'queue', 0, user)
-  redis.call('HDEL', ukey(user), 'qtoken')
+  redis.call('HDEL', ukey(user), 'qtoken', 'qacl')
 end
 return out

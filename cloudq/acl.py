@@ -1,0 +1,449 @@
+"""Who may do what in Redis: every ACL rule cloudq relies on, in one place.
+
+Redis is the only meeting point, so Redis itself enforces the trust boundaries (Redis 7 /
+Valkey ACL users with key patterns ``~``, read-only ``%R~``, write-only ``%W~``, pub/sub
+channels ``&`` and per-selector command sets ``(...)``). ``P`` below is the key prefix
+(default ``cloudq:``); ``K`` is a session's key stem ``P session:{<sid>}``.
+
+Users
+-----
+``default`` (no password) and ``cloudq-login`` (password ``cloudq-login``, public)
+    A client before login. May only ``XADD`` to ``P requests`` (write-only: it cannot read
+    other people's requests, which carry passwords) and ``BLPOP``/``LPOP`` a key matching
+    ``P reply:*``; plus ``PING``. The reply key is ``reply:<request id>``, and the request id
+    is 128 random bits the client draws (:func:`new_request_id`), so nobody else can take a
+    reply. Nothing else: no reads of the request stream, no KEYS/SCAN/CONFIG/FLUSH*/ACL,
+    no pub/sub, no ``rq:*``. A connection without credentials therefore can post a login
+    request and read its own answer, and do nothing else. (It can still fill or trim the
+    request stream: ``proto-max-bulk-len`` bounds an entry, and the central servers delete
+    each entry when they answer it.)
+``cloudq-q-<user>`` (queue user; password derived from the bearer token)
+    A client waiting in the queue: ``SET``/``PEXPIRE`` its ``P queued:<user>`` beat
+    (write-only), ``BLPOP`` its ``P notify:<token hash>``, ``LPOS`` the queue (its position; it
+    can only ask where a given name stands), read ``P settings``. Created by the central server
+    when the login is queued, deleted when a node is assigned, on logout and on token expiry.
+``cloudq-s-<sid>`` (session user; password derived from the bearer token)
+    Exactly what the client's launcher and kernel call: read ``K:video`` (``XREAD``,
+    ``XREVRANGE``, ``XRANGE``), write ``K:input`` (``XADD``, write-only), refresh ``K:hb`` and
+    ``K:act`` (``SET``, ``PEXPIRE``, write-only), read ``K`` and ``P settings`` (``HGET``,
+    ``HMGET``, ``HGETALL``, read-only); plus ``PING``. Nothing else: not another session's
+    keys, no user hash or token key, no ``rq:*``, no pub/sub. Created by the central server on
+    login (``ACL SETUSER ... reset``); the password is ``session_acl_password(token)``
+    (:mod:`cloudq.tokens`), stored in the server only as its SHA-256 (``#<hex>``), so the
+    central server never keeps the token: the session hash keeps that SHA-256 (field ``acl``)
+    so the user can be re-created after a Redis restart. Close, logout, online reconnection
+    (a new token), token expiry, ``cloudq user passwd`` and ``cloudq user del`` delete it (or
+    reset its password) and kill its connections (``CLIENT KILL USER`` + ``ACL DELUSER``).
+``cloudq-central``
+    ``~P*``, ``~rq:*`` (it enqueues jobs and cleans RQ's started registries), the
+    ``__keyevent@*__:expired`` channels, ``+@all -@dangerous`` plus ``ACL SETUSER/DELUSER/
+    USERS/WHOAMI``, ``CLIENT KILL`` and ``INFO``. It creates users, so it is as trusted as an
+    administrator: guard its password like one.
+``cloudq-node``
+    ``~P*``, ``+@all -@dangerous`` plus ``CONFIG GET`` (to check ``hz``), ``ACL WHOAMI``. No
+    ``rq:*`` (a job payload names code that workers run) and no channels.
+``cloudq-worker``
+    ``~P*``, ``~rq:*``, ``&rq:*`` (RQ's worker commands), ``+@all -@dangerous`` plus
+    ``INFO``, ``ACL WHOAMI``.
+``cloudq-gateway``
+    The login user's rights, plus read-only lookups of a cookie's token (token keys, the user's
+    ``session``/``qtoken`` fields, the session's state) and a queued browser's queue beat; for
+    each browser's video, input and heartbeats it talks to Redis as that browser's session user.
+``cloudq-admin``
+    Everything (``~* &* +@all``): the operator's ``cloudq user``, ``status``, ``data`` and
+    ``redis-cli``.
+
+Passwords of the role users come from the environment (``CLOUDQ_ACL_<ROLE>_PASSWORD``) or
+options of ``cloudq acl print``; each process gets its user and password in its
+``CLOUDQ_REDIS_URL`` (``redis://cloudq-node:<password>@host:6379/0``). ACL users are
+server-wide: run one cloudq deployment per Redis server when ACLs are on.
+
+Where the server has no ``ACL`` command, or ``--no-acl`` is given, the central server
+publishes ``acl=0`` in the settings hash and every process logs a warning that clients are
+trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+
+from cloudq.keys import Keys
+from cloudq.tokens import hash_token, session_acl_password, session_acl_user
+
+log = logging.getLogger(__name__)
+
+LOGIN_USER = "cloudq-login"
+LOGIN_PASSWORD = "cloudq-login"  # public on purpose: it can only post a login request
+ROLES = ("admin", "central", "node", "worker", "gateway")
+SESSION_PREFIX = "cloudq-s-"
+QUEUE_PREFIX = "cloudq-q-"
+TRUSTED_WARNING = (
+    "Redis ACLs are OFF: every client holds the full rights of its connection "
+    "(it can read other sessions' video, write their input and enqueue jobs); clients are trusted"
+)
+
+
+def role_user(role: str) -> str:
+    return "cloudq-" + role
+
+
+def queue_acl_user(user: str) -> str:
+    return QUEUE_PREFIX + user
+
+
+def password_hash(password: str) -> str:
+    """What ``ACL SETUSER ... #<hex>`` takes: the SHA-256 of the password, hex."""
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def session_password_hash(token: str) -> str:
+    """The server-side form of a session's ACL password (the token itself is never stored)."""
+    return password_hash(session_acl_password(token))
+
+
+def new_request_id() -> str:
+    """A login/logout request id: 128 random bits, so nobody can guess the reply key."""
+    return secrets.token_hex(16)
+
+
+# -- rules ---------------------------------------------------------------------------------
+def login_rules(keys: Keys) -> list[str]:
+    P = keys.prefix
+    return [
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        "+ping",
+        f"(+xadd %W~{P}requests)",
+        f"(+blpop +lpop ~{P}reply:*)",
+    ]
+
+
+def gateway_rules(keys: Keys) -> list[str]:
+    """The login user's rights, plus what the gateway needs to find the session a browser's
+    cookie stands for (read-only: token keys, the user's ``session``/``qtoken`` fields, the
+    session's state and token hash) and to keep a queued browser's place (its ``queued:`` beat,
+    ``LPOS``, the assignment notification). Video, input and heartbeats go through each
+    session's own user. Known limit: ``HMGET`` on ``user:*`` cannot be narrowed to fields."""
+    P = keys.prefix
+    return [
+        *login_rules(keys),
+        f"(+hgetall %R~{keys.settings})",
+        f"(+get %R~{P}token:*)",
+        f"(+hmget %R~{P}user:* %R~{P}session:*)",
+        f"(+set +del %W~{P}queued:*)",
+        f"(+lpos %R~{keys.queue})",
+        f"(+blpop ~{P}notify:*)",
+    ]
+
+
+def session_rules(keys: Keys, sid: str) -> list[str]:
+    K = keys.session(sid)
+    return [
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        "+ping",
+        f"(+xread +xrevrange +xrange %R~{K}:video)",
+        f"(+xadd %W~{K}:input)",
+        f"(+set +pexpire %W~{K}:hb %W~{K}:act)",
+        f"(+hget +hmget +hgetall %R~{K} %R~{keys.settings})",
+    ]
+
+
+def queue_rules(keys: Keys, user: str, token_hash: str) -> list[str]:
+    return [
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        "+ping",
+        f"(+set +pexpire %W~{keys.queued(user)})",
+        f"(+blpop +lpop ~{keys.notify(token_hash)})",
+        f"(+lpos %R~{keys.queue})",
+        f"(+hget +hmget +hgetall %R~{keys.settings})",
+    ]
+
+
+def role_rules(role: str, keys: Keys) -> list[str]:
+    P = keys.prefix
+    base = ["resetkeys", "resetchannels", "+@all", "-@dangerous", "+acl|whoami"]
+    if role == "admin":
+        return ["resetkeys", "resetchannels", "~*", "&*", "+@all"]
+    if role == "central":
+        return [
+            *base,
+            f"~{P}*",
+            "~rq:*",
+            "&__keyevent@*__:expired",
+            "+acl|setuser",
+            "+acl|deluser",
+            "+acl|users",
+            "+client|kill",
+            "+info",
+            "+config|get",
+        ]
+    if role == "node":
+        return [*base, f"~{P}*", "+config|get"]
+    if role == "worker":
+        return [*base, f"~{P}*", "~rq:*", "&rq:*", "+info"]
+    if role == "gateway":
+        return gateway_rules(keys)
+    raise ValueError(f"unknown role {role!r}")
+
+
+@dataclass
+class Passwords:
+    """The role users' passwords (random where not given)."""
+
+    given: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            if not self.given.get(role):
+                self.given[role] = secrets.token_urlsafe(24)
+
+    def __getitem__(self, role: str) -> str:
+        return self.given[role]
+
+
+def static_users(keys: Keys, passwords: Passwords) -> list[tuple[str, list[str]]]:
+    """(user, rules) for every user that exists independently of sessions; ``default`` last."""
+    users = [
+        (role_user(role), ["on", f"#{password_hash(passwords[role])}", *role_rules(role, keys)])
+        for role in ROLES
+    ]
+    users.append((LOGIN_USER, ["on", f"#{password_hash(LOGIN_PASSWORD)}", *login_rules(keys)]))
+    users.append(("default", ["on", "nopass", *login_rules(keys)]))
+    return users
+
+
+def acl_file(keys: Keys, passwords: Passwords) -> str:
+    """The ACL file an operator deploys (``aclfile`` in the server's config; the format has no
+    comments). Session and queue users are not in it: the central server creates them."""
+    lines = [f"user {name} {' '.join(rules)}" for name, rules in static_users(keys, passwords)]
+    return "\n".join(lines) + "\n"
+
+
+def apply_static(r: redis.Redis, keys: Keys, passwords: Passwords) -> None:
+    """Create the static users on a running server (``default`` last: it loses its rights)."""
+    for name, rules in static_users(keys, passwords):
+        r.execute_command("ACL", "SETUSER", name, "reset", *rules)
+
+
+def with_user(url: str, user: str, password: str) -> str:
+    """``url`` with its user and password replaced."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (
+        f":{parts.port}" if parts.port else ""
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def role_urls(url: str, passwords: Passwords) -> dict[str, str]:
+    """Each role's ``CLOUDQ_REDIS_URL``; ``login`` is the public one clients use."""
+    urls = {role: with_user(url, role_user(role), passwords[role]) for role in ROLES}
+    urls["login"] = with_user(url, LOGIN_USER, LOGIN_PASSWORD)
+    return urls
+
+
+# -- capability and the trusted-clients warning ------------------------------------------------
+def supported(r: redis.Redis) -> bool:
+    """Whether the server has ACLs (``ACL WHOAMI`` answers)."""
+    try:
+        r.execute_command("ACL", "WHOAMI")
+    except redis.ResponseError as exc:
+        return "unknown command" not in str(exc).lower() and "unknown subcommand" not in str(exc).lower()
+    return True
+
+
+def announce(r: redis.Redis, keys: Keys, enabled: bool) -> None:
+    """The central server tells every process whether ACLs are on (settings hash field ``acl``)."""
+    r.hset(keys.settings, "acl", "1" if enabled else "0")
+    if not enabled:
+        log.warning(TRUSTED_WARNING)
+
+
+def warn_if_trusted(r: redis.Redis, keys: Keys, who: str) -> bool:
+    """Log loudly when the deployment runs without ACLs; returns True when it does."""
+    try:
+        flag = r.hget(keys.settings, "acl")
+    except redis.ResponseError:
+        return False  # a restricted user: ACLs are evidently on
+    if flag == b"0":
+        log.warning("%s: %s", who, TRUSTED_WARNING)
+        return True
+    return False
+
+
+# -- session and queue users (the central server) ------------------------------------------
+def _setuser(r: redis.Redis, name: str, pw_hash: str, rules: Iterable[str]) -> None:
+    r.execute_command("ACL", "SETUSER", name, "reset", "on", f"#{pw_hash}", *rules)
+
+
+def drop_user(r: redis.Redis, name: str) -> bool:
+    """Delete an ACL user and cut its connections; False if it did not exist."""
+    try:
+        r.execute_command("CLIENT", "KILL", "USER", name)
+    except redis.ResponseError as exc:
+        if "no such user" in str(exc).lower():
+            return False
+        raise
+    return bool(r.execute_command("ACL", "DELUSER", name))
+
+
+def kill_connections(r: redis.Redis, name: str) -> int:
+    try:
+        return int(r.execute_command("CLIENT", "KILL", "USER", name))
+    except redis.ResponseError:
+        return 0
+
+
+class SessionUsers:
+    """The central server's side of session and queue users.
+
+    Explicit paths (login, reconnection, logout, dispatch) create and delete users at once;
+    :meth:`reconcile` (every ``RECONCILE_EVERY`` s) catches the rest: users of sessions that
+    closed (``CLOSED_KEEP`` s after the close), tokens that expired (sorted set ``acl:expiry``), and users missing after a Redis
+    restart (re-created from the session hash's ``acl`` field).
+    """
+
+    RECONCILE_EVERY = 0.25
+    CLOSED_KEEP = 0.5
+    """A closed session's user lives this long (s) so its client (polling every 0.2 s) reads the
+    close reason; deleted by the next pass after that: within 1 s of the close."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, token_ttl: float) -> None:
+        self.r = r
+        self.keys = keys
+        self.token_ttl = token_ttl
+        self.expiry_key = keys.acl_expiry
+
+    def _expire_at(self, name: str) -> None:
+        if self.token_ttl:
+            sec, usec = self.r.time()
+            self.r.zadd(self.expiry_key, {name: sec + usec / 1e6 + self.token_ttl})
+
+    def session_user(self, sid: str, pw_hash: str, kill: bool = True) -> str:
+        """Create (or reset, with a new password) the session's user; cut old holders."""
+        name = session_acl_user(sid)
+        _setuser(self.r, name, pw_hash, session_rules(self.keys, sid))
+        if kill:
+            kill_connections(self.r, name)  # a previous token's holder (online reconnection)
+        self._expire_at(name)
+        return name
+
+    def queue_user(self, user: str, token: str) -> str:
+        name = queue_acl_user(user)
+        _setuser(self.r, name, session_password_hash(token), queue_rules(self.keys, user, hash_token(token)))
+        kill_connections(self.r, name)
+        self._expire_at(name)
+        return name
+
+    def drop(self, name: str) -> None:
+        drop_user(self.r, name)
+        self.r.zrem(self.expiry_key, name)
+
+    def revoke_session(self, sid: str) -> None:
+        """The session's token is no longer valid: its user goes and is not re-created."""
+        self.r.hdel(self.keys.session(sid), "acl")
+        self.drop(session_acl_user(sid))
+
+    def reconcile(self) -> dict[str, int]:
+        """One pass; returns what it did (counts)."""
+        done = {"expired": 0, "stale": 0, "recreated": 0}
+        sec, usec = self.r.time()
+        for raw in self.r.zrangebyscore(self.expiry_key, "-inf", sec + usec / 1e6, start=0, num=500):
+            name = raw.decode()
+            if not self._token_alive(name):
+                self.drop(name)
+                if name.startswith(SESSION_PREFIX):
+                    self.r.hdel(self.keys.session(name[len(SESSION_PREFIX) :]), "acl")
+                done["expired"] += 1
+            else:
+                self._expire_at(name)
+        now = sec + usec / 1e6
+        present = {u.decode() for u in self.r.execute_command("ACL", "USERS")}
+        live = {s.decode() for s in self.r.smembers(self.keys.sessions)}
+        for name in present:
+            if name.startswith(SESSION_PREFIX) and name[len(SESSION_PREFIX) :] not in live:
+                closed = self.r.hget(self.keys.session(name[len(SESSION_PREFIX) :]), "closed")
+                if closed and now - float(closed) < self.CLOSED_KEEP:
+                    continue  # its client still gets to read why the session ended
+                self.drop(name)
+                done["stale"] += 1
+            elif name.startswith(QUEUE_PREFIX):
+                user = name[len(QUEUE_PREFIX) :]
+                if not self.r.hget(self.keys.user(user), "qtoken"):
+                    self.drop(name)
+                    done["stale"] += 1
+        missing = [sid for sid in live if session_acl_user(sid) not in present]
+        if missing:
+            pipe = self.r.pipeline(transaction=False)
+            for sid in missing:
+                pipe.hmget(self.keys.session(sid), "acl", "state", "close_reason")
+            for sid, (pw_hash, state, _reason) in zip(missing, pipe.execute(), strict=True):
+                if pw_hash and state and state != b"closed":
+                    self.session_user(sid, pw_hash.decode(), kill=False)
+                    done["recreated"] += 1
+        if done["recreated"]:
+            log.warning("re-created %d session ACL users (Redis restarted?)", done["recreated"])
+        return done
+
+    def _token_alive(self, name: str) -> bool:
+        if name.startswith(SESSION_PREFIX):
+            th = self.r.hget(self.keys.session(name[len(SESSION_PREFIX) :]), "token")
+        elif name.startswith(QUEUE_PREFIX):
+            th = self.r.hget(self.keys.user(name[len(QUEUE_PREFIX) :]), "qtoken")
+        else:
+            return True
+        return bool(th) and bool(self.r.exists(self.keys.token(th.decode())))
+
+
+# -- the client's side -------------------------------------------------------------------------
+class Credentials(redis.CredentialProvider):
+    """Credentials that can change under a live client: new connections use the current ones
+    (a client logging in again gets a new token, hence a new session password)."""
+
+    def __init__(self, username: str = "", password: str = "") -> None:
+        self.username = username
+        self.password = password
+
+    def set(self, username: str, password: str) -> None:
+        self.username, self.password = username, password
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        return (self.username, self.password)
+
+
+def as_user(r: redis.Redis, creds: Credentials) -> redis.Redis:
+    """A client for the same server as ``r`` (same options) that authenticates with ``creds``."""
+    pool = r.connection_pool
+    kw = dict(pool.connection_kwargs)
+    for k in ("username", "password", "credential_provider"):
+        kw.pop(k, None)
+    new_pool = redis.ConnectionPool(connection_class=pool.connection_class, credential_provider=creds, **kw)
+    return redis.Redis(connection_pool=new_pool)
+
+
+def wait_authenticated(r: redis.Redis, timeout: float) -> None:
+    """PING until the credentials work (the central server may be creating the user right now)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            r.ping()
+            return
+        except redis.AuthenticationError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)

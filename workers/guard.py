@@ -1,0 +1,83 @@
+"""Input limits: what a node accepts from its session's input stream.
+
+A session's Redis user may XADD to its own input stream and nothing else, but it can still
+write big or many entries. The node, the stream's only reader, bounds that:
+
+- an entry over ``max_entry`` bytes is dropped (counted ``input_dropped_size``);
+- entries beyond a token bucket of ``rate`` per second (``burst`` at once) are dropped
+  (counted ``input_dropped_rate``), so a flood cannot make the app or the encoder work harder;
+- a session that keeps flooding (``flood_drops`` dropped entries), or whose input stream grows
+  past ``max_stream_len`` entries or ``max_stream_bytes`` bytes of server memory, is closed with
+  reason ``input_flood`` (its data is saved as on any close);
+- the node trims the stream to about ``keep`` entries whatever the client asked for.
+
+Every node's guard is independent: one user's flood costs other sessions only the Redis time
+of the flooding connection (and the server-wide limits in README "Security").
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import redis
+
+
+@dataclass
+class InputLimits:
+    max_entry: int = 64 * 1024
+    rate: float = 500.0
+    burst: float = 1000.0
+    flood_drops: int = 2000
+    max_stream_len: int = 5000
+    max_stream_bytes: int = 8 * 1024 * 1024
+    keep: int = 2000
+
+
+class InputGuard:
+    def __init__(self, limits: InputLimits, counters: Counter[str]) -> None:
+        self.limits = limits
+        self.counters = counters
+        self.reset()
+
+    def reset(self) -> None:
+        """A new session: a full bucket and no drops."""
+        self.tokens = self.limits.burst
+        self.last = time.monotonic()
+        self.drops = 0
+
+    def admit(self, size: int) -> str:
+        """``""`` to accept an entry of ``size`` bytes, else why it is dropped (``size``, ``rate``)."""
+        now = time.monotonic()
+        self.tokens = min(self.limits.burst, self.tokens + (now - self.last) * self.limits.rate)
+        self.last = now
+        if size > self.limits.max_entry:
+            why = "size"
+        elif self.tokens < 1:
+            why = "rate"
+        else:
+            self.tokens -= 1
+            return ""
+        self.drops += 1
+        self.counters[f"input_dropped_{why}"] += 1
+        return why
+
+    @property
+    def flooded(self) -> bool:
+        return self.drops >= self.limits.flood_drops
+
+    def check_stream(self, r: redis.Redis, key: str) -> str:
+        """Measure the stream (a reason to close it, or ``""``), then trim it."""
+        pipe = r.pipeline(transaction=False)
+        pipe.xlen(key)
+        pipe.memory_usage(key, samples=5)
+        length, mem = pipe.execute(raise_on_error=False)
+        reason = ""
+        if isinstance(length, int) and length > self.limits.max_stream_len:
+            reason = f"input stream of {length} entries"
+        elif isinstance(mem, int) and mem > self.limits.max_stream_bytes:
+            reason = f"input stream of {mem} bytes"
+        if isinstance(length, int) and length > self.limits.keep:
+            r.xtrim(key, maxlen=self.limits.keep, approximate=True)
+        return reason
