@@ -239,6 +239,15 @@ def connect(
     help="Per-browser Redis connection: the session's ACL user (session), the gateway's own "
     "credentials (gateway), or the session user when the server has it (auto).",
 )
+@click.option(
+    "--metrics-port",
+    envvar="CLOUDQ_METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Serve Prometheus metrics on this port (0 = off).",
+)
+@click.option("--metrics-addr", envvar="CLOUDQ_METRICS_ADDR", default="0.0.0.0", show_default=True)
 def gateway(
     redis_url: str | None,
     prefix: str,
@@ -247,6 +256,8 @@ def gateway(
     allow_origins: tuple[str, ...],
     secure_cookie: bool,
     session_rights: str,
+    metrics_port: int,
+    metrics_addr: str,
 ) -> None:
     """Serve the browser client: login page, video over WebSockets, input back."""
     from cloudq.client.web.server import Config, serve
@@ -261,4 +272,7 @@ def gateway(
         secure_cookie=secure_cookie,
         session_rights=session_rights,
     )
-    serve(cfg, host, port)
+    try:
+        serve(cfg, host, port, metrics_port, metrics_addr)
+    except OSError as exc:
+        _fail(f"cannot serve on {host}:{port} (or metrics on {metrics_addr}:{metrics_port}): {exc}", 1)

@@ -81,3 +81,39 @@ def test_central_node_and_worker_metrics_follow_sessions(r: redis.Redis, keys: K
     assert value(pc, "cloudq_queue_wait_seconds_sum") > 0
     assert value(pc, "cloudq_queue_length") == 0
     assert value(pw, "cloudq_job_duration_seconds_count", kind="close") == 1
+
+
+def test_the_gateway_serves_metrics_that_count_logins_and_sockets(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    import json as _json
+    import urllib.error
+
+    publish(r, keys, **FAST)
+    procs.central(**FAST)
+    port, mport = free_port(), free_port()
+    procs.start(
+        "gateway", "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", str(mport), "--metrics-addr", "127.0.0.1",
+    )  # fmt: skip
+    Users(r, keys).add("alice", "pw", cost=4)
+    wait_for(lambda: _reachable(mport), 20, what="gateway metrics up")
+    assert value(mport, "cloudq_gateway_sockets") == 0
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/login",
+        data=_json.dumps({"user": "alice", "password": "wrong"}).encode(),
+        headers={"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{port}"},
+    )
+    try:
+        urllib.request.urlopen(req, timeout=10)
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 401
+    wait_for(lambda: value(mport, "cloudq_gateway_logins_total", result="invalid") == 1, 5, what="counted")
+
+
+def _reachable(port: int) -> bool:
+    try:
+        scrape(port)
+    except OSError:
+        return False
+    return True

@@ -814,12 +814,17 @@ def create_app(cfg: Config) -> web.Application:
     return app
 
 
-def serve(cfg: Config, host: str, port: int) -> None:
-    """Run the gateway until SIGINT/SIGTERM."""
+def serve(cfg: Config, host: str, port: int, metrics_port: int = 0, metrics_addr: str = "0.0.0.0") -> None:
+    """Run the gateway until SIGINT/SIGTERM (and its Prometheus metrics on ``metrics_port``, 0 = off)."""
+    from cloudq.client.web.metrics import gateway_registry
+    from cloudq.metrics import serve as serve_metrics
+
     log.info("gateway on http://%s:%d (session rights: %s)", host, port, cfg.session_rights)
     access = logging.getLogger("aiohttp.access")
+    app = create_app(cfg)
+    serve_metrics(metrics_port, gateway_registry(app["gateway"]), metrics_addr)
     web.run_app(
-        create_app(cfg),
+        app,
         host=host,
         port=port,
         print=None,
