@@ -173,12 +173,12 @@ class Demo:
         self.cluster = Cluster(
             prefix=PREFIX, nodes=2, workers=1, app="paint", settings=self.settings, data_dir=self.tmp
         )
-        self.cluster.extra_env["CLOUDQ_BCRYPT_COST"] = "4"
+        group = self.cluster.group
+        group.log_dir = os.path.join(self.out, "logs")
+        shutil.rmtree(group.log_dir, ignore_errors=True)
+        group.extra_env["CLOUDQ_BCRYPT_COST"] = "4"
         try:
             self.cluster.start()
-            group = self.cluster.group
-            group.log_dir = os.path.join(self.out, "logs")
-            group.extra_env["CLOUDQ_BCRYPT_COST"] = "4"
             group.urls["connect"] = self.cluster.client_url
             if "gateway" in self.cluster.urls:
                 group.urls["gateway"] = self.cluster.urls["gateway"]
@@ -214,8 +214,8 @@ class Demo:
     def _play(self) -> None:
         d = self.cfg.duration
         t0 = time.monotonic()
-        idle_gap = self.settings.idle_timeout + 4.0  # long enough for the node to fall asleep
-        idler_len = max(8.0 + idle_gap, d / 3)
+        idle_gap = self.settings.idle_timeout + 3.0  # long enough for the node to fall asleep
+        idler_len = max(4.0 + idle_gap, d / 3)
         self._connect("drawer", d - 1, strokes(0, d, 0), os.path.join(self.out, "drawer.mp4"), "1")
         self._connect(
             "idler", idler_len, strokes(0, 2, 3) + strokes(2 + idle_gap, idler_len, 5),
@@ -309,6 +309,7 @@ class Demo:
     def _versions(self, user: str) -> list[dict[str, Any]]:
         res = self.cluster.group.run("data", "ls", "--store", self.store, user, "--json", timeout=30)
         if res.returncode != 0:
+            log.debug("cloudq data ls %s failed: %s", user, res.stderr.strip()[-300:])
             return []
         try:
             return list(json.loads(res.stdout or "[]"))
