@@ -33,12 +33,13 @@ def test_demo_runs_every_step_it_claims_and_exits_0(tmp_path: Path) -> None:
     assert "dropper  waited in the queue:" in summary
     assert "times asleep" in summary and "times woken" in summary
     assert "came back to session" in summary
+    assert "always-encoding node, awake (measured, baseline)" in summary
     assert "CPU saved by sleeping: about" in summary
     for u in ("drawer", "idler", "dropper"):
         assert f"  {u:<8} " in summary.split("saved data versions", 1)[1]
         with av.open(str(out / f"{u}.mp4")) as c:
             assert sum(1 for _ in c.decode(video=0)) >= 1
-    assert "all 14 checks passed" in summary
+    assert "all 15 checks passed" in summary
 
 
 def test_demo_refuses_a_duration_too_short_to_show_anything(tmp_path: Path) -> None:
