@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Any
 
 import click
 
@@ -53,6 +55,14 @@ def demo(duration: float, out: str, host: str, port: int) -> None:
         click.echo(text)
         sys.stdout.flush()
 
-    failed = run_demo(DemoConfig(duration=duration, out=out, host=host, port=port), say)
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: the demo stops what it started
+    try:
+        failed = run_demo(DemoConfig(duration=duration, out=out, host=host, port=port), say)
+    except KeyboardInterrupt:
+        click.echo("cloudq demo: interrupted; everything it started is stopped", err=True)
+        raise SystemExit(130) from None
     if failed:
         raise SystemExit(1)

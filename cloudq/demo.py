@@ -15,9 +15,9 @@ person can join while it runs), then three scripted users, each a real ``cloudq 
 Every second a plain-text table (:mod:`cloudq.status`) and the CPU of each node process
 (``/proc``) are printed. The summary says who waited in the queue and how long, how often nodes
 slept and woke (the ``events`` stream), each user's saved data versions (the store), the MP4s, and
-the node CPU saved by sleeping. That last figure is an estimate from measured numbers: node-seconds
-spent asleep x (CPU/s of a node while its user draws, i.e. encoding every frame tick, as an
-``--always-encode`` node does - minus CPU/s of a sleeping node), both rates measured in this run.
+the node CPU saved by sleeping: node-seconds asleep x (CPU/s of an ``--always-encode`` node with an
+awake session - CPU/s of a sleeping node), both rates measured in this run (the always-encoding
+one on a third node started after the users left, see :meth:`Demo._baseline`).
 
 :func:`run_demo` returns the list of failed checks (empty = every step it claims happened did).
 """
@@ -34,6 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,6 +202,9 @@ class Demo:
             )
             self.say(f"logs: {group.log_dir}")
             self._wait(lambda: self.r.zcard(self.keys.pool) == 2, 60, "both nodes in the pool")
+            self.checks.check(
+                self._wait(lambda: self._page(url), 30, "the gateway's page"), "the gateway served its page"
+            )
             self._play()
             self.checks.check(gw.poll() is None, "the gateway ran for the whole demo")
             self._summary(url)
@@ -210,6 +214,14 @@ class Demo:
             self.cluster.stop()
             shutil.rmtree(self.tmp, ignore_errors=True)
         return self.checks.failed
+
+    @staticmethod
+    def _page(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
 
     def _wait(self, cond: Callable[[], Any], timeout: float, what: str) -> Any:
         end = time.monotonic() + timeout

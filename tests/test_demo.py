@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_demo_runs_every_step_it_claims_and_exits_0(tmp_path: Path) -> None:
         assert f"  {u:<8} " in summary.split("saved data versions", 1)[1]
         with av.open(str(out / f"{u}.mp4")) as c:
             assert sum(1 for _ in c.decode(video=0)) >= 1
-    assert "all 15 checks passed" in summary
+    assert re.search(r"all \d+ checks passed", summary) and "FAIL" not in summary
 
 
 def test_demo_refuses_a_duration_too_short_to_show_anything(tmp_path: Path) -> None:
