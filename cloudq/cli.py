@@ -666,7 +666,9 @@ def _register_subcommands() -> None:
     from cloudq.cli_admin import node_drain, node_undrain, session, user_disable, user_enable
     from cloudq.cli_client import connect, gateway
     from cloudq.cli_data import data
+    from cloudq.cli_demo import demo
 
+    main.add_command(demo)
     main.add_command(connect)
     main.add_command(gateway)
     main.add_command(data)

@@ -6,6 +6,7 @@ every other ``cloudq`` command starts without it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import TYPE_CHECKING, NoReturn
@@ -58,7 +59,7 @@ def data_ls(store: str | None, user: str, as_json: bool) -> None:
     except _store_errors() as exc:
         _fail(str(exc))
     if as_json:
-        click.echo(json.dumps([v.__dict__ for v in versions], default=str))
+        click.echo(json.dumps([dataclasses.asdict(v) for v in versions], default=str))
         return
     if not versions:
         click.echo(f"no saved data for {user}")

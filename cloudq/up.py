@@ -63,6 +63,8 @@ class Cluster:
         self.data_dir = data_dir
         self.redis_url = redis_url or ""
         self.client_url = self.redis_url
+        self.urls: dict[str, str] = {}
+        """Each role's URL (``cloudq.acl.role_urls``) when this cluster created the ACL users."""
         self.use_acl = use_acl
         self.prefix = prefix
         self.n_nodes = nodes
@@ -105,7 +107,7 @@ class Cluster:
             self.server = EmbeddedServer(data_dir=redis_dir).start()
             self.redis_url = self.client_url = self.server.url
             if self.use_acl:
-                urls = setup_acl(self.server.url, Keys(self.prefix), self._passwords())
+                urls = self.urls = setup_acl(self.server.url, Keys(self.prefix), self._passwords())
                 self.redis_url, self.client_url = urls["admin"], urls["login"]
                 self.group.urls = {"central": urls["central"], "node": urls["node"], "worker": urls["worker"]}
         if not self.use_acl:

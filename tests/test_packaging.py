@@ -20,7 +20,7 @@ def test_readme_key_table_is_the_one_keys_py_generates() -> None:
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme_cmds = (ROOT / "README.md").read_text().split("```")[1].strip().splitlines()
-    assert len(readme_cmds) == 2 and "cloudq up" in readme_cmds[0]
+    assert len(readme_cmds) == 2 and "cloudq demo" in readme_cmds[0]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_cmds[1] in ci
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -174,6 +175,9 @@ def test_cli_lists_shows_and_restores_versions(procs: Procs, tmp_path: Path) -> 
     _save_versions(store, tmp_path, "alice", [10, 20, 30])
     out = procs.run("data", "ls", "alice", "--store", str(root))
     assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 3
+    out = procs.run("data", "ls", "alice", "--store", str(root), "--json")
+    assert out.returncode == 0, out.stderr
+    assert [v["version"] for v in json.loads(out.stdout)] == [1, 2, 3]
     out = procs.run("data", "show", "alice", "1", "--store", str(root))
     assert out.returncode == 0 and "canvas.npy" in out.stdout
     out = procs.run("data", "restore", "alice", "1", "--store", str(root))
