@@ -22,6 +22,7 @@ import pytest
 import redis
 from helpers import Procs, node_state, session_field, start_pool, wait_for
 
+from cloudq.bench.x11 import tree_cpu_s
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.client.sinks import CallbackSink
@@ -144,26 +145,7 @@ def test_xterm_typing_saves_a_file_that_a_second_session_on_another_node_finds(
 
 def cpu_ns(pid: int) -> int:
     """CPU time (ns, scheduler accounting) of ``pid``, its threads and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, ()))
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
-        except (OSError, ValueError):
-            continue
-    return total
+    return round(tree_cpu_s(pid) * 1e9)
 
 
 def proc_state(parent: int, comm: str) -> str:
