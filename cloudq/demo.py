@@ -42,7 +42,7 @@ from typing import Any
 import redis
 
 from cloudq.auth import Users
-from cloudq.bench.population import tree_cpu
+from cloudq.bench.procstat import tree_cpu
 from cloudq.keys import Keys
 from cloudq.procs import ProcessGroup, cloudq_command
 from cloudq.settings import Settings

@@ -11,7 +11,9 @@ import pytest
 import redis
 from helpers import Procs
 
-from cloudq.bench.population import Habits, Mode, PopulationConfig, run_population, tree_cpu
+from cloudq.bench import nodecost
+from cloudq.bench.population import Habits, Mode, PopulationConfig, run_population
+from cloudq.bench.procstat import tree_cpu
 from cloudq.keys import Keys
 from cloudq.wire import VideoPacket
 from cloudq.workers.apps import PaintApp
@@ -109,7 +111,27 @@ def test_bench_cost_refuses_bad_options_with_a_clear_message(procs: Procs) -> No
         "--activity",
         "--seed",
         "--time-scale",
+        "--state-seconds",
         "--json",
         "--write",
     ):
         assert opt in out.stdout
+
+
+@pytest.mark.timeout(90)
+def test_node_states_show_what_the_method_saves_and_where_it_cannot() -> None:
+    x = nodecost.measure(PopulationConfig(), seconds=2.0)
+    assert list(x["on"]) == ["free", "awake idle", "drawing", "asleep"]
+    assert list(x["off"]) == ["free", "awake idle", "drawing"]
+    on, off = x["on"], x["off"]
+    for states in (on, off):
+        for cpu in states.values():
+            assert set(cpu) == {"valkey", "central", "worker", "node"} and all(v >= 0 for v in cpu.values())
+    # paint idle encodes nothing; an always-encoding node encodes 30 frames a second of it
+    assert off["awake idle"]["node"] > 2 * on["awake idle"]["node"]
+    # asleep, the node only refreshes its liveness; drawing, it renders and encodes
+    assert on["asleep"]["node"] < on["drawing"]["node"] / 5
+    # the ceiling is the ratio of those figures, and lower activity raises it
+    assert nodecost.ceiling(x, 0.1) > nodecost.ceiling(x, 0.3) > 1.0
+    a3 = nodecost.break_even(x, 3.0)
+    assert nodecost.ceiling(x, a3) == pytest.approx(3.0)

@@ -22,7 +22,7 @@ import pytest
 import redis
 from helpers import Procs, node_state, session_field, start_pool, wait_for
 
-from cloudq.bench.x11 import tree_cpu_s
+from cloudq.bench.procstat import tree_cpu
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.client.sinks import CallbackSink
@@ -145,7 +145,7 @@ def test_xterm_typing_saves_a_file_that_a_second_session_on_another_node_finds(
 
 def cpu_ns(pid: int) -> int:
     """CPU time (ns, scheduler accounting) of ``pid``, its threads and all its descendants."""
-    return round(tree_cpu_s(pid) * 1e9)
+    return round(tree_cpu(pid) * 1e9)
 
 
 def proc_state(parent: int, comm: str) -> str:

@@ -172,6 +172,13 @@ def bench_browser(as_json: bool, write_path: str | None, samples: int, blocks: i
     show_default=True,
     help="Human times (idle gaps, visits, idle/grace clocks) are divided by this.",
 )
+@click.option(
+    "--state-seconds",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds one node is held in each state for the per-state table (0 = skip it).",
+)
 @json_option
 @write_option
 def bench_cost(
@@ -181,6 +188,7 @@ def bench_cost(
     activity: float,
     seed: int,
     time_scale: float,
+    state_seconds: float,
     as_json: bool,
     write_path: str | None,
 ) -> None:
@@ -197,7 +205,7 @@ def bench_cost(
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.UsageError("--write draws a plot: pip install 'cloudq[bench]' (matplotlib)") from None
-    result = cost.run(cost.config(users, nodes, duration, activity, seed, time_scale))
+    result = cost.run(cost.config(users, nodes, duration, activity, seed, time_scale), state_seconds)
     if write_path:
         cost.write_markdown(result, write_path)
     if as_json:

@@ -45,6 +45,7 @@ from typing import Any
 import redis
 
 from cloudq.auth import Users
+from cloudq.bench.procstat import children_map, own_cpu, peak_rss_mib, tree_cpu
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import ClientError, Launcher, Ticket
 from cloudq.client.sinks import CallbackSink, Sink
@@ -55,63 +56,12 @@ from cloudq.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PREFIX = "cqp:"
 PASSWORD = "population-pw"
 STARTUP_TIMEOUT = 60.0
 FIRST_FRAME_TIMEOUT = 15.0
 POLL = 0.25
 """How often an idle client looks at its session's state (as ``ClientSession`` does)."""
-
-
-# -- /proc -------------------------------------------------------------------------------------
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (st := _stat(int(name))) is not None:
-            kids.setdefault(int(st[1]), []).append(int(name))
-    return kids
-
-
-def tree_cpu(pid: int, kids: dict[int, list[int]] | None = None) -> float:
-    """CPU seconds of a process and everything it started: its own utime + stime, its reaped
-    children's (cutime + cstime) and those of its live descendants. Monotonic while it runs."""
-    kids = _children_map() if kids is None else kids
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        st = _stat(p)
-        if st is None:
-            continue
-        total += sum(int(v) for v in st[11:15]) / CLK_TCK
-        todo.extend(kids.get(p, []))
-    return total
-
-
-def own_cpu() -> float:
-    """This process's CPU seconds (every thread), without its children."""
-    st = _stat(os.getpid())
-    return (int(st[11]) + int(st[12])) / CLK_TCK if st else 0.0
-
-
-def peak_rss_mib(pid: int) -> float:
-    """``VmHWM`` (peak resident set) of a live process, MiB."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 # -- what a run is -----------------------------------------------------------------------------
@@ -221,6 +171,36 @@ class PopulationConfig:
             raise ValueError("users and nodes must be at least 1")
         if self.duration <= 0 or self.time_scale <= 0:
             raise ValueError("duration and time_scale must be positive")
+
+
+def strokes(
+    send: Callable[..., None],
+    size: tuple[int, int],
+    pen: random.Random,
+    seconds: float,
+    input_hz: float,
+    stop: threading.Event,
+    going: Callable[[], bool] = lambda: True,
+) -> None:
+    """A hand drawing in ``paint`` for ``seconds``: mouse strokes (down, moves at ``input_hz``,
+    up), a colour key now and then; ``send(type, **fields)`` delivers each event."""
+    w, h = size
+    end = time.monotonic() + seconds
+    period = 1.0 / input_hz
+    while time.monotonic() < end and not stop.is_set() and going():
+        x, y = pen.uniform(0, w), pen.uniform(0, h)
+        ang, speed = pen.uniform(0, 2 * math.pi), pen.uniform(60, 240)  # px/s
+        stroke_end = min(end, time.monotonic() + pen.uniform(0.3, 1.2))
+        if pen.random() < 0.2:
+            send("key", key=pen.choice("12345678"))
+        send("mouse_down", x=int(x), y=int(y))
+        while time.monotonic() < stroke_end and not stop.is_set():
+            ang += pen.uniform(-0.4, 0.4)
+            x = min(max(0.0, x + math.cos(ang) * speed * period), w - 1)
+            y = min(max(0.0, y + math.sin(ang) * speed * period), h - 1)
+            send("mouse_move", x=int(x), y=int(y))
+            stop.wait(period)
+        send("mouse_up", x=int(x), y=int(y))
 
 
 # -- one simulated user ------------------------------------------------------------------------
@@ -365,25 +345,17 @@ class SimUser(threading.Thread):
         self.ticket = None
 
     def _burst(self, seconds: float) -> None:
-        """Mouse strokes (down, moves at ``input_hz``, up), a colour key now and then."""
-        w, h = self.cfg.size
-        end = min(time.monotonic() + seconds, self.t_end)
-        period = 1.0 / self.habits.input_hz
         t0 = time.monotonic()
-        while time.monotonic() < end and not self.stop.is_set() and self.kernel is not None:
-            x, y = self.pen.uniform(0, w), self.pen.uniform(0, h)
-            ang, speed = self.pen.uniform(0, 2 * math.pi), self.pen.uniform(60, 240)  # px/s
-            stroke_end = min(end, time.monotonic() + self.pen.uniform(0.3, 1.2))
-            if self.pen.random() < 0.2:
-                self._send("key", key=self.pen.choice("12345678"))
-            self._send("mouse_down", x=int(x), y=int(y))
-            while time.monotonic() < stroke_end and not self.stop.is_set():
-                ang += self.pen.uniform(-0.4, 0.4)
-                x = min(max(0.0, x + math.cos(ang) * speed * period), w - 1)
-                y = min(max(0.0, y + math.sin(ang) * speed * period), h - 1)
-                self._send("mouse_move", x=int(x), y=int(y))
-                self.stop.wait(period)
-            self._send("mouse_up", x=int(x), y=int(y))
+        going = lambda: self.kernel is not None  # noqa: E731
+        strokes(
+            self._send,
+            self.cfg.size,
+            self.pen,
+            min(seconds, self._left()),
+            self.habits.input_hz,
+            self.stop,
+            going,
+        )
         self.rec.input_s += time.monotonic() - t0
 
     def _send(self, type: str, **kw: object) -> None:
@@ -418,8 +390,11 @@ class SimUser(threading.Thread):
 
     def _live(self) -> None:
         h, s, rng = self.habits, self.scale, self.rng
-        # the run starts mid-day, not at opening time: first arrivals are spread over a mean time away
-        if not self._pause(rng.uniform(0, h.away / s)):
+        # the run starts mid-day in the steady state, not at opening time: a user is in a visit
+        # with the probability a visit has in the day (and starts it now), else away for a
+        # residual time away (exponential, so the residual has the same law). Arrivals spread
+        # uniformly over one mean time away instead would pile up in the first minute.
+        if rng.random() >= h.visit / (h.visit + h.away) and not self._pause(rng.expovariate(1 / h.away) / s):
             return
         while self._left() > 0 and not self.stop.is_set():
             visit = max(h.min_visit, rng.expovariate(1 / h.visit)) / s
@@ -516,7 +491,7 @@ class Rig:
         return pids
 
     def cpu(self) -> dict[str, float]:
-        kids = _children_map()
+        kids = children_map()
         out = {role: tree_cpu(pid, kids) for role, pid in self.roles().items()}
         out["clients"] = own_cpu()
         return out

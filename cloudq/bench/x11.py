@@ -25,6 +25,7 @@ import av
 import numpy as np
 
 from cloudq.bench.media import Rig, _pct, _wait, keep_active
+from cloudq.bench.procstat import tree_cpu
 from cloudq.bench.report import machine, write_section
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
@@ -40,30 +41,6 @@ PROBE_CMD = [sys.executable, "-m", "cloudq.workers.apps.x11probe"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OPEN: set[ProbeSession] = set()
 """Sessions whose kernel runs (closed on the way out, even after a failure)."""
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (scheduler accounting, ns resolution) of ``pid``, its threads and descendants."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, ()))
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
-        except (OSError, ValueError):
-            continue
-    return total / 1e9
 
 
 def measure_floor(samples: int) -> dict[str, Any]:
@@ -190,14 +167,14 @@ def cpu_windows(rig: Rig, freeze: bool, seconds: float) -> dict[str, float]:
     s = ProbeSession(rig)
     try:
         _wait(lambda: s.mark_active() and s.frames > 0, 30, "first frame")
-        c0, t0 = tree_cpu_s(node.pid), time.monotonic()
+        c0, t0 = tree_cpu(node.pid), time.monotonic()
         keep_active(s, seconds)  # type: ignore[arg-type]
-        awake = (tree_cpu_s(node.pid) - c0) / (time.monotonic() - t0)
+        awake = (tree_cpu(node.pid) - c0) / (time.monotonic() - t0)
         _wait(lambda: s.node_state() == "sleeping", 15, "node asleep")
         time.sleep(0.5)
-        c0, t0 = tree_cpu_s(node.pid), time.monotonic()
+        c0, t0 = tree_cpu(node.pid), time.monotonic()
         time.sleep(seconds)
-        asleep = (tree_cpu_s(node.pid) - c0) / (time.monotonic() - t0)
+        asleep = (tree_cpu(node.pid) - c0) / (time.monotonic() - t0)
     finally:
         s.close()
         rig.stop(node)
