@@ -206,6 +206,12 @@ class H264Encoder:
                     # keyframes are placed from Python (pts-timed), not by frame count or scene cuts
                     "keyint=infinite",
                     "scenecut=0",
+                    # say what to_video_frame produced (BT.601, limited range): without these tags a
+                    # decoder guesses from the size, and browsers take an HD picture for BT.709
+                    "colormatrix=smpte170m",
+                    "colorprim=smpte170m",
+                    "transfer=smpte170m",
+                    "range=tv",
                     f"vbv-maxrate={kbps}",
                     f"vbv-bufsize={kbps}",
                 ]

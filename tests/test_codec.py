@@ -172,3 +172,17 @@ def test_720p_probe_round_trip_and_latency_floor():
     assert result["keyframes"] >= 1
     assert 0 < result["total_p50_ms"] <= result["total_p99_ms"] <= result["total_max_ms"]
     assert result["total_p50_ms"] < 100  # generous: shared CI hosts
+
+
+def test_the_stream_says_it_is_bt601_limited_range_at_every_size():
+    # a decoder that has to guess takes an HD picture for BT.709 and shifts every colour
+    for w, h in ((W, H), (1280, 720)):
+        enc, dec = H264Encoder(w, h, FPS), H264Decoder()
+        red = np.zeros((h, w, 3), np.uint8)
+        red[..., 0] = 200
+        (packet,) = enc.encode(red, 0)
+        (frame,) = dec.decode(packet.data, packet.pts)
+        assert (frame.colorspace, frame.color_range) == (6, 1), (w, h)  # AVCOL_SPC_SMPTE170M, MPEG range
+        rgb = dec.to_rgb(frame)
+        assert np.abs(rgb[h // 2, w // 2].astype(int) - (200, 0, 0)).max() <= 6, (w, h)
+        enc.close()

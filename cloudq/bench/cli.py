@@ -140,6 +140,16 @@ def bench_browser(as_json: bool, write_path: str | None, samples: int, blocks: i
     _emit(result, result["table"], as_json)
 
 
+def _activities(value: str) -> list[float]:
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma list of numbers") from None
+    if not out or not all(0 < a < 1 for a in out):
+        raise click.BadParameter(f"{value!r}: every activity must be between 0 and 1 (exclusive)")
+    return out
+
+
 @bench.command("cost")
 @click.option(
     "--users", envvar="CLOUDQ_BENCH_USERS", type=click.IntRange(min=1), default=8, show_default=True
@@ -158,10 +168,10 @@ def bench_browser(as_json: bool, write_path: str | None, samples: int, blocks: i
 @click.option(
     "--activity",
     envvar="CLOUDQ_BENCH_ACTIVITY",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.3,
+    default="0.3",
     show_default=True,
-    help="Share of a visit the users give input.",
+    callback=lambda _ctx, _param, v: _activities(v),
+    help="Share of a visit the users give input; a comma list runs each (the first is the headline).",
 )
 @click.option("--seed", envvar="CLOUDQ_BENCH_SEED", type=int, default=1, show_default=True)
 @click.option(
@@ -185,7 +195,7 @@ def bench_cost(
     users: int,
     nodes: int,
     duration: float,
-    activity: float,
+    activity: list[float],
     seed: int,
     time_scale: float,
     state_seconds: float,
@@ -205,9 +215,16 @@ def bench_cost(
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.UsageError("--write draws a plot: pip install 'cloudq[bench]' (matplotlib)") from None
-    result = cost.run(cost.config(users, nodes, duration, activity, seed, time_scale), state_seconds)
+    result, *others = (
+        cost.run(cost.config(users, nodes, duration, a, seed, time_scale), state_seconds) for a in activity
+    )
+    if others:
+        result["by_activity"] = [
+            {k: v for k, v in x.items() if k not in ("on", "off", "table")} for x in others
+        ]
+        result["table"] += "\n\n" + cost.by_activity([result, *others])
     if write_path:
-        cost.write_markdown(result, write_path)
+        cost.write_markdown(result, write_path, others=others)
     if as_json:
         out = {k: v for k, v in result.items() if k not in ("on", "off")}
         out["on"] = {k: v for k, v in result["on"].items() if k != "timeline"}

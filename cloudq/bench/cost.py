@@ -186,9 +186,42 @@ def plot(x: dict[str, Any], path: str | Path) -> Path:
     return p
 
 
-def write_markdown(x: dict[str, Any], path: str, draw: bool = True) -> None:
+def by_activity(results: list[dict[str, Any]]) -> str:
+    """Several invocations' headline figures side by side, one row per activity."""
+    lines = [
+        "| activity (measured) | server CPU off / on | nodes alone off / on | ceiling (drawing only) "
+        "| Valkey + central + worker, share of server CPU with the method | node-time asleep |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for x in results:
+        on = x["on"]
+        node = _role_ratio(x, "node")
+        lines.append(
+            f"| {100 * on['activity_measured']:.0f} % | {_f(x['cpu_ratio'], '.2f')}x | {_f(node, '.2f')}x "
+            f"| {_f(x.get('cpu_ratio_ceiling') or math.nan, '.2f')}x | {100 * _control_share(on):.0f} % "
+            f"| {100 * on['sleep_share']:.0f} % |"
+        )
+    return "\n".join(lines)
+
+
+def _role_ratio(x: dict[str, Any], role: str) -> float:
+    on, off = x["on"], x["off"]
+    if not (on["cpu_by_role"][role] and on["user_hours"] and off["user_hours"]):
+        return math.nan
+    return (off["cpu_by_role"][role] / off["user_hours"]) / (on["cpu_by_role"][role] / on["user_hours"])
+
+
+def _control_share(m: dict[str, Any]) -> float:
+    r = m["cpu_by_role"]
+    return (r["valkey"] + r["central"] + r["worker"]) / m["server_cpu_s"] if m["server_cpu_s"] else math.nan
+
+
+def write_markdown(
+    x: dict[str, Any], path: str, draw: bool = True, others: list[dict[str, Any]] | None = None
+) -> None:
     """The table into ``path``'s section and the plot next to it (``docs/bench-cost.png``;
-    ``draw=False`` keeps the plot already there, e.g. rewriting the text of a saved result)."""
+    ``draw=False`` keeps the plot already there, e.g. rewriting the text of a saved result);
+    ``others``: further invocations at other activities, compared in one more table."""
     if draw:
         plot(x, Path(os.path.dirname(os.path.abspath(path))) / PLOT)
     c = x["on"]["config"]
@@ -196,17 +229,8 @@ def write_markdown(x: dict[str, Any], path: str, draw: bool = True) -> None:
     s = x["on"]["settings"]
     t = x["targets_met"]
     on, off = x["on"], x["off"]
-    node_ratio = (
-        (off["cpu_by_role"]["node"] / off["user_hours"]) / (on["cpu_by_role"]["node"] / on["user_hours"])
-        if on["cpu_by_role"]["node"] and on["user_hours"] and off["user_hours"]
-        else math.nan
-    )
-
-    def fixed(m: dict[str, Any]) -> float:
-        r = m["cpu_by_role"]
-        return (
-            (r["valkey"] + r["central"] + r["worker"]) / m["server_cpu_s"] if m["server_cpu_s"] else math.nan
-        )
+    node_ratio = _role_ratio(x, "node")
+    fixed = _control_share
 
     body = f"""The same simulated population runs twice against real processes (embedded Valkey,
 central server, RQ worker, {c["nodes"]} `cloudq node` processes with `{c["app"]}` at
@@ -254,13 +278,14 @@ method and {100 * fixed(off):.0f} % without. The queue wait percentiles come fro
 Time scaling makes the method look worse than it is: what it costs per event (a save job forked
 by the worker on every sleep, waking with a keyframe, closing and mounting) comes {c["time_scale"]:g}x
 more often per real hour than with real people, while encoding costs the same per second.
-{states_text(x)}
+{states_text(x)}{others_text(x, others or [])}
 
 ![CPU per user-hour and node states, method on and off]({PLOT})
 
 Machine: {x["machine"]}; shared with other work, so compare the ratio, not the absolute seconds.
-Rerun: `pip install '.[bench]' && cloudq bench cost --write BENCHMARKS.md` (options: `--users`,
-`--nodes`, `--duration`, `--activity`, `--seed`, `--time-scale`, `--json`)."""
+Rerun: `pip install '.[bench]' && cloudq bench cost --activity {",".join(_act(m) for m in [x, *(others or [])])} --write BENCHMARKS.md`
+(the first activity is the headline and the plot; options: `--users`, `--nodes`, `--duration`,
+`--activity`, `--seed`, `--time-scale`, `--state-seconds`, `--json`)."""
     write_section(SECTION, body, path)
 
 
@@ -287,6 +312,26 @@ nodes and the control plane cost nothing at all, is
 (a·{d_off:.1f} + (1 - a)·{s_off:.1f}) / (a·{d_on:.1f}) = **{_f(x["cpu_ratio_ceiling"], ".2f")}x**; a 3x ratio
 is within reach only below {_f(100 * (x["activity_for_3x"] or math.nan), ".0f")} % activity. The measured
 ratio is what is left of that ceiling after the real costs of those parts.
+"""
+
+
+def _act(x: dict[str, Any]) -> str:
+    return format(x["on"]["config"]["habits"]["activity"], "g")
+
+
+def others_text(x: dict[str, Any], others: list[dict[str, Any]]) -> str:
+    if not others:
+        return ""
+    return f"""
+At other activities (same users, seed and clocks; each activity its own two runs and
+its own per-state table):
+
+{by_activity([x, *others])}
+
+The less the users give input, the more the nodes save, and the more of what is left is the
+control plane: Valkey and the central server cost about the same whatever the users do, and the
+worker forks a save job on every sleep, which time scaling makes {x["on"]["config"]["time_scale"]:g}x
+more frequent than with real people.
 """
 
 
