@@ -13,6 +13,7 @@ from cloudq.cli_common import (
     _fail,
     _read_password,
     _stop_on_signals,
+    gateway_listen_options,
     prefix_option,
     redis_url_option,
 )
@@ -197,21 +198,8 @@ def connect(
 @click.command()
 @redis_url_option
 @prefix_option
-@click.option(
-    "--host",
-    envvar="CLOUDQ_GATEWAY_HOST",
-    default="127.0.0.1",
-    show_default=True,
-    show_envvar=True,
-    help="Listen on this address (put a TLS reverse proxy in front for anything but localhost).",
-)
-@click.option(
-    "--port",
-    envvar="CLOUDQ_GATEWAY_PORT",
-    type=click.IntRange(0, 65535),
-    default=8080,
-    show_default=True,
-    show_envvar=True,
+@gateway_listen_options(
+    "Listen on this address (put a TLS reverse proxy in front for anything but localhost)."
 )
 @click.option(
     "--allow-origin",

@@ -83,3 +83,28 @@ def _read_password(stdin: bool, confirm: bool = True) -> str:
     if stdin:
         return sys.stdin.readline().rstrip("\r\n")
     return click.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+
+
+def gateway_listen_options(host_help: str, port_help: str | None = None) -> Callable[[Any], Any]:
+    """``--host`` and ``--port`` of the browser gateway (``cloudq gateway``, ``cloudq demo``)."""
+
+    def deco(f: Any) -> Any:
+        f = click.option(
+            "--port",
+            envvar="CLOUDQ_GATEWAY_PORT",
+            type=click.IntRange(0, 65535),
+            default=8080,
+            show_default=True,
+            show_envvar=True,
+            help=port_help,
+        )(f)
+        return click.option(
+            "--host",
+            envvar="CLOUDQ_GATEWAY_HOST",
+            default="127.0.0.1",
+            show_default=True,
+            show_envvar=True,
+            help=host_help,
+        )(f)
+
+    return deco

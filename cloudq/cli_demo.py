@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from cloudq.cli_common import gateway_listen_options
+
 
 @click.command()
 @click.option(
@@ -28,23 +30,7 @@ import click
     show_envvar=True,
     help="Directory for the MP4 per user and the processes' logs.",
 )
-@click.option(
-    "--host",
-    envvar="CLOUDQ_GATEWAY_HOST",
-    default="127.0.0.1",
-    show_default=True,
-    show_envvar=True,
-    help="The gateway listens on this address.",
-)
-@click.option(
-    "--port",
-    envvar="CLOUDQ_GATEWAY_PORT",
-    type=click.IntRange(0, 65535),
-    default=8080,
-    show_default=True,
-    show_envvar=True,
-    help="The gateway's port (0 = any free port).",
-)
+@gateway_listen_options("The gateway listens on this address.", "The gateway's port (0 = any free port).")
 def demo(duration: float, out: str, host: str, port: int) -> None:
     """One minute of the whole method on this machine: central, 2 nodes, a worker, the gateway and
     three scripted users (one draws, one idles so its node sleeps and wakes, one drops and

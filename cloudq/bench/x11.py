@@ -232,7 +232,7 @@ def table(x: dict[str, Any]) -> str:
 
 
 def write_markdown(result: dict[str, Any], path: str) -> None:
-    body = f"""Through real processes (embedded Valkey at `hz 100`, central, RQ worker, one
+    body = f"""Through real processes (embedded Valkey at the stock `hz 10`, central, RQ worker, one
 `cloudq node --app x11:…` at a time at {result["size"]} with its own Xvfb, x264
 ultrafast/zerolatency, 2 Mbit/s), the client kernel in the benchmark process. Latency: from the
 client's XADD of a `key` event to the first decoded frame whose blocks (drawn by the Tk program
