@@ -73,6 +73,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("seq", "string", "-", "scripts", "session id counter"),
     ("moves", "list", "-", "scripts", "sessions whose node died, waiting for another"),
     ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
+    ("closed", "sorted set", "1 h of closes", "scripts", "ids of sessions that closed, score = when"),
     ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
     ("sweeper", "hash", "-", "central", "last: server time of the last sweep; run_id: the server it ran on"),
     ("acl:expiry", "sorted set", "-", "central", "session/queue ACL users, score = when their token expires"),
@@ -122,6 +123,10 @@ class Keys:
     @property
     def sessions(self) -> str:
         return self._k("sessions")
+
+    @property
+    def closed(self) -> str:
+        return self._k("closed")
 
     @property
     def events(self) -> str:

@@ -220,6 +220,7 @@ def test_every_end_of_a_token_deletes_its_redis_user_within_one_second(
         r.hset(keys.session(t.sid), "close_reason", "idle")
         r.zadd(keys.deadlines, {f"close|{t.sid}": 0})
         wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="session closed")
+        assert r.zscore(keys.closed, t.sid) is not None, "the close is recorded for the incremental pass"
     elif how == "token_expiry":
         wait_for(lambda: not r.exists(keys.token(hash_token(t.token))), 5, what="token expired")
     elif how == "reconnect":
@@ -255,6 +256,30 @@ def test_central_re_creates_the_users_of_live_sessions_when_the_server_lost_them
             return False
 
     wait_for(works, 2.0, what="the session user re-created with the same password")
+
+
+def test_the_incremental_pass_drops_closed_sessions_users_and_leaves_the_rest_to_the_full_pass(
+    r: redis.Redis, keys: Keys
+) -> None:
+    su = acl.SessionUsers(r, keys, token_ttl=0)
+    for sid in ("s1", "s2", "s3"):
+        su.session_user(sid, acl.session_password_hash(f"token-{sid}"))
+    r.sadd(keys.sessions, "s3")  # s3 is live; s1 closed a second ago; s2 vanished some other way
+    sec, usec = r.time()
+    r.zadd(keys.closed, {"s1": sec + usec / 1e6 - 1.0})
+    try:
+        done = su.reconcile(full=False)
+        users = set(r.execute_command("ACL", "USERS"))
+        assert done["closed"] == 1 and session_acl_user("s1").encode() not in users
+        assert {session_acl_user("s2").encode(), session_acl_user("s3").encode()} <= users
+        assert su.reconcile(full=False)["closed"] == 0, "each close is handled once"
+        done = su.reconcile(full=True)
+        users = set(r.execute_command("ACL", "USERS"))
+        assert done["stale"] == 1 and session_acl_user("s2").encode() not in users
+        assert session_acl_user("s3").encode() in users
+    finally:
+        for sid in ("s1", "s2", "s3"):
+            acl.drop_user(r, session_acl_user(sid))
 
 
 def test_status_json_names_each_sessions_acl_user(

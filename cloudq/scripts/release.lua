@@ -9,6 +9,9 @@ local reason = redis.call('HGET', s, 'close_reason') or ''
 session_state(sid, 'closed', reason)
 redis.call('HSET', s, 'closed', string.format('%.3f', NOW))
 redis.call('SREM', P .. 'sessions', sid)
+-- who closed lately, for whoever cleans up after sessions (the central server's ACL users)
+redis.call('ZADD', P .. 'closed', NOW, sid)
+redis.call('ZREMRANGEBYSCORE', P .. 'closed', '-inf', NOW - 3600)
 redis.call('LREM', P .. 'moves', 0, sid)
 undeadline('close', sid)
 if redis.call('HGET', ukey(user), 'session') == sid then redis.call('HDEL', ukey(user), 'session') end
