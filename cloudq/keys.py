@@ -25,7 +25,13 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("user:<name>:fails", "string", "lockout window", "central", "failed logins in the window"),
     ("user:<name>:lock", "string", "lockout time", "central", "present = account locked"),
     ("user:<name>:mounted", "string", "-", "mount job", "session whose node holds the user's data"),
-    ("user:<name>:savelock", "string", "120 s", "save job", "fencing token of the running save"),
+    (
+        "user:<name>:savelock",
+        "string",
+        "10 s lease",
+        "save job",
+        "fencing token of the running save (renewed while it runs)",
+    ),
     ("user:<name>:fence", "string", "-", "save job", "last fencing token issued"),
     (
         "user:<name>:deleted",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 from conftest import FAST
 from helpers import Procs, node_state, publish, session_field, start_pool, wait_for
@@ -290,3 +292,47 @@ def test_two_hosts_each_with_their_own_workspace_share_one_store(
     finally:
         hba2.stop.set()
         hbc.stop.set()
+
+
+def test_a_save_lock_whose_holder_was_killed_lapses_within_its_lease(
+    r: redis.Redis, keys: Keys, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A work horse killed mid-save (kill -9, or with its worker) must not hold the user's saves
+    and mounts up for minutes: the lock is a lease its holder renews."""
+    import subprocess
+    import sys
+
+    from cloudq.workers import data
+
+    store = tmp_path / "store"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with open(ws / "big.bin", "wb") as fh:  # a save that takes a while
+        for _ in range(384):
+            fh.write(os.urandom(1 << 20))
+    r.set(keys.user_mounted("ann"), "s1")
+    holder = subprocess.Popen(
+        [sys.executable, "-P", "-c",
+         "import sys, redis; from pathlib import Path; from cloudq.keys import Keys; from cloudq.workers import data;"
+         "data.store_workspace(redis.Redis.from_url(sys.argv[1]), Keys(sys.argv[2]), 's1', 'ann', Path(sys.argv[3]), 'save')",
+         redis_url, keys.prefix, str(ws)],
+        env={**os.environ, "CLOUDQ_STORE": str(store), "CLOUDQ_QUOTA_MIB": "1024"},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: r.exists(keys.save_lock("ann")), 30, interval=0.01, what="the save under way")
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    finally:
+        holder.kill()
+    assert r.exists(keys.save_lock("ann")), "killed while saving: its lock is left behind"
+    assert DirectoryStore(store).versions("ann") == [], "killed before the save committed"
+    r.set(keys.user_mounted("ann"), "s2")  # the user's next session saves
+    monkeypatch.setenv("CLOUDQ_STORE", str(store))
+    (ws / "big.bin").unlink()
+    (ws / "note.txt").write_text("after the crash")
+    t0 = time.monotonic()
+    result = data.store_workspace(r, keys, "s2", "ann", ws, "save")
+    waited = time.monotonic() - t0
+    assert result.startswith("version"), result
+    assert waited < data.SAVE_LOCK_TTL_MS / 1000 + 2
+    assert not r.exists(keys.save_lock("ann")), "released after the save"

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -28,13 +29,19 @@ import redis
 
 from cloudq.keys import Keys
 from cloudq.messages import Control, pack_control
+from cloudq.retry import Backoff
 from cloudq.workers.store import DirectoryStore, NoGoodVersion, NoVersions, StoreError
 
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 10.0
 MOUNT_WAIT = 60.0  # for the user's previous session to finish saving
-SAVE_LOCK_TTL_MS = 120_000
+SAVE_LOCK_TTL_MS = 10_000
+"""The save lock is a lease: its holder renews it every third of this while it saves, so a holder
+that died (kill -9, a work horse killed with its worker, a Redis restart as it released) holds up
+the user's next save or mount for at most this long."""
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 QUOTA_BYTES = 100 * 2**20
 
 
@@ -190,6 +197,17 @@ def store_workspace(
         if time.monotonic() >= end:
             return "another save is running"
         time.sleep(0.05)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(SAVE_LOCK_TTL_MS / 3000):
+            try:
+                r.eval(_RENEW, 1, lock, fence, SAVE_LOCK_TTL_MS)
+            except redis.RedisError as exc:  # the next renewal tries again; the TTL bounds the rest
+                log.warning("save %s: could not renew the save lock (%s)", sid, exc)
+
+    lease = threading.Thread(target=renew, name=f"save-lease-{sid}", daemon=True)
+    lease.start()
     try:
         try:
             info = open_store().save(user, src)
@@ -201,13 +219,24 @@ def store_workspace(
         _event(r, keys, f"session:{sid}", "saved", f"version {info.version} of {user} ({label})")
         return f"version {info.version}"
     finally:
-        # release only our own lock (fencing token)
-        r.eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-            1,
-            lock,
-            fence,
-        )
+        stop.set()
+        lease.join()
+        _release(r, lock, fence, sid)
+
+
+def _release(r: redis.Redis, lock: str, fence: int, sid: str) -> None:
+    """Release only our own lock (fencing token); through a Redis blip, retried until it would
+    have lapsed anyway."""
+    end, backoff = time.monotonic() + SAVE_LOCK_TTL_MS / 1000, Backoff(0.05, 1.0)
+    while True:
+        try:
+            r.eval(_RELEASE, 1, lock, fence)
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() >= end:
+                log.warning("save %s: could not release the save lock (%s); it lapses by itself", sid, exc)
+                return
+            time.sleep(backoff.next())
 
 
 PURGE_WAIT = 60.0
