@@ -372,7 +372,8 @@ class SessionUsers:
         """One pass (incremental only with ``full=False``); returns what it did (counts)."""
         done = {"expired": 0, "stale": 0, "recreated": 0, "closed": 0}
         sec, usec = self.r.time()
-        upto = sec + usec / 1e6 - self.CLOSED_KEEP
+        now = sec + usec / 1e6
+        upto = now - self.CLOSED_KEEP
         lo = f"({self._closed_upto}" if self._closed_upto != float("-inf") else "-inf"
         for raw in self.r.zrangebyscore(self.keys.closed, lo, upto):
             sid = raw.decode()
@@ -380,7 +381,7 @@ class SessionUsers:
                 self.drop(session_acl_user(sid))
                 done["closed"] += 1
         self._closed_upto = upto
-        for raw in self.r.zrangebyscore(self.expiry_key, "-inf", sec + usec / 1e6, start=0, num=500):
+        for raw in self.r.zrangebyscore(self.expiry_key, "-inf", now, start=0, num=500):
             name = raw.decode()
             if not self._token_alive(name):
                 self.drop(name)
@@ -391,7 +392,6 @@ class SessionUsers:
                 self._expire_at(name)
         if not full:
             return done
-        now = sec + usec / 1e6
         present = {u.decode() for u in self.r.execute_command("ACL", "USERS")}
         live = {s.decode() for s in self.r.smembers(self.keys.sessions)}
         for name in present:

@@ -67,7 +67,6 @@ class Central:
         self.counters: Counter[str] = Counter()
         self._threads: list[threading.Thread] = []
         self._run_id = ""
-        self._last_full = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -265,17 +264,17 @@ class Central:
         return max(0.0, first[0][1] - (sec + usec / 1e6))
 
     def _sweep_loop(self) -> None:
-        last_abandoned = last_reconcile = 0.0
-        run_id = None
+        last_abandoned = last_reconcile = last_full = 0.0
+        full_run_id = None  # the server the last full pass ran on
         while not self.stop.is_set():
             self.sweep_once()
             if self.acl is not None and time.monotonic() - last_reconcile > self.acl.RECONCILE_EVERY:
                 # the full pass costs O(sessions): every FULL_EVERY s, and at once on a new server
-                full = self._run_id != run_id or time.monotonic() - self._last_full > self.acl.FULL_EVERY
+                full = self._run_id != full_run_id or time.monotonic() - last_full > self.acl.FULL_EVERY
                 self.acl.reconcile(full=full)
                 last_reconcile = time.monotonic()
                 if full:
-                    self._last_full, run_id = last_reconcile, self._run_id
+                    last_full, full_run_id = last_reconcile, self._run_id
             if time.monotonic() - last_abandoned > ABANDONED_CHECK_EVERY:
                 jobs.requeue_abandoned(self.r, self.keys)
                 last_abandoned = time.monotonic()

@@ -41,7 +41,6 @@ SAVE_LOCK_TTL_MS = 10_000
 that died (kill -9, a work horse killed with its worker, a Redis restart as it released) holds up
 the user's next save or mount for at most this long."""
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 QUOTA_BYTES = 100 * 2**20
 
 
@@ -230,7 +229,7 @@ def _release(r: redis.Redis, lock: str, fence: int, sid: str) -> None:
     end, backoff = time.monotonic() + SAVE_LOCK_TTL_MS / 1000, Backoff(0.05, 1.0)
     while True:
         try:
-            r.eval(_RELEASE, 1, lock, fence)
+            _delete_if(r, lock, str(fence))
             return
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if time.monotonic() >= end:

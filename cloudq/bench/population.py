@@ -346,15 +346,16 @@ class SimUser(threading.Thread):
 
     def _burst(self, seconds: float) -> None:
         t0 = time.monotonic()
-        going = lambda: self.kernel is not None  # noqa: E731
+        seconds = min(seconds, self._left())
+        h = self.habits
         strokes(
             self._send,
             self.cfg.size,
             self.pen,
-            min(seconds, self._left()),
-            self.habits.input_hz,
+            seconds,
+            h.input_hz,
             self.stop,
-            going,
+            lambda: self.kernel is not None,
         )
         self.rec.input_s += time.monotonic() - t0
 
