@@ -245,8 +245,9 @@ line: it is in the end-to-end figure but not in the floor). CPU: scheduler time
 
 {result["table"]}
 
-The asleep cost is the node's liveness refresh (once a second at the default `--node-ttl 3`): the
-program, frozen, and Xvfb use none. Other work shared these cores during the run (1-minute load
+Asleep, the node still refreshes its liveness (once a second at the default `--node-ttl 3`) and
+Xvfb still runs; this benchmark does not split the asleep figure between them (CPU counts every
+process of the tree, reaped children included, since `cloudq.bench.procstat`). Other work shared these cores during the run (1-minute load
 average {result["load_before"]:.1f} before, {result.get("load_after", float("nan")):.1f} after): the
 p99 figures, the floor's included, move with it.
 Machine: {result["machine"]}.
