@@ -248,7 +248,7 @@ def gateway(
     metrics_addr: str,
 ) -> None:
     """Serve the browser client: login page, video over WebSockets, input back."""
-    from cloudq.client.web.server import Config, serve
+    from cloudq.client.web.http import Config, serve
 
     if not redis_url:
         _connect(redis_url)  # the usage error

@@ -379,7 +379,7 @@ def test_websocket_refuses_a_foreign_origin_and_a_missing_cookie(gateway: Gatewa
 
 
 def test_page_messages_are_validated_into_input_events() -> None:
-    from cloudq.client.web.server import PageMessageError, parse_page_message
+    from cloudq.client.web.socket import PageMessageError, parse_page_message
 
     ev = parse_page_message('{"t":"input","type":"wheel","seq":3,"ct":1.5,"dx":0,"dy":2,"new":1}')
     assert (ev.type, ev.seq, ev.dy) == ("wheel", 3, 2)  # type: ignore[union-attr]
@@ -481,7 +481,7 @@ def test_the_browsers_traffic_runs_as_its_sessions_redis_user_confined_to_that_s
 
 
 def test_open_session_redis_falls_back_to_the_gateway_only_in_auto_mode(redis_url: str) -> None:
-    from cloudq.client.web.server import open_session_redis
+    from cloudq.client.web.socket import open_session_redis
 
     async def go() -> tuple[str, str]:
         c, rights = await open_session_redis(redis_url, "nosuch", "token", "auto")

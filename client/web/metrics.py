@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from cloudq.client.web.server import Gateway
+    from cloudq.client.web.http import Gateway
 
 
 class GatewayCollector:

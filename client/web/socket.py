@@ -1,102 +1,32 @@
-"""The web gateway (``cloudq gateway``): the cloud client's launcher and kernel, run server-side for
-browser users. One asyncio process (aiohttp + ``redis.asyncio``) serves the page, relays logins to
-the central servers and carries each browser's session over one WebSocket.
-
-Stateless: everything a socket needs comes from Redis and the browser's cookie, so any number of
-gateways can sit behind a load balancer and a browser that reconnects to another one (or to this one
-restarted) continues its session.
-
-HTTP
-    ``GET /``              the page (``static/index.html``); files under ``/static/``
-    ``POST /login``        JSON ``{"user", "password"}``: relayed to the central servers as the same
-                           :class:`~cloudq.messages.Request` ``cloudq connect`` sends (the gateway never
-                           sees a password hash). 200 ``{"user", "status", "position"}`` and the
-                           token in the ``cloudq_token`` cookie (HttpOnly, SameSite=Strict, path /;
-                           ``Secure`` behind TLS); 401 ``{"error"}`` for wrong credentials or a
-                           locked account; 400 for a malformed body; 503 if no central server answers.
-    ``POST /logout``       relays a logout for the cookie's token and clears the cookie.
-    ``GET /session``       200 ``{"user", "sid", "state"}`` if the cookie's token is live, else 401.
-    ``GET /healthz``       200 ``ok`` if Redis answers, else 503.
-    ``GET /stats``         the gateway's counters (JSON): sockets, closes by reason, bad messages.
-
-The token is never in a URL and never readable by page scripts. The WebSocket (``GET /ws``) checks
-``Origin`` (same host as the request, or one of ``--allow-origin``) before the upgrade and the cookie
-right after it.
-
-WebSocket, gateway -> page
-    binary: one video packet (all little-endian), then one H.264 access unit (Annex B)::
-
-        off size field
-          0  u8   type          1 = video
-          1  u8   flags         bit 0 keyframe
-          2  u16  width         stream size (from the last keyframe's codec parameters; 0 = unknown)
-          4  u16  height
-          6  u16  reserved      0
-          8  u64  seq           the node's packet counter: a jump means packets were lost
-         16  i64  pts           milliseconds
-         24  f64  capture time  the node's time.time() when it rendered the frame
-         32  ...  data
-
-    text (JSON): ``{"t": "hello", "user", "sid", "node", "rights"}`` once the session is attached;
-    ``{"t": "state", "state", "node", "position"}`` on every change (``queued`` with a position
-    while waiting for a node); ``{"t": "warning", "warning"}``; ``{"t": "close", "reason"}`` just
-    before the gateway closes the socket with code 4001 (the session is over: ``idle``, ``grace``,
-    ``logout``, ``max_session``, ``taken_over``, ``mount…``). Code 4401: not logged in (or the
-    token expired or was revoked).
-
-WebSocket, page -> gateway (text only, JSON, at most ``MAX_MESSAGE`` bytes, at most ``RATE`` a
-second sustained with bursts of ``BURST``)
-    ``{"t": "input", "type", "seq", "ct", ...}`` one :class:`~cloudq.wire.InputEvent`
-    (``key_down``/``key_up`` with ``key`` = X keysym name, ``text``, ``mouse_down``/``mouse_move``/
-    ``mouse_up`` with ``x``, ``y`` in stream pixels and ``button`` 1-3, ``wheel`` with ``dx``, ``dy``);
-    ``{"t": "keyframe"}`` (the page saw a gap; at most ``KEYFRAME_GAP`` apart are forwarded).
-    Anything else (not JSON, unknown type, a field of the wrong type, binary, too big, too fast)
-    is counted by reason in ``/stats`` and closes that socket only (1008, or 1009 when too big).
-
-Heartbeat and activity: while a socket is attached the gateway refreshes the session's heartbeat
-key every published ``heartbeat_interval`` (the socket *is* the heartbeat: when it drops, the
-session goes ``disconnected`` and the reconnect grace runs), and refreshes the activity key on
-real input (not on keyframe requests).
-
-Redis rights: the gateway's own connection (``--redis-url``) posts login/logout requests, reads
-their replies, reads the published settings and resolves a cookie's token to its session (token
-key, the user's ``session`` field, the queue while waiting). Everything else a browser does goes
-through :func:`open_session_redis`: a connection of its own that authenticates as the session's
-Redis ACL user when the server has it, else falls back to the gateway's credentials.
-"""
+"""The per-browser WebSocket session of the web gateway (``GET /ws``): parsing the page's messages,
+relaying video to the page and input to the node, the session's own Redis connection
+(:func:`open_session_redis`) and its heartbeat. The protocol is the package docstring
+(:mod:`cloudq.client.web`); the HTTP side is :mod:`cloudq.client.web.http`."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import struct
 import time
-import uuid
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from cloudq.keys import Keys
-from cloudq.messages import USER_NAME, BadMessage, Reply, Request, unpack_reply
 from cloudq.settings import Settings
 from cloudq.tokens import hash_token, same_token, session_acl_password, session_acl_user
 from cloudq.wire import BadMessage as BadWire
 from cloudq.wire import InputEvent, VideoPacket
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cloudq.client.web.http import Gateway
 
-STATIC = Path(__file__).resolve().parent / "static"
-COOKIE = "cloudq_token"
+log = logging.getLogger(__name__)
 
 VIDEO_HEADER = struct.Struct("<BBHHHQqd")
 MSG_VIDEO = 1
@@ -113,12 +43,6 @@ INPUT_FIELDS = ("key", "button", "x", "y", "text", "dx", "dy")
 CLOSE_SESSION = 4001
 CLOSE_UNAUTHORIZED = 4401
 
-LOGIN_ERRORS = {
-    "invalid": "wrong user name or password",
-    "locked": "too many failed logins: the account is locked for a while",
-}
-UNREACHABLE = "the service is not answering; try again in a moment"
-
 VIDEO_BATCH = 64
 MAX_LAG = 0.5  # a batch spanning more stream time than this: skip to the newest keyframe
 WATCH_EVERY = 0.2
@@ -132,16 +56,12 @@ def before(entry_id: bytes) -> bytes:
     return b"%d-%d" % (int(ms) - 1, 2**64 - 1) if int(ms) > 0 else b"0-0"
 
 
-def _median(values: list[float]) -> float | None:
-    return round(sorted(values)[len(values) // 2] * 1000, 2) if values else None
-
-
 def _ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
 
 def pack_video(vp: VideoPacket, width: int, height: int) -> bytes:
-    """One video packet as the page's binary WebSocket message (see the module docstring)."""
+    """One video packet as the page's binary WebSocket message (see the package docstring)."""
     flags = FLAG_KEYFRAME if vp.keyframe else 0
     return VIDEO_HEADER.pack(MSG_VIDEO, flags, width, height, 0, vp.seq, vp.pts, vp.capture_time) + vp.data
 
@@ -257,208 +177,6 @@ async def open_session_redis(
                 ) from None
             log.debug("session user for %s not in force (%s): gateway credentials", sid, exc)
     return _redis(url), "gateway"
-
-
-@dataclass
-class Who:
-    """What a cookie's token stands for."""
-
-    user: str
-    sid: str  # "" while queued or when the token has no live session
-    status: str  # session | queued | gone
-    reason: str = ""  # for ``gone``: why (close reason, taken_over)
-
-
-@dataclass
-class Config:
-    redis_url: str
-    prefix: str = "cloudq:"
-    allow_origins: frozenset[str] = frozenset()
-    secure_cookie: bool = False
-    session_rights: str = "auto"  # auto | session | gateway
-    reply_timeout: float = 10.0
-    max_message: int = MAX_MESSAGE
-    rate: float = RATE
-    burst: float = BURST
-
-
-@dataclass
-class Gateway:
-    cfg: Config
-    r: aioredis.Redis = field(init=False)
-    keys: Keys = field(init=False)
-    counters: Counter[str] = field(default_factory=Counter)
-    closes: Counter[str] = field(default_factory=Counter)
-    rights: Counter[str] = field(default_factory=Counter)
-    sockets: set[web.WebSocketResponse] = field(default_factory=set)
-    # (node capture -> read by the gateway, read -> handed to the socket) of the last packets, seconds
-    lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
-    # (page sent an input -> the gateway read it (wall clocks), read -> XADDed), seconds
-    input_lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
-
-    def __post_init__(self) -> None:
-        self.r = _redis(self.cfg.redis_url)
-        self.keys = Keys(self.cfg.prefix)
-
-    async def settings(self) -> Settings:
-        return Settings.from_hash(await self.r.hgetall(self.keys.settings))
-
-    # -- login relay (the same request and reply as cloudq.client.launcher) -------------------
-    async def relay(self, req: Request) -> Reply:
-        """Post ``req`` on the requests stream and wait for the central server's reply."""
-        await self.r.xadd(self.keys.requests, req.pack(), maxlen=10000, approximate=True)
-        end = time.monotonic() + self.cfg.reply_timeout
-        while (left := end - time.monotonic()) > 0:
-            got = await self.r.blpop([self.keys.reply(req.id)], timeout=min(1.0, max(0.01, left)))
-            if got is not None:
-                return unpack_reply(got[1])
-        raise TimeoutError("no central server answered in time")
-
-    async def resolve(self, token: str) -> Who | None:
-        """The user and session a token belongs to; None if it is unknown, expired or revoked."""
-        if not token or len(token) > 128:
-            return None
-        th = hash_token(token)
-        raw = await self.r.get(self.keys.token(th))
-        if raw is None:
-            return None
-        user = raw.decode()
-        sid, qtoken = (
-            (v or b"").decode() for v in await self.r.hmget(self.keys.user(user), "session", "qtoken")
-        )
-        live = False
-        if sid:
-            state, reason, stoken = (
-                (v or b"").decode()
-                for v in await self.r.hmget(self.keys.session(sid), "state", "close_reason", "token")
-            )
-            live = bool(state) and state != "closed" and not reason
-            if stoken and same_token(stoken, th):
-                return Who(user, sid, "session") if live else Who(user, sid, "gone", reason or "closed")
-        if qtoken and same_token(qtoken, th):
-            return Who(user, "", "queued")
-        # a live token with neither: another login holds the user's session, or it left the queue
-        return Who(user, sid, "gone", "taken_over" if live else "closed")
-
-    # -- HTTP ---------------------------------------------------------------------------------
-    async def index(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(STATIC / "index.html")
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        try:
-            await self.r.ping()
-        except RedisError:
-            return web.Response(status=503, text="redis unreachable")
-        return web.Response(text="ok")
-
-    async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "sockets": len(self.sockets),
-                "counters": dict(self.counters),
-                "closes": dict(self.closes),
-                "rights": dict(self.rights),
-                "video_ms_p50": {
-                    "capture_to_gateway": _median([a for a, _ in self.lag]),
-                    "gateway_to_socket": _median([b for _, b in self.lag]),
-                    "page_input_to_gateway": _median([a for a, _ in self.input_lag]),
-                    "gateway_input_to_xadd": _median([b for _, b in self.input_lag]),
-                },
-            }
-        )
-
-    def _set_cookie(self, request: web.Request, resp: web.Response, token: str, ttl: float) -> None:
-        resp.set_cookie(
-            COOKIE,
-            token,
-            max_age=int(ttl) if ttl else None,
-            path="/",
-            httponly=True,
-            samesite="Strict",
-            secure=self.cfg.secure_cookie or request.secure,
-        )
-
-    async def login(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return web.json_response({"error": "the login request is not JSON"}, status=400)
-        user, password = (body.get("user"), body.get("password")) if isinstance(body, dict) else (None, None)
-        if not isinstance(user, str) or not isinstance(password, str) or len(password) > 1024:
-            return web.json_response({"error": "user and password must be strings"}, status=400)
-        if not USER_NAME.match(user):
-            self.counters["login_invalid"] += 1
-            return web.json_response({"error": LOGIN_ERRORS["invalid"]}, status=401)
-        try:
-            settings = await self.settings()
-            reply = await self.relay(Request("login", uuid.uuid4().hex, user=user, password=password))
-        except (RedisError, TimeoutError) as exc:
-            log.warning("login %s: %s", user, exc)
-            self.counters["login_unreachable"] += 1
-            return web.json_response({"error": UNREACHABLE}, status=503)
-        except BadMessage as exc:
-            log.warning("login %s: unreadable reply: %s", user, exc)
-            return web.json_response({"error": UNREACHABLE}, status=503)
-        if not reply.ok:
-            self.counters[f"login_{reply.status or 'error'}"] += 1
-            return web.json_response({"error": LOGIN_ERRORS.get(reply.status, reply.error)}, status=401)
-        self.counters["login_ok"] += 1
-        log.info("login %s: %s %s", user, reply.status, reply.sid)
-        resp = web.json_response({"user": user, "status": reply.status, "position": reply.position})
-        self._set_cookie(request, resp, reply.token, settings.token_ttl)
-        return resp
-
-    async def logout(self, request: web.Request) -> web.Response:
-        token = request.cookies.get(COOKIE, "")
-        resp = web.json_response({})
-        resp.del_cookie(COOKIE, path="/")
-        if token and len(token) <= 128:
-            try:
-                await self.relay(Request("logout", uuid.uuid4().hex, token=token))
-                self.counters["logout"] += 1
-            except (RedisError, TimeoutError, BadMessage) as exc:
-                log.warning("logout: %s", exc)
-                return web.json_response({"error": UNREACHABLE}, status=503)
-        return resp
-
-    async def session(self, request: web.Request) -> web.Response:
-        try:
-            who = await self.resolve(request.cookies.get(COOKIE, ""))
-        except RedisError:
-            return web.json_response({"error": UNREACHABLE}, status=503)
-        if who is None or who.status == "gone":
-            return web.json_response({"error": "not logged in"}, status=401)
-        return web.json_response({"user": who.user, "sid": who.sid, "state": who.status})
-
-    def origin_ok(self, request: web.Request) -> bool:
-        origin = request.headers.get("Origin", "")
-        if origin.lower() in self.cfg.allow_origins:
-            return True
-        parts = urlsplit(origin)
-        return (
-            parts.scheme.lower() in ("http", "https")
-            and bool(parts.netloc)
-            and (parts.netloc.lower() == request.host.lower())
-        )
-
-    async def ws(self, request: web.Request) -> web.StreamResponse:
-        if not self.origin_ok(request):
-            self.closes["origin"] += 1
-            log.warning("ws: refused origin %r for host %r", request.headers.get("Origin"), request.host)
-            raise web.HTTPForbidden(text="origin not allowed")
-        ws = web.WebSocketResponse(max_msg_size=self.cfg.max_message, heartbeat=10.0, compress=False)
-        await ws.prepare(request)
-        self.sockets.add(ws)
-        self.counters["sockets_opened"] += 1
-        try:
-            await Socket(self, ws, request.cookies.get(COOKIE, "")).run()
-        except (ConnectionResetError, RedisError) as exc:
-            log.info("ws: ended: %s", exc)
-        finally:
-            self.sockets.discard(ws)
-            if not ws.closed:
-                await ws.close()
-        return ws
 
 
 async def _send_json(ws: web.WebSocketResponse, obj: dict[str, Any]) -> None:
@@ -770,65 +488,3 @@ class Socket:
                 raise _Closed
             else:  # CLOSE, CLOSING, CLOSED: the page went away; the heartbeat stops with us
                 raise _Closed
-
-
-@web.middleware
-async def security_headers(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    resp = await handler(request)
-    if not isinstance(resp, web.WebSocketResponse):
-        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-        resp.headers.setdefault("Referrer-Policy", "no-referrer")
-        resp.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-        )
-        resp.headers.setdefault("Cache-Control", "no-cache")
-    return resp
-
-
-def create_app(cfg: Config) -> web.Application:
-    gw = Gateway(cfg)
-    app = web.Application(middlewares=[security_headers], client_max_size=4096)
-    app["gateway"] = gw
-    app.router.add_get("/", gw.index)
-    app.router.add_get("/healthz", gw.healthz)
-    app.router.add_get("/stats", gw.stats)
-    app.router.add_post("/login", gw.login)
-    app.router.add_post("/logout", gw.logout)
-    app.router.add_get("/session", gw.session)
-    app.router.add_get("/ws", gw.ws)
-    app.router.add_static("/static/", STATIC, follow_symlinks=False)
-
-    async def on_shutdown(app: web.Application) -> None:
-        for ws in list(gw.sockets):
-            with contextlib.suppress(Exception):
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
-
-    async def on_cleanup(app: web.Application) -> None:
-        await gw.r.aclose()
-
-    app.on_shutdown.append(on_shutdown)
-    app.on_cleanup.append(on_cleanup)
-    return app
-
-
-def serve(cfg: Config, host: str, port: int, metrics_port: int = 0, metrics_addr: str = "0.0.0.0") -> None:
-    """Run the gateway until SIGINT/SIGTERM (and its Prometheus metrics on ``metrics_port``, 0 = off)."""
-    from cloudq.client.web.metrics import gateway_registry
-    from cloudq.metrics import serve as serve_metrics
-
-    log.info("gateway on http://%s:%d (session rights: %s)", host, port, cfg.session_rights)
-    access = logging.getLogger("aiohttp.access")
-    app = create_app(cfg)
-    serve_metrics(metrics_port, gateway_registry(app["gateway"]), metrics_addr)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=None,
-        shutdown_timeout=2.0,
-        reuse_address=True,
-        access_log=access if access.isEnabledFor(logging.DEBUG) else None,  # -vv logs every request
-    )

@@ -1,0 +1,304 @@
+"""The HTTP side of the web gateway (``cloudq gateway``): the app, its endpoints (page, login,
+logout, session, health, stats), the token cookie and :func:`serve`. The protocol is the package
+docstring (:mod:`cloudq.client.web`); each browser's WebSocket is :mod:`cloudq.client.web.socket`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from aiohttp import WSCloseCode, web
+from redis.exceptions import RedisError
+
+from cloudq.client.web.socket import BURST, MAX_MESSAGE, RATE, Socket, _redis
+from cloudq.keys import Keys
+from cloudq.messages import USER_NAME, BadMessage, Reply, Request, unpack_reply
+from cloudq.settings import Settings
+from cloudq.tokens import hash_token, same_token
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+COOKIE = "cloudq_token"
+
+LOGIN_ERRORS = {
+    "invalid": "wrong user name or password",
+    "locked": "too many failed logins: the account is locked for a while",
+}
+UNREACHABLE = "the service is not answering; try again in a moment"
+
+
+def _median(values: list[float]) -> float | None:
+    return round(sorted(values)[len(values) // 2] * 1000, 2) if values else None
+
+
+@dataclass
+class Who:
+    """What a cookie's token stands for."""
+
+    user: str
+    sid: str  # "" while queued or when the token has no live session
+    status: str  # session | queued | gone
+    reason: str = ""  # for ``gone``: why (close reason, taken_over)
+
+
+@dataclass
+class Config:
+    redis_url: str
+    prefix: str = "cloudq:"
+    allow_origins: frozenset[str] = frozenset()
+    secure_cookie: bool = False
+    session_rights: str = "auto"  # auto | session | gateway
+    reply_timeout: float = 10.0
+    max_message: int = MAX_MESSAGE
+    rate: float = RATE
+    burst: float = BURST
+
+
+@dataclass
+class Gateway:
+    cfg: Config
+    r: aioredis.Redis = field(init=False)
+    keys: Keys = field(init=False)
+    counters: Counter[str] = field(default_factory=Counter)
+    closes: Counter[str] = field(default_factory=Counter)
+    rights: Counter[str] = field(default_factory=Counter)
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    # (node capture -> read by the gateway, read -> handed to the socket) of the last packets, seconds
+    lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
+    # (page sent an input -> the gateway read it (wall clocks), read -> XADDed), seconds
+    input_lag: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=200))
+
+    def __post_init__(self) -> None:
+        self.r = _redis(self.cfg.redis_url)
+        self.keys = Keys(self.cfg.prefix)
+
+    async def settings(self) -> Settings:
+        return Settings.from_hash(await self.r.hgetall(self.keys.settings))
+
+    # -- login relay (the same request and reply as cloudq.client.launcher) -------------------
+    async def relay(self, req: Request) -> Reply:
+        """Post ``req`` on the requests stream and wait for the central server's reply."""
+        await self.r.xadd(self.keys.requests, req.pack(), maxlen=10000, approximate=True)
+        end = time.monotonic() + self.cfg.reply_timeout
+        while (left := end - time.monotonic()) > 0:
+            got = await self.r.blpop([self.keys.reply(req.id)], timeout=min(1.0, max(0.01, left)))
+            if got is not None:
+                return unpack_reply(got[1])
+        raise TimeoutError("no central server answered in time")
+
+    async def resolve(self, token: str) -> Who | None:
+        """The user and session a token belongs to; None if it is unknown, expired or revoked."""
+        if not token or len(token) > 128:
+            return None
+        th = hash_token(token)
+        raw = await self.r.get(self.keys.token(th))
+        if raw is None:
+            return None
+        user = raw.decode()
+        sid, qtoken = (
+            (v or b"").decode() for v in await self.r.hmget(self.keys.user(user), "session", "qtoken")
+        )
+        live = False
+        if sid:
+            state, reason, stoken = (
+                (v or b"").decode()
+                for v in await self.r.hmget(self.keys.session(sid), "state", "close_reason", "token")
+            )
+            live = bool(state) and state != "closed" and not reason
+            if stoken and same_token(stoken, th):
+                return Who(user, sid, "session") if live else Who(user, sid, "gone", reason or "closed")
+        if qtoken and same_token(qtoken, th):
+            return Who(user, "", "queued")
+        # a live token with neither: another login holds the user's session, or it left the queue
+        return Who(user, sid, "gone", "taken_over" if live else "closed")
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        try:
+            await self.r.ping()
+        except RedisError:
+            return web.Response(status=503, text="redis unreachable")
+        return web.Response(text="ok")
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "sockets": len(self.sockets),
+                "counters": dict(self.counters),
+                "closes": dict(self.closes),
+                "rights": dict(self.rights),
+                "video_ms_p50": {
+                    "capture_to_gateway": _median([a for a, _ in self.lag]),
+                    "gateway_to_socket": _median([b for _, b in self.lag]),
+                    "page_input_to_gateway": _median([a for a, _ in self.input_lag]),
+                    "gateway_input_to_xadd": _median([b for _, b in self.input_lag]),
+                },
+            }
+        )
+
+    def _set_cookie(self, request: web.Request, resp: web.Response, token: str, ttl: float) -> None:
+        resp.set_cookie(
+            COOKIE,
+            token,
+            max_age=int(ttl) if ttl else None,
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=self.cfg.secure_cookie or request.secure,
+        )
+
+    async def login(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return web.json_response({"error": "the login request is not JSON"}, status=400)
+        user, password = (body.get("user"), body.get("password")) if isinstance(body, dict) else (None, None)
+        if not isinstance(user, str) or not isinstance(password, str) or len(password) > 1024:
+            return web.json_response({"error": "user and password must be strings"}, status=400)
+        if not USER_NAME.match(user):
+            self.counters["login_invalid"] += 1
+            return web.json_response({"error": LOGIN_ERRORS["invalid"]}, status=401)
+        try:
+            settings = await self.settings()
+            reply = await self.relay(Request("login", uuid.uuid4().hex, user=user, password=password))
+        except (RedisError, TimeoutError) as exc:
+            log.warning("login %s: %s", user, exc)
+            self.counters["login_unreachable"] += 1
+            return web.json_response({"error": UNREACHABLE}, status=503)
+        except BadMessage as exc:
+            log.warning("login %s: unreadable reply: %s", user, exc)
+            return web.json_response({"error": UNREACHABLE}, status=503)
+        if not reply.ok:
+            self.counters[f"login_{reply.status or 'error'}"] += 1
+            return web.json_response({"error": LOGIN_ERRORS.get(reply.status, reply.error)}, status=401)
+        self.counters["login_ok"] += 1
+        log.info("login %s: %s %s", user, reply.status, reply.sid)
+        resp = web.json_response({"user": user, "status": reply.status, "position": reply.position})
+        self._set_cookie(request, resp, reply.token, settings.token_ttl)
+        return resp
+
+    async def logout(self, request: web.Request) -> web.Response:
+        token = request.cookies.get(COOKIE, "")
+        resp = web.json_response({})
+        resp.del_cookie(COOKIE, path="/")
+        if token and len(token) <= 128:
+            try:
+                await self.relay(Request("logout", uuid.uuid4().hex, token=token))
+                self.counters["logout"] += 1
+            except (RedisError, TimeoutError, BadMessage) as exc:
+                log.warning("logout: %s", exc)
+                return web.json_response({"error": UNREACHABLE}, status=503)
+        return resp
+
+    async def session(self, request: web.Request) -> web.Response:
+        try:
+            who = await self.resolve(request.cookies.get(COOKIE, ""))
+        except RedisError:
+            return web.json_response({"error": UNREACHABLE}, status=503)
+        if who is None or who.status == "gone":
+            return web.json_response({"error": "not logged in"}, status=401)
+        return web.json_response({"user": who.user, "sid": who.sid, "state": who.status})
+
+    def origin_ok(self, request: web.Request) -> bool:
+        origin = request.headers.get("Origin", "")
+        if origin.lower() in self.cfg.allow_origins:
+            return True
+        parts = urlsplit(origin)
+        return (
+            parts.scheme.lower() in ("http", "https")
+            and bool(parts.netloc)
+            and (parts.netloc.lower() == request.host.lower())
+        )
+
+    async def ws(self, request: web.Request) -> web.StreamResponse:
+        if not self.origin_ok(request):
+            self.closes["origin"] += 1
+            log.warning("ws: refused origin %r for host %r", request.headers.get("Origin"), request.host)
+            raise web.HTTPForbidden(text="origin not allowed")
+        ws = web.WebSocketResponse(max_msg_size=self.cfg.max_message, heartbeat=10.0, compress=False)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        self.counters["sockets_opened"] += 1
+        try:
+            await Socket(self, ws, request.cookies.get(COOKIE, "")).run()
+        except (ConnectionResetError, RedisError) as exc:
+            log.info("ws: ended: %s", exc)
+        finally:
+            self.sockets.discard(ws)
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+
+@web.middleware
+async def security_headers(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    resp = await handler(request)
+    if not isinstance(resp, web.WebSocketResponse):
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        )
+        resp.headers.setdefault("Cache-Control", "no-cache")
+    return resp
+
+
+def create_app(cfg: Config) -> web.Application:
+    gw = Gateway(cfg)
+    app = web.Application(middlewares=[security_headers], client_max_size=4096)
+    app["gateway"] = gw
+    app.router.add_get("/", gw.index)
+    app.router.add_get("/healthz", gw.healthz)
+    app.router.add_get("/stats", gw.stats)
+    app.router.add_post("/login", gw.login)
+    app.router.add_post("/logout", gw.logout)
+    app.router.add_get("/session", gw.session)
+    app.router.add_get("/ws", gw.ws)
+    app.router.add_static("/static/", STATIC, follow_symlinks=False)
+
+    async def on_shutdown(app: web.Application) -> None:
+        for ws in list(gw.sockets):
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+
+    async def on_cleanup(app: web.Application) -> None:
+        await gw.r.aclose()
+
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def serve(cfg: Config, host: str, port: int, metrics_port: int = 0, metrics_addr: str = "0.0.0.0") -> None:
+    """Run the gateway until SIGINT/SIGTERM (and its Prometheus metrics on ``metrics_port``, 0 = off)."""
+    from cloudq.client.web.metrics import gateway_registry
+    from cloudq.metrics import serve as serve_metrics
+
+    log.info("gateway on http://%s:%d (session rights: %s)", host, port, cfg.session_rights)
+    access = logging.getLogger("aiohttp.access")
+    app = create_app(cfg)
+    serve_metrics(metrics_port, gateway_registry(app["gateway"]), metrics_addr)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        shutdown_timeout=2.0,
+        reuse_address=True,
+        access_log=access if access.isEnabledFor(logging.DEBUG) else None,  # -vv logs every request
+    )

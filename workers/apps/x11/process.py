@@ -1,0 +1,308 @@
+"""The program's process tree: start it (:meth:`ProcessMixin._spawn`), freeze and thaw it
+(:meth:`ProcessMixin.sleep`, :meth:`ProcessMixin.wake`), kill it and every other client of the
+display, clear the screen; plus the ``/proc`` helpers (:func:`process_tree`, :func:`cpu_seconds`)
+and the parent-death signal that :class:`DisplayManager` uses for Xvfb too."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from Xlib import X
+from Xlib import error as xerror
+
+from .errors import LaunchError
+
+logger = logging.getLogger(__package__)  # cloudq.workers.apps.x11, as before the split
+
+__all__ = ["ProcessMixin", "cpu_seconds", "process_tree"]
+
+_PR_SET_PDEATHSIG = 1
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _LIBC
+
+
+def _die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get ``sig`` when its parent dies.
+
+    Note: PR_SET_PDEATHSIG fires when the *thread* that forked exits, so start children from a
+    long-lived thread (the node loop's).
+    """
+    libc = _libc()  # resolved before fork: no dlopen in the child
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _read_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgrp, utime+stime ticks) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    rest = data[data.rfind(")") + 2 :].split()  # comm may contain spaces and parentheses
+    # rest[0] is field 3 (state); utime and stime are fields 14 and 15
+    return rest[0], int(rest[1]), int(rest[2]), int(rest[11]) + int(rest[12])
+
+
+def _all_stats() -> dict[int, tuple[str, int, int, int]]:
+    out: dict[int, tuple[str, int, int, int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _read_stat(int(name))
+            if st is not None:
+                out[int(name)] = st
+    return out
+
+
+def process_tree(pid: int, pgid: int | None = None) -> set[int]:
+    """Live (non-zombie) processes that descend from ``pid`` or belong to process group ``pgid``.
+
+    Descendants are followed through parent links, so programs that start their own session (xterm
+    runs its shell in a new session) are included as long as their parent is still alive.
+    """
+    stats = _all_stats()
+    children: dict[int, list[int]] = {}
+    for p, (_, ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(p)
+    found: set[int] = set()
+    todo = [pid] if pid in stats else []
+    if pgid is not None:
+        todo += [p for p, (_, _, grp, _) in stats.items() if grp == pgid]
+    while todo:
+        p = todo.pop()
+        if p in found:
+            continue
+        found.add(p)
+        todo.extend(children.get(p, ()))
+    return {p for p in found if stats[p][0] not in ("Z", "X")}
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds used so far by the given processes (gone ones count 0)."""
+    ticks = 0
+    for p in pids:
+        st = _read_stat(p)
+        if st is not None:
+            ticks += st[3]
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _alive(pid: int) -> bool:
+    st = _read_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def _signal_all(pids: Iterable[int], sig: int) -> None:
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` seconds pass; returns its last value."""
+    end = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(step)
+
+
+class ProcessMixin:
+    """The process side of :class:`X11App` (its state is set in ``X11App.__init__``)."""
+
+    @property
+    def pid(self) -> int | None:
+        """The program's pid (its process group id too), or None before :meth:`load`."""
+        return self._proc.pid if self._proc is not None else None
+
+    def pids(self) -> set[int]:
+        """The program's live processes: its process group and all descendants."""
+        return process_tree(self._proc.pid, self._proc.pid) if self._proc is not None else set()
+
+    def _spawn(self, data_dir: Path) -> None:
+        assert self._xdm is not None
+        xdg = {
+            "XDG_CONFIG_HOME": data_dir / ".config",
+            "XDG_DATA_HOME": data_dir / ".local" / "share",
+            "XDG_CACHE_HOME": data_dir / ".cache",
+            "XDG_STATE_HOME": data_dir / ".local" / "state",
+        }
+        for p in xdg.values():
+            p.mkdir(parents=True, exist_ok=True)
+        # a minimal environment: the node's own (service credentials and all) stays out of the program
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("PATH", "LANG", "LANGUAGE", "TZ") or k.startswith("LC_")
+        }
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        try:
+            pw = pwd.getpwuid(os.getuid())
+            env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
+        except KeyError:
+            env["SHELL"] = "/bin/sh"
+        env.update({k: str(v) for k, v in xdg.items()})
+        env.update(HOME=str(data_dir), DISPLAY=self._xdm.name, **self.extra_env)
+        exe = shutil.which(self.argv[0], path=env["PATH"])
+        if exe is None:
+            raise LaunchError(f"command not found: {self.argv[0]!r} (PATH={env['PATH']})")
+        self._stderr = tempfile.TemporaryFile(prefix="x11app-")  # noqa: SIM115 - as long as the program
+        try:
+            self._proc = subprocess.Popen(
+                [exe, *self.argv[1:]],
+                cwd=data_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._stderr,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own session and process group (pgid == pid)
+                preexec_fn=_die_with_parent(os.getpid()),
+                close_fds=True,
+            )
+        except OSError as e:
+            raise LaunchError(f"cannot start {self.argv[0]!r}: {e}") from None
+        logger.info(
+            "started %s (pid %d) on %s, HOME=%s",
+            shlex.join(self.argv),
+            self._proc.pid,
+            self._xdm.name,
+            data_dir,
+        )
+
+    def _kill_program(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        self.exit_status()  # record a natural exit before we cause one
+        pids = process_tree(proc.pid, proc.pid)  # before the leader dies and orphans move to init
+        if pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            _signal_all(pids, signal.SIGTERM)
+            _signal_all(pids, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
+            self._frozen.clear()
+            if not _wait_until(
+                lambda: proc.poll() is not None and not any(_alive(p) for p in pids), self.term_timeout
+            ):
+                left = {p for p in pids if _alive(p)}
+                logger.info("program did not exit on SIGTERM: SIGKILL to %s", sorted(left))
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                _signal_all(left, signal.SIGKILL)
+        try:
+            proc.wait(self.term_timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("program pid %d survived SIGKILL", proc.pid)
+
+    def _kill_clients(self) -> None:
+        """XKillClient on the owner of every top-level window not ours; wait until they are gone."""
+        assert self._d is not None
+        info = self._d.display.info
+        mine = info.resource_id_base & ~info.resource_id_mask
+
+        def strays() -> list[Any]:
+            tree = self._root.query_tree()
+            return [w for w in tree.children if (w.id & ~info.resource_id_mask) != mine]
+
+        windows = strays()
+        if not windows:
+            return
+        for w in windows:
+            w.kill_client()
+        self._d.sync()
+        self.counters["clients_killed"] += len({w.id & ~info.resource_id_mask for w in windows})
+        if not _wait_until(lambda: not strays(), 2.0):
+            logger.warning(
+                "windows still on the display after XKillClient: %s", [hex(w.id) for w in strays()]
+            )
+        self._drain()
+
+    def _clear_screen(self) -> None:
+        assert self._d is not None
+        screen = self._d.screen()
+        self._root.change_attributes(background_pixel=screen.black_pixel)
+        self._root.clear_area(0, 0, 0, 0, exposures=False)
+        self._d.set_input_focus(X.PointerRoot, X.RevertToPointerRoot, X.CurrentTime)
+        self._d.sync()
+        self._full = True
+
+    # -- sleep / exit ----------------------------------------------------------------------------
+    def sleep(self, freeze: bool = False) -> None:
+        """Release held keys and buttons; with ``freeze``, SIGSTOP the program's whole process tree."""
+        if self._d is not None:
+            with contextlib.suppress(xerror.XError, xerror.ConnectionClosedError, OSError):
+                self._release_all()
+                self._d.sync()
+        if not freeze or self._proc is None or self._proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGSTOP)
+        # stopped processes cannot fork, so a few passes catch children forked meanwhile
+        for _ in range(4):
+            new = process_tree(self._proc.pid, self._proc.pid) - self._frozen
+            if not new:
+                break
+            _signal_all(new, signal.SIGSTOP)
+            self._frozen |= new
+        logger.debug("froze %d processes", len(self._frozen))
+
+    def wake(self) -> None:
+        """SIGCONT what :meth:`sleep` stopped; the next render grabs the whole screen."""
+        if self._proc is not None and self._frozen:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGCONT)
+            _signal_all(self._frozen | process_tree(self._proc.pid, self._proc.pid), signal.SIGCONT)
+        self._frozen.clear()
+        self._full = True
+
+    def exit_status(self) -> tuple[str, int] | None:
+        """None while the program runs, else ``("app_exited", 0)`` or ``("app_crashed", code)``
+        (negative code: killed by that signal). An exit caused by :meth:`close` is not reported."""
+        if self._status is not None or self._proc is None or self._closed:
+            return self._status
+        code = self._proc.poll()
+        if code is None:
+            return None
+        self._status = ("app_exited", 0) if code == 0 else ("app_crashed", code)
+        if code == 0:
+            logger.info("program %s exited", self.argv[0])
+        else:
+            logger.warning("program %s crashed with %d: %s", self.argv[0], code, self._output_tail())
+        return self._status
+
+    def _output_tail(self, limit: int = 1000) -> str:
+        if self._stderr is None:
+            return ""
+        with contextlib.suppress(OSError, ValueError):
+            self._stderr.seek(0, os.SEEK_END)
+            size = self._stderr.tell()
+            self._stderr.seek(max(0, size - limit))
+            return self._stderr.read().decode("utf-8", "replace").strip()
+        return ""
