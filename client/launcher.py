@@ -1,7 +1,7 @@
 """The cloud client's launcher: logs in through the central server, waits in the queue,
 starts and stops the kernel, marks user activity, logs out.
 
-Two Redis identities (see :mod:`cloudq.acl`): the connection it is given (the login user, or
+Two Redis identities (see :mod:`cloudq.central.acl`): the connection it is given (the login user, or
 no credentials) only posts requests and reads their replies; everything else goes through
 :attr:`Launcher.sr`, which authenticates as the Redis user the login reply names (the queue
 user while waiting, then the session user) with a password derived from the bearer token. A
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from cloudq import acl
+from cloudq import credentials
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_reply
 from cloudq.settings import Settings
@@ -68,7 +68,7 @@ class Launcher:
         self.keys = keys
         self.reply_timeout = reply_timeout
         self.settings = Settings()
-        self.creds = acl.Credentials()
+        self.creds = credentials.Credentials()
         self._sr: redis.Redis | None = None
         self.trusted = False  # the server gave no Redis user: ACLs are off
 
@@ -82,19 +82,21 @@ class Launcher:
         connection). Idle connections made with older credentials are closed."""
         if not acl_user:
             if not self.trusted:
-                log.warning("the server created no Redis user for this session: %s", acl.TRUSTED_WARNING)
+                log.warning(
+                    "the server created no Redis user for this session: %s", credentials.TRUSTED_WARNING
+                )
             self.trusted, self._sr = True, None
             return
         self.creds.set(acl_user, session_acl_password(token))
         if self._sr is None:
-            self._sr = acl.as_user(self.r, self.creds)
+            self._sr = credentials.as_user(self.r, self.creds)
         else:
             # idle connections only: a busy one belongs to another thread (closing it under that
             # thread breaks its read); the server cuts those itself (CLIENT KILL USER) when the
             # old credentials stop being valid, and they reconnect with the new ones
             self._sr.connection_pool.disconnect(inuse_connections=False)
         try:
-            acl.wait_authenticated(self._sr, AUTH_WAIT)
+            credentials.wait_authenticated(self._sr, AUTH_WAIT)
         except redis.AuthenticationError:
             raise ClientError("error", "the server did not accept this session's credentials") from None
 
@@ -129,7 +131,7 @@ class Launcher:
         With ``queue=False`` (a client logging in again to its session) a queued reply is not
         waited on: the ticket comes back with status ``queued`` and the caller decides.
         """
-        reply = self._request(Request("login", acl.new_request_id(), user=user, password=password))
+        reply = self._request(Request("login", credentials.new_request_id(), user=user, password=password))
         if not reply.ok:
             raise ClientError(reply.status if reply.status in EXIT_CODES else "error", reply.error)
         try:
@@ -176,7 +178,7 @@ class Launcher:
 
     def logout(self, token: str) -> None:
         try:
-            self._request(Request("logout", acl.new_request_id(), token=token))
+            self._request(Request("logout", credentials.new_request_id(), token=token))
         except ClientError as exc:
             log.warning("logout failed: %s", exc)
 

@@ -66,7 +66,7 @@ class ProcessGroup:
         urls: dict[str, str] | None = None,
     ) -> None:
         self.redis_url = redis_url
-        # per-command Redis URL (each role's own ACL user, see cloudq.acl.role_urls); others get redis_url
+        # per-command Redis URL (each role's own ACL user, see cloudq.central.acl.role_urls); others get redis_url
         self.urls = dict(urls or {})
         self.prefix = prefix
         self.log_dir = log_dir

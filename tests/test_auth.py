@@ -9,8 +9,8 @@ import pytest
 import redis
 from helpers import publish
 
-from cloudq.auth import AuthError, Users, hash_token, token_user
-from cloudq.central import Central
+from cloudq.central.auth import AuthError, Users, hash_token, token_user
+from cloudq.central.server import Central
 from cloudq.client.launcher import ClientError, Launcher
 from cloudq.keys import Keys
 from cloudq.settings import Settings

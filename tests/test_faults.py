@@ -17,7 +17,7 @@ import redis
 from helpers import FAST, Procs, publish, wait_for
 from test_userdata import SIZE, ink_rows
 
-from cloudq.auth import Users
+from cloudq.central.auth import Users
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
 from cloudq.workers.store import DirectoryStore

@@ -14,7 +14,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from cloudq import jobs
-from cloudq.central import Central
+from cloudq.central.server import Central
 from cloudq.keys import Keys
 from cloudq.settings import Settings
 

@@ -9,7 +9,7 @@ import redis
 from conftest import FAST
 from helpers import Procs, node_state, session_field, start_pool, wait_for
 
-from cloudq.auth import token_user
+from cloudq.central.auth import token_user
 from cloudq.client.kernel import Heartbeat
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys

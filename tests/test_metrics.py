@@ -10,7 +10,7 @@ import redis
 from helpers import FAST, Procs, clock_args, node_state, publish, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloudq.auth import Users
+from cloudq.central.auth import Users
 from cloudq.client.launcher import Launcher
 from cloudq.embedded import free_port
 from cloudq.keys import Keys

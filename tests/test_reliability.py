@@ -27,8 +27,8 @@ from rq.serializers import JSONSerializer
 from test_userdata import SIZE, connect, draw, flush, ink_rows
 
 from cloudq import jobs
-from cloudq.auth import Users
-from cloudq.central import Central
+from cloudq.central.auth import Users
+from cloudq.central.server import Central
 from cloudq.client.kernel import Heartbeat
 from cloudq.client.launcher import Launcher
 from cloudq.embedded import EmbeddedServer

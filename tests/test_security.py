@@ -1,5 +1,5 @@
 """Untrusted clients hold only their own session's Redis rights (issue 10), on the real server with
-the real ACL users of ``cloudq.acl``: each forbidden action fails with a permission error and
+the real ACL users of ``cloudq.central.acl``: each forbidden action fails with a permission error and
 changes nothing; a connection without credentials can only post a login request; revoked
 credentials lose their open connections within a second."""
 
@@ -17,8 +17,9 @@ from helpers import Procs, session_field, start_pool, wait_for
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from cloudq import acl
-from cloudq.auth import Users, dummy_hash
+from cloudq import credentials
+from cloudq.central import acl
+from cloudq.central.auth import Users, dummy_hash
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys
 from cloudq.tokens import hash_token, session_acl_password, session_acl_user
@@ -152,7 +153,7 @@ def test_without_credentials_or_as_the_login_user_only_the_login_request_works(
         gateway,
     ):
         assert c.ping()
-        assert c.blpop([keys.reply(acl.new_request_id())], timeout=0.05) is None
+        assert c.blpop([keys.reply(credentials.new_request_id())], timeout=0.05) is None
         for what, fn in {
             "read the request stream": lambda c=c: c.xrange(keys.requests),
             "read settings": lambda c=c: c.hgetall(keys.settings),

@@ -15,7 +15,7 @@ import redis
 from conftest import FAST
 from helpers import Procs, node_state, publish, session_field, start_pool, wait_for
 
-from cloudq.auth import Users
+from cloudq.central.auth import Users
 from cloudq.client.kernel import Heartbeat
 from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys

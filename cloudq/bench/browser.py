@@ -153,7 +153,7 @@ def run(samples: int = 300, blocks: int = 6) -> dict[str, Any]:
     w, h = SIZE
     result: dict[str, Any] = {"machine": machine(), "size": f"{w}x{h}", "samples": samples}
     rig = Rig()
-    from cloudq.auth import Users
+    from cloudq.central.auth import Users
 
     users = Users(rig.r, rig.keys)
     for u in ("py", "web"):

@@ -28,9 +28,9 @@ import av
 import numpy as np
 import redis
 
-from cloudq.auth import Users
 from cloudq.bench.floor import measure_floor
 from cloudq.bench.report import machine, write_section
+from cloudq.central.auth import Users
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import CallbackSink

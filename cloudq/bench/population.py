@@ -44,8 +44,8 @@ from typing import Any
 
 import redis
 
-from cloudq.auth import Users
 from cloudq.bench.procstat import children_map, own_cpu, peak_rss_mib, tree_cpu
+from cloudq.central.auth import Users
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import ClientError, Launcher, Ticket
 from cloudq.client.sinks import CallbackSink, Sink

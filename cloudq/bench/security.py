@@ -27,15 +27,15 @@ from typing import Any
 import bcrypt
 import redis
 
-from cloudq import acl
 from cloudq.bench.report import machine, write_section
+from cloudq.central import acl
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
+from cloudq.local.cluster import setup_acl
 from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
 from cloudq.state import StateMachine
 from cloudq.tokens import new_token, session_acl_password, session_acl_user
-from cloudq.up import setup_acl
 
 log = logging.getLogger(__name__)
 

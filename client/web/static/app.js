@@ -1,5 +1,5 @@
 // cloudq browser client: login, then one WebSocket carrying H.264 (binary) and control (JSON).
-// The protocol is described in client/web/server.py's docstring.
+// The protocol is described in client/web/__init__.py's docstring.
 
 import { CLOSE_SESSION, CLOSE_UNAUTHORIZED, Connection, closeWords } from './connection.js';
 import { InputCapture } from './input.js';

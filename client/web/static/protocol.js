@@ -1,4 +1,4 @@
-// Wire format shared with client/web/server.py (see its docstring). Binary server -> client messages are video packets:
+// Wire format shared with client/web/socket.py (the protocol: client/web/__init__.py). Binary server -> client messages are video packets:
 //
 //   off size  field
 //     0  u8   type          1 = video

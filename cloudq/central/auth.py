@@ -13,7 +13,8 @@ import time
 import bcrypt
 import redis
 
-from cloudq import acl
+from cloudq import credentials
+from cloudq.central import acl
 from cloudq.keys import Keys
 from cloudq.messages import USER_NAME
 from cloudq.settings import Settings
@@ -91,7 +92,7 @@ class Users:
             if th:
                 self.r.delete(self.keys.token(th))
             self.r.hdel(self.keys.session(sid), "acl")
-        if not acl.supported(self.r):
+        if not credentials.supported(self.r):
             return
         for user in ([acl.session_acl_user(sid)] if sid else []) + [acl.queue_acl_user(name)]:
             try:

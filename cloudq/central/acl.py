@@ -11,7 +11,7 @@ Users
     A client before login. May only ``XADD`` to ``P requests`` (write-only: it cannot read
     other people's requests, which carry passwords) and ``BLPOP``/``LPOP`` a key matching
     ``P reply:*``; plus ``PING``. The reply key is ``reply:<request id>``, and the request id
-    is 128 random bits the client draws (:func:`new_request_id`), so nobody else can take a
+    is 128 random bits the client draws (:func:`cloudq.credentials.new_request_id`), so nobody else can take a
     reply. Nothing else: no reads of the request stream, no KEYS/SCAN/CONFIG/FLUSH*/ACL,
     no pub/sub, no ``rq:*``. A connection without credentials therefore can post a login
     request and read its own answer, and do nothing else. (It can still fill or trim the
@@ -68,27 +68,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
+from cloudq.credentials import LOGIN_PASSWORD, LOGIN_USER, TRUSTED_WARNING
 from cloudq.keys import Keys
 from cloudq.tokens import hash_token, session_acl_password, session_acl_user
 
 log = logging.getLogger(__name__)
 
-LOGIN_USER = "cloudq-login"
-LOGIN_PASSWORD = "cloudq-login"  # public on purpose: it can only post a login request
 ROLES = ("admin", "central", "node", "worker", "gateway")
 SESSION_PREFIX = "cloudq-s-"
 QUEUE_PREFIX = "cloudq-q-"
-TRUSTED_WARNING = (
-    "Redis ACLs are OFF: every client holds the full rights of its connection "
-    "(it can read other sessions' video, write their input and enqueue jobs); clients are trusted"
-)
 
 
 def role_user(role: str) -> str:
@@ -107,11 +101,6 @@ def password_hash(password: str) -> str:
 def session_password_hash(token: str) -> str:
     """The server-side form of a session's ACL password (the token itself is never stored)."""
     return password_hash(session_acl_password(token))
-
-
-def new_request_id() -> str:
-    """A login/logout request id: 128 random bits, so nobody can guess the reply key."""
-    return secrets.token_hex(16)
 
 
 # -- rules ---------------------------------------------------------------------------------
@@ -257,33 +246,12 @@ def role_urls(url: str, passwords: Passwords) -> dict[str, str]:
     return urls
 
 
-# -- capability and the trusted-clients warning ------------------------------------------------
-def supported(r: redis.Redis) -> bool:
-    """Whether the server has ACLs (``ACL WHOAMI`` answers)."""
-    try:
-        r.execute_command("ACL", "WHOAMI")
-    except redis.ResponseError as exc:
-        return "unknown command" not in str(exc).lower() and "unknown subcommand" not in str(exc).lower()
-    return True
-
-
+# -- the trusted-clients warning ---------------------------------------------------------------
 def announce(r: redis.Redis, keys: Keys, enabled: bool) -> None:
     """The central server tells every process whether ACLs are on (settings hash field ``acl``)."""
     r.hset(keys.settings, "acl", "1" if enabled else "0")
     if not enabled:
         log.warning(TRUSTED_WARNING)
-
-
-def warn_if_trusted(r: redis.Redis, keys: Keys, who: str) -> bool:
-    """Log loudly when the deployment runs without ACLs; returns True when it does."""
-    try:
-        flag = r.hget(keys.settings, "acl")
-    except redis.ResponseError:
-        return False  # a restricted user: ACLs are evidently on
-    if flag == b"0":
-        log.warning("%s: %s", who, TRUSTED_WARNING)
-        return True
-    return False
 
 
 # -- session and queue users (the central server) ------------------------------------------
@@ -429,42 +397,3 @@ class SessionUsers:
         else:
             return True
         return bool(th) and bool(self.r.exists(self.keys.token(th.decode())))
-
-
-# -- the client's side -------------------------------------------------------------------------
-class Credentials(redis.CredentialProvider):
-    """Credentials that can change under a live client: new connections use the current ones
-    (a client logging in again gets a new token, hence a new session password)."""
-
-    def __init__(self, username: str = "", password: str = "") -> None:
-        self.username = username
-        self.password = password
-
-    def set(self, username: str, password: str) -> None:
-        self.username, self.password = username, password
-
-    def get_credentials(self) -> tuple[str] | tuple[str, str]:
-        return (self.username, self.password)
-
-
-def as_user(r: redis.Redis, creds: Credentials) -> redis.Redis:
-    """A client for the same server as ``r`` (same options) that authenticates with ``creds``."""
-    pool = r.connection_pool
-    kw = dict(pool.connection_kwargs)
-    for k in ("username", "password", "credential_provider"):
-        kw.pop(k, None)
-    new_pool = redis.ConnectionPool(connection_class=pool.connection_class, credential_provider=creds, **kw)
-    return redis.Redis(connection_pool=new_pool)
-
-
-def wait_authenticated(r: redis.Redis, timeout: float) -> None:
-    """PING until the credentials work (the central server may be creating the user right now)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            r.ping()
-            return
-        except redis.AuthenticationError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""``cloudq demo``: CLI wiring (the run itself is :mod:`cloudq.demo`, imported when it runs)."""
+"""``cloudq demo``: CLI wiring (the run itself is :mod:`cloudq.local.demo`, imported when it runs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from cloudq.cli_common import gateway_listen_options
+from cloudq.cli.common import gateway_listen_options
 
 
 @click.command()
@@ -35,7 +35,7 @@ def demo(duration: float, out: str, host: str, port: int) -> None:
     """One minute of the whole method on this machine: central, 2 nodes, a worker, the gateway and
     three scripted users (one draws, one idles so its node sleeps and wakes, one drops and
     reconnects); a live table, then a summary. Exits 1 if any step it claims did not happen."""
-    from cloudq.demo import DemoConfig, run_demo
+    from cloudq.local.demo import DemoConfig, run_demo
 
     def say(text: str) -> None:
         click.echo(text)

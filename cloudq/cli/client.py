@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from cloudq.cli_common import (
+from cloudq.cli.common import (
     _connect,
     _fail,
     _read_password,

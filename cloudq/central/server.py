@@ -8,7 +8,7 @@ Two loops, each on its own thread so a slow bcrypt check never delays a deadline
   deadline; keyspace notifications only wake it early (they are late and lossy).
 
 With ACLs on (the default where the server has them), every login creates the session's
-Redis user and every way a token stops being valid deletes it (:mod:`cloudq.acl`).
+Redis user and every way a token stops being valid deletes it (:mod:`cloudq.central.acl`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from collections import Counter
 
 import redis
 
-from cloudq import acl, auth, jobs
+from cloudq import credentials, jobs
+from cloudq.central import acl, auth
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_request
 from cloudq.retry import Backoff
@@ -71,7 +72,7 @@ class Central:
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
         self.settings.publish(self.r, self.keys)
-        if self.use_acl and not acl.supported(self.r):
+        if self.use_acl and not credentials.supported(self.r):
             log.warning("the Redis server has no ACL command")
             self.use_acl = False
         self.acl = acl.SessionUsers(self.r, self.keys, self.settings.token_ttl) if self.use_acl else None

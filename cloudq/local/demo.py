@@ -1,6 +1,6 @@
 """``cloudq demo``: the whole method on one machine in about a minute, with proof at the end.
 
-It starts an embedded Valkey with cloudq's ACL users (:class:`cloudq.up.Cluster`), the central
+It starts an embedded Valkey with cloudq's ACL users (:class:`cloudq.local.cluster.Cluster`), the central
 server, 2 ``paint`` nodes, an RQ worker and the browser gateway (its URL is printed first, so a
 person can join while it runs), then three scripted users, each a real ``cloudq connect
 --headless`` child recording what it receives into ``OUT/<user>.mp4``:
@@ -12,7 +12,7 @@ person can join while it runs), then three scripted users, each a real ``cloudq 
   once it draws, its client is killed (SIGKILL: no logout, the heartbeats just stop), and a new
   client for the same user logs in within the grace and gets the same session back.
 
-Every second a plain-text table (:mod:`cloudq.status`) and the CPU of each node process
+Every second a plain-text table (:mod:`cloudq.central.status`) and the CPU of each node process
 (``/proc``) are printed. The summary says who waited in the queue and how long, how often nodes
 slept and woke (the ``events`` stream), each user's saved data versions (the store), the MP4s, and
 the node CPU saved by sleeping: node-seconds asleep x (CPU/s of an ``--always-encode`` node with an
@@ -41,13 +41,13 @@ from typing import Any
 
 import redis
 
-from cloudq.auth import Users
 from cloudq.bench.procstat import tree_cpu
+from cloudq.central.auth import Users
+from cloudq.central.status import format_text, gather, rates
 from cloudq.keys import Keys
+from cloudq.local.cluster import Cluster
 from cloudq.procs import ProcessGroup, cloudq_command
 from cloudq.settings import Settings
-from cloudq.status import format_text, gather, rates
-from cloudq.up import Cluster
 
 log = logging.getLogger(__name__)
 

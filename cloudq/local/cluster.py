@@ -1,6 +1,6 @@
 """Everything on one machine: embedded Redis, central, nodes, workers as child processes.
 
-On the embedded server the ACL users of :mod:`cloudq.acl` are created at start (random role
+On the embedded server the ACL users of :mod:`cloudq.central.acl` are created at start (random role
 passwords) and every child connects as its role's user; ``--no-acl`` skips that (clients are
 trusted, and every process says so). ``redis_url`` is then the administrator's URL and
 ``client_url`` the public one ``cloudq connect`` uses.
@@ -15,7 +15,7 @@ import time
 
 import redis
 
-from cloudq import acl
+from cloudq.central import acl
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
 from cloudq.procs import ProcessGroup
@@ -64,7 +64,7 @@ class Cluster:
         self.redis_url = redis_url or ""
         self.client_url = self.redis_url
         self.urls: dict[str, str] = {}
-        """Each role's URL (``cloudq.acl.role_urls``) when this cluster created the ACL users."""
+        """Each role's URL (``cloudq.central.acl.role_urls``) when this cluster created the ACL users."""
         self.use_acl = use_acl
         self.prefix = prefix
         self.n_nodes = nodes

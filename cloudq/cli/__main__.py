@@ -1,0 +1,5 @@
+"""``python -m cloudq.cli``: how ``cloudq`` starts its own child processes (``cloudq.procs``)."""
+
+from cloudq.cli import main
+
+main()

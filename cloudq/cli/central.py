@@ -1,0 +1,76 @@
+"""``cloudq central``: run a central server replica."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import click
+import redis
+
+from cloudq.cli.common import (
+    _connect,
+    _cost_opt,
+    _fail,
+    _serve_metrics,
+    _stop_on_signals,
+    central_options,
+    metrics_options,
+    prefix_option,
+    redis_url_option,
+    settings_from,
+)
+from cloudq.keys import Keys
+
+
+@click.command()
+@redis_url_option
+@prefix_option
+@central_options
+@click.option("--no-notifications", is_flag=True, help="Do not use keyspace notifications at all.")
+@click.option(
+    "--no-acl",
+    is_flag=True,
+    envvar="CLOUDQ_NO_ACL",
+    show_envvar=True,
+    help="Create no per-session Redis users: clients are trusted (logged loudly).",
+)
+@_cost_opt
+@metrics_options
+def central(
+    redis_url: str | None,
+    prefix: str,
+    no_notifications: bool,
+    no_acl: bool,
+    bcrypt_cost: int,
+    metrics_port: int,
+    metrics_addr: str,
+    **kw: Any,
+) -> None:
+    """Run a central server (any number of replicas may run)."""
+    from cloudq.central.metrics import CentralMetrics
+    from cloudq.central.server import Central
+
+    try:
+        settings = settings_from(kw)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    r = _connect(redis_url)
+    c = Central(
+        r,
+        Keys(prefix),
+        settings,
+        notifications=not no_notifications,
+        use_acl=not no_acl,
+        bcrypt_cost=bcrypt_cost,
+    )
+    _serve_metrics(metrics_port, metrics_addr, CentralMetrics(r, Keys(prefix), c.counters).registry)
+    done = threading.Event()
+    _stop_on_signals(done.set)
+    try:
+        c.start()
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+    while not done.wait(1.0):
+        pass
+    c.shutdown()

@@ -1,0 +1,225 @@
+"""``cloudq node``: run a service node; ``node forget|drain|undrain``: operator actions on one."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import click
+import redis
+
+from cloudq.cli.common import (
+    _connect,
+    _fail,
+    _machine,
+    _run,
+    _serve_metrics,
+    _stop_on_signals,
+    _warn_if_trusted,
+    metrics_options,
+    operator,
+    prefix_option,
+    redis_url_option,
+    why_option,
+)
+from cloudq.keys import Keys
+
+
+def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT, got {value!r}") from None
+    return w, h
+
+
+@click.group(invoke_without_command=True)
+@redis_url_option
+@prefix_option
+@click.option(
+    "--id", "node_id", envvar="CLOUDQ_NODE_ID", help="Node id, unique in the pool (required to run)."
+)
+@click.option(
+    "--host", envvar="CLOUDQ_HOST", default=socket.gethostname, help="Host name (its worker queue)."
+)
+@click.option(
+    "--app",
+    envvar="CLOUDQ_APP",
+    default="paint",
+    show_default=True,
+    help="App to run: paint, probe, package.module:Class, or x11:COMMAND (a real X11 program, "
+    "e.g. x11:xterm or x11:'xclock -update 1').",
+)
+@click.option(
+    "--display",
+    envvar="CLOUDQ_DISPLAY",
+    default=None,
+    help="x11 apps: run on this existing X display (e.g. :0) instead of starting Xvfb.",
+)
+@click.option(
+    "--freeze/--no-freeze",
+    envvar="CLOUDQ_FREEZE",
+    default=False,
+    show_default=True,
+    help="Asleep, stop the app's program (SIGSTOP of its process group; SIGCONT on wake).",
+)
+@click.option(
+    "--size", envvar="CLOUDQ_SIZE", default="1280x720", show_default=True, callback=_size, help="WxH."
+)
+@click.option("--fps", envvar="CLOUDQ_FPS", type=click.FloatRange(1, 240), default=30.0, show_default=True)
+@click.option(
+    "--bitrate",
+    envvar="CLOUDQ_BITRATE",
+    type=click.IntRange(min=10_000),
+    default=2_000_000,
+    show_default=True,
+    help="Bits per second.",
+)
+@click.option("--preset", envvar="CLOUDQ_PRESET", default="ultrafast", show_default=True, help="x264 preset.")
+@click.option(
+    "--gop",
+    envvar="CLOUDQ_GOP",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between periodic keyframes.",
+)
+@click.option(
+    "--workspace",
+    envvar="CLOUDQ_WORKSPACE",
+    default=None,
+    help="Root of the nodes' user-data workspaces (default <tmp>/cloudq-workspace).",
+)
+@click.option(
+    "--always-encode",
+    envvar="CLOUDQ_ALWAYS_ENCODE",
+    is_flag=True,
+    help="Encode every frame tick even when nothing changed (the baseline `bench cost` compares with).",
+)
+@click.option(
+    "--store",
+    envvar="CLOUDQ_STORE",
+    default=None,
+    help="User-data store (a node saves its session there if it was declared offline).",
+)
+@metrics_options
+@click.pass_context
+def node(
+    ctx: click.Context,
+    redis_url: str | None,
+    prefix: str,
+    node_id: str | None,
+    host: str,
+    app: str,
+    display: str | None,
+    freeze: bool,
+    size: tuple[int, int],
+    fps: float,
+    bitrate: int,
+    preset: str,
+    gop: float,
+    workspace: str | None,
+    always_encode: bool,
+    metrics_port: int,
+    metrics_addr: str,
+    store: str | None,
+) -> None:
+    """Run one service node (`cloudq node --id ID ...`), or manage nodes (`cloudq node drain ID`,
+    `cloudq node forget ID`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not node_id:
+        raise click.UsageError("--id is required to run a node")
+    from cloudq.workers.metrics import NodeMetrics
+    from cloudq.workers.node import MediaConfig, Node, NodeIdTaken, default_workspace
+
+    if store:
+        os.environ["CLOUDQ_STORE"] = store
+
+    try:
+        media = MediaConfig(
+            width=size[0],
+            height=size[1],
+            fps=fps,
+            bitrate=bitrate,
+            preset=preset,
+            gop=gop,
+            workspace=workspace or default_workspace(),
+            always_encode=always_encode,
+        )
+        metrics = NodeMetrics(node_id)
+        r = _connect(redis_url)
+        n = Node(
+            r,
+            Keys(prefix),
+            node_id,
+            host=host,
+            app=app,
+            media=media,
+            display=display,
+            freeze=freeze,
+            observer=metrics,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    _serve_metrics(metrics_port, metrics_addr, metrics.attach(n).registry)
+    _stop_on_signals(lambda: (n.stop.set(), n.interrupt()))
+    try:
+        _warn_if_trusted(r, Keys(prefix), f"node {node_id}")
+        n.run()
+    except NodeIdTaken as exc:
+        _fail(str(exc), 3)
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+
+
+@node.command("forget")
+@redis_url_option
+@prefix_option
+@click.argument("node_id", metavar="ID")
+def node_forget(redis_url: str | None, prefix: str, node_id: str) -> None:
+    """Forget an offline node now (its hash, control stream and pool entry)."""
+    from cloudq.state import StateMachine
+
+    r = _connect(redis_url)
+    try:
+        status = StateMachine(r, Keys(prefix)).forget_node(node_id)
+    except redis.ConnectionError as exc:
+        _fail(f"cannot reach Redis: {exc}", 5)
+    if status != "forgotten":
+        why = {
+            "unknown": "no such node",
+            "alive": "it is alive (stop it first)",
+            "not-offline": "it is not offline (stop it first)",
+        }
+        _fail(f"node {node_id} not forgotten: {why.get(status, status)}")
+    click.echo(f"forgot node {node_id}")
+
+
+def _drain(node_id: str, on: bool, redis_url: str | None, prefix: str, reason: str) -> None:
+    sm = _machine(redis_url, prefix)
+    if not _run(sm.drain, node_id, on, operator(), reason):
+        _fail(f"no node {node_id!r}")
+
+
+@node.command("drain")
+@redis_url_option
+@prefix_option
+@why_option
+@click.argument("node_id")
+def node_drain(redis_url: str | None, prefix: str, reason: str, node_id: str) -> None:
+    """Take NODE_ID out of rotation: its session goes on, it takes no new one, it leaves the pool."""
+    _drain(node_id, True, redis_url, prefix, reason)
+    click.echo(f"node {node_id} drained: it takes no new session")
+
+
+@node.command("undrain")
+@redis_url_option
+@prefix_option
+@why_option
+@click.argument("node_id")
+def node_undrain(redis_url: str | None, prefix: str, reason: str, node_id: str) -> None:
+    """Put NODE_ID back into rotation."""
+    _drain(node_id, False, redis_url, prefix, reason)
+    click.echo(f"node {node_id} back in rotation")

@@ -1,0 +1,98 @@
+"""``cloudq up``: everything on this machine (embedded Redis unless --redis-url)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+import click
+
+from cloudq.cli.common import (
+    _stop_on_signals,
+    central_options,
+    prefix_option,
+    redis_url_option,
+    settings_from,
+)
+
+
+@click.command()
+@redis_url_option
+@prefix_option
+@click.option(
+    "--nodes", type=click.IntRange(min=0), default=2, show_default=True, help="Service nodes to start."
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="RQ workers to start."
+)
+@click.option("--app", default="paint", show_default=True)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Stop after this many seconds (0 = until Ctrl-C).",
+)
+@click.option(
+    "--data-dir",
+    envvar="CLOUDQ_DATA_DIR",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep everything here (embedded server with AOF everysec, user-data store, workspaces), "
+    "so it survives a restart. Without it everything is temporary.",
+)
+@click.option(
+    "--no-acl",
+    is_flag=True,
+    envvar="CLOUDQ_NO_ACL",
+    show_envvar=True,
+    help="Run without Redis ACL users: clients are trusted (logged loudly).",
+)
+@central_options
+def up(
+    redis_url: str | None,
+    prefix: str,
+    nodes: int,
+    workers: int,
+    app: str,
+    duration: float,
+    data_dir: str | None,
+    no_acl: bool,
+    **kw: Any,
+) -> None:
+    """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
+    from cloudq.local.cluster import Cluster
+
+    try:
+        settings = settings_from(kw)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    done = threading.Event()
+    _stop_on_signals(done.set)
+    cluster = Cluster(
+        redis_url,
+        prefix,
+        nodes=nodes,
+        workers=workers,
+        app=app,
+        settings=settings,
+        data_dir=data_dir,
+        use_acl=not no_acl,
+    )
+    with cluster as cl:
+        click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")
+        if data_dir:
+            click.echo(f"  everything is kept in {os.path.abspath(data_dir)} (survives a restart)")
+        elif cl.server is not None:
+            click.echo(
+                "  everything is TEMPORARY: users, sessions and saved data are gone when this stops "
+                "(use --data-dir DIR to keep them)"
+            )
+        click.echo(f"  redis-cli -u {cl.redis_url} keys '{prefix}*'")
+        click.echo(f"  CLOUDQ_REDIS_URL={cl.redis_url} cloudq status")
+        if cl.client_url != cl.redis_url:
+            click.echo(f"  clients: CLOUDQ_REDIS_URL={cl.client_url} cloudq connect --user NAME")
+        sys.stdout.flush()
+        done.wait(duration or None)
+        click.echo("stopping ...")
