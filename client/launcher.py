@@ -23,6 +23,7 @@ import redis
 from cloudq import credentials
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_reply
+from cloudq.retry import Backoff
 from cloudq.settings import Settings
 from cloudq.tokens import session_acl_password, session_acl_user
 
@@ -155,8 +156,13 @@ class Launcher:
         position = reply.position
         if on_position:
             on_position(position)
-        try:
-            while deadline is None or time.monotonic() < deadline:
+        # a Redis blip (a pause, a restart, a failover) while queued is ridden out like one in a
+        # session: the central server does not count time it could not see against the beat
+        budget = (self.settings.grace or 120.0) + ttl
+        backoff = Backoff(0.1, 2.0)
+        lost_at: float | None = None
+        while deadline is None or time.monotonic() < deadline:
+            try:
                 self.sr.set(self.keys.queued(user), "1", px=int(ttl * 1000))
                 got = self.sr.blpop([self.keys.notify(th)], timeout=interval)
                 if got is not None:
@@ -167,12 +173,19 @@ class Launcher:
                     node = (self.sr.hget(self.keys.session(sid), "node") or b"").decode()
                     return Ticket(user, reply.token, sid, node, "assigned", acl_user)
                 pos = self.sr.lpos(self.keys.queue, user)
-                if pos is not None and pos + 1 != position:
-                    position = pos + 1
-                    if on_position:
-                        on_position(position)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ClientError("unreachable", f"lost the server while queued: {exc}") from None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                lost_at = lost_at or time.monotonic()
+                if time.monotonic() - lost_at >= budget:
+                    raise ClientError("unreachable", f"lost the server while queued: {exc}") from None
+                log.info("queued: the server did not answer (%s); again in <%.1f s", exc, backoff.peek())
+                time.sleep(backoff.next())
+                continue
+            lost_at = None
+            backoff.reset()
+            if pos is not None and pos + 1 != position:
+                position = pos + 1
+                if on_position:
+                    on_position(position)
         self.logout(reply.token)
         raise ClientError("error", "gave up waiting for a free node")
 

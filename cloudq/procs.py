@@ -22,6 +22,10 @@ from collections.abc import Callable
 _PR_SET_PDEATHSIG = 1
 
 
+CLIENT_COMMANDS = ("connect", "gateway")
+"""Children that :meth:`ProcessGroup.stop_all` stops before the servers they talk to."""
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get ``sig`` when its parent dies, even by SIGKILL
     (Linux ``prctl(PR_SET_PDEATHSIG)``), so a harness killed with ``kill -9`` leaves no orphans.
@@ -75,6 +79,7 @@ class ProcessGroup:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.names: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, str] = {}
+        self.clients: set[int] = set()
 
     def url_for(self, command: str) -> str:
         """The Redis URL a ``cloudq COMMAND`` child gets."""
@@ -118,6 +123,8 @@ class ProcessGroup:
             p.stdin.write(stdin)
             p.stdin.close()
         self.procs.append(p)
+        if args[0] in CLIENT_COMMANDS:
+            self.clients.add(p.pid)
         if name:
             self.names[name] = p
         return p
@@ -152,7 +159,23 @@ class ProcessGroup:
         self.stop_all(timeout, [p])
 
     def stop_all(self, timeout: float = 10, which: list[subprocess.Popen[bytes]] | None = None) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds. Clients go first: a client told to
+        stop logs out, and it can only get its answer while the central server still runs."""
         procs = self.procs if which is None else which
+        clients = [p for p in procs if p.pid in self.clients]
+        if clients and len(clients) < len(procs):
+            self._stop(timeout, clients)
+            procs = [p for p in procs if p.pid not in self.clients]
+        self._stop(timeout, procs)
+        self.clients -= {p.pid for p in (self.procs if which is None else which)}
+        if which is None:
+            self.procs.clear()
+            self.names.clear()
+        else:
+            self.procs[:] = [p for p in self.procs if p not in which]
+
+    @staticmethod
+    def _stop(timeout: float, procs: list[subprocess.Popen[bytes]]) -> None:
         for p in procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -165,8 +188,3 @@ class ProcessGroup:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout)
-        if which is None:
-            self.procs.clear()
-            self.names.clear()
-        else:
-            self.procs[:] = [p for p in self.procs if p not in which]

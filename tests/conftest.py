@@ -6,6 +6,10 @@ they start connects as its role's user (clients as the login user, then their se
 so the whole suite runs with ACLs on. Set ``CLOUDQ_TEST_REDIS_URL`` (e.g.
 ``redis://127.0.0.1:6379/15``) to run against another server instead (as given, no role
 users); the suite FLUSHDBs that database before every test.
+
+The suite runs in parallel (pytest-xdist, ``-n`` in ``pyproject.toml``): each xdist worker is
+its own process with its own session fixtures, so each starts its own embedded server on its
+own free port; with ``CLOUDQ_TEST_REDIS_URL`` worker ``gwN`` uses database ``db + N``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -26,12 +31,22 @@ PREFIX = "cqt:"
 ROLE_OF = {"central": "central", "node": "node", "worker": "worker", "gateway": "gateway", "connect": "login"}
 
 
+def _worker_db(url: str, worker: str) -> str:
+    """``redis://h:p/15`` for xdist worker ``gw2`` -> ``redis://h:p/17``: parallel workers never
+    flush each other's database."""
+    if not worker.startswith("gw"):
+        return url
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0) + int(worker[2:])
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
 @pytest.fixture(scope="session")
 def role_urls() -> Iterator[dict[str, str]]:
     """Each role's URL (``admin``, ``central``, ``node``, ``worker``, ``gateway``, ``login``)."""
     url = os.environ.get("CLOUDQ_TEST_REDIS_URL")
     if url:
-        yield {"admin": url}
+        yield {"admin": _worker_db(url, os.environ.get("PYTEST_XDIST_WORKER", ""))}
         return
     server = EmbeddedServer().start()
     try:

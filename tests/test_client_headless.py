@@ -17,6 +17,7 @@ import pytest
 import redis
 from helpers import Procs, node_state, session_field, start_pool, wait_for
 
+from cloudq.central.auth import Users
 from cloudq.client.script import ScriptError, parse_script
 from cloudq.embedded import EmbeddedServer, free_port
 from cloudq.keys import Keys
@@ -200,6 +201,42 @@ def test_client_rides_out_a_redis_pause_and_keeps_receiving_frames(tmp_path: Pat
         assert "reconnecting" in s["states"] and s["states"][-1] != "reconnecting"
         assert s["counters"]["redis_errors"] >= 1 and s["keyframe_requests"] >= 1
         assert "Traceback" not in procs.output(client)
+    finally:
+        procs.stop_all()
+        r.close()
+        server.stop()
+
+
+def test_a_queued_client_rides_out_a_redis_pause_and_gets_the_node_when_it_frees(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """The queue wait survives what a session survives: it used to exit 5 at the first socket
+    timeout ("lost the server while queued") however short the outage."""
+    server = EmbeddedServer().start()
+    procs = Procs(server.url, keys.prefix, str(tmp_path))
+    r = redis.Redis.from_url(server.url)
+    try:
+        pool(r, keys, procs, app="probe", node_ttl=10.0)
+        Users(r, keys).add("bob", "pw", cost=4)
+        first = connect(procs)
+        wait_for(lambda: session_field(r, keys, "s1") == "active", 20, what="alice's session")
+        js = tmp_path / "bob.json"
+        bob = procs.start(
+            "connect", "--user", "bob", "--password-stdin", "--headless", "--stats-json", str(js),
+            "--socket-timeout", "0.8", stdin=b"pw\n",
+        )  # fmt: skip
+        wait_for(lambda: r.lpos(keys.queue, "bob") == 0, 20, what="bob queued")
+        server.pause()
+        try:
+            time.sleep(3)  # the outage itself: three seconds of a server that does not answer
+        finally:
+            server.resume()
+        assert bob.poll() is None, procs.output(bob)
+        Procs.kill(first, signal.SIGTERM)  # alice logs out: her node goes to bob
+        wait_for(lambda: stats(js).get("frames", 0) >= 1, 30, what="bob's first frame")
+        Procs.kill(bob, signal.SIGTERM)
+        assert bob.returncode == 0, procs.output(bob)
+        assert "Traceback" not in procs.output(bob)
     finally:
         procs.stop_all()
         r.close()

@@ -74,3 +74,25 @@ def test_every_job_kind_names_a_body_that_exists() -> None:
     for kind, path in jobs.BODIES.items():
         module, _, name = path.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name)), kind
+
+
+def test_a_save_for_a_node_that_is_gone_gives_up_at_once(r: redis.Redis, keys: Keys) -> None:
+    """A node that shut down (its liveness key deleted) or died saves nothing more: the job must
+    not wait the whole ack timeout for it (it held a worker's warm shutdown for 10 s)."""
+    from cloudq.workers import data
+
+    r.hset(keys.node("n9"), mapping={"state": "active", "session": "s9"})  # no alive key: it is gone
+    t0 = time.monotonic()
+    assert data.save_session(r, keys, "s9", "alice", "n9", final=False, gen=1) == "node did not answer"
+    assert time.monotonic() - t0 < data.ACK_TIMEOUT / 4
+
+
+def test_an_idle_worker_exits_within_two_seconds_of_sigterm(procs: Procs, r: redis.Redis) -> None:
+    """RQ's pub/sub thread sleeps up to 60 s between reads and redis-py 8 joins it without a
+    bound: a worker stopped between two reads hung for up to a minute."""
+    for _ in range(3):
+        w = procs.worker()
+        wait_for(lambda: r.scard("rq:workers") >= 1, 20, what="worker registered")
+        procs.kill(w, signal.SIGTERM, timeout=2)  # raises TimeoutExpired if it does not exit
+        assert w.returncode == 0, procs.output(w)[-2000:]
+        wait_for(lambda: r.scard("rq:workers") == 0, 5, what="worker unregistered")

@@ -233,7 +233,11 @@ def test_status_json_has_nodes_sessions_queue(r: redis.Redis, keys: Keys, procs:
 
     setup_pool(r, keys, procs, nodes=1)
     _, t = login(r, keys)
-    out = procs.run("status", "--json")
+    hb = beating(r, keys, t)  # the session stays live however long `cloudq status` takes to start
+    try:
+        out = procs.run("status", "--json")
+    finally:
+        hb.stop.set()
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["nodes"][0] == {**st["nodes"][0], "id": "n1", "session": t.sid, "host": "h1"}

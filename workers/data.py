@@ -127,7 +127,8 @@ def mount_session(r: redis.Redis, keys: Keys, sid: str, user: str, node: str) ->
 def _ask_node(
     r: redis.Redis, keys: Keys, node: str, sid: str, gen: int, cmd: str, field: str, want: str
 ) -> str:
-    """Send ``cmd`` and wait (bounded) until the node's hash ``field`` starts with ``want``."""
+    """Send ``cmd`` and wait (bounded by ``ACK_TIMEOUT``, and by the node's liveness) until the
+    node's hash ``field`` starts with ``want``; ``""`` if it did not answer."""
     if cmd:
         r.xadd(
             keys.node_control(node), pack_control(Control(cmd, sid, gen, want)), maxlen=1000, approximate=True
@@ -137,8 +138,8 @@ def _ask_node(
         v = (r.hget(keys.node(node), field) or b"").decode()
         if v.split("|")[0] == want:
             return v
-        if r.hget(keys.node(node), "state") == b"offline":
-            return ""
+        if r.hget(keys.node(node), "state") == b"offline" or not r.exists(keys.node_alive(node)):
+            return ""  # the node is gone (offline, shut down, or its liveness lapsed): nobody will answer
         time.sleep(0.02)
     return ""
 

@@ -35,6 +35,8 @@ HEARTBEAT_MARGIN = 8
 WORKER_TTL = 20
 """RQ derives its blocking dequeue (TTL - 15 = 5 s) and its socket timeout (dequeue + 10 = 15 s)
 from this: a half-open connection is noticed within 15 s instead of RQ's default ~7 min."""
+UNSUBSCRIBE_WAIT = 1.0
+"""Seconds a stopping worker waits for RQ's pub/sub thread (a daemon) before it exits anyway."""
 KNOWN_RESULTS = frozenset(
     {"started", "failed", "stale", "closed", "gone", "not live", "no node", "unchanged", "node did not answer",
      "another save is running"}
@@ -47,6 +49,20 @@ class CloudqWorker(Worker):
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_monitoring_interval + HEARTBEAT_MARGIN
+
+    def unsubscribe(self) -> None:
+        """RQ's own version waits for its pub/sub thread without a bound: RQ runs that thread with
+        ``sleep_time=60`` and redis-py 8's ``stop()`` joins it with no timeout, so a worker told to
+        stop while the thread sat between two reads took up to 60 s to exit. Bounded here; the
+        thread is a daemon and its connection is closed either way."""
+        if self.pubsub_thread:
+            self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+            with contextlib.suppress(redis.RedisError):
+                self.pubsub.unsubscribe()
+            self.pubsub_thread._running.clear()  # stop() without its unbounded join
+            self.pubsub_thread.join(timeout=UNSUBSCRIBE_WAIT)
+            with contextlib.suppress(redis.RedisError):
+                self.pubsub.close()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run the job (in a forked work horse, as RQ does); then, in this process, count it."""
