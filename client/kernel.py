@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable
 
 import redis
 
-from cloudq.client.player import Player
+from cloudq.client.player import Player, thread_failed
 from cloudq.client.sinks import Sink
 from cloudq.keys import Keys
 from cloudq.settings import Settings
-from cloudq.wire import InputEvent
+from cloudq.wire import BadMessage, InputEvent
 
 INPUT_MAXLEN = 1000
 KEYFRAME_REQUEST_GAP = 0.25
@@ -37,6 +37,7 @@ class Heartbeat(threading.Thread):
         self.stop = threading.Event()
         self.beats = 0
         self.failures = 0
+        self.failure: str | None = None  # why run() stopped on its own
 
     def beat(self) -> None:
         self.r.set(self.keys.heartbeat(self.sid), "1", px=int(self.settings.heartbeat_ttl * 1000))
@@ -51,6 +52,9 @@ class Heartbeat(threading.Thread):
             except redis.RedisError as exc:
                 self.failures += 1
                 log.warning("heartbeat failed: %s", exc)
+            except Exception as exc:
+                self.failure = thread_failed("the heartbeat", exc)
+                return
             self.stop.wait(self.settings.heartbeat_interval)
 
 
@@ -114,6 +118,7 @@ class InputPump(threading.Thread):
         self.on_sent = on_sent
         self.queue: queue.Queue[tuple[str, dict[str, object]] | None] = queue.Queue(maxsize=10000)
         self.dropped = 0
+        self.failure: str | None = None  # why run() stopped on its own
 
     def put(self, type: str, **kw: object) -> None:
         try:
@@ -126,12 +131,14 @@ class InputPump(threading.Thread):
             type, kw = item
             try:
                 ev = self.sender.send(type, **kw)
-            except redis.RedisError as exc:
+                if self.on_sent:
+                    self.on_sent(ev)
+            except (redis.RedisError, BadMessage) as exc:  # Redis away, or an event the wire refuses
                 self.dropped += 1
                 log.warning("input %s dropped: %s", type, exc)
-                continue
-            if self.on_sent:
-                self.on_sent(ev)
+            except Exception as exc:
+                self.failure = thread_failed("the input sender", exc)
+                return
 
     def close(self, timeout: float = 2.0) -> None:
         self.queue.put(None)
@@ -164,6 +171,23 @@ class Kernel:
         self.pump.start()
         self._thread.start()
         return self
+
+    def failure(self) -> str | None:
+        """Why the kernel cannot go on: one of its threads stopped on an error it cannot survive
+        (or died without saying why). The session ends on it instead of showing a frozen picture."""
+        if self.stop.is_set():
+            return None
+        if self.heartbeat.failure is not None:  # (its thread also ends when the clock is off)
+            return f"the heartbeat stopped ({self.heartbeat.failure})"
+        for what, thread, why in (
+            ("the video player", self._thread, self.player.failure),
+            ("the input sender", self.pump, self.pump.failure),
+        ):
+            if why is not None:
+                return f"{what} stopped ({why})"
+            if thread.ident is not None and not thread.is_alive():
+                return f"{what} stopped"
+        return None
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop both threads; sinks (recording, snapshot) are finished by the player thread."""

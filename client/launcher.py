@@ -13,6 +13,7 @@ exit code (see ``EXIT_CODES``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 
 import redis
 
-from cloudq import credentials
+from cloudq import credentials, loginflow
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_reply
 from cloudq.retry import Backoff
+from cloudq.sessionend import close_message
 from cloudq.settings import Settings
-from cloudq.tokens import session_acl_password, session_acl_user
+from cloudq.tokens import hash_token, session_acl_password, session_acl_user
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +104,18 @@ class Launcher:
             raise ClientError("error", "the server did not accept this session's credentials") from None
 
     def _request(self, req: Request) -> Reply:
+        """Post ``req`` and wait for the central server's reply (:mod:`cloudq.loginflow`)."""
+        got = None
         try:
-            self.r.xadd(self.keys.requests, req.pack(), maxlen=10000, approximate=True)
-            got = None
-            end = time.monotonic() + self.reply_timeout
-            while got is None and time.monotonic() < end:  # short blocks: below any socket timeout
-                got = self.r.blpop(
-                    [self.keys.reply(req.id)], timeout=min(1.0, max(0.01, end - time.monotonic()))
-                )
+            self.r.xadd(**loginflow.post(self.keys, req))
+            for block in loginflow.reply_blocks(self.reply_timeout):
+                got = self.r.blpop([self.keys.reply(req.id)], timeout=block)
+                if got is not None:
+                    break
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
         if got is None:
-            raise ClientError("unreachable", "no central server answered in time")
+            raise ClientError("unreachable", loginflow.NO_ANSWER)
         try:
             return unpack_reply(got[1])
         except BadMessage as exc:
@@ -132,9 +134,10 @@ class Launcher:
         With ``queue=False`` (a client logging in again to its session) a queued reply is not
         waited on: the ticket comes back with status ``queued`` and the caller decides.
         """
-        reply = self._request(Request("login", credentials.new_request_id(), user=user, password=password))
-        if not reply.ok:
-            raise ClientError(reply.status if reply.status in EXIT_CODES else "error", reply.error)
+        reply = self._request(loginflow.login_request(user, password))
+        refused = loginflow.refusal(reply)
+        if refused:
+            raise ClientError(refused, reply.error)
         try:
             self.use_identity(reply.acl_user, reply.token)
             self.settings = Settings.load(self.sr, self.keys)
@@ -147,51 +150,53 @@ class Launcher:
     def _wait_in_queue(
         self, user: str, reply: Reply, wait: float | None, on_position: Callable[[int], None] | None
     ) -> Ticket:
-        from cloudq.tokens import hash_token
-
+        """Keep the place (what each poll means is :class:`loginflow.QueueWait`'s decision, the
+        same as the gateway's) until a node is assigned, the place is lost, or ``wait`` runs out."""
+        q = loginflow.QueueWait(self.settings, reply.position, wait)
         th = hash_token(reply.token)
-        deadline = None if wait is None else time.monotonic() + wait
-        interval = self.settings.heartbeat_interval or 1.0
-        ttl = self.settings.heartbeat_ttl or 3 * interval
-        position = reply.position
         if on_position:
-            on_position(position)
-        # a Redis blip (a pause, a restart, a failover) while queued is ridden out like one in a
-        # session: the central server does not count time it could not see against the beat
-        budget = (self.settings.grace or 120.0) + ttl
+            on_position(q.position)
         backoff = Backoff(0.1, 2.0)
-        lost_at: float | None = None
-        while deadline is None or time.monotonic() < deadline:
+        while q.waiting():
             try:
-                self.sr.set(self.keys.queued(user), "1", px=int(ttl * 1000))
-                got = self.sr.blpop([self.keys.notify(th)], timeout=interval)
-                if got is not None:
-                    sid = got[1].decode()
-                    # the queued user's `queued` beat lapses by itself (it may not DEL)
-                    acl_user = session_acl_user(sid) if reply.acl_user else ""
-                    self.use_identity(acl_user, reply.token)
-                    node = (self.sr.hget(self.keys.session(sid), "node") or b"").decode()
-                    return Ticket(user, reply.token, sid, node, "assigned", acl_user)
+                self.sr.set(self.keys.queued(user), "1", px=q.beat_ms)
                 pos = self.sr.lpos(self.keys.queue, user)
+                if q.moved(pos) and on_position:
+                    on_position(q.position)
+                step = q.after_wait(pos, self.sr.blpop([self.keys.notify(th)], timeout=q.interval))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                lost_at = lost_at or time.monotonic()
-                if time.monotonic() - lost_at >= budget:
-                    raise ClientError("unreachable", f"lost the server while queued: {exc}") from None
-                log.info("queued: the server did not answer (%s); again in <%.1f s", exc, backoff.peek())
-                time.sleep(backoff.next())
-                continue
-            lost_at = None
+                if isinstance(exc, redis.AuthenticationError) and reply.acl_user:
+                    # the server deleted this ticket's queue user (acl.py): its place is gone
+                    step = q.left()
+                else:
+                    # a Redis blip (a pause, a restart, a failover) while queued is ridden out
+                    # like one in a session, within the budget QueueWait gives
+                    if q.unreachable():
+                        raise ClientError("unreachable", f"lost the server while queued: {exc}") from None
+                    log.info("queued: the server did not answer (%s); again in <%.1f s", exc, backoff.peek())
+                    time.sleep(backoff.next())
+                    continue
             backoff.reset()
-            if pos is not None and pos + 1 != position:
-                position = pos + 1
-                if on_position:
-                    on_position(position)
+            if step.kind == loginflow.LEFT:
+                step = q.left()  # a queue user may not look its ticket up
+            if step.kind == loginflow.ASSIGNED:
+                acl_user = session_acl_user(step.sid) if reply.acl_user else ""
+                node = ""
+                # the notification is taken: a blip now is the session's to ride out (it reconnects)
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    self.use_identity(acl_user, reply.token)
+                    node = (self.sr.hget(self.keys.session(step.sid), "node") or b"").decode()
+                return Ticket(user, reply.token, step.sid, node, "assigned", acl_user)
+            if step.kind == loginflow.DROPPED:
+                log.warning("queued: left the queue without a node (%s)", step.reason)
+                self.logout(reply.token)
+                raise ClientError("closed", close_message(step.reason))
         self.logout(reply.token)
         raise ClientError("error", "gave up waiting for a free node")
 
     def logout(self, token: str) -> None:
         try:
-            self._request(Request("logout", credentials.new_request_id(), token=token))
+            self._request(loginflow.logout_request(token))
         except ClientError as exc:
             log.warning("logout failed: %s", exc)
 

@@ -9,6 +9,8 @@ is logged and counted, the chain is dropped until the next keyframe, and the nod
 
 When the player falls behind (a batch spans more than ``max_lag`` seconds of stream time, or more
 than ``batch`` entries are waiting) it jumps to the newest keyframe instead of replaying old frames.
+Where to start and when to jump are :mod:`cloudq.streamread`'s decisions (the gateway's socket
+makes the same ones); this module does the reading and the decoding.
 """
 
 from __future__ import annotations
@@ -25,28 +27,27 @@ import redis
 from cloudq.client.sinks import Sink
 from cloudq.codec import Decoder, get_decoder, h264_is_keyframe
 from cloudq.keys import Keys
-from cloudq.retry import Backoff
+from cloudq.retry import Backoff, passing
+from cloudq.streamread import BATCH, MAX_LAG, Cursor, Entry, KeyframeScan
 from cloudq.wire import BadMessage, VideoPacket
 
 log = logging.getLogger(__name__)
 
-Entry = tuple[bytes, dict[bytes, bytes]]
 
-
-def _ms(entry_id: bytes) -> int:
-    return int(entry_id.split(b"-", 1)[0])
-
-
-def before(entry_id: bytes) -> bytes:
-    """The stream id just before ``entry_id`` (XREAD returns entries after the id it is given)."""
-    ms, _, seq = entry_id.partition(b"-")
-    if int(seq or 0) > 0:
-        return b"%d-%d" % (int(ms), int(seq) - 1)
-    return b"%d-%d" % (int(ms) - 1, 2**64 - 1) if int(ms) > 0 else b"0-0"
+def thread_failed(what: str, exc: BaseException) -> str:
+    """A client thread (``what``) stops on an error it cannot survive: log it (the traceback at
+    debug: a user sees the reason, not the stack) and return the reason its owner reports."""
+    why = f"{type(exc).__name__}: {exc}"
+    log.error("%s stopped: %s", what, why)
+    log.debug("%s stopped", what, exc_info=exc)
+    return why
 
 
 class Player:
     """Receives one session's video. ``poll()`` does one XREAD; ``run(stop)`` loops until ``stop``."""
+
+    failure: str | None = None
+    """Why :meth:`run` stopped on its own (an error it cannot survive); None while it plays."""
 
     def __init__(
         self,
@@ -55,8 +56,8 @@ class Player:
         sid: str,
         sinks: Iterable[Sink] = (),
         request_keyframe: Callable[[], object] | None = None,
-        max_lag: float = 0.5,
-        batch: int = 64,
+        max_lag: float = MAX_LAG,
+        batch: int = BATCH,
         block: float = 0.25,
         codec: str = "h264",
     ) -> None:
@@ -64,75 +65,62 @@ class Player:
         self.key = keys.video(sid)
         self.sinks = list(sinks)
         self.request_keyframe = request_keyframe or (lambda: None)
-        self.max_lag = max_lag
-        self.batch = batch
+        self.cursor = Cursor(max_lag, batch)
         self.block = block
         self.decoder: Decoder = get_decoder(codec)
         self.counters: Counter[str] = Counter()
-        self.last_id: bytes | None = None
         self.expected_seq: int | None = None
         self.last_frame: av.VideoFrame | None = None
         self.last_packet: VideoPacket | None = None
 
-    # -- where to start ---------------------------------------------------------------------
-    def newest_keyframe(self, after: bytes = b"0-0") -> bytes | None:
-        """Id of the newest keyframe entry newer than ``after`` (scanning back from the end)."""
-        end = b"+"
-        while True:
-            chunk = self.r.xrevrange(self.key, max=end, min=b"(" + after, count=32)
-            for entry_id, fields in chunk:
-                try:
-                    if VideoPacket.unpack(fields).keyframe:
-                        return entry_id
-                except BadMessage:
-                    continue
-            if len(chunk) < 32:
-                return None
-            end = b"(" + chunk[-1][0]
+    # -- where to read (the decisions are cloudq.streamread's) ---------------------------------
+    @property
+    def last_id(self) -> bytes | None:
+        """The id the next XREAD reads after (None: not placed yet)."""
+        return self.cursor.last
+
+    def scan(self, after: bytes = b"0-0") -> KeyframeScan:
+        """Look for the newest keyframe entry newer than ``after`` (back from the stream's end)."""
+        scan = KeyframeScan(after)
+        while not scan.feed(self.r.xrevrange(self.key, **scan.page())):
+            pass
+        return scan
 
     def seek_start(self) -> None:
         """Start at the newest keyframe (the last picture shows at once), else at the stream's end."""
-        kid = self.newest_keyframe()
-        if kid is not None:
-            self.last_id = before(kid)
-            return
-        last = self.r.xrevrange(self.key, count=1)
-        self.last_id = last[0][0] if last else b"0-0"
-        if last:
+        if self.cursor.start(self.scan()):
             self._lost("no keyframe in the stream")
 
     # -- receiving --------------------------------------------------------------------------
     def poll(self, block: float | None = None) -> int:
         """One XREAD (blocking up to ``block`` s); returns how many frames were decoded."""
-        if self.last_id is None:
+        if self.cursor.last is None:
             self.seek_start()
-        assert self.last_id is not None
+        assert self.cursor.last is not None
         wait = self.block if block is None else block
-        resp = self.r.xread({self.key: self.last_id}, count=self.batch, block=max(1, int(wait * 1000)))
+        resp = self.r.xread(
+            {self.key: self.cursor.last}, count=self.cursor.batch, block=max(1, int(wait * 1000))
+        )
         if not resp:
             return 0
         entries: list[Entry] = resp[0][1]
-        if self._behind(entries) and self._jump():
+        if self.cursor.behind(entries) and self._jump():
             return 0
         decoded = 0
         for entry_id, fields in entries:
-            self.last_id = entry_id
+            self.cursor.last = entry_id
             decoded += self.handle(entry_id, fields)
         return decoded
 
-    def _behind(self, entries: list[Entry]) -> bool:
-        return len(entries) >= self.batch or _ms(entries[-1][0]) - _ms(entries[0][0]) > self.max_lag * 1000
-
     def _jump(self) -> bool:
-        assert self.last_id is not None
-        kid = self.newest_keyframe(after=self.last_id)
-        if kid is None or before(kid) == self.last_id:
+        assert self.cursor.last is not None
+        scan = self.scan(after=self.cursor.last)
+        if not self.cursor.jump(scan):
             return False  # the newest keyframe is behind us: decode through to catch up
         self.counters["jumps"] += 1
-        log.info("video: behind; skipping to the newest keyframe %s", kid.decode())
+        log.info("video: behind; skipping to the newest keyframe %s", (scan.found or b"").decode())
         self.decoder.reset()
         self.expected_seq = None
-        self.last_id = before(kid)
         return True
 
     def handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> int:
@@ -188,16 +176,21 @@ class Player:
         return self.decoder.to_rgb(frame)
 
     def run(self, stop: threading.Event) -> None:
+        """Play until ``stop``. Redis errors that pass (:func:`cloudq.retry.passing`) are retried;
+        anything else ends the thread with :attr:`failure` set, which ends the session."""
         backoff = Backoff(0.1, 0.5)
         try:
             while not stop.is_set():
                 try:
                     self.poll()
                     backoff.reset()
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except Exception as exc:
+                    if not passing(exc):
+                        self.failure = thread_failed("video: the player", exc)
+                        return
                     # the session's reconnection is the launcher's business: keep trying quietly
                     self.counters["redis_errors"] += 1
-                    log.warning("video: redis unreachable (%s)", exc)
+                    log.warning("video: redis error (%s)", exc)
                     backoff.wait(stop)
         finally:
             self.close()

@@ -9,9 +9,12 @@ player, input pump), watches the session hash, and logs out at the end. It also:
   (online reconnection), and asks for a keyframe so the picture resumes at once;
 - **follows a move**: when the central server gives the session another node (its node died),
   the video stream key stays the same; the client asks for a keyframe and shows the new node;
-- **explains a close** in plain words (:data:`REASONS`) and raises ``ClientError("closed")``;
+- **explains a close** in plain words (:mod:`cloudq.sessionend`, as the web gateway does) and raises
+  ``ClientError("closed")``;
 - **gives up on an unusable stream**: video entries arriving for ``stream_timeout`` seconds
   without one decodable frame raise ``ClientError("stream")``;
+- **never freezes**: a kernel thread (player, input sender, heartbeat) that stops on an error it
+  cannot survive ends the session with its reason (``ClientError("error")``, exit 1);
 - marks **activity** for every real input (window or script), never for keyframe requests;
 - keeps what it saw in :meth:`stats` (and ``stats_json``, rewritten every second and at the end).
 
@@ -27,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 
@@ -38,44 +41,18 @@ from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
 from cloudq.client.stats import StatsSink, write_json
 from cloudq.keys import Keys
 from cloudq.retry import Backoff
-from cloudq.tokens import hash_token, same_token
+from cloudq.sessionend import close_message, session_end
+from cloudq.state import CloseReason
+from cloudq.tokens import hash_token
 
 log = logging.getLogger(__name__)
 
-REASONS = {
-    "grace": "the session was closed: the client was gone longer than the reconnect grace",
-    "user_deleted": "the session was closed: the account was deleted",
-    "app_error": "the session was closed: the program on the node failed (your data was saved if it could be)",
-    "server_restarted": "the session was closed: the server restarted without it (your work was saved)",
-    "idle": "the session was closed: no input for too long",
-    "max_session": "the session was closed: it reached the maximum session length",
-    "logout": "the session was closed: logged out elsewhere",
-    "mount_failed": "the session was closed: your data could not be loaded onto a node",
-    "taken_over": "the session was taken over by another login of the same user",
-    "disabled": "the session was closed: the account was disabled by the operator",
-    "app_exited": "the session was closed: the program exited (your files were saved)",
-    "app_crashed": "the session was closed: the program crashed (your files were saved)",
-    "input_flood": "the session was closed: the client sent more input than the limits allow",
-}
 WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 STREAM_TIMEOUT = 10.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
 STATS_EVERY = 1.0
 CREDENTIALS_REFUSED_FOR = 2.0
-
-
-def close_message(reason: str) -> str:
-    if reason in REASONS:
-        return REASONS[reason]
-    if reason.startswith("mount"):
-        return REASONS["mount_failed"] + f" ({reason})"
-    if reason.startswith("admin:"):
-        return f"the session was closed by the operator: {reason.removeprefix('admin:').strip()}"
-    kind, _, detail = reason.partition(": ")
-    if kind in ("app_crashed", "app_error") and detail:
-        return REASONS[kind] + f" ({detail})"
-    return f"the session was closed ({reason or 'no reason given'})"
 
 
 @dataclass
@@ -318,6 +295,7 @@ class ClientSession:
                 self._reconnect(exc)
                 continue
             self._check_stream(now)
+            self._check_kernel()
             if now >= next_stats:
                 self.write_stats()
                 next_stats = now + STATS_EVERY
@@ -325,21 +303,21 @@ class ClientSession:
             self.stop.wait(wait)
         return "session ended (stopped by the user)"
 
+    def _ended(self, reason: str) -> NoReturn:
+        """The server ended the session (or another login holds it): say why, exit 6."""
+        self._seen("closed")
+        self.close_reason = reason
+        raise ClientError("closed", close_message(reason))
+
     def _check_session(self) -> None:
         assert self.ticket is not None
         raw = self.launcher.sr.hmget(
             self.keys.session(self.ticket.sid), "state", "close_reason", "node", "warning", "token"
         )
         state, reason, node, warning, token = ((v or b"").decode() for v in raw)
-        state = state or "closed"
-        if state == "closed" or reason:
-            self._seen("closed")
-            self.close_reason = reason or "unknown"
-            raise ClientError("closed", close_message(reason))
-        if token and not same_token(token, hash_token(self.ticket.token)):
-            self._seen("closed")
-            self.close_reason = "taken_over"
-            raise ClientError("closed", close_message("taken_over"))
+        ended = session_end(state, reason, token, hash_token(self.ticket.token))
+        if ended:
+            self._ended(ended)
         if state == "sleeping" and self.state != "sleeping" and self.launcher.settings.idle_close:
             self.say(
                 f"idle: the node is asleep until your next input; the session closes after "
@@ -372,6 +350,13 @@ class ClientSession:
                 f"({c['bad_entries']} bad entries, {c['decode_errors']} decode errors, {c['gaps']} gaps)",
             )
 
+    def _check_kernel(self) -> None:
+        """A kernel thread stopped (the player, the input sender): end the session and say why,
+        rather than leave a frozen picture while the heartbeats go on."""
+        why = self.kernel.failure() if self.kernel is not None else None
+        if why:
+            raise ClientError("error", f"{why}; the session was ended")
+
     # -- reconnection ------------------------------------------------------------------------
     def _reconnect(self, exc: Exception) -> None:
         """Back off (exponential, jittered) until the server answers, then log in again."""
@@ -403,17 +388,16 @@ class ClientSession:
                     refused_since = refused_since or time.monotonic()
                     if time.monotonic() - refused_since >= CREDENTIALS_REFUSED_FOR:
                         self.say("the server no longer accepts this session's credentials")
-                        self._seen("closed")
-                        self.close_reason = "taken_over"
-                        raise ClientError("closed", close_message("taken_over")) from None
+                        self._ended(CloseReason.TAKEN_OVER)
                     raise
-                state, reason = (
-                    (v or b"").decode()
-                    for v in self.launcher.sr.hmget(self.keys.session(sid), "state", "close_reason")
+                # closed or closing while we were away: login.lua would not reconnect into it but
+                # start another session, so read why first (as the watch loop does)
+                ended = session_end(
+                    *self.launcher.sr.hmget(self.keys.session(sid), "state", "close_reason", "token"),
+                    mine=hash_token(self.ticket.token),
                 )
-                if not state or state == "closed":
-                    self.close_reason = reason or "unknown"
-                    raise ClientError("closed", close_message(reason))
+                if ended:
+                    self._ended(ended)
                 ticket = self.launcher.login(self.user, self._password, queue=False)
             except (ClientError, *REDIS_DOWN) as err:
                 if isinstance(err, ClientError) and err.kind != "unreachable":
@@ -434,10 +418,10 @@ class ClientSession:
                 continue
             break
         if ticket.sid != sid:
-            # the old session ended while we were away; this login started (or queued) another
+            # the session ended between that read and this login, which started (or queued)
+            # another: end that one; why the old one ended is no longer readable with its rights
             self.launcher.logout(ticket.token)
-            self.close_reason = "grace"
-            raise ClientError("closed", close_message("grace"))
+            self._ended(CloseReason.CLOSED)
         self.ticket = ticket
         down = time.monotonic() - lost_at
         self.reconnects.append(

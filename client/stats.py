@@ -21,18 +21,12 @@ from typing import Any
 import av
 
 from cloudq.client.sinks import Sink
+from cloudq.percentile import percentile
 from cloudq.wire import InputEvent, VideoPacket
 
 WINDOW = 2.0
 LATENCY_HORIZON = 5.0
 MAX_SAMPLES = 2000
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 class StatsSink(Sink):
@@ -92,8 +86,8 @@ class StatsSink(Sink):
             lat = list(self.latencies_ms)
         return {
             "count": len(lat),
-            "p50": percentile(lat, 50),
-            "p99": percentile(lat, 99),
+            "p50": percentile(lat, 50) if lat else None,
+            "p99": percentile(lat, 99) if lat else None,
             "last": self.last_latency_ms,
             "unanswered": self.unanswered,
             "samples": lat,

@@ -7,6 +7,7 @@ session's media keys share one slot. README's key table is generated from ``TABL
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "cloudq:"
@@ -40,7 +41,13 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "cli",
         "when an account of this name was deleted: older versions are not mounted",
     ),
-    ("token:<sha256>", "string", "token TTL", "central", "msgpack {user, sid}; only the token's hash"),
+    (
+        "token:<sha256>",
+        "string",
+        "token TTL",
+        "central",
+        "the user's name; the key holds only the token's hash",
+    ),
     ("requests", "stream", "-", "clients", "login/logout requests (consumer group `central`)"),
     ("reply:<request id>", "list", "30 s", "central", "the reply to one request"),
     ("nodes", "set", "-", "nodes", "all node ids"),
@@ -146,6 +153,14 @@ class Keys:
     def acl_expiry(self) -> str:
         return self._k("acl:expiry")
 
+    @property
+    def moves(self) -> str:
+        return self._k("moves")
+
+    @property
+    def seq(self) -> str:
+        return self._k("seq")
+
     # users and tokens
     def user(self, name: str) -> str:
         return self._k(f"user:{name}")
@@ -215,6 +230,43 @@ def key_table_markdown(prefix: str = DEFAULT_PREFIX) -> str:
     rows = ["| key | type | TTL | written by | meaning |", "|---|---|---|---|---|"]
     rows += [f"| `{prefix}{p}` | {t} | {ttl} | {w} | {m} |" for p, t, ttl, w, m in TABLE]
     return "\n".join(rows)
+
+
+# Members of Keys that are not key names (the Lua helpers leave them out).
+_NOT_KEYS = frozenset({"job_queue"})  # an RQ queue name; RQ adds its own prefix
+_LUA_P, _LUA_ARG = "\x00P\x00", "\x00A\x00"  # stand-ins traced through each Keys member
+
+
+def _lua_concat(formatted: str, prefix_var: str) -> str:
+    """``P .. 'node:' .. id .. ':alive'`` from a name formatted with the stand-ins."""
+    pieces = []
+    for part in re.split(f"({_LUA_P}|{_LUA_ARG})", formatted):
+        if part == _LUA_P:
+            pieces.append(prefix_var)
+        elif part == _LUA_ARG:
+            pieces.append("id")
+        elif part:
+            pieces.append("'" + part.replace("\\", "\\\\").replace("'", "\\'") + "'")
+    return " .. ".join(pieces)
+
+
+def lua_key_helpers(prefix_var: str = "P") -> str:
+    """Lua helpers formatting every key exactly as :class:`Keys` does, generated from it:
+    ``K_POOL`` for a global key, ``k_node_alive(id)`` for a key of one object. The scripts
+    (``cloudq/scripts``) name keys only through these; ``prefix_var`` is the Lua variable that
+    holds the prefix, declared before this text."""
+    traced = Keys(_LUA_P)
+    lines = ["-- key names, generated from cloudq.keys.Keys by lua_key_helpers(): do not edit"]
+    for name, member in vars(Keys).items():
+        if name.startswith("_") or name in _NOT_KEYS:
+            continue
+        if isinstance(member, property):
+            expr = _lua_concat(getattr(traced, name), prefix_var)
+            lines.append(f"local K_{name.upper()} = {expr}")
+        elif callable(member):
+            expr = _lua_concat(getattr(traced, name)(_LUA_ARG), prefix_var)
+            lines.append(f"local function k_{name}(id) return {expr} end")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

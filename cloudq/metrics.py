@@ -14,6 +14,7 @@ truth and nothing drifts.
 | ``cloudq_queue_length`` | gauge | | central |
 | ``cloudq_sweeper_lag_seconds`` | gauge | | central |
 | ``cloudq_logins_total`` | counter | result | central |
+| ``cloudq_central_loop_restarts_total`` | counter | loop | central |
 | ``cloudq_queue_wait_seconds`` | histogram | | central |
 | ``cloudq_jobs_total`` | counter | kind, result | worker |
 | ``cloudq_job_duration_seconds`` | histogram | kind | worker |

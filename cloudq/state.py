@@ -8,12 +8,13 @@ a retried job, a node) cannot double-assign a node or resurrect a closed session
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib import resources
 from typing import Any
 
 import redis
 
-from cloudq.keys import Keys
+from cloudq.keys import Keys, lua_key_helpers
 
 _NAMES = [
     "login",
@@ -38,13 +39,87 @@ _NAMES = [
     "request_close",
 ]
 
-NODE_STATES = ("free", "assigned", "active", "sleeping", "closing", "offline")
-SESSION_STATES = ("queued", "starting", "active", "sleeping", "disconnected", "closed")
+
+class NodeState(StrEnum):
+    """A node hash's ``state`` (see the diagram in DESIGN.md)."""
+
+    FREE = "free"
+    ASSIGNED = "assigned"
+    ACTIVE = "active"
+    SLEEPING = "sleeping"
+    CLOSING = "closing"
+    OFFLINE = "offline"
+
+
+class SessionState(StrEnum):
+    """A session hash's ``state`` (``queued`` is where a user waits before there is a session).
+    A session whose ``close_reason`` is set is closing whatever its state: see
+    :func:`cloudq.sessionend.session_end`."""
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    ACTIVE = "active"
+    SLEEPING = "sleeping"
+    DISCONNECTED = "disconnected"
+    CLOSED = "closed"
+
+
+class CloseReason(StrEnum):
+    """Why a session ended: a session hash's ``close_reason`` (written by the scripts and jobs),
+    and what a client concludes by itself (``taken_over``; ``closed`` when none was recorded).
+    Four carry a detail after a colon: ``mount_failed: <error>``, ``app_error: <error>``,
+    ``app_crashed: exit status N`` and ``admin: <the operator's reason>``. Each has its words in
+    :data:`cloudq.sessionend.REASONS`."""
+
+    GRACE = "grace"
+    IDLE = "idle"
+    MAX_SESSION = "max_session"
+    LOGOUT = "logout"
+    USER_DELETED = "user_deleted"
+    DISABLED = "disabled"
+    SERVER_RESTARTED = "server_restarted"
+    MOUNT_FAILED = "mount_failed"
+    APP_ERROR = "app_error"
+    APP_EXITED = "app_exited"
+    APP_CRASHED = "app_crashed"
+    INPUT_FLOOD = "input_flood"
+    ADMIN = "admin"
+    TAKEN_OVER = "taken_over"
+    CLOSED = "closed"
+    QUEUE_DROPPED = "queue_dropped"  # a queued client lost its place before a node (cloudq.loginflow)
+
+
+class JobResult(StrEnum):
+    """What the RQ job bodies (``workers/jobs.py``, ``workers/data.py``) return, the ``result``
+    label of ``cloudq_jobs_total`` (spaces as underscores); a save that wrote a version returns
+    ``version N`` instead (counted as ``saved``)."""
+
+    STARTED = "started"
+    FAILED = "failed"
+    STALE = "stale"
+    CLOSED = "closed"
+    GONE = "gone"
+    NOT_LIVE = "not live"
+    NO_NODE = "no node"
+    NO_USER = "no user"
+    NOT_MOUNTED = "not mounted by this session"
+    UNCHANGED = "unchanged"
+    NODE_DID_NOT_ANSWER = "node did not answer"
+    ANOTHER_SAVE_IS_RUNNING = "another save is running"
+
+
+NODE_STATES = tuple(NodeState)
+SESSION_STATES = tuple(SessionState)
+
+
+# Every script starts with the key prefix (``StateMachine._run`` passes it as ARGV[1]), the key
+# helpers generated from ``Keys`` (``K_POOL``, ``k_session(sid)``, ...), then ``_lib.lua``.
+LUA_PRELUDE = "local P = ARGV[1]\n" + lua_key_helpers("P")
 
 
 def _source(name: str) -> str:
     files = resources.files("cloudq") / "scripts"
-    return (files / "_lib.lua").read_text() + "\n" + (files / f"{name}.lua").read_text()
+    return "\n".join((LUA_PRELUDE, (files / "_lib.lua").read_text(), (files / f"{name}.lua").read_text()))
 
 
 @dataclass

@@ -26,9 +26,13 @@ def same_token(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+SESSION_ACL_PREFIX = "cloudq-s-"
+"""Start of every session ACL user's name (:func:`session_acl_user`)."""
+
+
 def session_acl_user(sid: str) -> str:
     """The Redis ACL user a client of session ``sid`` connects as (see the security section)."""
-    return f"cloudq-s-{sid}"
+    return SESSION_ACL_PREFIX + sid
 
 
 def session_acl_password(token: str) -> str:

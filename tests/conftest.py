@@ -85,3 +85,19 @@ def procs(
         yield p
     finally:
         p.stop_all()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` (tens of seconds each) start first, one at the head of each xdist
+    worker's share (``--dist worksteal`` hands each worker a contiguous share of this order), so
+    no worker ends the run alone on a minute-long test while the others are idle."""
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    slow = [i for i in items if i.get_closest_marker("slow")]
+    rest = [i for i in items if not i.get_closest_marker("slow")]
+    size = -(-len(items) // workers)  # the share of each worker, rounded up
+    ordered: list[pytest.Item] = []
+    for w in range(workers):
+        head = slow[w::workers]
+        ordered += head + rest[: size - len(head)]
+        rest = rest[size - len(head) :]
+    items[:] = ordered + rest

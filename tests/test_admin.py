@@ -7,8 +7,9 @@ import getpass
 import subprocess
 import threading
 
+import pytest
 import redis
-from helpers import Procs, node_state, session_field, start_pool, wait_for
+from helpers import Procs, events, node_state, session_field, start_pool, wait_for
 
 from cloudq.client.launcher import ClientError, Launcher
 from cloudq.keys import Keys
@@ -22,14 +23,6 @@ def admin(procs: Procs, *args: str) -> subprocess.CompletedProcess[str]:
     out = procs.run(*args)
     assert out.returncode == 0, out.stdout + out.stderr
     return out
-
-
-def events(r: redis.Redis, keys: Keys, obj: str) -> list[dict[str, str]]:
-    return [
-        {k.decode(): v.decode() for k, v in f.items()}
-        for _, f in r.xrange(keys.events)
-        if f[b"obj"].decode() == obj
-    ]
 
 
 def test_a_drained_node_finishes_its_session_and_never_takes_a_new_one(
@@ -102,10 +95,9 @@ def test_a_disabled_user_is_closed_and_refused_until_enabled(
     again = connect(procs, "bob", "--duration", "5")
     assert again.wait(30) == 4
     assert "disabled" in procs.output(again)
-    try:
+    with pytest.raises(ClientError) as wrong:
         Launcher(r, keys).login("bob", "wrong")
-    except ClientError as exc:
-        assert exc.kind == "invalid"  # a wrong password never learns that the account is disabled
+    assert wrong.value.kind == "invalid"  # a wrong password never learns that the account is disabled
     admin(procs, "user", "enable", "bob")
     assert Launcher(r, keys).login("bob", "pw").status == "assigned"
     reasons = [e["reason"] for e in events(r, keys, "user:bob")]

@@ -226,6 +226,8 @@ def test_a_queued_client_rides_out_a_redis_pause_and_gets_the_node_when_it_frees
             "--socket-timeout", "0.8", stdin=b"pw\n",
         )  # fmt: skip
         wait_for(lambda: r.lpos(keys.queue, "bob") == 0, 20, what="bob queued")
+        # logged in and waiting (settings read, first position shown): the pause hits the queue wait
+        wait_for(lambda: "queued: position 1" in procs.output(bob), 20, what="bob waiting in the queue")
         server.pause()
         try:
             time.sleep(3)  # the outage itself: three seconds of a server that does not answer
@@ -334,3 +336,48 @@ def test_an_idle_session_says_when_it_will_close(
     assert "closes after 60 s without input" in procs.output(client)
     Procs.kill(client, signal.SIGTERM)
     assert client.returncode == 0
+
+
+def test_a_session_closed_while_the_client_was_away_is_explained_and_not_replaced(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """The operator closes the session during an outage, before the client can look: it used to
+    log in again (a closing session is not reconnected into, so that started a second session on
+    the free node), log that one out and say "grace"."""
+    from cloudq.state import StateMachine
+
+    server = EmbeddedServer().start()
+    procs = Procs(server.url, keys.prefix, str(tmp_path))
+    r = redis.Redis.from_url(server.url)
+    client: subprocess.Popen[bytes] | None = None
+    try:
+        p = start_pool(
+            r, keys, procs, 2, "probe", ("--size", "320x240", "--fps", "30"), users=("alice",),
+            idle_timeout=30.0, grace=30.0, node_ttl=10.0,
+        )  # fmt: skip
+        js = tmp_path / "stats.json"
+        client = connect(procs, "--stats-json", str(js), "--socket-timeout", "0.8")
+        wait_for(lambda: stats(js).get("frames", 0) >= 5, 20, what="frames flowing")
+        Procs.kill(p.worker)  # no close job runs: the session stays closing, as a slow close does
+        server.pause()
+        try:
+            wait_for(lambda: stats(js).get("states", [""])[-1] == "reconnecting", 5, what="client noticed")
+            os.killpg(client.pid, signal.SIGSTOP)  # it has had no answer since: it cannot have looked
+        finally:
+            server.resume()
+        assert StateMachine(r, keys).admin_close("s1", "admin: maintenance", "tester") == "ok"
+        os.killpg(client.pid, signal.SIGCONT)
+        assert client.wait(20) == 6, procs.output(client)
+        out = procs.output(client)
+        assert out.strip().splitlines()[-1] == "cloudq: the session was closed by the operator: maintenance"
+        s = stats(js)
+        assert s["close_reason"] == "admin: maintenance" and s["exit_code"] == 6 and s["reconnects"] == []
+        assert r.get(keys.seq) == b"1", "no second session was started"
+        assert r.hget(keys.user("alice"), "session") == b"s1" and r.lpos(keys.queue, "alice") is None
+        assert "Traceback" not in out
+    finally:
+        if client is not None and client.poll() is None:
+            os.killpg(client.pid, signal.SIGCONT)
+        procs.stop_all()
+        r.close()
+        server.stop()

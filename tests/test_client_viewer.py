@@ -18,16 +18,23 @@ import av
 import numpy as np
 import pytest
 import redis
-from helpers import Procs, wait_for
+from helpers import Procs, missing_prerequisite, wait_for
 from test_client_headless import BLUE, pool, share, stats
 
 from cloudq.client.viewer import fit, key_name, resize, show_status
 from cloudq.keys import Keys
 
 MISSING = [p for p in ("Xvfb", "xdotool") if shutil.which(p) is None]
-needs_x = pytest.mark.skipif(
-    bool(MISSING), reason=f"viewer test needs {' and '.join(MISSING)} on PATH (apt: xvfb xdotool)"
-)
+
+
+@pytest.fixture
+def _x_programs() -> None:
+    """Skips the test, saying why, where a program is missing; in CI that fails instead."""
+    if MISSING:
+        missing_prerequisite(f"viewer test needs {' and '.join(MISSING)} on PATH (apt: xvfb xdotool)")
+
+
+needs_x = pytest.mark.usefixtures("_x_programs")
 
 
 def test_window_pixels_map_to_stream_pixels_and_keys_map_to_names() -> None:
@@ -55,7 +62,7 @@ def display() -> Iterator[str]:
         with os.fdopen(rfd) as fh:
             number = fh.readline().strip()  # Xvfb writes its display number once it is ready
         if not number:
-            pytest.skip("Xvfb could not start a display")
+            missing_prerequisite("Xvfb could not start a display")
         yield f":{number}"
     finally:
         xvfb.terminate()

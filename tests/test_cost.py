@@ -13,8 +13,8 @@ from helpers import Procs
 
 from cloudq.bench import nodecost
 from cloudq.bench.population import Habits, Mode, PopulationConfig, run_population
-from cloudq.bench.procstat import tree_cpu
 from cloudq.keys import Keys
+from cloudq.procstat import tree_cpu
 from cloudq.wire import VideoPacket
 from cloudq.workers.apps import PaintApp
 from cloudq.workers.node import MediaConfig, Streamer
@@ -65,6 +65,7 @@ def test_tree_cpu_counts_children() -> None:
     assert tree_cpu(os.getpid()) >= 0.25
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_population_runs_both_modes_and_accounts_for_every_process(tmp_path) -> None:
     # short visits and breaks (simulated seconds / 60): users come and go, so 4 users share 2 nodes
@@ -118,6 +119,7 @@ def test_bench_cost_refuses_bad_options_with_a_clear_message(procs: Procs) -> No
         assert opt in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_node_states_show_what_the_method_saves_and_where_it_cannot() -> None:
     x = nodecost.measure(PopulationConfig(), seconds=2.0)

@@ -8,10 +8,12 @@ import subprocess
 from pathlib import Path
 
 import av
+import pytest
 
 from cloudq.procs import cloudq_command
 
 
+@pytest.mark.slow
 def test_demo_runs_every_step_it_claims_and_exits_0(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "CLOUDQ_DEMO_DURATION": "15", "CLOUDQ_GATEWAY_PORT": "0"}

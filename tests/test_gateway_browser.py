@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from helpers import Procs, session_field, start_pool, wait_for
+from helpers import Procs, missing_prerequisite, session_field, start_pool, wait_for
 
 from cloudq.keys import Keys
 from cloudq.messages import Control, pack_control
@@ -35,13 +35,20 @@ HAVE_BROWSER = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
 W, H = 320, 240
 TOL = 40  # a thin stroke's edge pixels are blurred by 4:2:0 chroma and the encoder
 
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (pip install '.[test]')"
-)
-pytestmark = pytest.mark.skipif(
-    not HAVE_BROWSER,
-    reason="chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; .ci/run does)",
-)
+try:
+    from selenium import webdriver
+except ImportError:
+    missing_prerequisite("selenium is not installed (pip install '.[test]')", module=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_installed() -> None:
+    """Skips the module, saying why, where the browser is missing; in CI that fails instead."""
+    if not HAVE_BROWSER:
+        missing_prerequisite(
+            "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; .ci/run does)"
+        )
+
 
 from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -267,6 +274,7 @@ def test_gateway_killed_and_restarted_the_page_reconnects_to_the_same_session(
     assert stats(driver)["decodeErrors"] == 0
 
 
+@pytest.mark.slow
 def test_a_second_browser_for_another_user_sees_only_their_own_canvas(
     r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
 ) -> None:
@@ -557,3 +565,22 @@ def test_an_idle_page_lets_the_session_sleep_and_input_wakes_it(
         return status.text.startswith("active")
 
     wait_for(poke_and_read, 10, interval=0.2, what="the status line active again while input flows")
+
+
+def test_an_operators_close_is_worded_on_the_page_as_the_python_client_words_it(
+    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+) -> None:
+    """The page keeps no table of reasons: the gateway sends the words (it used to show only
+    ``the session was closed (admin: …)`` for reasons its own copy lacked)."""
+    from cloudq.sessionend import close_message
+    from cloudq.state import StateMachine
+
+    login(driver, gateway, "carol")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    sid = stats(driver)["sid"]
+    assert StateMachine(r, keys).admin_close(sid, "admin: disk swap", "tester") == "ok"
+    status = driver.find_element(By.ID, "status")
+    wait_for(lambda: status.get_attribute("data-state") == "closed", 10, what="the page closed")
+    assert "the session was closed by the operator: disk swap" in status.text
+    assert close_message("admin: disk swap") in status.text
+    assert stats(driver)["closeReason"] == "admin: disk swap"

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import pytest
 import redis
 from helpers import Procs, wait_for
 from rq import Queue, Retry
@@ -32,6 +33,7 @@ def test_job_ids_are_deterministic_and_enqueued_once(r: redis.Redis, keys: Keys)
     json.loads(zlib.decompress(raw))  # RQ compresses the payload; inside it is JSON, never pickle
 
 
+@pytest.mark.slow
 def test_job_of_a_sigkilled_worker_is_retried_and_completes_within_60s(
     r: redis.Redis, keys: Keys, procs: Procs
 ) -> None:
@@ -87,12 +89,13 @@ def test_a_save_for_a_node_that_is_gone_gives_up_at_once(r: redis.Redis, keys: K
     assert time.monotonic() - t0 < data.ACK_TIMEOUT / 4
 
 
-def test_an_idle_worker_exits_within_two_seconds_of_sigterm(procs: Procs, r: redis.Redis) -> None:
+def test_an_idle_worker_exits_within_five_seconds_of_sigterm(procs: Procs, r: redis.Redis) -> None:
     """RQ's pub/sub thread sleeps up to 60 s between reads and redis-py 8 joins it without a
-    bound: a worker stopped between two reads hung for up to a minute."""
+    bound: a worker stopped between two reads hung for up to a minute (the harness gave up and
+    SIGKILLed it after 10 s). Five seconds leaves room for a loaded machine."""
     for _ in range(3):
         w = procs.worker()
         wait_for(lambda: r.scard("rq:workers") >= 1, 20, what="worker registered")
-        procs.kill(w, signal.SIGTERM, timeout=2)  # raises TimeoutExpired if it does not exit
+        procs.kill(w, signal.SIGTERM, timeout=5)  # raises TimeoutExpired if it does not exit
         assert w.returncode == 0, procs.output(w)[-2000:]
         wait_for(lambda: r.scard("rq:workers") == 0, 5, what="worker unregistered")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 
+import pytest
 import redis
 from conftest import FAST
-from helpers import Procs, node_state, session_field, start_pool, wait_for
+from helpers import Procs, events, node_state, session_field, start_pool, wait_for
 
 from cloudq.central.auth import token_user
 from cloudq.client.kernel import Heartbeat
@@ -28,9 +32,23 @@ def login(r: redis.Redis, keys: Keys, user: str = "alice") -> tuple[Launcher, Ti
     return launcher, launcher.login(user, "pw")
 
 
+_BEATING: list[Heartbeat] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_heartbeats() -> Iterator[None]:
+    """A test's heartbeat threads end with the test, not when the interpreter does."""
+    yield
+    while _BEATING:
+        hb = _BEATING.pop()
+        hb.stop.set()
+        hb.join(5)
+
+
 def beating(r: redis.Redis, keys: Keys, t: Ticket) -> Heartbeat:
     hb = Heartbeat(r, keys, t.sid, Settings.load(r, keys))
     hb.start()
+    _BEATING.append(hb)
     return hb
 
 
@@ -133,15 +151,28 @@ def test_logout_closes_at_once(r: redis.Redis, keys: Keys, procs: Procs) -> None
     assert b"logout" in reasons  # active -> closing (logout) -> free
 
 
-def test_idle_close_and_max_session_close_with_warning(r: redis.Redis, keys: Keys, procs: Procs) -> None:
-    setup_pool(r, keys, procs, nodes=2, idle_timeout=0.5, idle_close=1.5, max_session=0)
-    _, t = login(r, keys)
-    hb = beating(r, keys, t)
+def event_times(r: redis.Redis, keys: Keys, sid: str, obj: str, **match: str) -> list[float]:
+    """Seconds from session ``sid``'s login to each event about ``obj`` with the fields ``match``."""
+    created = float(session_field(r, keys, sid, "created"))
+    found = [e for e in events(r, keys, obj) if all(e[k] == v for k, v in match.items())]
+    return [float(e["t"]) - created for e in found]
+
+
+def test_an_idle_session_sleeps_then_closes_idle_close_after_its_last_input(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    setup_pool(r, keys, procs, idle_timeout=0.5, idle_close=1.5)
+    _, t = login(r, keys)  # the login is the session's last input
+    hb = beating(r, keys, t)  # the client stays: only the idle clocks can end the session
     try:
         wait_for(lambda: session_field(r, keys, t.sid) == "closed", 10, what="idle close")
-        assert session_field(r, keys, t.sid, "close_reason") == "idle"
     finally:
         hb.stop.set()
+    assert session_field(r, keys, t.sid, "close_reason") == "idle"
+    trans = [(e["from"], e["to"]) for e in events(r, keys, f"session:{t.sid}")]
+    assert trans.index(("active", "sleeping")) < trans.index(("sleeping", "closed")), trans
+    closing = event_times(r, keys, t.sid, "node:n1", to="closing")
+    assert len(closing) == 1 and 1.5 - 0.01 <= closing[0] < 1.5 + 3, closing  # not before idle_close
 
 
 def test_max_session_warns_then_closes(r: redis.Redis, keys: Keys, procs: Procs) -> None:
@@ -155,6 +186,11 @@ def test_max_session_warns_then_closes(r: redis.Redis, keys: Keys, procs: Procs)
         assert session_field(r, keys, t.sid, "close_reason") == "max_session"
     finally:
         hb.stop.set()
+    # the warning max_warning before the end, the close at max_session (times from the login)
+    warned = event_times(r, keys, t.sid, f"session:{t.sid}", reason="warning: max session length soon")
+    closing = event_times(r, keys, t.sid, "node:n1", to="closing")
+    assert len(warned) == len(closing) == 1, (warned, closing)
+    assert 1.0 - 0.01 <= warned[0] < 1.0 + 0.6 < 2.0 - 0.01 <= closing[0], (warned, closing)
 
 
 def test_clocks_set_to_zero_are_off(r: redis.Redis, keys: Keys, procs: Procs) -> None:
@@ -208,22 +244,35 @@ def test_deadlines_that_pass_while_central_is_down_are_handled_when_it_returns(
         hb.stop.set()
 
 
+JOB_START = re.compile(r"cloudq\.workers\.jobs\.(\w+)_job\('[^']*', '([^']+)', .*\) \(([^()\s]+)\)$")
+"""The line RQ's worker logs as it starts a job: ``queue: cloudq.workers.jobs.close_job('cqt:',
+'s1', 1, 'grace') (cqt_close-s1-1-r1)`` -> kind, session, job id."""
+
+
+def jobs_run(procs: Procs, worker: subprocess.Popen[bytes]) -> list[tuple[str, str, str]]:
+    """(kind, session, job id) of every job run the worker started, in order, from its log."""
+    return [m.groups() for m in map(JOB_START.search, procs.output(worker).splitlines()) if m]
+
+
 def test_two_central_replicas_do_each_job_once(r: redis.Redis, keys: Keys, procs: Procs) -> None:
-    setup_pool(r, keys, procs, nodes=4, grace=0.5, idle_timeout=0.5)
+    _, _, worker = setup_pool(r, keys, procs, nodes=4, grace=0.5, idle_timeout=0.5)
     procs.central(**{**FAST, "grace": 0.5, "idle_timeout": 0.5})
     tickets = [login(r, keys, u)[1] for u in ("alice", "bob", "carol")]
-    for t in tickets:
-        wait_for(lambda t=t: session_field(r, keys, t.sid) == "active", 15)
+    # no client beats: each session starts, goes active, disconnects and closes on its own
     for t in tickets:
         wait_for(lambda t=t: session_field(r, keys, t.sid) == "closed", 15)
     for t in tickets:
-        trans = [
-            (f[b"from"], f[b"to"])
-            for _, f in r.xrange(keys.events)
-            if f[b"obj"] == f"session:{t.sid}".encode()
-        ]
-        assert trans.count((b"disconnected", b"closed")) == 1
-        assert sum(1 for _, to in trans if to == b"disconnected") == 1
+        trans = [(e["from"], e["to"]) for e in events(r, keys, f"session:{t.sid}")]
+        assert trans.count(("starting", "active")) == 1, trans
+        assert trans.count(("disconnected", "closed")) == 1
+        assert sum(1 for _, to in trans if to == "disconnected") == 1
+    # executions, not transitions (the scripts would refuse a second close anyway): each job ran
+    # once, and each session had one mount and one close
+    runs = jobs_run(procs, worker)
+    assert len({job for _, _, job in runs}) == len(runs), runs
+    for t in tickets:
+        kinds = [kind for kind, sid, _ in runs if sid == t.sid]
+        assert (kinds.count("mount"), kinds.count("close")) == (1, 1), (t.sid, runs)
     assert node_state(r, keys, "n1") == "free"
     assert r.zcard(keys.pool) == 4
 

@@ -58,11 +58,11 @@ def test_compose_file_is_valid_for_docker_compose_and_its_files_exist() -> None:
     import os
     import shutil
 
-    import pytest
+    from helpers import missing_prerequisite
 
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.skip("docker-compose is not installed (apt: docker-compose); .ci/run installs it")
+        missing_prerequisite("docker-compose is not installed (apt: docker-compose); .ci/run installs it")
     env = {**os.environ, **COMPOSE_ENV}
     ok = subprocess.run([exe, "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=60)  # fmt: skip

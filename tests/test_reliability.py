@@ -36,6 +36,7 @@ from cloudq.jobs import queue_for
 from cloudq.keys import Keys
 from cloudq.messages import Control, pack_control
 from cloudq.procs import cloudq_command
+from cloudq.procstat import alive, children_map
 from cloudq.settings import Settings
 from cloudq.wire import InputEvent
 from cloudq.workers.store import DirectoryStore
@@ -250,6 +251,7 @@ def _stop_up(p: subprocess.Popen[str]) -> None:
             p.wait(10)
 
 
+@pytest.mark.slow
 def test_up_with_a_data_dir_keeps_users_sessions_and_work_across_a_restart(tmp_path: Path) -> None:
     data_dir = tmp_path / "cq"
     keys = Keys()
@@ -486,23 +488,7 @@ def test_a_slow_app_save_does_not_delay_the_node_liveness(r: redis.Redis, keys: 
 
 
 def _children(pid: int) -> set[int]:
-    kids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
-            kids.add(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"  # a zombie has died
-    except (FileNotFoundError, IndexError):
-        return False
+    return set(children_map().get(pid, ()))
 
 
 def test_up_killed_with_sigkill_leaves_no_orphans(tmp_path: Path) -> None:
@@ -515,7 +501,7 @@ def test_up_killed_with_sigkill_leaves_no_orphans(tmp_path: Path) -> None:
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.wait(10)
-    wait_for(lambda: not [k for k in kids if _alive(k)], 20, what="every child gone")
+    wait_for(lambda: not [k for k in kids if alive(k)], 20, what="every child gone")
 
 
 def test_closing_a_session_whose_mount_never_ran_saves_nothing_of_the_previous_user(
@@ -605,6 +591,7 @@ class SilentProxy:
                 s.close()
 
 
+@pytest.mark.slow
 def test_half_open_connections_hang_no_server_process(
     r: redis.Redis, redis_url: str, keys: Keys, procs: Procs
 ) -> None:

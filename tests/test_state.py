@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
+import threading
+from collections import Counter
 
 import redis
 from helpers import node_state, publish, session_field, wait_for
 
 from cloudq.keys import Keys
-from cloudq.state import StateMachine
+from cloudq.state import Action, StateMachine
 
 
 def events(r: redis.Redis, keys: Keys, obj: str) -> list[tuple[str, str, str]]:
@@ -114,28 +115,54 @@ def test_second_process_with_a_live_node_id_is_refused(r: redis.Redis, keys: Key
     assert r.get(keys.node_alive("n1")) == b"i1"
 
 
-def test_sweep_claims_each_due_entry_once(r: redis.Redis, keys: Keys) -> None:
+def test_concurrent_sweepers_claim_each_due_deadline_once(r: redis.Redis, keys: Keys, redis_url: str) -> None:
     publish(r, keys, heartbeat_ttl=0.3, heartbeat_interval=0.1, idle_timeout=0, grace=0.2)
     sm = StateMachine(r, keys)
-    for i in range(20):
+    sids = []
+    for i in range(40):
         sm.register_node(f"n{i}", "h", "paint", f"i{i}")
-    sids = [sm.login(f"u{i}", f"t{i}")[1] for i in range(20)]
-    wait_for(lambda: all(not r.exists(keys.heartbeat(s)) for s in sids), 5)
-    time.sleep(0.01)
-    sm2 = StateMachine(r, keys)
-    disconnected = events_to = 0
-    deadline = time.monotonic() + 5
-    closes: list[str] = []
-    while time.monotonic() < deadline and len(closes) < 20:
-        for a in sm.sweep() + sm2.sweep():
-            closes.append(a.sid)
-        time.sleep(0.02)
-    assert sorted(closes) == sorted(sids)  # grace lapsed: one close each, from two sweepers
+        _, sid, node, gen, _ = sm.login(f"u{i}", f"t{i}")
+        assert sm.activate(node, sid, gen)
+        sids.append(sid)
+    # no client beats: every session's heartbeat deadline falls due, then its grace deadline
+    wait_for(lambda: not any(r.exists(keys.heartbeat(s)) for s in sids), 5, what="heartbeats lapsed")
+    n = 4
+    claimed: list[list[Action]] = [[] for _ in range(n)]
+    calls = [0] * n
+    start, stop = threading.Barrier(n), threading.Event()
+
+    def sweeper(i: int) -> None:
+        conn = redis.Redis.from_url(redis_url)  # each its own connection, as replicas have
+        mine = StateMachine(conn, keys)
+        start.wait(5)
+        while not stop.is_set():
+            claimed[i].extend(mine.sweep(limit=3))  # a few entries a call: the sweepers interleave
+            calls[i] += 1
+        conn.close()
+
+    def all_actions() -> list[Action]:
+        return [a for c in claimed for a in list(c)]
+
+    threads = [threading.Thread(target=sweeper, args=(i,), daemon=True) for i in range(n)]
+    for th in threads:
+        th.start()
+    try:
+        wait_for(lambda: sum(a.action == "close" for a in all_actions()) >= len(sids), 10, what="closes")
+        # every sweeper sweeps again over the same (now claimed) entries: none may act again
+        after = list(calls)
+        wait_for(lambda: all(c >= a + 20 for c, a in zip(calls, after, strict=True)), 5, what="more sweeps")
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(5)
+    assert sum(1 for c in claimed if c) >= 2, "the sweepers did not run side by side"
+    acted = Counter((a.action, a.sid) for a in all_actions())
+    # each heartbeat deadline claimed once (one disconnect, one save), each grace deadline once (one close)
+    assert acted == Counter({(kind, s): 1 for s in sids for kind in ("save", "close")}), acted
     for s in sids:
-        ev = events(r, keys, f"session:{s}")
-        events_to += sum(1 for e in ev if e[1] == "disconnected")
-        disconnected += session_field(r, keys, s) == "disconnected"
-    assert events_to == 20 and disconnected == 20
+        assert [e for e in events(r, keys, f"session:{s}") if e[1] == "disconnected"] == [
+            ("active", "disconnected", "heartbeat lapsed")
+        ]
 
 
 def test_node_drops_garbage_control_messages_and_keeps_serving(r: redis.Redis, keys: Keys, tmp_path) -> None:

@@ -294,6 +294,7 @@ def test_two_hosts_each_with_their_own_workspace_share_one_store(
         hbc.stop.set()
 
 
+@pytest.mark.slow
 def test_a_save_lock_whose_holder_was_killed_lapses_within_its_lease(
     r: redis.Redis, keys: Keys, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -57,6 +57,8 @@ def store_root() -> Path:
 
 
 def workspace_root() -> Path:
+    """Root of this host's node workspaces: ``$CLOUDQ_WORKSPACE``, else ``<tmp>/cloudq-workspace``
+    (the one default: nodes, through :func:`cloudq.workers.streamer.default_workspace`, and jobs)."""
     return Path(os.environ.get("CLOUDQ_WORKSPACE") or default_root("workspace"))
 
 

@@ -33,21 +33,20 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import select
 import socket
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
 
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, unpack_control
-from cloudq.retry import Backoff
+from cloudq.retry import Backoff, passing
 from cloudq.settings import Settings
 from cloudq.state import StateMachine
 from cloudq.wire import BadMessage as BadMedia
@@ -56,6 +55,7 @@ from cloudq.workers import data
 from cloudq.workers.apps import app_factory
 from cloudq.workers.data import workspace_dir
 from cloudq.workers.guard import InputGuard, InputLimits
+from cloudq.workers.reader import MAX_BLOCK, Batch, StreamReader
 from cloudq.workers.streamer import MediaConfig, MediaObserver, Streamer, default_workspace
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ __all__ = [
     "MediaConfig",
     "MediaObserver",
     "Node",
+    "NodeFailed",
     "NodeIdTaken",
     "NodeSession",
     "StreamReader",
@@ -73,11 +74,6 @@ __all__ = [
 
 MAX_INPUT_ENTRY = InputLimits.max_entry
 FLOOD_REASON = "input_flood"
-MAX_BLOCK = 5.0
-"""Longest single XREAD block of the reader thread (half the socket timeout, if that is shorter).
-Only entries end it early; nothing else depends on it, so a sleeping node wakes this rarely."""
-HANDOVER_WAIT = 1.0
-"""How long the reader waits for the node loop to take a batch before it checks for stop."""
 MAX_WAIT = 10.0
 """Longest single wait of the node loop (it wakes earlier for a hand-over, its app or a duty)."""
 MAX_REASON = 300
@@ -96,67 +92,8 @@ class NodeIdTaken(RuntimeError):
     """Another live process already serves this node id."""
 
 
-Batch = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
-
-
-class StreamReader(threading.Thread):
-    """Blocks on the node's streams in a thread of its own and hands each batch to the node loop.
-
-    Lockstep: after handing over a batch the reader waits until the loop has handled it
-    (``done``), so its next XREAD uses the stream ids and the session that batch led to (a
-    ``start`` control message adds the new session's input stream at once). Errors are handed
-    over too: the loop raises them and applies its reconnect backoff, which paces the reader.
-    """
-
-    def __init__(
-        self,
-        r: redis.Redis,
-        streams: Callable[[], dict[str, bytes]],
-        block: float = MAX_BLOCK,
-        wake: int | None = None,
-    ) -> None:
-        super().__init__(name="node-reader", daemon=True)
-        self.wake = wake  # a pipe's write end: one byte per hand-over wakes a select()ing loop
-        self.r = r
-        self.streams = streams
-        self.block_ms = max(1, int(block * 1000))
-        self.batches: queue.Queue[Batch | Exception] = queue.Queue(maxsize=1)
-        self.done = threading.Event()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            item: Batch | Exception | None
-            try:
-                item = self.r.xread(self.streams(), count=100, block=self.block_ms) or None
-            except Exception as exc:  # handed over: the loop decides (RedisError: back off)
-                item = exc
-            if self.stop.is_set():
-                return  # closed while the read was in flight (its connection may be gone too)
-            if item is None:
-                continue  # the block timed out: read again (the streams may have changed)
-            self.done.clear()
-            self.batches.put(item)
-            if self.wake is not None:
-                with contextlib.suppress(OSError):
-                    os.write(self.wake, b"r")
-            while not self.done.wait(HANDOVER_WAIT):
-                if self.stop.is_set():
-                    return
-
-    def next(self, timeout: float) -> Batch | Exception | None:
-        """The next batch, waiting at most ``timeout`` seconds on the local clock."""
-        try:
-            return self.batches.get(timeout=timeout) if timeout > 0 else self.batches.get_nowait()
-        except queue.Empty:
-            return None
-
-    def close(self, timeout: float = 0.2) -> None:
-        """Stop after the read in flight (a daemon thread: it never holds the process up)."""
-        self.stop.set()
-        self.done.set()
-        if self.is_alive():
-            self.join(timeout)
+class NodeFailed(RuntimeError):
+    """The node met an error it cannot survive (the message says which); the process ends."""
 
 
 @dataclass
@@ -169,6 +106,7 @@ class NodeSession:
     streamer: Streamer | None = None
     ending: bool = False  # its app exited: a close was asked for
     closing: bool = False  # a close was requested for abuse
+    unreported: str = ""  # an app error not yet recorded (app_error.lua): retried each step
 
 
 class Node:
@@ -325,7 +263,8 @@ class Node:
                 sess.streamer.save(self.data_dir)  # the close's final save stores it (if it worked)
             sess.streamer.close()
             sess.streamer = None
-        self.sm.app_error(self.id, sess.sid, detail)
+        sess.unreported = detail
+        self.check_app()  # reports it (if Redis refuses now, the next steps try again)
 
     def save_to_store(self, label: str, require_marker: bool = True) -> str:
         """The app writes its state into the workspace, which is saved as a new version of the
@@ -359,8 +298,8 @@ class Node:
         if st is not None:
             try:
                 app = {f"app.{k}": int(v) for k, v in st.app.stats().items()}
-            except Exception:  # a third-party app's counters are not worth a dead node
-                app = {}
+            except Exception as exc:  # a third-party app's counters are not worth a dead node
+                log.debug("node %s: the app's stats() failed: %s", self.id, exc)
         return {
             **self.counters,
             **app,
@@ -436,6 +375,10 @@ class Node:
     def check_app(self) -> None:
         """End the session once its program has exited on its own (once; streaming stops)."""
         sess = self.session
+        if sess is not None and sess.unreported:
+            self.sm.app_error(self.id, sess.sid, sess.unreported)
+            sess.unreported = ""
+            return
         st = sess.streamer if sess else None
         if sess is None or st is None or sess.ending:
             return
@@ -446,16 +389,16 @@ class Node:
         if status is None:
             return
         kind, code = status
-        sess.ending = True
-        st.sleep()  # nothing left to show
-        self.counters[kind] += 1
         if kind == "app_exited":
             reason = "app_exited"
         elif code < 0:
             reason = f"app_crashed: killed by signal {-code}"
         else:
             reason = f"app_crashed: exit status {code}"
-        self.end_session(sess.sid, sess.gen, reason)
+        self.end_session(sess.sid, sess.gen, reason)  # first: if Redis refuses, the next step asks again
+        sess.ending = True
+        st.sleep()  # nothing left to show
+        self.counters[kind] += 1
 
     def stop_session(self, reason: str, save: bool = False) -> bool:
         """Drop the session's app and encoder (saving the app's data first if ``save``)."""
@@ -492,11 +435,11 @@ class Node:
 
     def wake(self) -> None:
         if self.session and self.session.sleeping and not self.session.ending:
+            self.sm.wake(self.id, self.session.sid)  # first: if Redis refuses, nothing changed here
             self._end_sleep()
             self.session.sleeping = False
             if self.session.streamer:
                 self.session.streamer.wake()
-            self.sm.wake(self.id, self.session.sid)
             log.info("node %s: woke on input", self.id)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -540,9 +483,9 @@ class Node:
         """Ask for the session to be closed (``input_flood``); the sweeper enqueues the close."""
         if not self.session or self.session.closing:
             return
+        res = self.sm.request_close(self.session.sid, self.session.gen, FLOOD_REASON)
         self.session.closing = True
         self.counters["input_flood_closes"] += 1
-        res = self.sm.request_close(self.session.sid, self.session.gen, FLOOD_REASON)
         log.warning("node %s: closing session %s: %s (%s)", self.id, self.session.sid, why, res)
 
     def check_input_stream(self) -> None:
@@ -628,7 +571,7 @@ class Node:
                 self.session.streamer.on_change(now)
             if self.session and self.session.streamer:
                 self.session.streamer.tick(now)
-                self.check_app()
+            self.check_app()
             if now >= self._next_refresh:
                 self.refresh_liveness()
                 self.check_input_stream()
@@ -641,8 +584,8 @@ class Node:
                 self.check_input_stream()  # a full batch: the client may be flooding
             for entry_id, fields in entries:
                 if name == control:
-                    self.control_id = entry_id
                     self.handle_control(fields)
+                    self.control_id = entry_id  # after: a step that Redis refused reads it again
                 elif self.session and name == self.keys.input(self.session.sid):
                     self.session.input_id = entry_id
                     self.handle_input(entry_id, fields)
@@ -655,10 +598,15 @@ class Node:
             os.write(self._wake_w, b"x")
 
     def run(self) -> None:
+        """Serve until :attr:`stop`. Redis errors that pass (:func:`cloudq.retry.passing`: an
+        outage, OOM, READONLY, BUSY, NOSCRIPT...) are waited out with backoff, the session and the
+        registration kept; anything else shuts the node down and raises :class:`NodeFailed`."""
         try:
             self.register()
-        except BaseException:
+        except BaseException as exc:
             self.factory.close()
+            if isinstance(exc, redis.ResponseError):
+                raise NodeFailed(f"node {self.id} could not register: {exc}") from exc
             raise
         # retry at least as often as the liveness refresh, so that after an outage the node is
         # back within one TTL of the central server seeing again (see sweep.lua, blind periods)
@@ -668,10 +616,16 @@ class Node:
                 try:
                     self.step()
                     backoff.reset()
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning(
-                        "node %s: redis unreachable (%s); retrying in <%.1fs", self.id, exc, backoff.peek()
-                    )
+                except NodeIdTaken:
+                    raise
+                except Exception as exc:
+                    what = f"{type(exc).__name__}: {exc}"
+                    if not passing(exc):
+                        bug = not isinstance(exc, redis.RedisError)  # its traceback goes to the log
+                        log.error("node %s: unexpected error: %s", self.id, what, exc_info=bug)
+                        raise NodeFailed(f"node {self.id} stopped on an unexpected error: {what}") from exc
+                    self.counters["redis_retries"] += 1
+                    log.warning("node %s: redis: %s; retrying in <%.1fs", self.id, what, backoff.peek())
                     backoff.wait(self.stop)
         finally:
             self.shutdown()

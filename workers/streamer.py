@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from cloudq.keys import Keys
 from cloudq.wire import BadMessage as BadMedia
 from cloudq.wire import InputEvent, VideoPacket
 from cloudq.workers.apps import App
+from cloudq.workers.data import workspace_root
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ KEYFRAME_REQUEST_GAP = 0.25
 
 
 def default_workspace() -> str:
-    return os.environ.get("CLOUDQ_WORKSPACE") or os.path.join(tempfile.gettempdir(), "cloudq-workspace")
+    return str(workspace_root())
 
 
 @dataclass(frozen=True)
@@ -141,8 +140,8 @@ class Streamer:
         if last:
             try:
                 return VideoPacket.unpack(last[0][1]).seq + 1
-            except BadMedia:
-                pass
+            except BadMedia as exc:
+                log.warning("%s: the last entry is no video packet (%s); seq starts at 0", self.key, exc)
         return 0
 
     # -- what the node loop calls -----------------------------------------------------------
@@ -174,6 +173,9 @@ class Streamer:
         try:
             if force or key_due or self.cfg.always_encode or self.app.changed():
                 self._frame(now, force or key_due)
+        except redis.RedisError:  # the node loop's business (backoff); the packet is lost: next an IDR
+            self.last_key = -math.inf
+            raise
         except Exception as exc:  # the app cannot render any more (e.g. its X server died)
             self._broke(exc)
         self.last_render = now
@@ -266,7 +268,10 @@ class Streamer:
         """The app's change descriptor (None: the app has none), asleep or not."""
         try:
             return self.app.fileno()
-        except Exception:
+        except Exception as exc:  # asked every step: warn once, then debug
+            self.counters["app_fileno_failed"] += 1
+            first = self.counters["app_fileno_failed"] == 1
+            log.log(logging.WARNING if first else logging.DEBUG, "app fileno() failed: %s", exc)
             return None
 
     def on_change(self, now: float) -> None:

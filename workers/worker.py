@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+from typing import Any
 
 import redis
 from rq import Worker
@@ -26,6 +27,7 @@ from rq.serializers import JSONSerializer
 from cloudq.jobs import ANY_HOST, queue_for
 from cloudq.keys import Keys
 from cloudq.retry import Backoff
+from cloudq.state import JobResult
 from cloudq.workers.metrics import JobMetrics
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,7 @@ WORKER_TTL = 20
 from this: a half-open connection is noticed within 15 s instead of RQ's default ~7 min."""
 UNSUBSCRIBE_WAIT = 1.0
 """Seconds a stopping worker waits for RQ's pub/sub thread (a daemon) before it exits anyway."""
-KNOWN_RESULTS = frozenset(
-    {"started", "failed", "stale", "closed", "gone", "not live", "no node", "unchanged", "node did not answer",
-     "another save is running"}
-)  # fmt: skip
+KNOWN_RESULTS = frozenset(JobResult)
 """What the job bodies return (``workers/jobs.py``, ``workers/data.py``): the metric's result label."""
 
 
@@ -49,6 +48,17 @@ class CloudqWorker(Worker):
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_monitoring_interval + HEARTBEAT_MARGIN
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        """RQ installs its signal handlers only after bootstrap has registered the worker, so a
+        SIGTERM in between killed it by the default action (exit -15) and left its registration
+        behind: install them first, and undo a half-done bootstrap on a stop request."""
+        self._install_signal_handlers()
+        try:
+            super().bootstrap(*args, **kwargs)
+        except StopRequested:
+            self.teardown()
+            raise
 
     def unsubscribe(self) -> None:
         """RQ's own version waits for its pub/sub thread without a bound: RQ runs that thread with

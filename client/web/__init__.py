@@ -39,10 +39,11 @@ WebSocket, gateway -> page
 
     text (JSON): ``{"t": "hello", "user", "sid", "node", "rights"}`` once the session is attached;
     ``{"t": "state", "state", "node", "position"}`` on every change (``queued`` with a position
-    while waiting for a node); ``{"t": "warning", "warning"}``; ``{"t": "close", "reason"}`` just
-    before the gateway closes the socket with code 4001 (the session is over: ``idle``, ``grace``,
-    ``logout``, ``max_session``, ``taken_over``, ``mount…``). Code 4401: not logged in (or the
-    token expired or was revoked).
+    while waiting for a node); ``{"t": "warning", "warning"}``; ``{"t": "close", "reason", "text"}`` just
+    before the gateway closes the socket with code 4001 (the session is over: ``reason`` is a
+    :class:`~cloudq.state.CloseReason`, possibly with a detail, ``text`` its words from
+    :func:`cloudq.sessionend.close_message`, what ``cloudq connect`` says: the page keeps no table
+    of its own). Code 4401: not logged in (or the token expired or was revoked).
 
 WebSocket, page -> gateway (text only, JSON, at most ``MAX_MESSAGE`` bytes, at most ``RATE`` a
 second sustained with bursts of ``BURST``)

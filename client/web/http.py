@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,10 +16,14 @@ import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, web
 from redis.exceptions import RedisError
 
+from cloudq import loginflow
 from cloudq.client.web.socket import BURST, MAX_MESSAGE, RATE, Socket, _redis
 from cloudq.keys import Keys
 from cloudq.messages import USER_NAME, BadMessage, Reply, Request, unpack_reply
+from cloudq.percentile import percentile
+from cloudq.sessionend import session_end
 from cloudq.settings import Settings
+from cloudq.state import CloseReason
 from cloudq.tokens import hash_token, same_token
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ UNREACHABLE = "the service is not answering; try again in a moment"
 
 
 def _median(values: list[float]) -> float | None:
-    return round(sorted(values)[len(values) // 2] * 1000, 2) if values else None
+    return round(percentile(values, 50) * 1000, 2) if values else None
 
 
 @dataclass
@@ -84,16 +86,15 @@ class Gateway:
     async def settings(self) -> Settings:
         return Settings.from_hash(await self.r.hgetall(self.keys.settings))
 
-    # -- login relay (the same request and reply as cloudq.client.launcher) -------------------
+    # -- login relay (cloudq.loginflow: the same request and reply as cloudq.client.launcher) --
     async def relay(self, req: Request) -> Reply:
         """Post ``req`` on the requests stream and wait for the central server's reply."""
-        await self.r.xadd(self.keys.requests, req.pack(), maxlen=10000, approximate=True)
-        end = time.monotonic() + self.cfg.reply_timeout
-        while (left := end - time.monotonic()) > 0:
-            got = await self.r.blpop([self.keys.reply(req.id)], timeout=min(1.0, max(0.01, left)))
+        await self.r.xadd(**loginflow.post(self.keys, req))
+        for block in loginflow.reply_blocks(self.cfg.reply_timeout):
+            got = await self.r.blpop([self.keys.reply(req.id)], timeout=block)
             if got is not None:
                 return unpack_reply(got[1])
-        raise TimeoutError("no central server answered in time")
+        raise TimeoutError(loginflow.NO_ANSWER)
 
     async def resolve(self, token: str) -> Who | None:
         """The user and session a token belongs to; None if it is unknown, expired or revoked."""
@@ -113,13 +114,14 @@ class Gateway:
                 (v or b"").decode()
                 for v in await self.r.hmget(self.keys.session(sid), "state", "close_reason", "token")
             )
-            live = bool(state) and state != "closed" and not reason
+            ended = session_end(state, reason)
+            live = ended is None
             if stoken and same_token(stoken, th):
-                return Who(user, sid, "session") if live else Who(user, sid, "gone", reason or "closed")
+                return Who(user, sid, "session") if ended is None else Who(user, sid, "gone", ended)
         if qtoken and same_token(qtoken, th):
             return Who(user, "", "queued")
         # a live token with neither: another login holds the user's session, or it left the queue
-        return Who(user, sid, "gone", "taken_over" if live else "closed")
+        return Who(user, sid, "gone", CloseReason.TAKEN_OVER if live else CloseReason.CLOSED)
 
     # -- HTTP ---------------------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -172,7 +174,7 @@ class Gateway:
             return web.json_response({"error": LOGIN_ERRORS["invalid"]}, status=401)
         try:
             settings = await self.settings()
-            reply = await self.relay(Request("login", uuid.uuid4().hex, user=user, password=password))
+            reply = await self.relay(loginflow.login_request(user, password))
         except (RedisError, TimeoutError) as exc:
             log.warning("login %s: %s", user, exc)
             self.counters["login_unreachable"] += 1
@@ -180,9 +182,10 @@ class Gateway:
         except BadMessage as exc:
             log.warning("login %s: unreadable reply: %s", user, exc)
             return web.json_response({"error": UNREACHABLE}, status=503)
-        if not reply.ok:
-            self.counters[f"login_{reply.status or 'error'}"] += 1
-            return web.json_response({"error": LOGIN_ERRORS.get(reply.status, reply.error)}, status=401)
+        refused = loginflow.refusal(reply)
+        if refused:
+            self.counters[f"login_{refused}"] += 1
+            return web.json_response({"error": LOGIN_ERRORS.get(refused, reply.error)}, status=401)
         self.counters["login_ok"] += 1
         log.info("login %s: %s %s", user, reply.status, reply.sid)
         resp = web.json_response({"user": user, "status": reply.status, "position": reply.position})
@@ -195,7 +198,7 @@ class Gateway:
         resp.del_cookie(COOKIE, path="/")
         if token and len(token) <= 128:
             try:
-                await self.relay(Request("logout", uuid.uuid4().hex, token=token))
+                await self.relay(loginflow.logout_request(token))
                 self.counters["logout"] += 1
             except (RedisError, TimeoutError, BadMessage) as exc:
                 log.warning("logout: %s", exc)

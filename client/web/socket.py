@@ -18,8 +18,11 @@ import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from cloudq import loginflow
+from cloudq.sessionend import close_message, session_end
 from cloudq.settings import Settings
-from cloudq.tokens import hash_token, same_token, session_acl_password, session_acl_user
+from cloudq.streamread import Cursor, KeyframeScan
+from cloudq.tokens import hash_token, session_acl_password, session_acl_user
 from cloudq.wire import BadMessage as BadWire
 from cloudq.wire import InputEvent, VideoPacket
 
@@ -43,21 +46,7 @@ INPUT_FIELDS = ("key", "button", "x", "y", "text", "dx", "dy")
 CLOSE_SESSION = 4001
 CLOSE_UNAUTHORIZED = 4401
 
-VIDEO_BATCH = 64
-MAX_LAG = 0.5  # a batch spanning more stream time than this: skip to the newest keyframe
 WATCH_EVERY = 0.2
-
-
-def before(entry_id: bytes) -> bytes:
-    """The stream id just before ``entry_id`` (XREAD returns entries after the id it is given)."""
-    ms, _, seq = entry_id.partition(b"-")
-    if int(seq or 0) > 0:
-        return b"%d-%d" % (int(ms), int(seq) - 1)
-    return b"%d-%d" % (int(ms) - 1, 2**64 - 1) if int(ms) > 0 else b"0-0"
-
-
-def _ms(entry_id: bytes) -> int:
-    return int(entry_id.split(b"-", 1)[0])
 
 
 def pack_video(vp: VideoPacket, width: int, height: int) -> bytes:
@@ -216,15 +205,10 @@ class Socket:
             raw = await self.gw.r.hmget(self.keys.session(self.sid), "state", "close_reason", "token")
         except RedisError:
             return ""
-        state, reason, token = ((v or b"").decode() for v in raw)
-        if not state or state == "closed" or reason:
-            return reason or "closed"
-        if token and not same_token(token, hash_token(self.token)):
-            return "taken_over"
-        return ""
+        return session_end(*raw, mine=hash_token(self.token)) or ""
 
     async def end_session(self, reason: str) -> None:
-        await _send_json(self.ws, {"t": "close", "reason": reason})
+        await _send_json(self.ws, {"t": "close", "reason": reason, "text": close_message(reason)})
         await self.close(CLOSE_SESSION, reason, f"session_{reason.split(':')[0]}")
 
     async def run(self) -> None:
@@ -252,9 +236,12 @@ class Socket:
                     queued.cancel()
                     await asyncio.gather(queued, return_exceptions=True)
                     return
-                self.sid = queued.result()
-                if not self.sid:
+                step = queued.result()
+                if step.kind != loginflow.ASSIGNED:
+                    # from this task, not the queue's: run() must not cancel a close half done
+                    await self.end_session(step.reason)
                     return
+                self.sid = step.sid
             else:
                 self.sid = who.sid
             try:
@@ -303,32 +290,25 @@ class Socket:
                 await self.sr.aclose()
 
     # -- queue --------------------------------------------------------------------------------
-    async def wait_in_queue(self) -> str:
-        """Like the launcher: keep the queue beat alive and wait for the assignment (a session id)."""
+    async def wait_in_queue(self) -> loginflow.QueueStep:
+        """Keep the place until a node is assigned (``ASSIGNED``) or the place is lost
+        (``DROPPED``). What each poll means is :class:`loginflow.QueueWait`'s decision, the same
+        as the launcher's."""
         r, keys, th = self.gw.r, self.keys, hash_token(self.token)
-        interval = self.settings.heartbeat_interval or 1.0
-        ttl = self.settings.heartbeat_ttl or 3 * interval
-        position = 0
+        q = loginflow.QueueWait(self.settings)
         while True:
-            await r.set(keys.queued(self.user), "1", px=int(ttl * 1000))
+            await r.set(keys.queued(self.user), "1", px=q.beat_ms)
             pos = await r.lpos(keys.queue, self.user)
-            if pos is not None and pos + 1 != position:
-                position = pos + 1
-                await _send_json(self.ws, {"t": "state", "state": "queued", "position": position})
-            got = await r.blpop([keys.notify(th)], timeout=interval)
-            if got is not None:
-                await r.delete(keys.queued(self.user))
-                return got[1].decode()
-            if pos is None:
-                # out of the queue without a notification for us: another socket of the same token
-                # (a second tab, another gateway) took it, or the ticket ended
+            if q.moved(pos):
+                await _send_json(self.ws, {"t": "state", "state": "queued", "position": q.position})
+            step = q.after_wait(pos, await r.blpop([keys.notify(th)], timeout=q.interval))
+            if step.kind == loginflow.LEFT:
+                # the gateway may look the ticket up: another socket of the same token (a second
+                # tab, another gateway) may have taken the notification
                 who = await self.gw.resolve(self.token)
-                if who is not None and who.status == "session":
-                    await r.delete(keys.queued(self.user))
-                    return who.sid
-                if who is None or who.status == "gone":
-                    await self.end_session(who.reason if who else "logout")
-                    return ""
+                step = q.left(*((who.status, who.sid, who.reason) if who else ("revoked",)))
+            if step.kind in (loginflow.ASSIGNED, loginflow.DROPPED):
+                return step
 
     # -- the session ---------------------------------------------------------------------------
     async def mark_activity(self) -> None:
@@ -357,11 +337,9 @@ class Socket:
                 self.keys.session(self.sid), "state", "close_reason", "node", "warning", "token"
             )
             state, reason, node, warning, token = ((v or b"").decode() for v in raw)
-            if not state or state == "closed" or reason:
-                await self.end_session(reason or "closed")
-                raise _Closed
-            if token and not same_token(token, th):
-                await self.end_session("taken_over")
+            ended = session_end(state, reason, token, th)
+            if ended:
+                await self.end_session(ended)
                 raise _Closed
             now = {"state": state, "node": node}
             if now != {k: self.state.get(k) for k in now}:
@@ -373,46 +351,33 @@ class Socket:
             self.state = {**now, "warning": warning}
             await asyncio.sleep(WATCH_EVERY)
 
-    async def newest_keyframe(self, after: bytes = b"0-0") -> bytes | None:
+    async def scan(self, after: bytes = b"0-0") -> KeyframeScan:
+        """Look for the newest keyframe entry newer than ``after`` (back from the stream's end)."""
         assert self.sr is not None
-        key, end = self.keys.video(self.sid), b"+"
-        while True:
-            chunk = await self.sr.xrevrange(key, max=end, min=b"(" + after, count=32)
-            for entry_id, fields in chunk:
-                try:
-                    if VideoPacket.unpack(fields).keyframe:
-                        return entry_id
-                except BadWire:
-                    continue
-            if len(chunk) < 32:
-                return None
-            end = b"(" + chunk[-1][0]
+        scan = KeyframeScan(after)
+        while not scan.feed(await self.sr.xrevrange(self.keys.video(self.sid), **scan.page())):
+            pass
+        return scan
 
     async def video_loop(self) -> None:
         """XREAD the session's video stream and forward every valid packet as a binary message,
-        from the newest keyframe on; when the socket falls behind, skip to the newest keyframe."""
+        from the newest keyframe on; when the socket falls behind, skip to the newest keyframe
+        (the decisions are :mod:`cloudq.streamread`'s, the same as the client's player)."""
         assert self.sr is not None
-        key = self.keys.video(self.sid)
-        kid = await self.newest_keyframe()
-        if kid is not None:
-            last = before(kid)
-        else:
-            tail = await self.sr.xrevrange(key, count=1)
-            last = tail[0][0] if tail else b"0-0"
+        key, cursor = self.keys.video(self.sid), Cursor()
+        if cursor.start(await self.scan()):
             await self.request_keyframe()
         while True:
-            resp = await self.sr.xread({key: last}, count=VIDEO_BATCH, block=1000)
+            assert cursor.last is not None
+            resp = await self.sr.xread({key: cursor.last}, count=cursor.batch, block=1000)
             if not resp:
                 continue
             entries = resp[0][1]
-            if len(entries) >= VIDEO_BATCH or _ms(entries[-1][0]) - _ms(entries[0][0]) > MAX_LAG * 1000:
-                kid = await self.newest_keyframe(after=last)
-                if kid is not None and before(kid) != last:
-                    self.gw.counters["video_jumps"] += 1
-                    last = before(kid)
-                    continue
+            if cursor.behind(entries) and cursor.jump(await self.scan(after=cursor.last)):
+                self.gw.counters["video_jumps"] += 1
+                continue
             for entry_id, fields in entries:
-                last = entry_id
+                cursor.last = entry_id
                 try:
                     vp = VideoPacket.unpack(fields)
                 except BadWire as exc:

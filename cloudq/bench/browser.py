@@ -23,13 +23,12 @@ import time
 import urllib.request
 from typing import Any
 
-import numpy as np
-
 from cloudq.bench.media import Rig, _wait
 from cloudq.bench.report import machine, write_section
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.stats import StatsSink
+from cloudq.percentile import percentile
 from cloudq.settings import Settings
 
 SIZE = (1280, 720)
@@ -59,10 +58,6 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   done({samples, unanswered});
 })().catch((e) => done({error: String(e)}));
 """
-
-
-def _pct(samples: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(samples), q)) if samples else float("nan")
 
 
 def _free_port() -> int:
@@ -203,7 +198,7 @@ def run(samples: int = 300, blocks: int = 6) -> dict[str, Any]:
             )
         }
         for name, v in lat.items():
-            result[name] = {"p50": _pct(v, 50), "p99": _pct(v, 99), "n": len(v)}
+            result[name] = {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
         result["p50_difference_ms"] = result["browser"]["p50"] - result["python"]["p50"]
     finally:
         if browser is not None:

@@ -23,6 +23,7 @@ import redis
 from cloudq.bench.report import machine, write_section
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
+from cloudq.percentile import percentile
 from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
 from cloudq.state import StateMachine
@@ -50,13 +51,6 @@ def _beater(url: str, sids: list[str], stop_key: str, done: Any) -> None:
         pipe.execute()
         r.set(stop_key + ":round", f"{time.time():.3f}")
         done.wait(max(0.0, HB_INTERVAL - (time.monotonic() - start)))
-
-
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def _one(url: str, n: int, background: int, sample: int) -> dict[str, Any]:
@@ -166,9 +160,9 @@ def _one(url: str, n: int, background: int, sample: int) -> dict[str, Any]:
         "sessions": n,
         "background_keys": background,
         "sample": len(deadline),
-        "sweeper_ms": {"p50": _pct(sweeper, 0.5), "p99": _pct(sweeper, 0.99), "max": max(sweeper, default=float("nan")),
+        "sweeper_ms": {"p50": percentile(sweeper, 50), "p99": percentile(sweeper, 99), "max": max(sweeper, default=float("nan")),
                        "n": len(sweeper)},
-        "notification_ms": {"p50": _pct(notes, 0.5), "p99": _pct(notes, 0.99), "n": sum(x != float("inf") for x in notes),
+        "notification_ms": {"p50": percentile(notes, 50), "p99": percentile(notes, 99), "n": sum(x != float("inf") for x in notes),
                             "window_s": NOTIFY_WINDOW},
     }  # fmt: skip
 

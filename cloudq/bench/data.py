@@ -26,7 +26,6 @@ import logging
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudq.bench.report import machine, write_section
+from cloudq.percentile import percentile
 from cloudq.workers.store import DirectoryStore
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def bench_size(mib: float, work: Path, *, repeats: int = 3) -> dict[str, Any]:
             times[key].append(_timed(setup, action))
     for p in (store_root, mount_dest, tar_out, tar_dest):
         _rm(p)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: percentile(v, 50) for k, v in times.items()}
     row: dict[str, Any] = {"mib": mib, "files": nfiles, **{k: round(v, 4) for k, v in med.items()}}
     row["mount_ratio"] = round(med["mount_s"] / med["tar_extract_s"], 2)
     row["save_ratio"] = round(med["save_s"] / med["tar_create_s"], 2)

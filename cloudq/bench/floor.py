@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from cloudq.codec import H264Decoder, H264Encoder
+from cloudq.percentile import percentile
 from cloudq.probe import read_probe
 from cloudq.workers.apps import ProbeApp, load_app
 
@@ -19,11 +20,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["STAGES", "measure_floor"]
 
 STAGES = ("convert", "encode", "decode", "to_rgb", "total")
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float, float]:
-    a = np.asarray(samples) * 1000.0
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.max())
 
 
 def measure_floor(
@@ -80,10 +76,10 @@ def measure_floor(
         encoder.close()
     result: dict[str, Any] = {"width": width, "height": height, "frames": frames, "app": app}
     for stage in STAGES:
-        p50, p99, worst = _percentiles(times[stage])
-        result[f"{stage}_p50_ms"] = round(p50, 3)
-        result[f"{stage}_p99_ms"] = round(p99, 3)
-        result[f"{stage}_max_ms"] = round(worst, 3)
+        ms = [t * 1000.0 for t in times[stage]]
+        result[f"{stage}_p50_ms"] = round(percentile(ms, 50), 3)
+        result[f"{stage}_p99_ms"] = round(percentile(ms, 99), 3)
+        result[f"{stage}_max_ms"] = round(max(ms), 3)
     result["mean_bytes"] = round(float(np.mean(sizes)), 1) if sizes else 0.0
     result["keyframes"] = keyframes
     if isinstance(source, ProbeApp):

@@ -6,7 +6,7 @@ kernel (player + input sender) in this process:
 
 - input-to-decoded-frame latency with the ``probe`` app (the frame itself says which input it
   shows), next to the floor measured in the same run (RGB->YUV + encode + decode, one process);
-- sustained fps and CPU% (``/proc/<pid>/stat`` utime+stime, all threads) of the node at 30 and 60 fps;
+- sustained fps and CPU% (scheduler run time, all threads: :mod:`cloudq.procstat`) of the node at 30 and 60 fps;
 - CPU of the node sleeping vs active over 10 s each;
 - wake latency: first input on a sleeping node -> first decoded frame showing it;
 - stream bytes/s for ``paint`` idle, ``paint`` drawing and ``probe``.
@@ -36,28 +36,18 @@ from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import CallbackSink
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
+from cloudq.percentile import percentile
 from cloudq.probe import read_probe
 from cloudq.procs import ProcessGroup
+from cloudq.procstat import cpu_seconds
 from cloudq.settings import Settings
 from cloudq.wire import VideoPacket
 
 PREFIX = "cqm:"
 SIZE = (1280, 720)
 IDLE = 1.0  # idle timeout of the run: the node sleeps this long after the last activity
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 HZS = (10, 100)
 """Server ticks measured: the stock 10 and 100 (the node paces frames itself; the figures show it)."""
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _pct(samples: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(samples), q)) if samples else float("nan")
 
 
 def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -190,10 +180,10 @@ def keep_active(s: Session, seconds: float) -> None:
 
 
 def active_window(node: subprocess.Popen[bytes], s: Session, seconds: float) -> dict[str, float]:
-    f0, c0, t0 = s.frames, cpu_seconds(node.pid), time.monotonic()
+    f0, c0, t0 = s.frames, cpu_seconds([node.pid]), time.monotonic()
     keep_active(s, seconds)
     dt = time.monotonic() - t0
-    cpu = cpu_seconds(node.pid) - c0
+    cpu = cpu_seconds([node.pid]) - c0
     return {"fps": (s.frames - f0) / dt, "cpu_pct": 100 * cpu / dt, "cpu_s": cpu, "seconds": dt}
 
 
@@ -215,7 +205,12 @@ def run(latency_samples: int = 300, cpu_window: float = 10.0, wake_samples: int 
                 lat.append(s.latency_ms(seq))
                 time.sleep(random.uniform(0.03, 0.07))  # inputs at random phases of the frame clock
             result[f"hz{hz}"] = {
-                "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": max(lat), "n": len(lat)},
+                "latency_ms": {
+                    "p50": percentile(lat, 50),
+                    "p99": percentile(lat, 99),
+                    "max": max(lat),
+                    "n": len(lat),
+                },
                 "fps30": active_window(node, s, cpu_window),
             }
         rig.r.config_set("hz", HZS[0])  # the rest at the stock tick
@@ -223,9 +218,9 @@ def run(latency_samples: int = 300, cpu_window: float = 10.0, wake_samples: int 
         active = result["fps30"] = result[f"hz{HZS[0]}"]["fps30"]
         result["probe_bytes_per_s"] = s.stream_bytes(3.0, during=lambda: keep_active(s, 0.25))
         _wait(lambda: s.node_state() == "sleeping", IDLE + 10, "node asleep")
-        c0, t0 = cpu_seconds(node.pid), time.monotonic()
+        c0, t0 = cpu_seconds([node.pid]), time.monotonic()
         time.sleep(cpu_window)
-        slept = {"cpu_s": cpu_seconds(node.pid) - c0, "seconds": time.monotonic() - t0}
+        slept = {"cpu_s": cpu_seconds([node.pid]) - c0, "seconds": time.monotonic() - t0}
         result["sleep"] = slept
         result["sleep_cpu_ratio"] = slept["cpu_s"] / active["cpu_s"] if active["cpu_s"] else float("nan")
         wake = []
@@ -233,7 +228,7 @@ def run(latency_samples: int = 300, cpu_window: float = 10.0, wake_samples: int 
             _wait(lambda: s.node_state() == "sleeping", IDLE + 10, "node asleep")
             time.sleep(0.2)  # asleep for a moment, not just entering sleep
             wake.append(s.latency_ms(s.send("key", key="w")))
-        result["wake_ms"] = {"p50": _pct(wake, 50), "max": max(wake), "n": len(wake)}
+        result["wake_ms"] = {"p50": percentile(wake, 50), "max": max(wake), "n": len(wake)}
         s.close()
         rig.stop(node)
 
@@ -301,7 +296,7 @@ def write_markdown(result: dict[str, Any], path: str) -> None:
 sender) in the benchmark process. Latency is from the client's XADD of an input event to the
 decoded frame whose probe code shows that event (read back from the picture); the floor is the same
 frames' conversion, encode, decode and conversion back in one process, no Redis. CPU is the node
-process's utime+stime (all threads) from `/proc`. Bytes/s count whole stream entries (envelope
+process's scheduler run time (all threads) from `/proc`. Bytes/s count whole stream entries (envelope
 included).
 
 {result["table"]}

@@ -27,10 +27,10 @@ from typing import Any
 
 from cloudq.bench.population import PASSWORD, PopulationConfig, Rig, strokes
 from cloudq.bench.population import Mode as PopulationMode
-from cloudq.bench.procstat import children_map, tree_cpu
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import CallbackSink
+from cloudq.procstat import children_map, tree_cpu
 
 STATE_TIMEOUT = 30.0
 

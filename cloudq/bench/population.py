@@ -44,14 +44,15 @@ from typing import Any
 
 import redis
 
-from cloudq.bench.procstat import children_map, own_cpu, peak_rss_mib, tree_cpu
 from cloudq.central.auth import Users
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import ClientError, Launcher, Ticket
 from cloudq.client.sinks import CallbackSink, Sink
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
+from cloudq.percentile import percentile
 from cloudq.procs import ProcessGroup
+from cloudq.procstat import children_map, cpu_seconds, peak_rss_mib, tree_cpu
 from cloudq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -494,7 +495,7 @@ class Rig:
     def cpu(self) -> dict[str, float]:
         kids = children_map()
         out = {role: tree_cpu(pid, kids) for role, pid in self.roles().items()}
-        out["clients"] = own_cpu()
+        out["clients"] = cpu_seconds([os.getpid()])
         return out
 
     def server_time(self) -> float:
@@ -531,15 +532,6 @@ def node_timeline(
     for n in nodes:
         out[n].append((since[n] - t0, t1 - t0, state[n]))
     return out
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def run_population(

@@ -18,7 +18,6 @@ On an embedded server with cloudq's ACL users (as ``cloudq up`` runs it):
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -32,10 +31,11 @@ from cloudq.central import acl
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
 from cloudq.local.cluster import setup_acl
+from cloudq.percentile import percentile
 from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
 from cloudq.state import StateMachine
-from cloudq.tokens import new_token, session_acl_password, session_acl_user
+from cloudq.tokens import SESSION_ACL_PREFIX, new_token, session_acl_password, session_acl_user
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _median_ms(fn: Callable[[], Any], n: int) -> float:
         t = time.perf_counter()
         fn()
         xs.append((time.perf_counter() - t) * 1000)
-    return statistics.median(xs)
+    return percentile(xs, 50)
 
 
 def _logins(urls: dict[str, str], replicas: int, logins: int, threads: int) -> float:
@@ -128,7 +128,7 @@ def _user_costs(urls: dict[str, str], n: int, users: int, samples: int) -> dict[
     admin = redis.Redis.from_url(urls["admin"])
     admin.flushdb()
     for name in admin.execute_command("ACL", "USERS"):
-        if name.startswith(acl.SESSION_PREFIX.encode()):
+        if name.startswith(SESSION_ACL_PREFIX.encode()):
             admin.execute_command("ACL", "DELUSER", name)
     su = acl.SessionUsers(admin, keys, token_ttl=3600)
     out: dict[str, Any] = {"set_ms": _median_ms(lambda: admin.set("bench", "1"), n)}
@@ -274,8 +274,8 @@ def run(
     result: dict[str, Any] = {
         "machine": machine(),
         "bcrypt_per_s": bcrypt_per_s,
-        "logins_1": statistics.median(one),
-        "logins_2": statistics.median(two),
+        "logins_1": percentile(one, 50),
+        "logins_2": percentile(two, 50),
         "logins_runs": {"1": one, "2": two},
         "logins": logins,
         **costs,

@@ -24,13 +24,14 @@ from typing import Any
 import av
 import numpy as np
 
-from cloudq.bench.media import Rig, _pct, _wait, keep_active
-from cloudq.bench.procstat import tree_cpu
+from cloudq.bench.media import Rig, _wait, keep_active
 from cloudq.bench.report import machine, write_section
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import CallbackSink
 from cloudq.codec import H264Decoder, H264Encoder
+from cloudq.percentile import percentile
+from cloudq.procstat import tree_cpu
 from cloudq.settings import Settings
 from cloudq.wire import InputEvent, VideoPacket
 from cloudq.workers.apps.x11 import DisplayManager, X11App
@@ -88,10 +89,10 @@ def measure_floor(samples: int) -> dict[str, Any]:
         finally:
             enc.close()
     return {
-        "p50": _pct(floor, 50),
-        "p99": _pct(floor, 99),
-        "react_p50": _pct(react, 50),
-        "react_p99": _pct(react, 99),
+        "p50": percentile(floor, 50),
+        "p99": percentile(floor, 99),
+        "react_p50": percentile(react, 50),
+        "react_p99": percentile(react, 99),
         "n": len(floor),
     }
 
@@ -197,7 +198,12 @@ def run(latency_samples: int = 200, cpu_window: float = 10.0) -> dict[str, Any]:
             if i >= 5:
                 lat.append(ms)
             time.sleep(float(np.random.uniform(0.03, 0.07)))  # inputs at random phases of the frame clock
-        result["latency_ms"] = {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": max(lat), "n": len(lat)}
+        result["latency_ms"] = {
+            "p50": percentile(lat, 50),
+            "p99": percentile(lat, 99),
+            "max": max(lat),
+            "n": len(lat),
+        }
         s.close()
         rig.stop(node)
         result["cpu"] = cpu_windows(rig, False, cpu_window)
@@ -247,7 +253,7 @@ line: it is in the end-to-end figure but not in the floor). CPU: scheduler time
 
 Asleep, the node still refreshes its liveness (once a second at the default `--node-ttl 3`) and
 Xvfb still runs; this benchmark does not split the asleep figure between them (CPU counts every
-process of the tree, reaped children included, since `cloudq.bench.procstat`). Other work shared these cores during the run (1-minute load
+process of the tree, reaped children included, since `cloudq.procstat`). Other work shared these cores during the run (1-minute load
 average {result["load_before"]:.1f} before, {result.get("load_after", float("nan")):.1f} after): the
 p99 figures, the floor's included, move with it.
 Machine: {result["machine"]}.

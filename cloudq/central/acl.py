@@ -76,12 +76,11 @@ import redis
 
 from cloudq.credentials import LOGIN_PASSWORD, LOGIN_USER, TRUSTED_WARNING
 from cloudq.keys import Keys
-from cloudq.tokens import hash_token, session_acl_password, session_acl_user
+from cloudq.tokens import SESSION_ACL_PREFIX, hash_token, session_acl_password, session_acl_user
 
 log = logging.getLogger(__name__)
 
 ROLES = ("admin", "central", "node", "worker", "gateway")
-SESSION_PREFIX = "cloudq-s-"
 QUEUE_PREFIX = "cloudq-q-"
 
 
@@ -355,8 +354,8 @@ class SessionUsers:
             name = raw.decode()
             if not self._token_alive(name):
                 self.drop(name)
-                if name.startswith(SESSION_PREFIX):
-                    self.r.hdel(self.keys.session(name[len(SESSION_PREFIX) :]), "acl")
+                if name.startswith(SESSION_ACL_PREFIX):
+                    self.r.hdel(self.keys.session(name[len(SESSION_ACL_PREFIX) :]), "acl")
                 done["expired"] += 1
             else:
                 self._expire_at(name)
@@ -365,8 +364,8 @@ class SessionUsers:
         present = {u.decode() for u in self.r.execute_command("ACL", "USERS")}
         live = {s.decode() for s in self.r.smembers(self.keys.sessions)}
         for name in present:
-            if name.startswith(SESSION_PREFIX) and name[len(SESSION_PREFIX) :] not in live:
-                closed = self.r.hget(self.keys.session(name[len(SESSION_PREFIX) :]), "closed")
+            if name.startswith(SESSION_ACL_PREFIX) and name[len(SESSION_ACL_PREFIX) :] not in live:
+                closed = self.r.hget(self.keys.session(name[len(SESSION_ACL_PREFIX) :]), "closed")
                 if closed and now - float(closed) < self.CLOSED_KEEP:
                     continue  # its client still gets to read why the session ended
                 self.drop(name)
@@ -390,8 +389,8 @@ class SessionUsers:
         return done
 
     def _token_alive(self, name: str) -> bool:
-        if name.startswith(SESSION_PREFIX):
-            th = self.r.hget(self.keys.session(name[len(SESSION_PREFIX) :]), "token")
+        if name.startswith(SESSION_ACL_PREFIX):
+            th = self.r.hget(self.keys.session(name[len(SESSION_ACL_PREFIX) :]), "token")
         elif name.startswith(QUEUE_PREFIX):
             th = self.r.hget(self.keys.user(name[len(QUEUE_PREFIX) :]), "qtoken")
         else:

@@ -32,6 +32,13 @@ class CentralCollector:
             if name.startswith("login_"):
                 logins.add_metric([name.removeprefix("login_")], n)
         yield logins
+        restarts = CounterMetricFamily(
+            "cloudq_central_loop_restarts", "Central server loop restarts after an error.", labels=["loop"]
+        )
+        for name, n in sorted(self.counters.items()):
+            if name.startswith("restarts_"):
+                restarts.add_metric([name.removeprefix("restarts_")], n)
+        yield restarts
         try:
             yield from self._collect()
         except redis.RedisError as exc:  # a scrape during an outage: no state metrics, no crash

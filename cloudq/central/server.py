@@ -26,7 +26,7 @@ from cloudq import credentials, jobs
 from cloudq.central import acl, auth
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_request
-from cloudq.retry import Backoff
+from cloudq.retry import Backoff, passing
 from cloudq.settings import Settings
 from cloudq.state import Assignment, StateMachine
 
@@ -39,6 +39,8 @@ MAX_SWEEP_WAIT = 0.25
 ABANDONED_CHECK_EVERY = 3.0
 CONSUMER_FORGET = 60.0
 """A consumer of the requests group idle this long, with nothing pending, is a dead replica's."""
+LOOPS = ("requests", "sweep", "notification")
+"""The server's loops; each failure restarts one and counts in ``counters["restarts_<loop>"]``."""
 
 
 class Central:
@@ -65,7 +67,8 @@ class Central:
         self.acl: acl.SessionUsers | None = None
         self.stop = threading.Event()
         self.wakeup = threading.Event()
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter({f"restarts_{loop}": 0 for loop in LOOPS})
+        self._backoffs: dict[str, Backoff] = {}
         self._threads: list[threading.Thread] = []
         self._run_id = ""
 
@@ -102,23 +105,39 @@ class Central:
             th.join(timeout)
 
     def _guard(self, fn):  # type: ignore[no-untyped-def]
-        """Keep a loop alive across Redis outages: log, back off, go on."""
+        """Keep a loop alive across Redis outages and its own errors: log each with the error,
+        count it (``restarts_<loop>``, the metric ``cloudq_central_loop_restarts_total``), back off
+        and run the loop again. The backoff starts over once the loop runs again (:meth:`_ran`)."""
+        loop = fn.__name__.strip("_").removesuffix("_loop")
+        backoff = self._backoffs[loop] = Backoff()
 
         def run() -> None:
-            backoff = Backoff()
             while not self.stop.is_set():
                 try:
                     fn()
                     return
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning(
-                        "%s: redis unreachable (%s); retrying in <%.1fs", fn.__name__, exc, backoff.peek()
+                except Exception as exc:
+                    self.counters[f"restarts_{loop}"] += 1
+                    level = logging.WARNING if passing(exc) else logging.ERROR
+                    log.log(
+                        level,
+                        "%s loop: %s: %s; restart %d in <%.1fs",
+                        loop,
+                        type(exc).__name__,
+                        exc,
+                        self.counters[f"restarts_{loop}"],
+                        backoff.peek(),
+                        exc_info=not isinstance(exc, redis.RedisError),  # a bug: its traceback
                     )
-                except Exception:
-                    log.exception("%s failed; restarting it", fn.__name__)
                 backoff.wait(self.stop)
 
         return run
+
+    def _ran(self, loop: str) -> None:
+        """``loop`` went once round without an error: its next restart waits the shortest delay."""
+        backoff = self._backoffs.get(loop)
+        if backoff is not None:
+            backoff.reset()
 
     # -- requests ----------------------------------------------------------------------------
     def forget_dead_consumers(self) -> list[str]:
@@ -154,6 +173,7 @@ class Central:
                 entries += items
             for entry_id, fields in entries:
                 self.handle_request(entry_id, fields)
+            self._ran("requests")
 
     def handle_request(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
         try:
@@ -282,6 +302,7 @@ class Central:
             wait = min(self._next_due_in(), MAX_SWEEP_WAIT)
             if self.acl is not None:
                 wait = min(wait, self.acl.RECONCILE_EVERY)
+            self._ran("sweep")
             self.wakeup.wait(wait)
             self.wakeup.clear()
 
@@ -303,5 +324,6 @@ class Central:
                 msg = ps.get_message(timeout=0.5)
                 if msg and isinstance(msg.get("data"), bytes) and msg["data"].startswith(prefix):
                     self.wakeup.set()
+                self._ran("notification")
         finally:
             ps.close()

@@ -132,7 +132,7 @@ def node(
     if not node_id:
         raise click.UsageError("--id is required to run a node")
     from cloudq.workers.metrics import NodeMetrics
-    from cloudq.workers.node import MediaConfig, Node, NodeIdTaken, default_workspace
+    from cloudq.workers.node import MediaConfig, Node, NodeFailed, NodeIdTaken, default_workspace
 
     if store:
         os.environ["CLOUDQ_STORE"] = store
@@ -170,6 +170,8 @@ def node(
         n.run()
     except NodeIdTaken as exc:
         _fail(str(exc), 3)
+    except NodeFailed as exc:
+        _fail(str(exc), 1)
     except redis.ConnectionError as exc:
         _fail(f"cannot reach Redis: {exc}", 5)
 

@@ -41,12 +41,12 @@ from typing import Any
 
 import redis
 
-from cloudq.bench.procstat import tree_cpu
 from cloudq.central.auth import Users
 from cloudq.central.status import format_text, gather, rates
 from cloudq.keys import Keys
 from cloudq.local.cluster import Cluster
 from cloudq.procs import ProcessGroup, cloudq_command
+from cloudq.procstat import tree_cpu
 from cloudq.settings import Settings
 
 log = logging.getLogger(__name__)

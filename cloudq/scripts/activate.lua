@@ -1,16 +1,16 @@
 -- activate(P, node, sid, gen) -> 'ok' | 'stale'
 -- The node has the user's data mounted and its app running: node and session become active.
 local node, sid, gen = ARGV[2], ARGV[3], ARGV[4]
-local s = skey(sid)
+local s = k_session(sid)
 if redis.call('HGET', s, 'state') ~= 'starting' or redis.call('HGET', s, 'gen') ~= gen
-  or redis.call('HGET', s, 'node') ~= node or redis.call('HGET', nkey(node), 'session') ~= sid
+  or redis.call('HGET', s, 'node') ~= node or redis.call('HGET', k_node(node), 'session') ~= sid
   or (redis.call('HGET', s, 'close_reason') or '') ~= '' then
   return 'stale'
 end
 undeadline('mount', sid)
 if setting('autosave') > 0 then deadline('save', sid, setting('autosave')) end
 -- the idle clock did not judge the session while it was starting: it does from now on
-if setting('idle_timeout') > 0 then deadline('act', sid, pttl_s(s .. ':act') or 0) end
+if setting('idle_timeout') > 0 then deadline('act', sid, pttl_s(k_activity(sid)) or 0) end
 node_state(node, 'active', 'session ' .. sid .. ' started')
 session_state(sid, 'active', 'node ' .. node .. ' ready')
 return 'ok'

@@ -3,7 +3,7 @@
 -- session with `reason`, data saved. A close deadline due now makes the sweeper enqueue the close
 -- job (which saves and frees the node) on its next pass, exactly as for any other close reason.
 local node, sid, gen, reason = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local s = skey(sid)
+local s = k_session(sid)
 local st = redis.call('HGET', s, 'state')
 if not st or st == 'closed' then return 'gone' end
 if redis.call('HGET', s, 'gen') ~= gen or redis.call('HGET', s, 'node') ~= node then return 'stale' end

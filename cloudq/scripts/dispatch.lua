@@ -4,16 +4,16 @@
 local limit = tonumber(ARGV[2])
 local out = {}
 local n = 0
-while n < limit and redis.call('ZCARD', P .. 'pool') > 0 do
-  local sid = redis.call('LPOP', P .. 'moves')
+while n < limit and redis.call('ZCARD', K_POOL) > 0 do
+  local sid = redis.call('LPOP', K_MOVES)
   if sid then
-    local s = skey(sid)
+    local s = k_session(sid)
     if redis.call('HGET', s, 'move') == '1' and redis.call('HGET', s, 'state') == 'disconnected' then
-      local node = redis.call('ZPOPMIN', P .. 'pool')[1]
+      local node = redis.call('ZPOPMIN', K_POOL)[1]
       local gen = redis.call('HINCRBY', s, 'gen', 1)
       redis.call('HSET', s, 'node', node, 'move', '0')
-      redis.call('HSET', nkey(node), 'session', sid)
-      redis.call('HSET', ukey(redis.call('HGET', s, 'user')), 'last_node', node)
+      redis.call('HSET', k_node(node), 'session', sid)
+      redis.call('HSET', k_user(redis.call('HGET', s, 'user')), 'last_node', node)
       node_state(node, 'assigned', 'moved session ' .. sid)
       session_state(sid, 'starting', 'moved to node ' .. node)
       deadline('mount', sid, setting('job_lease'))
@@ -22,32 +22,32 @@ while n < limit and redis.call('ZCARD', P .. 'pool') > 0 do
       n = n + 1
     end
   else
-    local user = redis.call('LPOP', P .. 'queue')
+    local user = redis.call('LPOP', K_QUEUE)
     if not user then break end
-    local th = redis.call('HGET', ukey(user), 'qtoken') or ''
-    local acl = redis.call('HGET', ukey(user), 'qacl') or ''
-    redis.call('HDEL', ukey(user), 'qtoken', 'qacl')
-    if redis.call('EXISTS', P .. 'queued:' .. user) == 1 and redis.call('EXISTS', P .. 'token:' .. th) == 1 then
+    local th = redis.call('HGET', k_user(user), 'qtoken') or ''
+    local acl = redis.call('HGET', k_user(user), 'qacl') or ''
+    redis.call('HDEL', k_user(user), 'qtoken', 'qacl')
+    if redis.call('EXISTS', k_queued(user)) == 1 and redis.call('EXISTS', k_token(th)) == 1 then
       local node = nil
-      local last = redis.call('HGET', ukey(user), 'last_node')
-      if last and last ~= '' and redis.call('ZSCORE', P .. 'pool', last) then
-        redis.call('ZREM', P .. 'pool', last)
+      local last = redis.call('HGET', k_user(user), 'last_node')
+      if last and last ~= '' and redis.call('ZSCORE', K_POOL, last) then
+        redis.call('ZREM', K_POOL, last)
         node = last
       else
-        node = redis.call('ZPOPMIN', P .. 'pool')[1]
+        node = redis.call('ZPOPMIN', K_POOL)[1]
       end
       local sid2, gen = create_session(user, node, th, acl)
-      local nk = P .. 'notify:' .. th
+      local nk = k_notify(th)
       redis.call('RPUSH', nk, sid2)
       redis.call('PEXPIRE', nk, 60000)
       table.insert(out, sid2); table.insert(out, node); table.insert(out, gen)
       table.insert(out, user); table.insert(out, th)
       n = n + 1
       -- how long the user waited, for the central server's queue-wait histogram (bounded)
-      local since = tonumber(redis.call('HGET', ukey(user), 'queued_at') or '')
+      local since = tonumber(redis.call('HGET', k_user(user), 'queued_at') or '')
       if since then
-        redis.call('LPUSH', P .. 'queue_waits', string.format('%.3f', NOW - since))
-        redis.call('LTRIM', P .. 'queue_waits', 0, 999)
+        redis.call('LPUSH', K_QUEUE_WAITS, string.format('%.3f', NOW - since))
+        redis.call('LTRIM', K_QUEUE_WAITS, 0, 999)
       end
     else
       event('user:' .. user, 'queued', 'left', 'client stopped waiting')

@@ -1,36 +1,36 @@
 -- release(P, sid, gen) -> node id freed ('' if none)
 -- Last step of closing, after the user's data is saved: session closed, node back to the pool.
 local sid, gen = ARGV[2], ARGV[3]
-local s = skey(sid)
+local s = k_session(sid)
 local st = redis.call('HGET', s, 'state')
 if not st or st == 'closed' or redis.call('HGET', s, 'gen') ~= gen then return '' end
 local user = redis.call('HGET', s, 'user')
 local reason = redis.call('HGET', s, 'close_reason') or ''
 session_state(sid, 'closed', reason)
 redis.call('HSET', s, 'closed', string.format('%.3f', NOW))
-redis.call('SREM', P .. 'sessions', sid)
+redis.call('SREM', K_SESSIONS, sid)
 -- who closed lately, for whoever cleans up after sessions (the central server's ACL users)
-redis.call('ZADD', P .. 'closed', NOW, sid)
-redis.call('ZREMRANGEBYSCORE', P .. 'closed', '-inf', NOW - 3600)
-redis.call('LREM', P .. 'moves', 0, sid)
+redis.call('ZADD', K_CLOSED, NOW, sid)
+redis.call('ZREMRANGEBYSCORE', K_CLOSED, '-inf', NOW - 3600)
+redis.call('LREM', K_MOVES, 0, sid)
 undeadline('close', sid)
-if redis.call('HGET', ukey(user), 'session') == sid then redis.call('HDEL', ukey(user), 'session') end
+if redis.call('HGET', k_user(user), 'session') == sid then redis.call('HDEL', k_user(user), 'session') end
 if reason == 'user_deleted' then
   -- saved for the last time: what is stored now belongs to the deleted account
-  redis.call('SET', ukey(user) .. ':deleted', string.format('%.3f', NOW))
+  redis.call('SET', k_user_deleted(user), string.format('%.3f', NOW))
 end
-redis.call('DEL', s .. ':hb', s .. ':act')
+redis.call('DEL', k_heartbeat(sid), k_activity(sid))
 -- the session's streams go after a while, so a client can still read why it ended
 local keep = 60000
 redis.call('PEXPIRE', s, 3600000)
-redis.call('PEXPIRE', s .. ':video', keep)
-redis.call('PEXPIRE', s .. ':input', keep)
+redis.call('PEXPIRE', k_video(sid), keep)
+redis.call('PEXPIRE', k_input(sid), keep)
 local node = redis.call('HGET', s, 'node') or ''
-if node ~= '' and redis.call('HGET', nkey(node), 'session') == sid then
-  if redis.call('HGET', nkey(node), 'state') ~= 'offline' then
+if node ~= '' and redis.call('HGET', k_node(node), 'session') == sid then
+  if redis.call('HGET', k_node(node), 'state') ~= 'offline' then
     free_node(node, 'session ' .. sid .. ' closed')
   else
-    redis.call('HSET', nkey(node), 'session', '')
+    redis.call('HSET', k_node(node), 'session', '')
   end
   return node
 end

@@ -3,7 +3,7 @@
 -- reason is recorded and the close deadline is due now, so the sweeper enqueues the close job
 -- (which saves the user's data as on any other close).
 local sid, gen, reason = ARGV[2], ARGV[3], ARGV[4]
-local s = skey(sid)
+local s = k_session(sid)
 local st = redis.call('HGET', s, 'state')
 if not st or st == 'closed' then return 'gone' end
 if redis.call('HGET', s, 'gen') ~= gen then return 'stale' end

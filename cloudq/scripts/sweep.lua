@@ -11,8 +11,8 @@
 -- their clock had stopped.
 local limit = tonumber(ARGV[2])
 local run_id = ARGV[3] or ''
-local D = P .. 'deadlines'
-local W = P .. 'sweeper'
+local D = K_DEADLINES
+local W = K_SWEEPER
 do
   local last = tonumber(redis.call('HGET', W, 'last') or '')
   local known = redis.call('HGET', W, 'run_id') or ''
@@ -52,18 +52,18 @@ local hb_interval = setting('heartbeat_interval')
 -- job id, so RQ does not refuse it while the previous run's finished or failed job still exists
 local function act(action, sid, gen, reason, node, issue)
   local host = ''
-  if node and node ~= '' then host = redis.call('HGET', nkey(node), 'host') or '' end
+  if node and node ~= '' then host = redis.call('HGET', k_node(node), 'host') or '' end
   for _, v in ipairs({action, sid, tostring(gen), reason, node or '', host, tostring(issue or 0)}) do
     table.insert(out, v)
   end
 end
 local function reissue(sid, action)
-  return redis.call('HINCRBY', skey(sid), 'issued_' .. action, 1)
+  return redis.call('HINCRBY', k_session(sid), 'issued_' .. action, 1)
 end
 
 local function close_later(sid, reason)
   -- the close job removes this entry when done; until then it is re-issued after each lease
-  local s = skey(sid)
+  local s = k_session(sid)
   if (redis.call('HGET', s, 'close_reason') or '') == '' then redis.call('HSET', s, 'close_reason', reason) end
   deadline('close', sid, lease)
   act('close', sid, redis.call('HGET', s, 'gen'), redis.call('HGET', s, 'close_reason'), redis.call('HGET', s, 'node'),
@@ -71,14 +71,14 @@ local function close_later(sid, reason)
 end
 
 local function save_later(sid, why)
-  local n = redis.call('HINCRBY', skey(sid), 'saves', 1)
-  act('save', sid, redis.call('HGET', skey(sid), 'gen'), why .. '#' .. n, redis.call('HGET', skey(sid), 'node'))
+  local n = redis.call('HINCRBY', k_session(sid), 'saves', 1)
+  act('save', sid, redis.call('HGET', k_session(sid), 'gen'), why .. '#' .. n, redis.call('HGET', k_session(sid), 'node'))
 end
 
 local function to_sleep(sid, node, reason)
-  if node ~= '' and redis.call('HGET', nkey(node), 'session') == sid then
-    if redis.call('HGET', nkey(node), 'state') == 'active' then node_state(node, 'sleeping', reason) end
-    control(node, 'sleep', sid, redis.call('HGET', skey(sid), 'gen'))
+  if node ~= '' and redis.call('HGET', k_node(node), 'session') == sid then
+    if redis.call('HGET', k_node(node), 'state') == 'active' then node_state(node, 'sleeping', reason) end
+    control(node, 'sleep', sid, redis.call('HGET', k_session(sid), 'gen'))
   end
 end
 
@@ -90,27 +90,27 @@ for i = 1, #due, 2 do
   if kind == 'forget' then
     forget_node(id, 'offline for longer than node_forget')
   elseif kind == 'alive' then
-    local left = pttl_s(P .. 'node:' .. id .. ':alive')
+    local left = pttl_s(k_node_alive(id))
     if left then
       redis.call('ZADD', D, NOW + left, member)
-    elseif redis.call('EXISTS', nkey(id)) == 1 and redis.call('HGET', nkey(id), 'state') ~= 'offline' then
+    elseif redis.call('EXISTS', k_node(id)) == 1 and redis.call('HGET', k_node(id), 'state') ~= 'offline' then
       node_state(id, 'offline', 'liveness lapsed')
       forget_later(id)
-      redis.call('ZREM', P .. 'pool', id)
-      local sid = redis.call('HGET', nkey(id), 'session') or ''
-      redis.call('HSET', nkey(id), 'session', '')
+      redis.call('ZREM', K_POOL, id)
+      local sid = redis.call('HGET', k_node(id), 'session') or ''
+      redis.call('HSET', k_node(id), 'session', '')
       if sid ~= '' then
-        local st = redis.call('HGET', skey(sid), 'state')
+        local st = redis.call('HGET', k_session(sid), 'state')
         if st and st ~= 'closed' then
-          if (redis.call('HGET', skey(sid), 'close_reason') or '') ~= '' then
+          if (redis.call('HGET', k_session(sid), 'close_reason') or '') ~= '' then
             -- it was closing: nothing left to save on a dead node; the close job finishes it
-            act('close', sid, redis.call('HGET', skey(sid), 'gen'), redis.call('HGET', skey(sid), 'close_reason'), '',
+            act('close', sid, redis.call('HGET', k_session(sid), 'gen'), redis.call('HGET', k_session(sid), 'close_reason'), '',
               reissue(sid, 'close'))
           else
-            redis.call('HSET', skey(sid), 'move', '1', 'node', '')
+            redis.call('HSET', k_session(sid), 'move', '1', 'node', '')
             undeadline('mount', sid)
             if st ~= 'disconnected' then session_state(sid, 'disconnected', 'node ' .. id .. ' offline') end
-            redis.call('RPUSH', P .. 'moves', sid)
+            redis.call('RPUSH', K_MOVES, sid)
             local grace = setting('grace')
             if grace > 0 and not redis.call('ZSCORE', D, 'grace|' .. sid) then deadline('grace', sid, grace) end
           end
@@ -118,7 +118,7 @@ for i = 1, #due, 2 do
       end
     end
   else
-    local s = skey(id)
+    local s = k_session(id)
     local state = redis.call('HGET', s, 'state')
     if state and state ~= 'closed' then
       local node = redis.call('HGET', s, 'node') or ''
@@ -129,13 +129,13 @@ for i = 1, #due, 2 do
       elseif closing then
         -- a close is under way: other clocks no longer matter
       elseif kind == 'hb' then
-        local left = pttl_s(s .. ':hb')
+        local left = pttl_s(k_heartbeat(id))
         if left then
           if state == 'disconnected' and redis.call('HGET', s, 'move') ~= '1' then
             session_state(id, 'sleeping', 'heartbeat back')
             undeadline('grace', id)
             local idle = setting('idle_timeout')
-            if idle > 0 then deadline('act', id, pttl_s(s .. ':act') or 0) end
+            if idle > 0 then deadline('act', id, pttl_s(k_activity(id)) or 0) end
           end
           redis.call('ZADD', D, NOW + left, member)
         elseif state == 'starting' then
@@ -158,7 +158,7 @@ for i = 1, #due, 2 do
           deadline('hb', id, math.max(hb_interval, 0.05))
         end
       elseif kind == 'act' then
-        local left = pttl_s(s .. ':act')
+        local left = pttl_s(k_activity(id))
         if left then
           redis.call('ZADD', D, NOW + left, member)
         elseif state == 'sleeping' or state == 'disconnected' then
@@ -179,11 +179,11 @@ for i = 1, #due, 2 do
           end
         end
       elseif kind == 'idle' then
-        if redis.call('EXISTS', s .. ':act') == 0 and state ~= 'active' then
+        if redis.call('EXISTS', k_activity(id)) == 0 and state ~= 'active' then
           close_later(id, 'idle')
         end
       elseif kind == 'grace' then
-        if state == 'disconnected' and redis.call('EXISTS', s .. ':hb') == 0 then
+        if state == 'disconnected' and redis.call('EXISTS', k_heartbeat(id)) == 0 then
           close_later(id, 'grace')
         end
       elseif kind == 'max' then

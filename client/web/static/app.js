@@ -19,23 +19,9 @@ const STATE_WORDS = {
   closed: 'closed',
 };
 
-// session close reasons, in plain words (the same as client/session.py)
-const REASONS = {
-  grace: 'the session was closed: the client was gone longer than the reconnect grace',
-  idle: 'the session was closed: no input for too long',
-  max_session: 'the session was closed: it reached the maximum session length',
-  logout: 'the session was closed: logged out elsewhere',
-  mount_failed: 'the session was closed: your data could not be loaded onto a node',
-  taken_over: 'the session was taken over by another login of the same user',
-  unauthorized: 'you are not logged in (or the login expired): please log in again',
-  closed: 'the session was closed',
-};
-
-function reasonWords(reason) {
-  if (reason in REASONS) return REASONS[reason];
-  if (String(reason).startsWith('mount')) return `${REASONS.mount_failed} (${reason})`;
-  return `the session was closed (${reason || 'no reason given'})`;
-}
+// Why a session closed, in words: the gateway sends them with the reason ({t: 'close', reason,
+// text}, worded by cloudq/sessionend.py as `cloudq connect` words them); the page keeps no table.
+const UNAUTHORIZED = 'you are not logged in (or the login expired): please log in again';
 const WARNINGS = { max_session: 'the session reaches its maximum length soon: save your work' };
 
 const params = new URLSearchParams(location.search);
@@ -138,7 +124,7 @@ class Session {
         this.video.lost('server asked for a resync');
         break;
       case 'close':
-        this.note = reasonWords(msg.reason);
+        this.note = String(msg.text || closeWords(CLOSE_SESSION));
         stats.pub.closeReason = String(msg.reason || '');
         break;
       default:
@@ -156,11 +142,10 @@ class Session {
   onEnd({ code, reason }) {
     stats.pub.disconnects++;
     if (code === CLOSE_UNAUTHORIZED) {
-      const why = REASONS.unauthorized;
-      logout(why);
+      logout(UNAUTHORIZED);
       return;
     }
-    if (code === CLOSE_SESSION && !this.note) this.note = reasonWords(reason);
+    if (code === CLOSE_SESSION && !this.note) this.note = closeWords(code, reason);
     this.setState('closed');
     // the last picture and the reason stay on screen; the form is there to log in again
     this.input.detach();

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shlex
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,14 @@ logger = logging.getLogger(__package__)  # cloudq.workers.apps.x11, as before th
 __all__ = ["DEFAULT_COMMAND", "X11App", "X11Factory"]
 
 DEFAULT_COMMAND = "xterm"
+
+
+def _cleanup(what: str, step: Callable[[], object]) -> None:
+    """One step of :meth:`X11App.close`: closing goes on if it fails (the display may be gone)."""
+    try:
+        step()
+    except Exception as e:
+        logger.debug("%s on close failed: %s", what, e)
 
 
 class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
@@ -176,8 +183,7 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
             return
         self._closed = True
         if self._d is not None:
-            with contextlib.suppress(Exception):
-                self._release_all()
+            _cleanup("releasing held keys and buttons", self._release_all)
         self._kill_program()
         if self._d is not None:
             try:
@@ -189,12 +195,10 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
                 self._d.sync()
             except (xerror.XError, xerror.ConnectionClosedError, OSError) as e:
                 logger.warning("display cleanup failed: %s", e)
-            with contextlib.suppress(Exception):
-                self._d.close()
+            _cleanup("closing the X connection", self._d.close)
             self._d = None
         if self._sct is not None:
-            with contextlib.suppress(Exception):
-                self._sct.close()
+            _cleanup("closing the screen grabber", self._sct.close)
             self._sct = None
         if self._stderr is not None:
             self._stderr.close()

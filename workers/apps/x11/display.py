@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
@@ -147,9 +146,11 @@ class DisplayManager:
     def _log_tail(self, limit: int = 2000) -> str:
         if self._log is None:
             return ""
-        with contextlib.suppress(OSError, ValueError):
+        try:
             self._log.seek(0)
             return self._log.read()[-limit:].decode("utf-8", "replace").strip()
+        except (OSError, ValueError) as e:
+            logger.debug("cannot read the Xvfb log: %s", e)
         return ""
 
     def _probe_existing(self) -> None:

@@ -1,7 +1,8 @@
 """The program's process tree: start it (:meth:`ProcessMixin._spawn`), freeze and thaw it
 (:meth:`ProcessMixin.sleep`, :meth:`ProcessMixin.wake`), kill it and every other client of the
-display, clear the screen; plus the ``/proc`` helpers (:func:`process_tree`, :func:`cpu_seconds`)
-and the parent-death signal that :class:`DisplayManager` uses for Xvfb too."""
+display, clear the screen; the parent-death signal that :class:`DisplayManager` uses for Xvfb
+too. The ``/proc`` helpers it re-exports (:func:`process_tree`, :func:`cpu_seconds`) are
+:mod:`cloudq.procstat`'s."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any
 
 from Xlib import X
 from Xlib import error as xerror
+
+from cloudq.procstat import alive, cpu_seconds, process_tree
 
 from .errors import LaunchError
 
@@ -55,66 +58,6 @@ def _die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> Callable[[],
             os._exit(1)
 
     return preexec
-
-
-def _read_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, pgrp, utime+stime ticks) of a process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    rest = data[data.rfind(")") + 2 :].split()  # comm may contain spaces and parentheses
-    # rest[0] is field 3 (state); utime and stime are fields 14 and 15
-    return rest[0], int(rest[1]), int(rest[2]), int(rest[11]) + int(rest[12])
-
-
-def _all_stats() -> dict[int, tuple[str, int, int, int]]:
-    out: dict[int, tuple[str, int, int, int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = _read_stat(int(name))
-            if st is not None:
-                out[int(name)] = st
-    return out
-
-
-def process_tree(pid: int, pgid: int | None = None) -> set[int]:
-    """Live (non-zombie) processes that descend from ``pid`` or belong to process group ``pgid``.
-
-    Descendants are followed through parent links, so programs that start their own session (xterm
-    runs its shell in a new session) are included as long as their parent is still alive.
-    """
-    stats = _all_stats()
-    children: dict[int, list[int]] = {}
-    for p, (_, ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(p)
-    found: set[int] = set()
-    todo = [pid] if pid in stats else []
-    if pgid is not None:
-        todo += [p for p, (_, _, grp, _) in stats.items() if grp == pgid]
-    while todo:
-        p = todo.pop()
-        if p in found:
-            continue
-        found.add(p)
-        todo.extend(children.get(p, ()))
-    return {p for p in found if stats[p][0] not in ("Z", "X")}
-
-
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """User + system CPU seconds used so far by the given processes (gone ones count 0)."""
-    ticks = 0
-    for p in pids:
-        st = _read_stat(p)
-        if st is not None:
-            ticks += st[3]
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _alive(pid: int) -> bool:
-    st = _read_stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
 
 
 def _signal_all(pids: Iterable[int], sig: int) -> None:
@@ -209,9 +152,9 @@ class ProcessMixin:
             _signal_all(pids, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
             self._frozen.clear()
             if not _wait_until(
-                lambda: proc.poll() is not None and not any(_alive(p) for p in pids), self.term_timeout
+                lambda: proc.poll() is not None and not any(alive(p) for p in pids), self.term_timeout
             ):
-                left = {p for p in pids if _alive(p)}
+                left = {p for p in pids if alive(p)}
                 logger.info("program did not exit on SIGTERM: SIGKILL to %s", sorted(left))
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -257,9 +200,11 @@ class ProcessMixin:
     def sleep(self, freeze: bool = False) -> None:
         """Release held keys and buttons; with ``freeze``, SIGSTOP the program's whole process tree."""
         if self._d is not None:
-            with contextlib.suppress(xerror.XError, xerror.ConnectionClosedError, OSError):
+            try:
                 self._release_all()
                 self._d.sync()
+            except (xerror.XError, xerror.ConnectionClosedError, OSError) as e:
+                logger.warning("cannot release held keys and buttons before sleeping: %s", e)
         if not freeze or self._proc is None or self._proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -300,9 +245,11 @@ class ProcessMixin:
     def _output_tail(self, limit: int = 1000) -> str:
         if self._stderr is None:
             return ""
-        with contextlib.suppress(OSError, ValueError):
+        try:
             self._stderr.seek(0, os.SEEK_END)
             size = self._stderr.tell()
             self._stderr.seek(max(0, size - limit))
             return self._stderr.read().decode("utf-8", "replace").strip()
+        except (OSError, ValueError) as e:
+            logger.debug("cannot read the program's stderr: %s", e)
         return ""
