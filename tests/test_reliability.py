@@ -251,7 +251,6 @@ def _stop_up(p: subprocess.Popen[str]) -> None:
             p.wait(10)
 
 
-@pytest.mark.slow
 def test_up_with_a_data_dir_keeps_users_sessions_and_work_across_a_restart(tmp_path: Path) -> None:
     data_dir = tmp_path / "cq"
     keys = Keys()

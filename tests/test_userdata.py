@@ -38,7 +38,8 @@ def connect(r: redis.Redis, keys: Keys, user: str) -> tuple[Launcher, Ticket, He
     t = launcher.login(user, "pw")
     hb = Heartbeat(r, keys, t.sid, Settings.load(r, keys))
     hb.start()
-    wait_for(lambda: session_field(r, keys, t.sid) == "active", 20, what=f"{user} active")
+    # 5 s on an idle machine; the bound leaves room for a loaded one (the suite runs 4 workers)
+    wait_for(lambda: session_field(r, keys, t.sid) == "active", 40, what=f"{user} active")
     return launcher, t, hb
 
 
