@@ -183,6 +183,11 @@ def test_without_credentials_or_as_the_login_user_only_the_login_request_works(
     assert gateway.hmget(keys.session(t.sid), "state")[0] is not None
     assert denied(lambda: gateway.hset(keys.session(t.sid), "state", "closed"))
     assert denied(lambda: gateway.get(keys.user("alice")))
+    # a queued browser's beat: the gateway may refresh it, never delete someone's place
+    r.set(keys.queued("bob"), "1", px=60_000)
+    assert gateway.set(keys.queued("bob"), "1", px=60_000)
+    assert denied(lambda: gateway.delete(keys.queued("bob")))
+    assert r.exists(keys.queued("bob"))
     # and the login request itself works for it (the client above logged in through the login user)
     assert session_field(r, keys, t.sid, "user") == "alice"
 

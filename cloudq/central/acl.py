@@ -127,7 +127,7 @@ def gateway_rules(keys: Keys) -> list[str]:
         f"(+hgetall %R~{keys.settings})",
         f"(+get %R~{P}token:*)",
         f"(+hmget %R~{P}user:* %R~{P}session:*)",
-        f"(+set +del %W~{P}queued:*)",
+        f"(+set %W~{P}queued:*)",  # the beat only: its TTL ends it (a client never deletes it)
         f"(+lpos %R~{keys.queue})",
         f"(+blpop ~{P}notify:*)",
     ]
