@@ -51,10 +51,7 @@ def central(
     from cloudq.central.metrics import CentralMetrics
     from cloudq.central.server import Central
 
-    try:
-        settings = settings_from(kw)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    settings = settings_from(kw)
     r = _connect(redis_url)
     c = Central(
         r,

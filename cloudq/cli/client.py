@@ -14,6 +14,7 @@ from cloudq.cli.common import (
     _read_password,
     _stop_on_signals,
     gateway_listen_options,
+    metrics_options,
     prefix_option,
     redis_url_option,
 )
@@ -227,15 +228,7 @@ def connect(
     help="Per-browser Redis connection: the session's ACL user (session), the gateway's own "
     "credentials (gateway), or the session user when the server has it (auto).",
 )
-@click.option(
-    "--metrics-port",
-    envvar="CLOUDQ_METRICS_PORT",
-    type=click.IntRange(0, 65535),
-    default=0,
-    show_default=True,
-    help="Serve Prometheus metrics on this port (0 = off).",
-)
-@click.option("--metrics-addr", envvar="CLOUDQ_METRICS_ADDR", default="0.0.0.0", show_default=True)
+@metrics_options
 def gateway(
     redis_url: str | None,
     prefix: str,

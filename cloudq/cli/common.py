@@ -202,8 +202,13 @@ def _serve_metrics(port: int, addr: str, registry: Any) -> Callable[[], None] | 
 
 
 def settings_from(kw: dict[str, Any]) -> Settings:
+    """The clock options out of ``kw`` (they are removed from it) as ``Settings``; a bad
+    combination is a usage error."""
     names = Settings.__dataclass_fields__.keys()
-    return Settings(**{k: kw.pop(k) for k in list(kw) if k in names})
+    try:
+        return Settings(**{k: kw.pop(k) for k in list(kw) if k in names})
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 # -- operator commands (each one transition script that records who and why) ---------------

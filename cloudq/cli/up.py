@@ -64,10 +64,7 @@ def up(
     """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
     from cloudq.local.cluster import Cluster
 
-    try:
-        settings = settings_from(kw)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    settings = settings_from(kw)
     done = threading.Event()
     _stop_on_signals(done.set)
     cluster = Cluster(
