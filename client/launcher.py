@@ -50,6 +50,14 @@ class ClientError(Exception):
         self.exit_code = EXIT_CODES.get(kind, 1)
 
 
+class SessionOver(ClientError):
+    """The session a client came back to is over: :attr:`reason` (a close reason) says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("closed", close_message(reason))
+        self.reason = reason
+
+
 @dataclass
 class Ticket:
     """What a successful login gives the client."""
@@ -146,6 +154,22 @@ class Launcher:
         if reply.status != "queued" or not queue:
             return Ticket(user, reply.token, reply.sid, reply.node, reply.status, reply.acl_user)
         return self._wait_in_queue(user, reply, wait, on_position)
+
+    def resume(self, ticket: Ticket) -> Ticket:
+        """Back into ``ticket``'s session after an outage, with its token (no password, never a new
+        session or the queue). Raises :class:`SessionOver` with the reason when the session ended
+        meanwhile (``taken_over`` when another login holds it), ``ClientError("expired")`` when the
+        token lapsed (log in again with the password)."""
+        reply = self._request(loginflow.resume_request(ticket.token, ticket.sid))
+        if reply.status == "closed":
+            raise SessionOver(reply.reason or "closed")
+        if not reply.ok:
+            raise ClientError("expired" if reply.status == "expired" else "error", reply.error)
+        try:
+            self.use_identity(reply.acl_user, reply.token)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ClientError("unreachable", f"cannot reach the server: {exc}") from None
+        return Ticket(ticket.user, reply.token, reply.sid, reply.node, reply.status, reply.acl_user)
 
     def _wait_in_queue(
         self, user: str, reply: Reply, wait: float | None, on_position: Callable[[int], None] | None

@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 import redis
 
 from cloudq.client.kernel import Kernel
-from cloudq.client.launcher import ClientError, Launcher, Ticket
+from cloudq.client.launcher import ClientError, Launcher, SessionOver, Ticket
 from cloudq.client.script import ScriptEvent, ScriptPlayer
 from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
 from cloudq.client.stats import StatsSink, write_json
@@ -52,7 +52,6 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 STREAM_TIMEOUT = 10.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
 STATS_EVERY = 1.0
-CREDENTIALS_REFUSED_FOR = 2.0
 
 
 @dataclass
@@ -372,36 +371,19 @@ class ClientSession:
         self.write_stats()
         self.say(f"lost the server ({exc}); reconnecting for up to {budget:.0f} s")
         backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
-        refused_since: float | None = None
+        unanswered = False  # a resume went out without a reply: it may have taken the token
         while True:
             if self.stop.is_set():
                 raise _Quit
             try:
-                try:
-                    self.launcher.sr.ping()
-                    refused_since = None
-                except redis.AuthenticationError:
-                    # the server answers but no longer takes this session's credentials: another
-                    # login took the session over (or its access was revoked). A Redis restart
-                    # also refuses them until the central server re-creates the user: wait a bit.
-                    self.r.ping()
-                    refused_since = refused_since or time.monotonic()
-                    if time.monotonic() - refused_since >= CREDENTIALS_REFUSED_FOR:
-                        self.say("the server no longer accepts this session's credentials")
-                        self._ended(CloseReason.TAKEN_OVER)
-                    raise
-                # closed or closing while we were away: login.lua would not reconnect into it but
-                # start another session, so read why first (as the watch loop does)
-                ended = session_end(
-                    *self.launcher.sr.hmget(self.keys.session(sid), "state", "close_reason", "token"),
-                    mine=hash_token(self.ticket.token),
-                )
-                if ended:
-                    self._ended(ended)
-                ticket = self.launcher.login(self.user, self._password, queue=False)
+                # the login connection: this session's Redis user may be gone (the session
+                # closed, another login took it) and resume.lua says which, with the reason
+                self.r.ping()
+                ticket = self._resume(unanswered)
             except (ClientError, *REDIS_DOWN) as err:
                 if isinstance(err, ClientError) and err.kind != "unreachable":
                     raise
+                unanswered = unanswered or isinstance(err, ClientError)
                 if time.monotonic() - lost_at >= budget:
                     raise ClientError(
                         "unreachable", f"lost the server and could not get back within {budget:.0f} s"
@@ -417,11 +399,6 @@ class ClientSession:
                     raise _Quit from None
                 continue
             break
-        if ticket.sid != sid:
-            # the session ended between that read and this login, which started (or queued)
-            # another: end that one; why the old one ended is no longer readable with its rights
-            self.launcher.logout(ticket.token)
-            self._ended(CloseReason.CLOSED)
         self.ticket = ticket
         down = time.monotonic() - lost_at
         self.reconnects.append(
@@ -438,6 +415,26 @@ class ClientSession:
         self._on_node(ticket.node)
         if self.kernel is not None:
             self.kernel.input.request_keyframe()
+
+    def _resume(self, unanswered: bool) -> Ticket:
+        """Back into this session (:meth:`Launcher.resume`, with its token: never another session),
+        or end with the reason it is over. With the password only when the token cannot: it
+        lapsed (``token_ttl``), or an earlier resume went unanswered and may have replaced it."""
+        assert self.ticket is not None
+        try:
+            return self.launcher.resume(self.ticket)
+        except SessionOver as over:
+            if not (unanswered and over.reason == CloseReason.TAKEN_OVER):
+                self._ended(over.reason)
+        except ClientError as err:
+            if err.kind != "expired":
+                raise
+        ticket = self.launcher.login(self.user, self._password, queue=False)
+        if ticket.sid != self.ticket.sid:
+            # the session ended meanwhile and this login started (or queued) another: end that one
+            self.launcher.logout(ticket.token)
+            self._ended(CloseReason.CLOSED)
+        return ticket
 
 
 def client_redis(url: str, socket_timeout: float = 3.0) -> redis.Redis:

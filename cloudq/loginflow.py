@@ -54,6 +54,12 @@ def logout_request(token: str) -> Request:
     return Request("logout", new_request_id(), token=token)
 
 
+def resume_request(token: str, sid: str) -> Request:
+    """Back into session ``sid`` with the token it was issued (after an outage): never a new
+    session, never the queue; a ``closed`` reply carries why the session ended."""
+    return Request("resume", new_request_id(), token=token, sid=sid)
+
+
 def post(keys: Keys, req: Request) -> dict[str, Any]:
     """The ``XADD`` arguments that post ``req``: ``r.xadd(**post(keys, req))``."""
     return {"name": keys.requests, "fields": req.pack(), "maxlen": REQUESTS_MAXLEN, "approximate": True}

@@ -15,6 +15,8 @@ import msgpack
 MAX_REQUEST_BYTES = 4096
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+SESSION_ID = re.compile(r"^s[0-9]{1,18}$")
+"""What ``create_session`` (``_lib.lua``) names a session: ``s`` and a sequence number."""
 
 
 class BadMessage(ValueError):
@@ -50,11 +52,12 @@ def _str(obj: dict[str, Any], name: str, required: bool = True, limit: int = 102
 class Request:
     """A client's request to the central servers (``requests`` stream, field ``m``)."""
 
-    op: str  # "login" | "logout"
+    op: str  # "login" | "logout" | "resume"
     id: str
     user: str = ""
     password: str = ""
     token: str = ""
+    sid: str = ""  # resume: the session the token was issued for
 
     def pack(self) -> dict[str, bytes]:
         return {"m": msgpack.packb(asdict(self))}
@@ -73,6 +76,11 @@ def unpack_request(fields: dict[bytes, bytes]) -> Request:
         return Request(op, rid, user=user, password=_str(obj, "password", limit=1024))
     if op == "logout":
         return Request(op, rid, token=_str(obj, "token", limit=128))
+    if op == "resume":
+        sid = _str(obj, "sid", limit=64)
+        if not SESSION_ID.match(sid):
+            raise BadMessage("bad session id")
+        return Request(op, rid, token=_str(obj, "token", limit=128), sid=sid)
     raise BadMessage(f"unknown op {op!r}")
 
 
@@ -88,6 +96,7 @@ class Reply:
     node: str = ""
     position: int = 0
     acl_user: str = ""  # the Redis user to reconnect as (password: session_acl_password(token))
+    reason: str = ""  # status "closed" (a resume): why the session ended (a CloseReason)
 
     def pack(self) -> bytes:
         return msgpack.packb(asdict(self))
@@ -105,6 +114,7 @@ def unpack_reply(raw: bytes) -> Reply:
             node=str(obj.get("node", "")),
             position=int(obj.get("position", 0)),
             acl_user=str(obj.get("acl_user", "")),
+            reason=str(obj.get("reason", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadMessage(f"bad reply: {exc}") from None

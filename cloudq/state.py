@@ -18,6 +18,7 @@ from cloudq.keys import Keys, lua_key_helpers
 
 _NAMES = [
     "login",
+    "resume",
     "dispatch",
     "sweep",
     "register_node",
@@ -87,6 +88,12 @@ class CloseReason(StrEnum):
     TAKEN_OVER = "taken_over"
     CLOSED = "closed"
     QUEUE_DROPPED = "queue_dropped"  # a queued client lost its place before a node (cloudq.loginflow)
+
+
+def with_detail(reason: CloseReason, detail: str) -> str:
+    """A close reason with its detail, as recorded: ``with_detail(CloseReason.ADMIN, "maintenance")``
+    is ``"admin: maintenance"``."""
+    return f"{reason.value}: {detail}"
 
 
 class JobResult(StrEnum):
@@ -163,6 +170,15 @@ class StateMachine:
     def login(self, user: str, token_hash: str, acl_hash: str = "") -> tuple[str, str, str, int, int]:
         status, sid, node, gen, pos = self._run("login", user, token_hash, acl_hash)
         return _s(status), _s(sid), _s(node), int(gen), int(pos)
+
+    def resume(
+        self, sid: str, old_token_hash: str, token_hash: str, acl_hash: str = ""
+    ) -> tuple[str, str, str, int, str]:
+        """A client back after an outage, into ``sid`` only (``resume.lua``): ``(status, sid, node,
+        gen, reason)``, status as :meth:`login` or ``closed`` (``reason`` says why) or ``expired``."""
+        status, sid, node, gen, reason = self._run("resume", sid, old_token_hash, token_hash, acl_hash)
+        status = _s(status)
+        return status, _s(sid), _s(node), int(gen), _s(reason) if status == "closed" else ""
 
     def dispatch(self, limit: int = 100) -> list[Assignment]:
         flat = [_s(x) for x in self._run("dispatch", limit)]

@@ -21,14 +21,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
-from helpers import FAST, Procs  # noqa: F401 - FAST is imported from here by tests
+from helpers import FAST, ROLE_OF, Procs  # noqa: F401 - FAST is imported from here by tests
 
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
 from cloudq.local.cluster import setup_acl
 
 PREFIX = "cqt:"
-ROLE_OF = {"central": "central", "node": "node", "worker": "worker", "gateway": "gateway", "connect": "login"}
 
 
 def _worker_db(url: str, worker: str) -> str:

@@ -116,6 +116,10 @@ FAST = dict(
 )
 
 
+ROLE_OF = {"central": "central", "node": "node", "worker": "worker", "gateway": "gateway", "connect": "login"}
+"""Which role's Redis URL (``setup_acl``) each command :class:`Procs` starts connects with."""
+
+
 @dataclass
 class Pool:
     central: subprocess.Popen[bytes]

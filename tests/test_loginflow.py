@@ -12,6 +12,7 @@ import socket
 import time
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 from helpers import Procs, start_pool, wait_for
@@ -20,19 +21,26 @@ from cloudq import loginflow
 from cloudq.embedded import free_port
 from cloudq.keys import Keys
 from cloudq.loginflow import ASSIGNED, DROPPED, DROPPED_REASON, LEFT, WAIT, QueueStep, QueueWait
-from cloudq.messages import REQUEST_ID, Reply, unpack_request
+from cloudq.messages import REQUEST_ID, BadMessage, Reply, unpack_request
 from cloudq.sessionend import close_message
 from cloudq.settings import Settings
 
 
 def test_requests_carry_unguessable_ids_and_pass_the_central_servers_checks(keys: Keys) -> None:
     login, logout = loginflow.login_request("bob", "pw"), loginflow.logout_request("tok")
-    assert len({login.id, logout.id, loginflow.login_request("bob", "pw").id}) == 3
-    for req in (login, logout):
+    resume = loginflow.resume_request("tok", "s12")
+    assert len({login.id, logout.id, resume.id, loginflow.login_request("bob", "pw").id}) == 4
+    for req in (login, logout, resume):
         assert len(req.id) == 32 and REQUEST_ID.match(req.id)
         args = loginflow.post(keys, req)
         assert (args["name"], args["maxlen"]) == (keys.requests, loginflow.REQUESTS_MAXLEN)
         assert unpack_request({k.encode(): v for k, v in args["fields"].items()}) == req
+
+
+def test_a_resume_names_a_session_id_central_could_have_made() -> None:
+    bad = {b"m": msgpack.packb({"op": "resume", "id": "a" * 32, "token": "t", "sid": "session:{s1}"})}
+    with pytest.raises(BadMessage, match="bad session id"):
+        unpack_request(bad)
 
 
 def test_a_reply_is_waited_for_in_short_blocks_until_the_timeout(r: redis.Redis, keys: Keys) -> None:

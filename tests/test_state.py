@@ -219,3 +219,27 @@ def test_login_never_reconnects_into_a_session_that_is_closing(r: redis.Redis, k
     status, sid2, node2, _, _ = sm.login("alice", "t2")
     assert status == "assigned" and sid2 != sid and node2 == "n2"
     assert session_field(r, keys, sid, "close_reason") == "grace"
+
+
+def test_resume_goes_back_into_the_tokens_session_or_says_why_it_cannot_and_never_starts_one(
+    r: redis.Redis, keys: Keys
+) -> None:
+    """resume.lua: a client back after an outage holds its session id and token, no password."""
+    publish(r, keys, token_ttl=0)
+    sm = StateMachine(r, keys)
+    sm.register_node("n1", "h", "paint", "i1")
+    sm.register_node("n2", "h", "paint", "i2")
+    _, sid, node, gen, _ = sm.login("alice", "t1")
+    assert sm.resume(sid, "t1", "t2") == ("reconnect", sid, node, gen + 1, "")
+    assert not r.exists(keys.token("t1")) and r.get(keys.token("t2")) == b"alice"
+    assert sm.resume(sid, "t1", "t3")[0::4] == ("closed", "taken_over"), "t1 was replaced by t2"
+    assert sm.resume("s999", "t2", "t4")[0::4] == ("closed", "closed"), "no such session"
+    r.delete(keys.token("t2"))  # the token lapsed (token_ttl) in a live session
+    assert sm.resume(sid, "t2", "t5")[0::4] == ("expired", "")
+    _, sid, _, gen, _ = sm.login("alice", "t6")
+    assert sm.close_begin(sid, gen, "idle")[0] == "ok"
+    assert sm.resume(sid, "t6", "t7")[0::4] == ("closed", "idle"), "closing counts as over"
+    sm.release(sid, gen)
+    assert sm.resume(sid, "t6", "t8")[0::4] == ("closed", "idle"), "and so does closed"
+    assert r.get(keys.seq) == b"1" and r.lpos(keys.queue, "alice") is None, "no session, no queue"
+    assert r.zcard(keys.pool) == 2 and not r.exists(keys.token("t7")) and not r.exists(keys.token("t8"))

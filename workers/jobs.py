@@ -15,7 +15,7 @@ from rq import get_current_job
 from cloudq.jobs import enqueue_assignment
 from cloudq.keys import Keys
 from cloudq.messages import Control, pack_control
-from cloudq.state import StateMachine
+from cloudq.state import CloseReason, JobResult, StateMachine, with_detail
 from cloudq.workers import data
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,15 @@ def mount_job(prefix: str, sid: str, gen: int, node: str) -> str:
     s = r.hgetall(keys.session(sid))
     if s.get(b"state") != b"starting" or int(s.get(b"gen", 0)) != gen or s.get(b"node", b"").decode() != node:
         log.info("mount %s gen %s: stale, nothing to do", sid, gen)
-        return "stale"
+        return JobResult.STALE
     try:
         data.mount_session(r, keys, sid, s[b"user"].decode(), node)
     except data.DataError as exc:
         log.error("mount %s gen %s failed: %s", sid, gen, exc)
-        fail_session(r, keys, sid, gen, f"mount_failed: {exc}")
-        return "failed"
+        fail_session(r, keys, sid, gen, with_detail(CloseReason.MOUNT_FAILED, str(exc)))
+        return JobResult.FAILED
     r.xadd(keys.node_control(node), pack_control(Control("start", sid, gen)), maxlen=1000, approximate=True)
-    return "started"
+    return JobResult.STARTED
 
 
 def close_job(prefix: str, sid: str, gen: int, reason: str) -> str:
@@ -65,7 +65,7 @@ def close_job(prefix: str, sid: str, gen: int, reason: str) -> str:
     log.info("closed session %s (%s); node %s freed", sid, reason, freed or "-")
     for a in sm.dispatch():
         enqueue_assignment(r, keys, a)
-    return "closed"
+    return JobResult.CLOSED
 
 
 def fail_session(r: redis.Redis, keys: Keys, sid: str, gen: int, reason: str) -> None:
@@ -86,8 +86,8 @@ def save_job(prefix: str, sid: str, gen: int, why: str) -> str:
     keys = Keys(prefix)
     s = r.hgetall(keys.session(sid))
     if s.get(b"state") in (None, b"closed", b"starting") or s.get(b"close_reason"):
-        return "not live"
+        return JobResult.NOT_LIVE
     node = s.get(b"node", b"").decode()
     if not node or r.hget(keys.node(node), "session") != sid.encode():
-        return "no node"
+        return JobResult.NO_NODE
     return data.save_session(r, keys, sid, s[b"user"].decode(), node, final=False, gen=int(s[b"gen"]))

@@ -48,7 +48,7 @@ from cloudq.keys import Keys
 from cloudq.messages import BadMessage, unpack_control
 from cloudq.retry import Backoff, passing
 from cloudq.settings import Settings
-from cloudq.state import StateMachine
+from cloudq.state import CloseReason, StateMachine, with_detail
 from cloudq.wire import BadMessage as BadMedia
 from cloudq.wire import InputEvent
 from cloudq.workers import data
@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 MAX_INPUT_ENTRY = InputLimits.max_entry
-FLOOD_REASON = "input_flood"
+FLOOD_REASON = CloseReason.INPUT_FLOOD.value
 MAX_WAIT = 10.0
 """Longest single wait of the node loop (it wakes earlier for a hand-over, its app or a duty)."""
 MAX_REASON = 300
@@ -389,12 +389,12 @@ class Node:
         if status is None:
             return
         kind, code = status
-        if kind == "app_exited":
-            reason = "app_exited"
+        if kind == CloseReason.APP_EXITED:
+            reason = CloseReason.APP_EXITED.value
         elif code < 0:
-            reason = f"app_crashed: killed by signal {-code}"
+            reason = with_detail(CloseReason.APP_CRASHED, f"killed by signal {-code}")
         else:
-            reason = f"app_crashed: exit status {code}"
+            reason = with_detail(CloseReason.APP_CRASHED, f"exit status {code}")
         self.end_session(sess.sid, sess.gen, reason)  # first: if Redis refuses, the next step asks again
         sess.ending = True
         st.sleep()  # nothing left to show

@@ -19,6 +19,7 @@ import redis
 
 from cloudq.codec import Encoder, get_encoder
 from cloudq.keys import Keys
+from cloudq.state import CloseReason
 from cloudq.wire import BadMessage as BadMedia
 from cloudq.wire import InputEvent, VideoPacket
 from cloudq.workers.apps import App
@@ -262,7 +263,7 @@ class Streamer:
             return self.app.exit_status()
         except Exception:
             log.exception("app exit_status() failed")
-            return ("app_crashed", -1)
+            return (CloseReason.APP_CRASHED, -1)
 
     def fileno(self) -> int | None:
         """The app's change descriptor (None: the app has none), asleep or not."""

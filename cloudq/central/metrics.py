@@ -27,18 +27,21 @@ class CentralCollector:
         self.counters = counters
 
     def collect(self) -> Iterable[Metric]:
-        logins = CounterMetricFamily("cloudq_logins", "Login requests, by result.", labels=["result"])
-        for name, n in sorted(self.counters.items()):
-            if name.startswith("login_"):
-                logins.add_metric([name.removeprefix("login_")], n)
-        yield logins
-        restarts = CounterMetricFamily(
-            "cloudq_central_loop_restarts", "Central server loop restarts after an error.", labels=["loop"]
-        )
-        for name, n in sorted(self.counters.items()):
-            if name.startswith("restarts_"):
-                restarts.add_metric([name.removeprefix("restarts_")], n)
-        yield restarts
+        for prefix, name, doc, label in (
+            ("login_", "cloudq_logins", "Login requests, by result.", "result"),
+            ("resume_", "cloudq_resumes", "Resumes (clients back after an outage), by result.", "result"),
+            (
+                "restarts_",
+                "cloudq_central_loop_restarts",
+                "Central server loop restarts after an error.",
+                "loop",
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for counter, n in sorted(self.counters.items()):
+                if counter.startswith(prefix):
+                    family.add_metric([counter.removeprefix(prefix)], n)
+            yield family
         try:
             yield from self._collect()
         except redis.RedisError as exc:  # a scrape during an outage: no state metrics, no crash

@@ -28,7 +28,7 @@ from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_request
 from cloudq.retry import Backoff, passing
 from cloudq.settings import Settings
-from cloudq.state import Assignment, StateMachine
+from cloudq.state import Assignment, CloseReason, StateMachine
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class Central:
         reply = None
         if req is not None:
             try:
-                reply = self.login(req) if req.op == "login" else self.logout(req)
+                reply = {"login": self.login, "resume": self.resume}.get(req.op, self.logout)(req)
             except (redis.ConnectionError, redis.TimeoutError):
                 raise
             except Exception:
@@ -226,6 +226,25 @@ class Central:
         log.info("login %s: %s %s %s", req.user, status, sid, node)
         return Reply(ok=True, status=status, token=token, sid=sid, node=node, position=pos, acl_user=acl_user)
 
+    def resume(self, req: Request) -> Reply:
+        """A client back after an outage with its token: into its session, or why it cannot be
+        (``resume.lua``). No password: nothing here waits behind bcrypt, and it never starts a
+        session or queues, so a client never ends up in a session it did not ask for."""
+        token = auth.new_token()
+        th = auth.hash_token(token)
+        pw_hash = acl.session_password_hash(token) if self.acl else ""
+        status, sid, node, gen, reason = self.sm.resume(req.sid, auth.hash_token(req.token), th, pw_hash)
+        self.counters[f"resume_{status}"] += 1
+        if status == "closed":
+            return Reply(ok=False, status=status, reason=reason, error="the session is over")
+        if status == "expired":
+            return Reply(ok=False, status=status, error="the login expired: log in again")
+        acl_user = self.acl.session_user(sid, pw_hash) if self.acl is not None else ""
+        if status == "assigned":
+            jobs.enqueue_assignment(self.r, self.keys, Assignment(sid, node, gen))
+        log.info("resume %s: %s %s", sid, status, node)
+        return Reply(ok=True, status=status, token=token, sid=sid, node=node, acl_user=acl_user)
+
     def logout(self, req: Request) -> Reply:
         user = auth.token_user(self.r, self.keys, req.token)
         if user is None:
@@ -240,7 +259,7 @@ class Central:
             if self.acl is not None:
                 self.acl.revoke_session(sid)
             host = (self.r.hget(self.keys.node(node), "host") or b"").decode() if node else ""
-            jobs.enqueue(self.r, self.keys, "close", sid, gen, host, "logout")
+            jobs.enqueue(self.r, self.keys, "close", sid, gen, host, CloseReason.LOGOUT.value)
         if queued and self.acl is not None:
             self.acl.drop(acl.queue_acl_user(user))
         return Reply(ok=True, status="logged_out")

@@ -12,6 +12,7 @@ from cloudq.cli.common import (
     prefix_option,
     redis_url_option,
 )
+from cloudq.state import CloseReason, with_detail
 
 
 @click.group()
@@ -27,7 +28,7 @@ def session() -> None:
 def session_close(redis_url: str | None, prefix: str, reason: str, sid: str) -> None:
     """Close session SID: its data is saved, its node freed, its client told REASON."""
     sm = _machine(redis_url, prefix)
-    status = _run(sm.admin_close, sid, f"admin: {reason}", operator())
+    status = _run(sm.admin_close, sid, with_detail(CloseReason.ADMIN, reason), operator())
     if status == "gone":
         _fail(f"no live session {sid!r}")
     click.echo(f"session {sid} {'is already closing' if status == 'closing' else 'is closing'}")

@@ -97,3 +97,50 @@ local function forget_later(id)
   local f = setting('node_forget')
   if f > 0 then deadline('forget', id, f) end
 end
+
+-- A login token: `token:<hash>` holds the user name, for `token_ttl` s (0: for ever).
+local function issue_token_for(user, token_hash)
+  local k = k_token(token_hash)
+  redis.call('SET', k, user)
+  local ttl = setting('token_ttl')
+  if ttl > 0 then redis.call('PEXPIRE', k, math.floor(ttl * 1000)) end
+end
+
+-- Online reconnection into `sid` (live, not closing), `user`'s session in `state`: the old token
+-- is revoked and `token_hash` issued, the generation bumped (stale jobs do nothing), the liveness
+-- keys and deadlines set again; a session that lost its node takes a free one (or waits, 'moving').
+-- Returns the login reply {status, sid, node, gen, position} (login.lua, resume.lua).
+local function reconnect_session(user, sid, state, token_hash, acl_hash)
+  local s = k_session(sid)
+  local old = redis.call('HGET', s, 'token')
+  if old and old ~= '' then redis.call('DEL', k_token(old)) end
+  redis.call('HSET', s, 'token', token_hash, 'acl', acl_hash)
+  local gen = redis.call('HINCRBY', s, 'gen', 1)
+  issue_token_for(user, token_hash)
+  local hb_ttl = setting('heartbeat_ttl')
+  set_ttl_key(k_heartbeat(sid), '1', hb_ttl)
+  set_ttl_key(k_activity(sid), '1', setting('idle_timeout'))
+  undeadline('grace', sid)
+  if hb_ttl > 0 then deadline('hb', sid, hb_ttl) end
+  if setting('idle_timeout') > 0 then deadline('act', sid, setting('idle_timeout')) end
+  undeadline('idle', sid)
+  local node = redis.call('HGET', s, 'node') or ''
+  if redis.call('HGET', s, 'move') == '1' then
+    local picked = redis.call('ZPOPMIN', K_POOL)
+    if #picked == 0 then
+      return {'moving', sid, '', gen, 0}
+    end
+    node = picked[1]
+    redis.call('LREM', K_MOVES, 0, sid)
+    redis.call('HSET', s, 'node', node, 'move', '0')
+    redis.call('HSET', k_node(node), 'session', sid)
+    redis.call('HSET', k_user(user), 'last_node', node)
+    node_state(node, 'assigned', 'moved session ' .. sid)
+    session_state(sid, 'starting', 'moved to node ' .. node)
+    deadline('mount', sid, setting('job_lease'))
+    return {'assigned', sid, node, gen, 0}
+  end
+  if state == 'disconnected' then session_state(sid, 'sleeping', 'reconnected') end
+  event('session:' .. sid, state, state, 'reconnect (gen ' .. gen .. ')')
+  return {'reconnect', sid, node, gen, 0}
+end
