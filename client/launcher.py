@@ -115,7 +115,7 @@ class Launcher:
         """Post ``req`` and wait for the central server's reply (:mod:`cloudq.loginflow`)."""
         got = None
         try:
-            self.r.xadd(**loginflow.post(self.keys, req))
+            self.r.rpush(*loginflow.post(self.keys, req))
             for block in loginflow.reply_blocks(self.reply_timeout):
                 got = self.r.blpop([self.keys.reply(req.id)], timeout=block)
                 if got is not None:
@@ -143,6 +143,11 @@ class Launcher:
         waited on: the ticket comes back with status ``queued`` and the caller decides.
         """
         reply = self._request(loginflow.login_request(user, password))
+        backoff, end = Backoff(0.2, 2.0), time.monotonic() + self.reply_timeout
+        while reply.status == "busy" and time.monotonic() < end:
+            # the central servers' password checks are all taken (a flood): ask again shortly
+            time.sleep(backoff.next())
+            reply = self._request(loginflow.login_request(user, password))
         refused = loginflow.refusal(reply)
         if refused:
             raise ClientError(refused, reply.error)

@@ -48,7 +48,21 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "central",
         "the user's name; the key holds only the token's hash",
     ),
-    ("requests", "stream", "-", "clients", "login/logout requests (consumer group `central`)"),
+    (
+        "requests",
+        "list",
+        "-",
+        "clients",
+        "login, resume and logout requests, one msgpack each, in arrival order (`RPUSH`: no id a client could choose)",
+    ),
+    (
+        "requests:taken:<replica>",
+        "list",
+        "-",
+        "central",
+        "the requests a central replica took and has not answered (back to `requests` if it dies)",
+    ),
+    ("centrals", "zset", "-", "central", "live central replicas, by the server time of their last beat"),
     ("reply:<request id>", "list", "30 s", "central", "the reply to one request"),
     ("nodes", "set", "-", "nodes", "all node ids"),
     (
@@ -112,6 +126,13 @@ class Keys:
     @property
     def requests(self) -> str:
         return self._k("requests")
+
+    def requests_taken(self, replica: str) -> str:
+        return self._k(f"requests:taken:{replica}")
+
+    @property
+    def centrals(self) -> str:
+        return self._k("centrals")
 
     @property
     def nodes(self) -> str:

@@ -3,8 +3,8 @@ it: the launcher (:mod:`cloudq.client.launcher`, sync) and the browser gateway
 (:mod:`cloudq.client.web`, asyncio, relaying for a page). Each does its own Redis I/O; what it
 sends, how it waits for the reply and what the replies and queue polls mean are decided here.
 
-A login or logout is a :class:`~cloudq.messages.Request` ``XADD``\\ ed to the requests stream
-(:func:`post`) with a fresh unguessable id (:func:`~cloudq.credentials.new_request_id`), then
+A login, resume or logout is a :class:`~cloudq.messages.Request` ``RPUSH``\\ ed onto the requests
+list (:func:`post`; :mod:`cloudq.central.intake` takes it from there) with a fresh unguessable id (:func:`~cloudq.credentials.new_request_id`), then
 ``BLPOP`` on its reply key in short blocks (:func:`reply_blocks`), below any socket timeout.
 
 A queued client, every :attr:`QueueWait.interval`: ``SET`` its ``queued:<user>`` beat (PX
@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from cloudq.credentials import new_request_id
 from cloudq.keys import Keys
@@ -30,7 +29,6 @@ from cloudq.messages import Reply, Request
 from cloudq.settings import Settings
 from cloudq.state import CloseReason
 
-REQUESTS_MAXLEN = 10000
 REPLY_BLOCK = 1.0
 """The longest single ``BLPOP`` for a reply (s): below any client socket timeout."""
 REFUSALS = frozenset({"invalid", "locked", "disabled"})
@@ -60,9 +58,9 @@ def resume_request(token: str, sid: str) -> Request:
     return Request("resume", new_request_id(), token=token, sid=sid)
 
 
-def post(keys: Keys, req: Request) -> dict[str, Any]:
-    """The ``XADD`` arguments that post ``req``: ``r.xadd(**post(keys, req))``."""
-    return {"name": keys.requests, "fields": req.pack(), "maxlen": REQUESTS_MAXLEN, "approximate": True}
+def post(keys: Keys, req: Request) -> tuple[str, bytes]:
+    """The ``RPUSH`` arguments that post ``req``: ``r.rpush(*post(keys, req))``."""
+    return keys.requests, req.pack()
 
 
 def reply_blocks(timeout: float) -> Iterator[float]:

@@ -59,12 +59,13 @@ class Request:
     token: str = ""
     sid: str = ""  # resume: the session the token was issued for
 
-    def pack(self) -> dict[str, bytes]:
-        return {"m": msgpack.packb(asdict(self))}
+    def pack(self) -> bytes:
+        return msgpack.packb(asdict(self))
 
 
-def unpack_request(fields: dict[bytes, bytes]) -> Request:
-    obj = _load(fields.get(b"m"), MAX_REQUEST_BYTES)
+def unpack_request(raw: bytes | None) -> Request:
+    """A request as a client pushed it (:meth:`Request.pack`); :class:`BadMessage` if it is not one."""
+    obj = _load(raw, MAX_REQUEST_BYTES)
     op = _str(obj, "op", limit=16)
     rid = _str(obj, "id", limit=64)
     if not REQUEST_ID.match(rid):

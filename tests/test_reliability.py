@@ -26,7 +26,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from test_userdata import SIZE, connect, draw, flush, ink_rows
 
-from cloudq import jobs
+from cloudq import jobs, loginflow
 from cloudq.central.auth import Users
 from cloudq.central.server import Central
 from cloudq.client.kernel import Heartbeat
@@ -34,7 +34,7 @@ from cloudq.client.launcher import Launcher
 from cloudq.embedded import EmbeddedServer
 from cloudq.jobs import queue_for
 from cloudq.keys import Keys
-from cloudq.messages import Control, pack_control
+from cloudq.messages import Control, pack_control, unpack_reply
 from cloudq.procs import cloudq_command
 from cloudq.procstat import alive, children_map
 from cloudq.settings import Settings
@@ -641,20 +641,30 @@ def test_an_offline_node_is_forgotten_after_node_forget_or_by_the_operator(
     assert procs.run("node").returncode == 2  # running a node still needs --id
 
 
-def test_the_consumer_name_of_a_dead_central_replica_is_deleted(r: redis.Redis, keys: Keys) -> None:
+def test_the_requests_a_dead_central_replica_took_are_answered_by_a_live_one(
+    r: redis.Redis, keys: Keys
+) -> None:
+    """A replica took a login (it moved it onto its own taken list) and died before answering:
+    once its beat is older than ``dead_after``, a live replica takes the request back and
+    answers it, and forgets the dead one."""
     publish(r, keys, **FAST)
-    r.xgroup_create(keys.requests, "central", id="0", mkstream=True)
-    r.xreadgroup("central", "dead-replica", {keys.requests: ">"}, count=1)  # a replica that died
-    central = Central(r, keys, Settings(**FAST), name="live", notifications=False, consumer_forget=0.3)
+    Users(r, keys, cost=4).add("alice", "pw")
+    req = loginflow.login_request("alice", "pw")
+    r.rpush(keys.requests_taken("dead-replica"), req.pack())
+    r.zadd(keys.centrals, {"dead-replica": 1.0})  # its last beat, long ago
+    central = Central(
+        r, keys, Settings(**FAST), name="live", notifications=False, dead_after=0.5, bcrypt_cost=4
+    )
     central.start()
-
-    def names() -> set[bytes]:
-        return {c["name"] for c in r.xinfo_consumers(keys.requests, "central")}
-
     try:
-        wait_for(lambda: names() == {b"live"}, 10, what="dead consumer deleted")
+        got = r.blpop([keys.reply(req.id)], timeout=10)
+        assert got is not None, "the dead replica's request was answered"
+        assert unpack_reply(got[1]).status == "queued"  # no node registered: queued, but answered
+        assert r.zscore(keys.centrals, "dead-replica") is None and r.zscore(keys.centrals, "live")
+        assert not r.exists(keys.requests_taken("dead-replica"))
     finally:
         central.shutdown()
+    assert r.zscore(keys.centrals, "live") is None, "a clean stop leaves the set"
 
 
 def test_user_del_revokes_closes_and_purges_and_a_re_added_name_starts_empty(

@@ -89,7 +89,7 @@ class Gateway:
     # -- login relay (cloudq.loginflow: the same request and reply as cloudq.client.launcher) --
     async def relay(self, req: Request) -> Reply:
         """Post ``req`` on the requests stream and wait for the central server's reply."""
-        await self.r.xadd(**loginflow.post(self.keys, req))
+        await self.r.rpush(*loginflow.post(self.keys, req))
         for block in loginflow.reply_blocks(self.cfg.reply_timeout):
             got = await self.r.blpop([self.keys.reply(req.id)], timeout=block)
             if got is not None:

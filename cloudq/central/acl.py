@@ -8,15 +8,16 @@ channels ``&`` and per-selector command sets ``(...)``). ``P`` below is the key 
 Users
 -----
 ``default`` (no password) and ``cloudq-login`` (password ``cloudq-login``, public)
-    A client before login. May only ``XADD`` to ``P requests`` (write-only: it cannot read
+    A client before login. May only ``RPUSH`` onto ``P requests`` (write-only: it cannot read
     other people's requests, which carry passwords) and ``BLPOP``/``LPOP`` a key matching
     ``P reply:*``; plus ``PING``. The reply key is ``reply:<request id>``, and the request id
     is 128 random bits the client draws (:func:`cloudq.credentials.new_request_id`), so nobody else can take a
-    reply. Nothing else: no reads of the request stream, no KEYS/SCAN/CONFIG/FLUSH*/ACL,
+    reply. Nothing else: no reads of the requests, no KEYS/SCAN/CONFIG/FLUSH*/ACL,
     no pub/sub, no ``rq:*``. A connection without credentials therefore can post a login
-    request and read its own answer, and do nothing else. (It can still fill or trim the
-    request stream: ``proto-max-bulk-len`` bounds an entry, and the central servers delete
-    each entry when they answer it.)
+    request and read its own answer, and do nothing else. The requests are a list, not a
+    stream: there is no entry id to choose (one ``XADD`` of the largest id used to stop every
+    later login); an oversized or unreadable entry is dropped unread by the central server
+    that takes it (:mod:`cloudq.central.intake`), and ``maxmemory`` bounds a flood.
 ``cloudq-q-<user>`` (queue user; password derived from the bearer token)
     A client waiting in the queue: ``SET``/``PEXPIRE`` its ``P queued:<user>`` beat
     (write-only), ``BLPOP`` its ``P notify:<token hash>``, ``LPOS`` the queue (its position; it
@@ -110,7 +111,7 @@ def login_rules(keys: Keys) -> list[str]:
         "resetchannels",
         "-@all",
         "+ping",
-        f"(+xadd %W~{P}requests)",
+        f"(+rpush %W~{P}requests)",
         f"(+blpop +lpop ~{P}reply:*)",
     ]
 

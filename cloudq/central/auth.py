@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 
 import bcrypt
 import redis
@@ -43,6 +44,15 @@ def dummy_hash(cost: int) -> bytes:
     cost as real hashes, so an unknown name answers no faster than a known one. Made once per
     cost, on first use."""
     return bcrypt.hashpw(b"cloudq-dummy", bcrypt.gensalt(cost))
+
+
+@dataclass(frozen=True)
+class Found:
+    """A user name looked up for a login (:meth:`Users.lookup`); ``stored`` None: no such user."""
+
+    locked: bool
+    stored: bytes | None
+    disabled: bool
 
 
 class AuthError(Exception):
@@ -149,21 +159,33 @@ class Users:
         Codes: ``invalid`` (unknown user, wrong or over-long password — all alike), ``locked``,
         and ``disabled`` (only after the right password: it reveals nothing to a guesser).
         Failures count per user name in a window, existing or not, so the answer never reveals
-        whether a user exists.
+        whether a user exists. The central server does the same in steps (:meth:`lookup`, the
+        check on its bcrypt budget, :meth:`conclude`); this is the one-call form.
         """
-        if self.r.exists(self.keys.user_lock(name)):
+        found = self.lookup(name)
+        if found.locked:
             return "locked"
-        stored = self.r.hget(self.keys.user(name), "hash")
-        disabled = self.r.hget(self.keys.user(name), "disabled") == b"1"
-        raw = password.encode()
         try:
-            ok = bcrypt.checkpw(raw, stored or dummy_hash(self.cost)) and stored is not None
+            ok = bcrypt.checkpw(password.encode(), found.stored or dummy_hash(self.cost))
         except ValueError:  # over 72 bytes (bcrypt 5), or a damaged stored hash
             bcrypt.checkpw(b"x", dummy_hash(self.cost))
             ok = False
+        return self.conclude(name, found, ok and found.stored is not None, settings)
+
+    def lookup(self, name: str) -> Found:
+        """What a login needs before the password check: lock, stored hash, disabled flag."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(self.keys.user_lock(name))
+        pipe.hmget(self.keys.user(name), "hash", "disabled")
+        locked, (stored, disabled) = pipe.execute()
+        return Found(bool(locked), stored, disabled == b"1")
+
+    def conclude(self, name: str, found: Found, ok: bool, settings: Settings) -> str:
+        """After the check: "" (logged in), ``disabled``, or a counted failure (``invalid`` or
+        ``locked``)."""
         if ok:
             self.r.delete(self.keys.user_fails(name))
-            return "disabled" if disabled else ""
+            return "disabled" if found.disabled else ""
         return self._count_failure(name, settings)
 
     def _count_failure(self, name: str, settings: Settings) -> str:

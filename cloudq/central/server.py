@@ -23,7 +23,7 @@ from collections import Counter
 import redis
 
 from cloudq import credentials, jobs
-from cloudq.central import acl, auth
+from cloudq.central import acl, auth, intake
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_request
 from cloudq.retry import Backoff, passing
@@ -32,13 +32,14 @@ from cloudq.state import Assignment, CloseReason, StateMachine
 
 log = logging.getLogger(__name__)
 
-GROUP = "central"
-REPLY_TTL_MS = 30_000
-CLAIM_IDLE_MS = 5_000
 MAX_SWEEP_WAIT = 0.25
 ABANDONED_CHECK_EVERY = 3.0
-CONSUMER_FORGET = 60.0
-"""A consumer of the requests group idle this long, with nothing pending, is a dead replica's."""
+REFUSED = {
+    "invalid": "invalid credentials",
+    "locked": "too many failed logins: account locked, try again later",
+    "disabled": "this account is disabled: ask the operator",
+    "busy": "the server is checking too many passwords: try again in a moment",
+}
 LOOPS = ("requests", "sweep", "notification")
 """The server's loops; each failure restarts one and counts in ``counters["restarts_<loop>"]``."""
 
@@ -51,18 +52,22 @@ class Central:
         settings: Settings,
         name: str | None = None,
         notifications: bool = True,
-        consumer_forget: float = CONSUMER_FORGET,
+        dead_after: float = intake.DEAD_AFTER,
         use_acl: bool = True,
         bcrypt_cost: int = auth.DEFAULT_COST,
+        bcrypt_threads: int = 2,
+        bcrypt_waiting: int = 32,
     ) -> None:
         self.r = r
         self.keys = keys
         self.settings = settings
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.notifications = notifications
-        self.consumer_forget = consumer_forget
         self.sm = StateMachine(r, keys)
         self.users = auth.Users(r, keys, cost=bcrypt_cost)
+        self.intake = intake.Intake(r, keys, self.name, dead_after)
+        self.checks = intake.Checks(auth.dummy_hash(bcrypt_cost), bcrypt_threads, bcrypt_waiting)
+        self._after_check = threading.Lock()  # the state and ACL steps of concurrent logins, one at a time
         self.use_acl = use_acl
         self.acl: acl.SessionUsers | None = None
         self.stop = threading.Event()
@@ -80,12 +85,7 @@ class Central:
             self.use_acl = False
         self.acl = acl.SessionUsers(self.r, self.keys, self.settings.token_ttl) if self.use_acl else None
         acl.announce(self.r, self.keys, self.use_acl)
-        try:
-            # from the start of the stream: requests sent before the first central server came up count too
-            self.r.xgroup_create(self.keys.requests, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        self.intake.setup()
 
     def start(self) -> None:
         self.setup()
@@ -103,6 +103,11 @@ class Central:
         self.wakeup.set()
         for th in self._threads:
             th.join(timeout)
+        self.checks.close()
+        try:
+            self.intake.leave()
+        except redis.RedisError as exc:
+            log.warning("could not hand back the requests this replica took: %s", exc)
 
     def _guard(self, fn):  # type: ignore[no-untyped-def]
         """Keep a loop alive across Redis outages and its own errors: log each with the error,
@@ -140,78 +145,69 @@ class Central:
             backoff.reset()
 
     # -- requests ----------------------------------------------------------------------------
-    def forget_dead_consumers(self) -> list[str]:
-        """Delete the group's consumers that dead replicas left behind (idle, nothing pending:
-        their pending requests were claimed by a live replica first). Returns their names."""
-        gone = []
-        for c in self.r.xinfo_consumers(self.keys.requests, GROUP):
-            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
-            if name != self.name and c["pending"] == 0 and c["idle"] > self.consumer_forget * 1000:
-                self.r.xgroup_delconsumer(self.keys.requests, GROUP, name)
-                gone.append(name)
-        if gone:
-            log.info("deleted the consumers of dead central replicas: %s", ", ".join(gone))
-        return gone
-
     def _requests_loop(self) -> None:
-        last_claim = 0.0
-        last_forget = 0.0
+        """Take requests (:class:`~cloudq.central.intake.Intake`) and answer each: logins after
+        their password check on the bcrypt budget, resumes and logouts at once."""
+        for raw in self.intake.take_over_own():  # taken before this loop restarted, unanswered
+            self.handle_request(raw)
         while not self.stop.is_set():
-            if self.consumer_forget and time.monotonic() - last_forget > min(self.consumer_forget, 30.0):
-                self.forget_dead_consumers()
-                last_forget = time.monotonic()
-            entries: list[tuple[bytes, dict[bytes, bytes]]] = []
-            if time.monotonic() - last_claim > CLAIM_IDLE_MS / 1000:
-                # requests a dead replica read but never answered
-                _, claimed, _ = self.r.xautoclaim(
-                    self.keys.requests, GROUP, self.name, CLAIM_IDLE_MS, start_id="0-0", count=50
-                )
-                entries += claimed
-                last_claim = time.monotonic()
-            resp = self.r.xreadgroup(GROUP, self.name, {self.keys.requests: ">"}, count=20, block=500)
-            for _stream, items in resp or []:
-                entries += items
-            for entry_id, fields in entries:
-                self.handle_request(entry_id, fields)
+            self.intake.beat()
+            for raw in self.intake.take(block=0.5):
+                self.handle_request(raw)
             self._ran("requests")
 
-    def handle_request(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+    def handle_request(self, raw: bytes) -> None:
         try:
-            if not fields:
-                raise BadMessage("empty entry")
-            req = unpack_request(fields)
+            if self.intake.oversized(raw):
+                raise BadMessage(f"{len(raw)} bytes")
+            req = unpack_request(raw)
         except BadMessage as exc:
             self.counters["bad_request"] += 1
-            log.warning("dropped request %s: %s", entry_id.decode(), exc)
-            req = None
-        reply = None
-        if req is not None:
-            try:
-                reply = {"login": self.login, "resume": self.resume}.get(req.op, self.logout)(req)
-            except (redis.ConnectionError, redis.TimeoutError):
-                raise
-            except Exception:
-                log.exception("request %s failed", req.id)
-                reply = Reply(ok=False, status="error", error="internal error")
-        # the entry may hold a password: acknowledge and delete it with the reply, atomically
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xack(self.keys.requests, GROUP, entry_id)
-        pipe.xdel(self.keys.requests, entry_id)
-        if req is not None and reply is not None:
-            pipe.rpush(self.keys.reply(req.id), reply.pack())
-            pipe.pexpire(self.keys.reply(req.id), REPLY_TTL_MS)
-        pipe.execute()
+            log.warning("dropped a request: %s", exc)
+            self.intake.answer(raw, None, None)
+            return
+        if req.op == "login":
+            self._login(raw, req)
+            return
+        try:
+            reply = self.resume(req) if req.op == "resume" else self.logout(req)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception:
+            log.exception("request %s failed", req.id)
+            reply = Reply(ok=False, status="error", error="internal error")
+        self.intake.answer(raw, req.id, reply.pack())
 
-    def login(self, req: Request) -> Reply:
-        err = self.users.verify(req.user, req.password, self.settings)
-        if err:
-            self.counters[f"login_{err}"] += 1
-            msg = {
-                "invalid": "invalid credentials",
-                "locked": "too many failed logins: account locked, try again later",
-                "disabled": "this account is disabled: ask the operator",
-            }[err]
-            return Reply(ok=False, status=err, error=msg)
+    def _login(self, raw: bytes, req: Request) -> None:
+        """Start a login: a locked name is answered at once; an unknown one after a check's time
+        without the check; a known one once its check ran on the budget (or ``busy``)."""
+        found = self.users.lookup(req.user)
+
+        def finish(ok: bool) -> None:
+            with self._after_check:
+                try:
+                    reply = self.login(req, self.users.conclude(req.user, found, ok, self.settings))
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # unanswered: the entry stays taken and is answered after the loop restarts
+                    log.warning("login %s: %s; answered later", req.user, exc)
+                    return
+                except Exception:
+                    log.exception("request %s failed", req.id)
+                    reply = Reply(ok=False, status="error", error="internal error")
+            self.intake.answer(raw, req.id, reply.pack())
+
+        if found.locked:
+            self.intake.answer(raw, req.id, self.login(req, "locked").pack())
+        elif found.stored is None or len(req.password.encode()) > auth.MAX_PASSWORD_BYTES:
+            self.checks.hold(lambda: finish(False))
+        elif not self.checks.check(req.password.encode(), found.stored, finish):
+            self.intake.answer(raw, req.id, self.login(req, "busy").pack())
+
+    def login(self, req: Request, refused: str = "") -> Reply:
+        """The reply to a login whose password check gave ``refused`` ("" when it passed)."""
+        if refused:
+            self.counters[f"login_{refused}"] += 1
+            return Reply(ok=False, status=refused, error=REFUSED[refused])
         token = auth.new_token()
         th = auth.hash_token(token)
         pw_hash = acl.session_password_hash(token) if self.acl else ""

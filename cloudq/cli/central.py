@@ -36,6 +36,20 @@ from cloudq.keys import Keys
     help="Create no per-session Redis users: clients are trusted (logged loudly).",
 )
 @_cost_opt
+@click.option(
+    "--bcrypt-threads",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Password checks that run at once (the bcrypt budget).",
+)
+@click.option(
+    "--bcrypt-waiting",
+    default=32,
+    show_default=True,
+    type=click.IntRange(0, 10_000),
+    help="Password checks that may wait for a thread; beyond, a login is answered 'busy'.",
+)
 @metrics_options
 def central(
     redis_url: str | None,
@@ -43,6 +57,8 @@ def central(
     no_notifications: bool,
     no_acl: bool,
     bcrypt_cost: int,
+    bcrypt_threads: int,
+    bcrypt_waiting: int,
     metrics_port: int,
     metrics_addr: str,
     **kw: Any,
@@ -60,6 +76,8 @@ def central(
         notifications=not no_notifications,
         use_acl=not no_acl,
         bcrypt_cost=bcrypt_cost,
+        bcrypt_threads=bcrypt_threads,
+        bcrypt_waiting=bcrypt_waiting,
     )
     _serve_metrics(metrics_port, metrics_addr, CentralMetrics(r, Keys(prefix), c.counters).registry)
     done = threading.Event()
