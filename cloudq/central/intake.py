@@ -127,13 +127,12 @@ class Checks:
     """The bcrypt budget: ``workers`` threads, at most ``waiting`` checks queued behind them,
     and replies for unknown names held back by a real check's duration (no CPU)."""
 
-    def __init__(self, cost_probe: bytes, workers: int = 2, waiting: int = 32) -> None:
+    def __init__(self, dummy: Callable[[], bytes], workers: int = 2, waiting: int = 32) -> None:
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="bcrypt")
         self.slots = threading.BoundedSemaphore(max(1, workers) + max(0, waiting))
-        t0 = time.perf_counter()
-        bcrypt.checkpw(b"calibration", cost_probe)
-        self.check_time = time.perf_counter() - t0
-        """How long one check takes (s), the moving average of the real ones."""
+        self._dummy = dummy
+        self.check_time: float | None = None
+        """How long one check takes (s), the moving average of the real ones (None: none yet)."""
         self._held: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -141,9 +140,9 @@ class Checks:
         self._thread = threading.Thread(target=self._release_held, name="held-replies", daemon=True)
         self._thread.start()
 
-    def check(self, password: bytes, stored: bytes, done: Callable[[bool], None]) -> bool:
-        """Check ``password`` against ``stored`` on the pool, then call ``done(ok)`` there.
-        False (nothing runs) when the budget is spent: the caller answers ``busy``."""
+    def check(self, password: bytes, stored: bytes | None, done: Callable[[bool], None]) -> bool:
+        """Check ``password`` against ``stored`` (None: the dummy hash) on the pool, then call
+        ``done(ok)`` there. False (nothing runs) when the budget is spent: answer ``busy``."""
         if not self.slots.acquire(blocking=False):
             return False
 
@@ -151,10 +150,11 @@ class Checks:
             try:
                 t0 = time.perf_counter()
                 try:
-                    ok = bcrypt.checkpw(password, stored)
+                    ok = bcrypt.checkpw(password, stored or self._dummy()) and stored is not None
                 except ValueError:  # over 72 bytes (bcrypt 5), or a damaged stored hash
                     ok = False
-                self.check_time = 0.9 * self.check_time + 0.1 * (time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                self.check_time = took if self.check_time is None else 0.9 * self.check_time + 0.1 * took
             finally:
                 self.slots.release()
             done(ok)
@@ -163,10 +163,13 @@ class Checks:
         return True
 
     def hold(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once a check's duration has passed, without a check (an unknown name)."""
+        """Run ``fn`` once a check's duration has passed, without a check (an unknown name).
+        Until a check has been timed, the first such name gets a real one (of the dummy hash)."""
+        if self.check_time is None and self.check(b"x", None, lambda ok: fn()):
+            return
         with self._cv:
             heapq.heappush(
-                self._held, (time.monotonic() + self.check_time, next(self._seq), self._logged(fn))
+                self._held, (time.monotonic() + (self.check_time or 0.0), next(self._seq), self._logged(fn))
             )
             self._cv.notify()
 

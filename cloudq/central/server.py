@@ -66,7 +66,8 @@ class Central:
         self.sm = StateMachine(r, keys)
         self.users = auth.Users(r, keys, cost=bcrypt_cost)
         self.intake = intake.Intake(r, keys, self.name, dead_after)
-        self.checks = intake.Checks(auth.dummy_hash(bcrypt_cost), bcrypt_threads, bcrypt_waiting)
+        self.checks = intake.Checks(lambda: auth.dummy_hash(bcrypt_cost), bcrypt_threads, bcrypt_waiting)
+        self._bad_logged = float("-inf")
         self._after_check = threading.Lock()  # the state and ACL steps of concurrent logins, one at a time
         self.use_acl = use_acl
         self.acl: acl.SessionUsers | None = None
@@ -163,7 +164,9 @@ class Central:
             req = unpack_request(raw)
         except BadMessage as exc:
             self.counters["bad_request"] += 1
-            log.warning("dropped a request: %s", exc)
+            if time.monotonic() - self._bad_logged >= 10.0:  # a flood of garbage is no flood of log lines
+                self._bad_logged = time.monotonic()
+                log.warning("dropped a request: %s (%d dropped so far)", exc, self.counters["bad_request"])
             self.intake.answer(raw, None, None)
             return
         if req.op == "login":
