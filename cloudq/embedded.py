@@ -29,17 +29,47 @@ log = logging.getLogger(__name__)
 
 
 # Settings that protect everyone from one abusive connection (README "Security"; docker-compose.yml
-# passes the same): no bulk string over 16 MiB (a video packet is at most 4 MiB), a client's
+# passes the same): no bulk string over 5 MiB (a video packet is at most 4 MiB: an H.264 keyframe
+# of a noise picture at 1080p and 2 Mbit/s is ~140 kB; the bound caps a client's input entry, and
+# so what a node's blocking read can carry, issue 20), a client's
 # unparsed input at most 32 MiB, all clients' buffers together at most 256 MiB (the biggest are
 # evicted first), a normal client's pending output at most 64 MiB (32 MiB for 60 s), and never
 # evict data to make room (a full server refuses writes instead of dropping session state).
 SERVER_LIMITS = [
-    "--proto-max-bulk-len", "16mb",
+    "--proto-max-bulk-len", "5mb",
     "--client-query-buffer-limit", "32mb",
     "--maxmemory-clients", "256mb",
     "--client-output-buffer-limit", "normal 64mb 32mb 60 replica 256mb 64mb 60 pubsub 32mb 8mb 60",
     "--maxmemory-policy", "noeviction",
 ]  # fmt: skip
+
+# ``maxmemory`` (README "Memory"): client buffers count against it, so it is sized above their own
+# cap (``maxmemory-clients``), plus a base for what every deployment keeps (users, the events
+# stream, RQ's jobs and registries, scripts, ACL users: a few MiB at a few hundred users), plus a
+# budget per session: its video stream (two GOPs at the node's highest rate: about 3 MiB at the
+# default 2 Mbit/s, more for a picture that changes all the time) and its input stream (the node
+# closes a session whose input passes 8 MiB, ``workers/guard.py``).
+MAXMEMORY_CLIENTS = 256 * 2**20
+MAXMEMORY_BASE = 64 * 2**20
+MAXMEMORY_PER_SESSION = 16 * 2**20
+
+
+def maxmemory_for(sessions: int) -> int:
+    """The ``maxmemory`` (bytes) of a server for this many live sessions (one per node)."""
+    return MAXMEMORY_CLIENTS + MAXMEMORY_BASE + max(0, sessions) * MAXMEMORY_PER_SESSION
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in a Redis memory size (``512mb``, ``2gb``, ``1000000``: 1k = 1000, 1kb = 1024)."""
+    s = text.strip().lower()
+    digits = s.rstrip("kmgb")
+    unit = s[len(digits) :]
+    if not digits.isdigit() or unit not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 512mb, 2gb, or bytes)")
+    return int(digits) * _UNITS[unit]
 
 
 def server_binary() -> Path:
@@ -65,7 +95,10 @@ class EmbeddedServer:
         data_dir: str | os.PathLike[str] | None = None,
         hz: int = 10,
         extra_args: list[str] | None = None,
+        maxmemory: int = 0,
     ) -> None:
+        self.maxmemory = maxmemory
+        """Bytes (0: no limit); ``noeviction``: a full server refuses writes, never drops a key."""
         self.data_dir = Path(data_dir) if data_dir else None
         self.port = port or self._last_port() or free_port()
         self.hz = hz
@@ -112,6 +145,7 @@ class EmbeddedServer:
             "--hz", str(self.hz),
             "--logfile", os.path.join(self.dir, "server.log"),
             *SERVER_LIMITS,
+            "--maxmemory", str(self.maxmemory),
             *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(

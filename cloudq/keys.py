@@ -63,6 +63,13 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "the requests a central replica took and has not answered (back to `requests` if it dies)",
     ),
     ("centrals", "zset", "-", "central", "live central replicas, by the server time of their last beat"),
+    (
+        "wake",
+        "channel",
+        "-",
+        "worker",
+        "pub/sub: a close freed a node; the central servers hand it to the queue at once",
+    ),
     ("reply:<request id>", "list", "30 s", "central", "the reply to one request"),
     ("nodes", "set", "-", "nodes", "all node ids"),
     (
@@ -133,6 +140,10 @@ class Keys:
     @property
     def centrals(self) -> str:
         return self._k("centrals")
+
+    @property
+    def wake(self) -> str:
+        return self._k("wake")
 
     @property
     def nodes(self) -> str:

@@ -3,8 +3,9 @@
 Each child runs in its own process group (so a signal reaches everything it started), gets
 SIGTERM from the kernel if the harness dies in any way (even ``kill -9``: see
 :func:`die_with_parent`), gets
-the deployment's Redis URL and prefix in its environment, and logs to a file of its own (or
-inherits the parent's output). :meth:`ProcessGroup.stop_all` sends SIGTERM, waits a bounded
+the deployment's Redis URL (with a ``url_dir``: the path of a 0600 file holding it, so no
+password is in any child's environment or command line) and prefix in its environment, and logs
+to a file of its own (or inherits the parent's output). :meth:`ProcessGroup.stop_all` sends SIGTERM, waits a bounded
 time, then SIGKILLs whatever is left: no child outlives its harness.
 """
 
@@ -68,8 +69,12 @@ class ProcessGroup:
         env: dict[str, str] | None = None,
         global_args: tuple[str, ...] = (),
         urls: dict[str, str] | None = None,
+        url_dir: str | None = None,
     ) -> None:
         self.redis_url = redis_url
+        self.url_dir = url_dir
+        """When set, each child reads its URL from ``url_dir/<command>.url`` (mode 0600,
+        ``CLOUDQ_REDIS_URL_FILE``) instead of getting it in ``CLOUDQ_REDIS_URL``."""
         # per-command Redis URL (each role's own ACL user, see cloudq.central.acl.role_urls); others get redis_url
         self.urls = dict(urls or {})
         self.prefix = prefix
@@ -84,6 +89,29 @@ class ProcessGroup:
     def url_for(self, command: str) -> str:
         """The Redis URL a ``cloudq COMMAND`` child gets."""
         return self.urls.get(command, self.redis_url)
+
+    def url_file(self, command: str) -> str:
+        """The 0600 file in :attr:`url_dir` that holds ``cloudq COMMAND``'s URL (written now)."""
+        from cloudq.secretfile import write_secret
+
+        assert self.url_dir is not None
+        return write_secret(os.path.join(self.url_dir, f"{command}.url"), self.url_for(command))
+
+    def child_env(self, command: str, **extra: str) -> dict[str, str]:
+        """The environment of a ``cloudq COMMAND`` child: its URL (or, with :attr:`url_dir`, the
+        file that holds it) unless ``extra`` names one itself."""
+        env = self.env(**extra)
+        if "CLOUDQ_REDIS_URL_FILE" in extra:
+            env.pop("CLOUDQ_REDIS_URL", None)
+        elif "CLOUDQ_REDIS_URL" in extra:
+            env.pop("CLOUDQ_REDIS_URL_FILE", None)
+        elif self.url_dir:
+            env.pop("CLOUDQ_REDIS_URL", None)
+            env["CLOUDQ_REDIS_URL_FILE"] = self.url_file(command)
+        else:
+            env.pop("CLOUDQ_REDIS_URL_FILE", None)
+            env["CLOUDQ_REDIS_URL"] = self.url_for(command)
+        return env
 
     def env(self, **extra: str) -> dict[str, str]:
         return {
@@ -106,7 +134,7 @@ class ProcessGroup:
         try:
             p = subprocess.Popen(
                 [*cloudq_command(), *self.global_args, *args],
-                env=self.env(**{"CLOUDQ_REDIS_URL": self.url_for(args[0]), **env}),
+                env=self.child_env(args[0], **env),
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT if log else None,
@@ -135,7 +163,7 @@ class ProcessGroup:
         """Run ``cloudq ARGS`` to completion, capturing its output."""
         return subprocess.run(
             [*cloudq_command(), *args],
-            env=self.env(CLOUDQ_REDIS_URL=self.url_for(args[0])),
+            env=self.child_env(args[0]),
             input=(stdin or b"").decode(),
             capture_output=True,
             text=True,

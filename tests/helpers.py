@@ -51,7 +51,9 @@ class Procs(ProcessGroup):
     with its own store and workspaces, and headless clients."""
 
     def __init__(self, redis_url: str, prefix: str, log_dir: str, urls: dict[str, str] | None = None) -> None:
-        super().__init__(redis_url, prefix, log_dir, global_args=("-v",), urls=urls)
+        # every child reads its URL from a 0600 file, as under `cloudq up`: none is in its environment
+        url_dir = os.path.join(log_dir, "urls")
+        super().__init__(redis_url, prefix, log_dir, global_args=("-v",), urls=urls, url_dir=url_dir)
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.log_dir is not None
@@ -147,3 +149,30 @@ def start_pool(
     for u in users:
         Users(r, keys).add(u, "pw", cost=4)
     return Pool(central, node_procs, worker)
+
+
+def assert_no_secret_in_proc(root: int, url_dir: str, roles: tuple[str, ...]) -> None:
+    """No process in ``root``'s tree has a password of the URLs in ``url_dir/<role>.url`` (each
+    a 0600 file) in its ``/proc/<pid>/cmdline`` or ``/proc/<pid>/environ``."""
+    from urllib.parse import unquote, urlsplit
+
+    from cloudq.procstat import process_tree
+    from cloudq.secretfile import read_secret
+
+    secrets = {}
+    for role in roles:
+        password = urlsplit(read_secret(os.path.join(url_dir, f"{role}.url"))).password
+        assert password, f"{role}.url has no password"
+        secrets[role] = unquote(password).encode()
+    pids = process_tree(root)
+    assert len(pids) > len(roles), pids  # the harness, the server and every role's process
+    for pid in pids:
+        for what in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{pid}/{what}", "rb") as fh:
+                    text = fh.read()
+            except OSError:
+                continue  # ended meanwhile
+            for role, password in secrets.items():
+                shown = text.replace(password, b"<password>")[:160]  # the failure does not print it
+                assert password not in text, f"{role}'s password in /proc/{pid}/{what}: {shown!r}"

@@ -9,9 +9,9 @@ import signal
 import subprocess
 
 import redis
-from helpers import Procs, start_pool, wait_for
+from helpers import Procs, assert_no_secret_in_proc, start_pool, wait_for
 
-from cloudq.embedded import free_port
+from cloudq.embedded import free_port, maxmemory_for
 from cloudq.keys import Keys
 from cloudq.procs import cloudq_command
 
@@ -91,8 +91,17 @@ def test_up_starts_everything_prints_the_url_and_cleans_up(tmp_path) -> None:
         url = re.search(r"CLOUDQ_REDIS_URL=(\S+)", line).group(1)
         r = redis.Redis.from_url(url)
         wait_for(lambda: r.zcard("cloudq:pool") == 2, 30, what="two nodes in the pool")
+        # the embedded server's memory is bounded, sized for one session per node
+        assert int(r.config_get("maxmemory")["maxmemory"]) == maxmemory_for(2)
+        assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        # no password in the command line or environment of anything `cloudq up` started
+        admin_file = next(
+            m.group(1) for line in p.stdout if (m := re.search(r"CLOUDQ_REDIS_URL_FILE=(\S+)", line))
+        )
+        run_dir = os.path.dirname(admin_file)
+        assert_no_secret_in_proc(p.pid, run_dir, roles=("admin", "central", "node", "worker"))
         st = subprocess.run(
-            [*cloudq_command(), "status", "--json", "--redis-url", url],
+            [*cloudq_command(), "status", "--json", "--redis-url-file", admin_file],
             capture_output=True,
             text=True,
             timeout=30,
@@ -106,6 +115,7 @@ def test_up_starts_everything_prints_the_url_and_cleans_up(tmp_path) -> None:
         except redis.ConnectionError:
             alive = False
         assert not alive, "the embedded server was stopped"
+        assert not os.path.exists(run_dir), "the URL files were removed"
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

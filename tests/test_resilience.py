@@ -52,8 +52,11 @@ def test_a_node_out_of_memory_keeps_its_session_and_stays_registered(
     wait_for(lambda: stats(js).get("frames", 0) >= 1, 20, what="a frame decoded")
     try:
         fill_memory(r)
+        # a worker that starts now cannot register (RQ raises out of work()): it waits, it does not exit
+        w2 = procs.start("worker", "--host", "h2", "--name", "oomw")
         # the node's packets and the sweeper's scripts are refused
         wait_for(lambda: "OutOfMemoryError" in procs.output(n1), 10, what="the node hit OOM")
+        wait_for(lambda: "OutOfMemoryError" in procs.output(w2), 10, what="the worker hit OOM")
         wait_for(
             lambda: value(pc, "cloudq_central_loop_restarts_total", loop="sweep") >= 1,
             10,
@@ -70,6 +73,8 @@ def test_a_node_out_of_memory_keeps_its_session_and_stays_registered(
     assert node_state(r, keys, "n1") == "active" and r.exists(keys.node_alive("n1"))
     assert session_field(r, keys, "s1") == "active" and not session_field(r, keys, "s1", "close_reason")
     assert "retrying in" in procs.output(n1) and "Traceback" not in procs.output(n1)
+    wait_for(lambda: r.sismember("rq:workers", "rq:worker:oomw"), 10, what="the worker registered after all")
+    assert w2.poll() is None, procs.output(w2)
     Procs.kill(client, signal.SIGTERM)
     assert client.returncode == 0, procs.output(client)
 

@@ -12,7 +12,6 @@ import logging
 import redis
 from rq import get_current_job
 
-from cloudq.jobs import enqueue_assignment
 from cloudq.keys import Keys
 from cloudq.messages import Control, pack_control
 from cloudq.state import CloseReason, JobResult, StateMachine, with_detail
@@ -63,8 +62,7 @@ def close_job(prefix: str, sid: str, gen: int, reason: str) -> str:
     freed = sm.release(sid, gen)
     data.unmount(r, keys, user, sid)
     log.info("closed session %s (%s); node %s freed", sid, reason, freed or "-")
-    for a in sm.dispatch():
-        enqueue_assignment(r, keys, a)
+    wake_central(r, keys)
     return JobResult.CLOSED
 
 
@@ -76,8 +74,16 @@ def fail_session(r: redis.Redis, keys: Keys, sid: str, gen: int, reason: str) ->
         sm.release(sid, gen)
         user = (r.hget(keys.session(sid), "user") or b"").decode()
         data.unmount(r, keys, user, sid)
-        for a in sm.dispatch():
-            enqueue_assignment(r, keys, a)
+        wake_central(r, keys)
+
+
+def wake_central(r: redis.Redis, keys: Keys) -> None:
+    """A node is free: the central servers give it to the next queued user now (they create its
+    session's Redis user, which a worker may not), not at their next timed pass."""
+    try:
+        r.publish(keys.wake, "free")
+    except redis.ResponseError as exc:  # e.g. a worker user from an older ACL file: the timed pass does it
+        log.warning("cannot wake the central servers (%s): the queue moves at their next pass", exc)
 
 
 def save_job(prefix: str, sid: str, gen: int, why: str) -> str:

@@ -26,7 +26,7 @@ from rq.serializers import JSONSerializer
 
 from cloudq.jobs import ANY_HOST, queue_for
 from cloudq.keys import Keys
-from cloudq.retry import Backoff
+from cloudq.retry import Backoff, passing
 from cloudq.state import JobResult
 from cloudq.workers.metrics import JobMetrics
 
@@ -130,18 +130,24 @@ def run_worker(
     metrics: JobMetrics | None = None,
 ) -> None:
     """Run an RQ worker until it is told to stop, starting it again whenever it quit because
-    Redis was unreachable: RQ's worker quits on a connection error or timeout while a job runs
-    (and on any timeout), but a cloudq process must come back by itself after a Redis restart."""
+    Redis was unreachable or refused a write that passes (:func:`cloudq.retry.passing`: OOM ...):
+    RQ's worker quits on a connection error or timeout while a job runs (and on any timeout), and
+    raises out of ``work`` when its registration or its teardown is refused, but a cloudq process
+    must come back by itself after a Redis restart or once the server has memory again."""
     backoff = Backoff()
     stop = threading.Event()
     while not stop.is_set():
         w: CloudqWorker | None = None
+        started = time.monotonic()
         try:
             w = make_worker(r, keys, host, name=name)  # talks to Redis too (CLIENT SETNAME)
             w.metrics = metrics
             w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("worker: redis unreachable (%s)", exc)
+        except redis.RedisError as exc:
+            # unreachable, or an error that passes (OOM: RQ's bootstrap and its teardown write)
+            if not passing(exc):
+                raise
+            log.warning("worker: redis: %s: %s", type(exc).__name__, exc)
         except StopRequested:
             return
         # RQ's own signal handlers record a SIGTERM/SIGINT as a shutdown request
@@ -149,11 +155,12 @@ def run_worker(
             burst or w._stop_requested or getattr(w, "_shutdown_requested_date", None) is not None
         ):
             return
+        if time.monotonic() - started > WORKER_TTL:
+            # it ran: a new failure starts the backoff over. Not on a PING that answers: a server
+            # out of memory answers PING and refuses the next worker's registration (a busy loop)
+            backoff.reset()
         log.warning("worker quit on a Redis error; starting again in <%.1fs", backoff.peek())
         # until the next worker installs its handlers, a signal ends the loop
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         backoff.wait(stop)
-        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            r.ping()
-            backoff.reset()

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from cloudq.cli.common import redis_url_option
+
 write_option = click.option(
     "--write",
     "write_path",
@@ -47,12 +49,7 @@ def bench() -> None:
 
 
 @bench.command("control")
-@click.option(
-    "--redis-url",
-    envvar="CLOUDQ_REDIS_URL",
-    show_envvar=True,
-    help="Measure this server (default: embedded).",
-)
+@redis_url_option  # measure this server (default: embedded)
 @click.option("--sessions", "counts", multiple=True, type=int, default=[1000, 10000], show_default=True)
 @click.option("--background-keys", type=int, default=100_000, show_default=True)
 @click.option("--sample", type=int, default=200, show_default=True, help="Sessions stopped per run.")
@@ -239,13 +236,50 @@ def bench_cost(
 @click.option(
     "--users", type=click.IntRange(min=100), default=10_000, show_default=True, help="Session users."
 )
+@click.option(
+    "--flood",
+    "flood_rate",
+    type=click.FloatRange(min=0),
+    default=None,
+    is_flag=False,
+    flag_value=100.0,
+    help="Only: a real user's login p50/p95 while RATE anonymous logins/s arrive (default 100), vs quiet.",
+)
 @json_option
 @write_option
-def bench_security(logins: int, users: int, as_json: bool, write_path: str | None) -> None:
+def bench_security(
+    logins: int, users: int, flood_rate: float | None, as_json: bool, write_path: str | None
+) -> None:
     """Logins/s with 1 and 2 central replicas (bcrypt 12); session user create/delete; 10k users vs none."""
+    if flood_rate is not None:
+        from cloudq.bench import loginflood
+
+        result = loginflood.run(rate=flood_rate)
+        if write_path:
+            loginflood.write_markdown(result, write_path)
+        _emit(result, result["table"], as_json)
+        return
     from cloudq.bench.security import run, write_markdown
 
     result = run(logins=logins, users=users)
+    if write_path:
+        write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
+
+
+@bench.command("gateway")
+@click.option(
+    "--tries", type=click.IntRange(min=4), default=1000, show_default=True, help="Early closes in all."
+)
+@click.option("--concurrency", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@write_option
+def bench_gateway(tries: int, concurrency: int, as_json: bool, write_path: str | None) -> None:
+    """WebSockets closed early (oversized, bad message, close after hello, reset): the gateway's
+    sockets, tasks and Redis connections until they are back to the baseline."""
+    from cloudq.bench.gateway import run, write_markdown
+
+    result = run(tries=tries, concurrency=concurrency)
     if write_path:
         write_markdown(result, write_path)
     _emit(result, result["table"], as_json)

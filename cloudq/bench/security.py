@@ -240,6 +240,161 @@ def _flood(urls: dict[str, str], samples: int) -> dict[str, float]:
     return {"flood_quiet_ms": quiet, "flood_ms": flooded, "flood_quiet_after_ms": quiet_after}
 
 
+def _used(admin: redis.Redis) -> int:
+    """Server memory (``used_memory``), the median of a few readings."""
+    xs = []
+    for _ in range(5):
+        xs.append(int(admin.info("memory")["used_memory"]))
+        time.sleep(0.05)
+    return int(percentile(xs, 50))
+
+
+def session_memory(urls: dict[str, str], sessions: int = 2, app: str = "probe") -> dict[str, float]:
+    """Server memory per session (issue 20), through real processes (central, ``sessions`` nodes
+    running ``app`` at 1280x720 30 fps, a worker): ``used_memory`` with the sessions active (input
+    20/s, streaming) and then idle (asleep), minus the pool's without sessions, per session; and
+    one session that floods its input with 4 MiB entries until its node closes it: the peak, how
+    long to ``closed``, and the memory once it is closed."""
+    import tempfile
+
+    from cloudq.central.auth import Users
+    from cloudq.client.launcher import Launcher
+    from cloudq.wire import InputEvent
+
+    keys = Keys(PREFIX)
+    admin = redis.Redis.from_url(urls["admin"])
+    admin.flushdb()
+    Settings(heartbeat_interval=1, heartbeat_ttl=60, idle_timeout=2, grace=60, node_ttl=5).publish(
+        admin, keys
+    )
+    logs = tempfile.mkdtemp(prefix="cloudq-bench-mem-")
+    roles = {"central": urls["central"], "node": urls["node"], "worker": urls["worker"]}
+    group = ProcessGroup(urls["admin"], PREFIX, logs, urls=roles, env={"CLOUDQ_BCRYPT_COST": "4"})
+    clocks = ["--heartbeat-interval", "1", "--heartbeat-ttl", "60", "--idle-timeout", "2", "--grace", "60"]
+    conns: list[redis.Redis] = []
+
+    def wait(cond: Callable[[], Any], timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > end:
+                raise RuntimeError(f"bench: timed out waiting for {what} (logs: {logs})")
+            time.sleep(0.05)
+
+    try:
+        group.start("central", *clocks, "--node-ttl", "5")
+        for i in range(sessions + 1):  # one more for the flooding session
+            group.start("node", "--id", f"m{i}", "--host", "bench", "--app", app)
+        group.start("worker", "--host", "bench")
+        wait(lambda: admin.zcard(keys.pool) == sessions + 1, 60, "nodes registered")
+        for i in range(sessions + 1):
+            Users(admin, keys).add(f"m{i}", "pw", cost=4)
+        base = _used(admin)
+        tickets = []
+        for i in range(sessions):
+            launcher = Launcher(redis.Redis.from_url(urls["login"]), keys)
+            tickets.append((launcher.login(f"m{i}", "pw"), launcher.sr))
+            conns.append(launcher.sr)
+        wait(lambda: all(admin.xlen(keys.video(t.sid)) > 0 for t, _ in tickets), 30, "sessions streaming")
+        end, seq = time.monotonic() + 5, 0  # two GOPs and more: the video streams at their length
+        while time.monotonic() < end:
+            seq += 1
+            for t, sr in tickets:
+                sr.xadd(keys.input(t.sid), InputEvent("key", seq, time.time(), key="a").pack())
+                sr.set(keys.activity(t.sid), "1", px=2000)
+            time.sleep(0.05)
+        active = _used(admin)
+        video = sum(admin.memory_usage(keys.video(t.sid), samples=0) or 0 for t, _ in tickets) / sessions
+        wait(
+            lambda: all(admin.hget(keys.session(t.sid), "state") == b"sleeping" for t, _ in tickets),
+            30,
+            "asleep",
+        )
+        time.sleep(0.5)
+        idle = _used(admin)
+        # the flood: 4 MiB entries as fast as one connection goes, until its node closes the session
+        launcher = Launcher(redis.Redis.from_url(urls["login"]), keys)
+        ft = launcher.login(f"m{sessions}", "pw")
+        conns.append(launcher.sr)
+        wait(lambda: admin.xlen(keys.video(ft.sid)) > 0, 30, "flooding session streaming")
+        before = _used(admin)
+        peak, stop = [before], threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak.append(int(admin.info("memory")["used_memory"]))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        big, t0 = {"m": b"x" * (4 * 2**20)}, time.monotonic()
+        sent = 0
+        while time.monotonic() - t0 < 30:
+            pipe = launcher.sr.pipeline(transaction=False)
+            for _ in range(5):
+                pipe.xadd(keys.input(ft.sid), big)
+            try:
+                pipe.execute()
+                sent += 5
+            except (redis.AuthenticationError, redis.ResponseError):
+                break  # its user is gone
+            except redis.ConnectionError:
+                continue
+        wait(lambda: admin.hget(keys.session(ft.sid), "state") == b"closed", 30, "flooding session closed")
+        closed_s = time.monotonic() - t0
+        time.sleep(0.3)
+        stop.set()
+        sampler.join(5)
+        after = _used(admin)
+        return {
+            "mem_sessions": sessions,
+            "mem_base": base,
+            "mem_active_per_session": (active - base) / sessions,
+            "mem_idle_per_session": (idle - base) / sessions,
+            "mem_video_per_session": video,
+            "flood_sent_mib": sent * 4,
+            "flood_peak_over_base": max(peak) - before,
+            "flood_closed_s": closed_s,
+            "flood_after_over_base": after - before,
+            "flood_reason": (admin.hget(keys.session(ft.sid), "close_reason") or b"").decode(),
+        }
+    finally:
+        group.stop_all()
+        for c in conns:
+            c.close()
+        admin.close()
+
+
+MEMORY_NOTE = (
+    "\n\nServer memory per session: `used_memory` with real sessions (central, nodes, worker) minus"
+    " the pool's without them (idle is measured after the active phase, so it also holds the save"
+    " jobs' results of falling asleep). A session's input is bounded by its node (issue 20): reads"
+    " of at most 100 entries and ~1 MiB that never carry an entry over 64 KiB, what was read"
+    " trimmed, the session closed `input_flood` past 8 MiB or at the first oversized entry, its"
+    " stream emptied at each read from then on and shut (no more entries) by the close. The peak"
+    " is the flood's in-flight entries and its connection's buffers; it is bounded by how fast the"
+    " close completes (the central server's sweep)."
+)
+
+
+def format_memory(m: dict[str, Any]) -> str:
+    """The rows of :func:`session_memory` (a table of their own, under the security table)."""
+    mib = 2**20
+    return "\n".join(
+        [
+            "| server memory per session | value |",
+            "|---|---|",
+            f"| pool without sessions (central, {m['mem_sessions'] + 1} nodes, worker) | {m['mem_base'] / mib:.1f} MiB |",
+            f"| per active session (probe 1280x720 at 30 fps, input 20/s) | {m['mem_active_per_session'] / 1024:.0f} KiB "
+            f"(its video stream: {m['mem_video_per_session'] / 1024:.0f} KiB) |",
+            f"| per idle session (asleep) | {m['mem_idle_per_session'] / 1024:.0f} KiB |",
+            f"| one session flooding its input with 4 MiB entries ({m['flood_sent_mib']} MiB sent): peak over "
+            f"the memory before | {m['flood_peak_over_base'] / mib:.1f} MiB |",
+            f"| ... closed (`{m['flood_reason']}`) after | {m['flood_closed_s']:.2f} s |",
+            f"| ... memory once closed, over the memory before | {m['flood_after_over_base'] / mib:.2f} MiB |",
+        ]
+    )
+
+
 def run(
     logins: int = 24, threads: int = 8, n: int = 500, users: int = 10_000, samples: int = 2000
 ) -> dict[str, Any]:
@@ -261,6 +416,7 @@ def run(
             log.info("logins/s: 1 replica %.2f, 2 replicas %.2f", one[-1], two[-1])
         costs = _user_costs(urls, n, users, samples)
         costs.update(_flood(urls, samples))
+        costs.update(session_memory(urls))
     finally:
         server.stop()
     result: dict[str, Any] = {
@@ -272,7 +428,7 @@ def run(
         "logins": logins,
         **costs,
     }
-    result["table"] = format_table(result)
+    result["table"] = format_table(result) + "\n\n" + format_memory(result)
     return result
 
 
@@ -324,6 +480,6 @@ def write_markdown(result: dict[str, Any], path: str) -> None:
         "the number of ACL users (the spread between the two baselines is noise of the shared "
         "machine); what grows is memory per user and the central server's full reconcile pass "
         "(`ACL USERS` against the live sessions), still every 0.25 s; the incremental part (closed sessions, expired tokens) "
-        "is measured apart, as the cost of a pass that does not grow with the number of users."
+        "is measured apart, as the cost of a pass that does not grow with the number of users." + MEMORY_NOTE
     )
     write_section("Security: logins and session users", body, path)

@@ -172,6 +172,7 @@ def role_rules(role: str, keys: Keys) -> list[str]:
             f"~{P}*",
             "~rq:*",
             "&__keyevent@*__:expired",
+            f"&{keys.wake}",
             "+acl|setuser",
             "+acl|deluser",
             "+acl|users",
@@ -182,7 +183,7 @@ def role_rules(role: str, keys: Keys) -> list[str]:
     if role == "node":
         return [*base, f"~{P}*", "+config|get"]
     if role == "worker":
-        return [*base, f"~{P}*", "~rq:*", "&rq:*", "+info"]
+        return [*base, f"~{P}*", "~rq:*", "&rq:*", f"&{keys.wake}", "+info"]
     if role == "gateway":
         return gateway_rules(keys)
     raise ValueError(f"unknown role {role!r}")
@@ -281,21 +282,20 @@ class SessionUsers:
     """The central server's side of session and queue users.
 
     Explicit paths (login, reconnection, logout, dispatch) create and delete users at once;
-    :meth:`reconcile` (every ``RECONCILE_EVERY`` s) catches the rest. Incrementally, at a cost
+    :meth:`reconcile` (each sweeper pass, and when a close's user is due) catches the rest. Incrementally, at a cost
     that does not grow with the number of sessions: users of sessions that closed (``CLOSED_KEEP``
     s after the close, from the sorted set ``closed`` that the close script writes) and tokens
     that expired (sorted set ``acl:expiry``). In a full pass (``full=True``, every
-    ``FULL_EVERY`` s and after a server restart), every ACL user against the live sessions: users
+    ``--acl-full-every`` s and after a server restart), every ACL user against the live sessions: users
     left behind by anything else, and users missing after a Redis restart (re-created from the
     session hash's ``acl`` field).
     """
 
-    RECONCILE_EVERY = 0.25
-    FULL_EVERY = 0.25
-    """The full pass reads every ACL user and every live session (35 ms at 10,000 sessions,
-    ``cloudq bench security``). It still runs every pass: at 1 s, a queued user's session user
-    that was missing after dispatch (cause not found yet) came back too late for a 0.8 s
-    heartbeat TTL in ``test_grace_lapse_closes_and_next_queued_user_gets_the_node``."""
+    # The full pass reads every ACL user and every live session (35 ms at 10,000 sessions,
+    # ``cloudq bench security``): the central server runs it on a new server and then rarely
+    # (``--acl-full-every``). It used to run 4x/s because a queued user's session user was
+    # missing after dispatch: the close job dispatched the freed node itself, and a worker may
+    # not create Redis users. Now only the central server dispatches (woken by the worker).
     CLOSED_KEEP = 0.5
     """A closed session's user lives this long (s) so its client (polling every 0.2 s) reads the
     close reason; deleted by the next pass after that: within 1 s of the close."""
@@ -305,7 +305,7 @@ class SessionUsers:
         self.keys = keys
         self.token_ttl = token_ttl
         self.expiry_key = keys.acl_expiry
-        self._closed_upto = float("-inf")
+        self.closed_upto = float("-inf")
         """Closes up to this server time are done (the ``closed`` sorted set's score)."""
 
     def _expire_at(self, name: str) -> None:
@@ -344,13 +344,13 @@ class SessionUsers:
         sec, usec = self.r.time()
         now = sec + usec / 1e6
         upto = now - self.CLOSED_KEEP
-        lo = f"({self._closed_upto}" if self._closed_upto != float("-inf") else "-inf"
+        lo = f"({self.closed_upto}" if self.closed_upto != float("-inf") else "-inf"
         for raw in self.r.zrangebyscore(self.keys.closed, lo, upto):
             sid = raw.decode()
             if not self.r.sismember(self.keys.sessions, sid):  # not live again (ids are not reused)
                 self.drop(session_acl_user(sid))
                 done["closed"] += 1
-        self._closed_upto = upto
+        self.closed_upto = upto
         for raw in self.r.zrangebyscore(self.expiry_key, "-inf", now, start=0, num=500):
             name = raw.decode()
             if not self._token_alive(name):

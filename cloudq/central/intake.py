@@ -127,12 +127,17 @@ class Checks:
     """The bcrypt budget: ``workers`` threads, at most ``waiting`` checks queued behind them,
     and replies for unknown names held back by a real check's duration (no CPU)."""
 
-    def __init__(self, dummy: Callable[[], bytes], workers: int = 2, waiting: int = 32) -> None:
+    def __init__(self, dummy: Callable[[], bytes], cost: int, workers: int = 2, waiting: int = 32) -> None:
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="bcrypt")
         self.slots = threading.BoundedSemaphore(max(1, workers) + max(0, waiting))
         self._dummy = dummy
-        self.check_time: float | None = None
-        """How long one check takes (s), the moving average of the real ones (None: none yet)."""
+        # a first estimate without spending a real check: a cost-4 check scaled (bcrypt's work
+        # doubles with each step of cost); the real checks then refine it
+        probe = bcrypt.hashpw(b"probe", bcrypt.gensalt(4))
+        t0 = time.perf_counter()
+        bcrypt.checkpw(b"probe", probe)
+        self.check_time = (time.perf_counter() - t0) * 2 ** max(0, cost - 4)
+        """How long one check takes (s): the moving average of the real ones."""
         self._held: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -154,7 +159,7 @@ class Checks:
                 except ValueError:  # over 72 bytes (bcrypt 5), or a damaged stored hash
                     ok = False
                 took = time.perf_counter() - t0
-                self.check_time = took if self.check_time is None else 0.9 * self.check_time + 0.1 * took
+                self.check_time = 0.9 * self.check_time + 0.1 * took
             finally:
                 self.slots.release()
             done(ok)
@@ -163,13 +168,10 @@ class Checks:
         return True
 
     def hold(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once a check's duration has passed, without a check (an unknown name).
-        Until a check has been timed, the first such name gets a real one (of the dummy hash)."""
-        if self.check_time is None and self.check(b"x", None, lambda ok: fn()):
-            return
+        """Run ``fn`` once a check's duration has passed, without a check (an unknown name)."""
         with self._cv:
             heapq.heappush(
-                self._held, (time.monotonic() + (self.check_time or 0.0), next(self._seq), self._logged(fn))
+                self._held, (time.monotonic() + self.check_time, next(self._seq), self._logged(fn))
             )
             self._cv.notify()
 

@@ -32,7 +32,8 @@ from cloudq.state import Assignment, CloseReason, StateMachine
 
 log = logging.getLogger(__name__)
 
-MAX_SWEEP_WAIT = 0.25
+MAX_SWEEP_WAIT = 1.0
+"""The sweeper's longest sleep (s) with nothing due; shorter with short clocks (:meth:`Central.max_wait`)."""
 ABANDONED_CHECK_EVERY = 3.0
 REFUSED = {
     "invalid": "invalid credentials",
@@ -57,6 +58,7 @@ class Central:
         bcrypt_cost: int = auth.DEFAULT_COST,
         bcrypt_threads: int = 2,
         bcrypt_waiting: int = 32,
+        acl_full_every: float = 60.0,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -66,7 +68,13 @@ class Central:
         self.sm = StateMachine(r, keys)
         self.users = auth.Users(r, keys, cost=bcrypt_cost)
         self.intake = intake.Intake(r, keys, self.name, dead_after)
-        self.checks = intake.Checks(lambda: auth.dummy_hash(bcrypt_cost), bcrypt_threads, bcrypt_waiting)
+        self.checks = intake.Checks(
+            lambda: auth.dummy_hash(bcrypt_cost), bcrypt_cost, bcrypt_threads, bcrypt_waiting
+        )
+        self.acl_full_every = acl_full_every
+        self._reconnected = threading.Event()
+        self._reconnected.set()
+        r.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
         self._bad_logged = float("-inf")
         self._after_check = threading.Lock()  # the state and ACL steps of concurrent logins, one at a time
         self.use_acl = use_acl
@@ -90,9 +98,7 @@ class Central:
 
     def start(self) -> None:
         self.setup()
-        targets = [self._requests_loop, self._sweep_loop]
-        if self.notifications:
-            targets.append(self._notification_loop)
+        targets = [self._requests_loop, self._sweep_loop, self._notification_loop]
         for t in targets:
             th = threading.Thread(target=self._guard(t), name=t.__name__, daemon=True)
             th.start()
@@ -267,14 +273,17 @@ class Central:
     def sweep_once(self) -> int:
         """One pass: due deadlines, free nodes to waiting users; returns jobs enqueued."""
         n = 0
-        run_id = self.server_run_id()
-        if run_id != self._run_id:
-            if self._run_id and not self.r.exists(self.keys.settings):
-                # the server restarted without our keys: publish the clocks and the group again
-                log.warning("the Redis server restarted and lost cloudq's keys; setting up again")
-                self.setup()
-            self._run_id = run_id
-        for action in self.sm.sweep(run_id=run_id):
+        if self._reconnected.is_set():
+            # a new connection may mean a new server: its run id, read once per reconnect
+            self._reconnected.clear()
+            run_id = self.server_run_id()
+            if run_id != self._run_id:
+                if self._run_id and not self.r.exists(self.keys.settings):
+                    # the server restarted without our keys: publish the clocks and the group again
+                    log.warning("the Redis server restarted and lost cloudq's keys; setting up again")
+                    self.setup()
+                self._run_id = run_id
+        for action in self.sm.sweep(run_id=self._run_id):
             jobs.enqueue_action(self.r, self.keys, action)
             n += 1
         for a in self.sm.dispatch():
@@ -288,6 +297,11 @@ class Central:
             n += 1
         return n
 
+    def _on_connect(self, conn: redis.connection.AbstractConnection) -> None:
+        """redis-py's hook for every new connection of :attr:`r`: note it (see :meth:`sweep_once`)."""
+        conn.on_connect()
+        self._reconnected.set()
+
     def server_run_id(self) -> str:
         """The Redis server's ``run_id`` (a new one = the server restarted); '' if not allowed."""
         try:
@@ -295,52 +309,79 @@ class Central:
         except redis.ResponseError:
             return ""
 
-    def _next_due_in(self) -> float:
-        first = self.r.zrange(self.keys.deadlines, 0, 0, withscores=True)
-        if not first:
-            return MAX_SWEEP_WAIT
-        sec, usec = self.r.time()
-        return max(0.0, first[0][1] - (sec + usec / 1e6))
+    def max_wait(self) -> float:
+        """The sweeper's longest sleep: :data:`MAX_SWEEP_WAIT`, or a quarter of the shortest
+        liveness clock, so a deadline that another process adds is never late by more."""
+        clocks = [
+            c for c in (self.settings.heartbeat_ttl, self.settings.node_ttl, self.settings.idle_timeout) if c
+        ]
+        return max(0.02, min([MAX_SWEEP_WAIT, *(c / 4 for c in clocks)]))
+
+    def _next_wait(self, longest: float) -> float:
+        """How long the sweeper may sleep: until the first deadline, the first ACL expiry, or a
+        closed session's user is due to go (``CLOSED_KEEP`` after its close), at most ``longest``,
+        and at least a fifth of it, so a crowd of due deadlines is swept in batches."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.time()
+        pipe.zrange(self.keys.deadlines, 0, 0, withscores=True)
+        if self.acl is not None:
+            pipe.zrange(self.keys.acl_expiry, 0, 0, withscores=True)
+            upto = self.acl.closed_upto
+            lo = "-inf" if upto == float("-inf") else f"({upto}"
+            pipe.zrangebyscore(self.keys.closed, lo, "+inf", start=0, num=1, withscores=True)
+        (sec, usec), *firsts = pipe.execute()
+        now = sec + usec / 1e6
+        due = [first[0][1] for first in firsts if first]
+        if self.acl is not None and len(firsts) == 3 and firsts[2]:
+            due[-1] += self.acl.CLOSED_KEEP
+        wait = min([longest, *(t - now for t in due)])
+        return max(longest / 5, wait)
 
     def _sweep_loop(self) -> None:
-        last_abandoned = last_reconcile = last_full = 0.0
+        last_abandoned = last_full = 0.0
         full_run_id = None  # the server the last full pass ran on
         while not self.stop.is_set():
             self.sweep_once()
-            if self.acl is not None and time.monotonic() - last_reconcile > self.acl.RECONCILE_EVERY:
-                # the full pass costs O(sessions): every FULL_EVERY s, and at once on a new server
-                full = self._run_id != full_run_id or time.monotonic() - last_full > self.acl.FULL_EVERY
+            if self.acl is not None:
+                # the incremental pass every time; the full one (O(sessions)) at once on a new
+                # server, else every acl_full_every s (0: never)
+                every = self.acl_full_every
+                full = self._run_id != full_run_id or bool(every and time.monotonic() - last_full > every)
                 self.acl.reconcile(full=full)
-                last_reconcile = time.monotonic()
                 if full:
-                    last_full, full_run_id = last_reconcile, self._run_id
+                    last_full, full_run_id = time.monotonic(), self._run_id
             if time.monotonic() - last_abandoned > ABANDONED_CHECK_EVERY:
                 jobs.requeue_abandoned(self.r, self.keys)
                 last_abandoned = time.monotonic()
-            wait = min(self._next_due_in(), MAX_SWEEP_WAIT)
-            if self.acl is not None:
-                wait = min(wait, self.acl.RECONCILE_EVERY)
+            wait = self._next_wait(self.max_wait())
             self._ran("sweep")
             self.wakeup.wait(wait)
             self.wakeup.clear()
 
     def _notification_loop(self) -> None:
-        """Wake the sweeper early on an ``expired`` event for one of our keys (best effort)."""
+        """Wake the sweeper early: when a worker freed a node (``wake``: dispatch now), and, with
+        keyspace notifications, on an ``expired`` event for one of our keys (best effort)."""
         db = self.r.connection_pool.connection_kwargs.get("db", 0)
         ps = self.r.pubsub(ignore_subscribe_messages=True)
         try:
-            try:
-                # add E (keyevent) and x (expired) to whatever the operator configured
-                flags = self.r.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
-                if not ("E" in flags and ("x" in flags or "A" in flags)):
-                    self.r.config_set("notify-keyspace-events", "".join(sorted(set(flags + "Ex"))))
-            except redis.ResponseError:
-                log.info("cannot enable keyspace notifications (CONFIG denied); sweeping on time only")
-            ps.subscribe(f"__keyevent@{db}__:expired")
-            prefix = self.keys.prefix.encode()
+            channels = [self.keys.wake]
+            if self.notifications:
+                try:
+                    # add E (keyevent) and x (expired) to whatever the operator configured
+                    flags = self.r.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
+                    if not ("E" in flags and ("x" in flags or "A" in flags)):
+                        self.r.config_set("notify-keyspace-events", "".join(sorted(set(flags + "Ex"))))
+                except redis.ResponseError:
+                    log.info("cannot enable keyspace notifications (CONFIG denied); sweeping on time only")
+                channels.append(f"__keyevent@{db}__:expired")
+            ps.subscribe(*channels)
+            prefix, wake = self.keys.prefix.encode(), self.keys.wake.encode()
             while not self.stop.is_set():
-                msg = ps.get_message(timeout=0.5)
-                if msg and isinstance(msg.get("data"), bytes) and msg["data"].startswith(prefix):
+                msg = ps.get_message(timeout=1.0)
+                if msg and (
+                    msg.get("channel") == wake
+                    or (isinstance(msg.get("data"), bytes) and msg["data"].startswith(prefix))
+                ):
                     self.wakeup.set()
                 self._ran("notification")
         finally:

@@ -37,11 +37,27 @@ def _role_password_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @acl.command("print")
 @prefix_option
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to FILE.")
+@click.option(
+    "--url-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write each role's Redis URL, with its password, to DIR/<role>/redis.url (mode 0600) "
+    "for that role's --redis-url-file (docker-compose.yml mounts only its own directory into each service).",
+)
+@click.option(
+    "--server-url",
+    default="redis://127.0.0.1:6379/0",
+    show_default=True,
+    help="The server the URLs of --url-dir point at (without credentials).",
+)
 @_role_password_options
-def acl_print(prefix: str, out: str | None, **pw: str | None) -> None:
+def acl_print(prefix: str, out: str | None, url_dir: str | None, server_url: str, **pw: str | None) -> None:
     """Write the ACL file for this prefix (role users, login user, default user)."""
-    from cloudq.central.acl import ROLES, Passwords, acl_file
+    from cloudq.central.acl import ROLES, Passwords, acl_file, role_urls
+    from cloudq.secretfile import write_secret
 
+    for role in ROLES:  # read: no child of this process inherits them
+        os.environ.pop(f"CLOUDQ_ACL_{role.upper()}_PASSWORD", None)
     given = {role: pw.get(f"{role}_password") or "" for role in ROLES}
     passwords = Passwords(dict(given))
     text = acl_file(Keys(prefix), passwords)
@@ -55,3 +71,8 @@ def acl_print(prefix: str, out: str | None, **pw: str | None) -> None:
         click.echo(f"wrote {out}", err=True)
     else:
         click.echo(text, nl=False)
+    if url_dir:
+        urls = role_urls(server_url, passwords)
+        for role in ROLES:
+            write_secret(os.path.join(url_dir, role, "redis.url"), urls[role])
+        click.echo(f"wrote {os.path.join(url_dir, '<role>', 'redis.url')} for {', '.join(ROLES)}", err=True)

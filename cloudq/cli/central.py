@@ -50,6 +50,16 @@ from cloudq.keys import Keys
     type=click.IntRange(0, 10_000),
     help="Password checks that may wait for a thread; beyond, a login is answered 'busy'.",
 )
+@click.option(
+    "--acl-full-every",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    envvar="CLOUDQ_ACL_FULL_EVERY",
+    show_envvar=True,
+    help="Seconds between full ACL passes (every Redis user against the live sessions; also at once "
+    "on a new server); 0 = only on a new server.",
+)
 @metrics_options
 def central(
     redis_url: str | None,
@@ -59,6 +69,7 @@ def central(
     bcrypt_cost: int,
     bcrypt_threads: int,
     bcrypt_waiting: int,
+    acl_full_every: float,
     metrics_port: int,
     metrics_addr: str,
     **kw: Any,
@@ -78,6 +89,7 @@ def central(
         bcrypt_cost=bcrypt_cost,
         bcrypt_threads=bcrypt_threads,
         bcrypt_waiting=bcrypt_waiting,
+        acl_full_every=acl_full_every,
     )
     _serve_metrics(metrics_port, metrics_addr, CentralMetrics(r, Keys(prefix), c.counters).registry)
     done = threading.Event()

@@ -4,6 +4,7 @@ the common options, failing with a clear message and exit code, signal handling.
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import logging
 import os
@@ -33,7 +34,8 @@ def _setup_logging(verbose: int) -> None:
 def _connect(url: str | None) -> redis.Redis:
     if not url:
         raise click.UsageError(
-            "no Redis given: pass --redis-url or set CLOUDQ_REDIS_URL (or run `cloudq up`)"
+            "no Redis given: pass --redis-url-file or --redis-url "
+            "(or set CLOUDQ_REDIS_URL_FILE or CLOUDQ_REDIS_URL; or run `cloudq up`)"
         )
     # a socket timeout (longer than any blocking read we issue: <= 1 s) and health checks, so a
     # half-open TCP connection raises and is replaced instead of hanging a server process
@@ -70,9 +72,58 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-redis_url_option = click.option(
-    "--redis-url", envvar="CLOUDQ_REDIS_URL", help="Redis URL (env CLOUDQ_REDIS_URL).", show_envvar=True
-)
+def redis_url_from(url: str | None, url_file: str | None) -> str | None:
+    """The Redis URL given as ``--redis-url``/``CLOUDQ_REDIS_URL`` or read from
+    ``--redis-url-file``/``CLOUDQ_REDIS_URL_FILE`` (a file only this OS user can read: see
+    :mod:`cloudq.secretfile`); both at once is a usage error. ``CLOUDQ_REDIS_URL`` is removed
+    from this process's environment once read, so no child program inherits the password."""
+    from cloudq.secretfile import UnsafeSecretFile, read_secret
+
+    os.environ.pop("CLOUDQ_REDIS_URL", None)
+    if url and url_file:
+        ctx = click.get_current_context(silent=True)
+        src = ctx.get_parameter_source("redis_url") if ctx else None
+        given = "CLOUDQ_REDIS_URL" if src == click.core.ParameterSource.ENVIRONMENT else "--redis-url"
+        src = ctx.get_parameter_source("redis_url_file") if ctx else None
+        given_file = (
+            "CLOUDQ_REDIS_URL_FILE" if src == click.core.ParameterSource.ENVIRONMENT else "--redis-url-file"
+        )
+        raise click.UsageError(f"give the Redis URL once: {given} and {given_file} are both set")
+    if url_file:
+        try:
+            return read_secret(url_file)
+        except UnsafeSecretFile as exc:
+            raise click.UsageError(f"--redis-url-file: {exc}") from None
+    return url
+
+
+def redis_url_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--redis-url`` and ``--redis-url-file``: the command gets one ``redis_url`` argument."""
+
+    @functools.wraps(f)  # keeps the options declared below this one (click's __click_params__)
+    def command(
+        *args: Any, redis_url: str | None = None, redis_url_file: str | None = None, **kw: Any
+    ) -> Any:
+        return f(*args, redis_url=redis_url_from(redis_url, redis_url_file), **kw)
+
+    command = click.option(
+        "--redis-url-file",
+        envvar="CLOUDQ_REDIS_URL_FILE",
+        show_envvar=True,
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Read the Redis URL from this file, readable by nobody but this OS user (mode 0600): "
+        "unlike --redis-url, it keeps the password out of the command line and the environment.",
+    )(command)
+    return click.option(
+        "--redis-url",
+        envvar="CLOUDQ_REDIS_URL",
+        show_envvar=True,
+        help="Redis URL. With a password prefer --redis-url-file: other processes can read a "
+        "command line and the environment.",
+    )(command)
+
+
 prefix_option = click.option(
     "--prefix",
     envvar="CLOUDQ_PREFIX",
@@ -225,7 +276,9 @@ def operator() -> str:
 
 def _machine(redis_url: str | None, prefix: str) -> StateMachine:
     if not redis_url:
-        raise click.UsageError("no Redis given: pass --redis-url or set CLOUDQ_REDIS_URL")
+        raise click.UsageError(
+            "no Redis given: pass --redis-url-file or --redis-url (or set CLOUDQ_REDIS_URL_FILE or CLOUDQ_REDIS_URL)"
+        )
     r = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
     return StateMachine(r, Keys(prefix))
 

@@ -43,6 +43,16 @@ from cloudq.cli.common import (
     "so it survives a restart. Without it everything is temporary.",
 )
 @click.option(
+    "--maxmemory",
+    envvar="CLOUDQ_MAXMEMORY",
+    show_envvar=True,
+    default=None,
+    metavar="SIZE",
+    help="The embedded server's memory limit (e.g. 512mb, 2gb; 0 = none). Default: sized for one "
+    'session per node, 320 MiB + 16 MiB per node (README "Memory"). A full server refuses '
+    "writes (noeviction), it never drops a session's keys.",
+)
+@click.option(
     "--no-acl",
     is_flag=True,
     envvar="CLOUDQ_NO_ACL",
@@ -59,12 +69,22 @@ def up(
     duration: float,
     data_dir: str | None,
     no_acl: bool,
+    maxmemory: str | None,
     **kw: Any,
 ) -> None:
     """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
+    from cloudq.embedded import parse_memory
     from cloudq.local.cluster import Cluster
 
     settings = settings_from(kw)
+    limit = None
+    if maxmemory is not None:
+        if redis_url:
+            raise click.UsageError("--maxmemory sizes the embedded server: set maxmemory on your own Redis")
+        try:
+            limit = parse_memory(maxmemory)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--maxmemory") from None
     done = threading.Event()
     _stop_on_signals(done.set)
     cluster = Cluster(
@@ -76,6 +96,7 @@ def up(
         settings=settings,
         data_dir=data_dir,
         use_acl=not no_acl,
+        maxmemory=limit,
     )
     with cluster as cl:
         click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")
@@ -86,8 +107,10 @@ def up(
                 "  everything is TEMPORARY: users, sessions and saved data are gone when this stops "
                 "(use --data-dir DIR to keep them)"
             )
+        if cl.server is not None and cl.maxmemory:
+            click.echo(f"  server memory limit: {cl.maxmemory / 2**20:.0f} MiB (--maxmemory)")
         click.echo(f"  redis-cli -u {cl.redis_url} keys '{prefix}*'")
-        click.echo(f"  CLOUDQ_REDIS_URL={cl.redis_url} cloudq status")
+        click.echo(f"  CLOUDQ_REDIS_URL_FILE={cl.admin_url_file()} cloudq status")
         if cl.client_url != cl.redis_url:
             click.echo(f"  clients: CLOUDQ_REDIS_URL={cl.client_url} cloudq connect --user NAME")
         sys.stdout.flush()

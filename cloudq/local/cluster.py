@@ -4,6 +4,12 @@ On the embedded server the ACL users of :mod:`cloudq.central.acl` are created at
 passwords) and every child connects as its role's user; ``--no-acl`` skips that (clients are
 trusted, and every process says so). ``redis_url`` is then the administrator's URL and
 ``client_url`` the public one ``cloudq connect`` uses.
+
+No child gets a password in its command line or environment: each reads its role's URL from
+its own 0600 file in the run directory (``CLOUDQ_REDIS_URL_FILE``; ``admin.url`` there is the
+operator's). The embedded server starts with no password at all (its ``default`` user is
+given the login user's rights once the role users exist) and its ``maxmemory`` is sized for
+one session per node (:func:`cloudq.embedded.maxmemory_for`) unless given.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import redis
 
 from cloudq.central import acl
-from cloudq.embedded import EmbeddedServer
+from cloudq.embedded import EmbeddedServer, maxmemory_for
 from cloudq.keys import Keys
 from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
@@ -58,8 +66,13 @@ class Cluster:
         extra_env: dict[str, str] | None = None,
         data_dir: str | None = None,
         use_acl: bool = True,
+        maxmemory: int | None = None,
     ) -> None:
         self.server: EmbeddedServer | None = None
+        self.maxmemory = maxmemory_for(nodes) if maxmemory is None else maxmemory
+        """Of the embedded server, in bytes (0: no limit)."""
+        self.run_dir = ""
+        """Where the children's URL files are (``<data dir>/run``, or a temporary directory)."""
         self.data_dir = data_dir
         self.redis_url = redis_url or ""
         self.client_url = self.redis_url
@@ -100,11 +113,20 @@ class Cluster:
     def spawn(self, name: str, *args: str) -> None:
         self.group.start(*args, name=name)
 
+    def admin_url_file(self) -> str:
+        """A 0600 file holding :attr:`redis_url`, for the operator's ``cloudq`` commands."""
+        return self.group.url_file("admin")
+
     def start(self) -> Cluster:
         central_args: list[str] = []
+        if self.data_dir:
+            self.run_dir = os.path.join(os.path.abspath(self.data_dir), "run")
+        else:
+            self.run_dir = tempfile.mkdtemp(prefix="cloudq-up-")  # mode 0700
+        self.group.url_dir = self.run_dir
         if not self.redis_url:
             redis_dir = os.path.join(self.data_dir, "redis") if self.data_dir else None
-            self.server = EmbeddedServer(data_dir=redis_dir).start()
+            self.server = EmbeddedServer(data_dir=redis_dir, maxmemory=self.maxmemory).start()
             self.redis_url = self.client_url = self.server.url
             if self.use_acl:
                 urls = self.urls = setup_acl(self.server.url, Keys(self.prefix), self._passwords())
@@ -134,6 +156,9 @@ class Cluster:
         if self.server:
             self.server.stop()
             self.server = None
+        if self.run_dir and not self.data_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir = ""
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -414,7 +414,7 @@ class Demo:
         user gives it one short stroke every 1.5 s (so it never falls asleep)."""
         group = self.cluster.group
         self.say(f"--- baseline: an --always-encode node, {BASELINE_S:g} s with a user who stays awake ---")
-        env = group.env(CLOUDQ_REDIS_URL=self.cluster.redis_url)
+        env = group.child_env("node", CLOUDQ_REDIS_URL_FILE=self.cluster.admin_url_file())
         for n in ("node1", "node2"):
             subprocess.run(
                 [*cloudq_command(), "node", "drain", n], env=env, capture_output=True, timeout=30, check=True
