@@ -123,7 +123,7 @@ def test_up_starts_everything_prints_the_url_and_cleans_up(tmp_path) -> None:
 
 
 def test_bench_json_is_strict_json_with_null_for_missing_figures(procs: Procs, tmp_path) -> None:
-    from cloudq.bench.cli import json_safe
+    from cloudq.bench.report import json_safe
 
     assert json_safe({"p99": float("inf"), "xs": [float("nan"), 1.5]}) == {"p99": None, "xs": [None, 1.5]}
     out = procs.run("bench", "data", "--sizes", "0.05", "--workdir", str(tmp_path), "--json", timeout=120)

@@ -98,10 +98,13 @@ class Gateway:
         self.procs = procs
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_port = free_port()  # /stats without a login (on the public port it needs one)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Gateway:
-        self.proc = self.procs.start("gateway", "--host", "127.0.0.1", "--port", str(self.port))
+        self.proc = self.procs.start(
+            "gateway", "--host", "127.0.0.1", "--port", str(self.port), "--admin-port", str(self.admin_port)
+        )
         wait_for(self.healthy, 20, what="the gateway answering /healthz")
         return self
 
@@ -120,7 +123,7 @@ class Gateway:
         self.proc.wait(10)
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "/stats", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats", timeout=5) as resp:
             return json.loads(resp.read())
 
 

@@ -10,14 +10,30 @@ HTTP
     ``GET /``              the page (``static/index.html``); files under ``/static/``
     ``POST /login``        JSON ``{"user", "password"}``: relayed to the central servers as the same
                            :class:`~cloudq.messages.Request` ``cloudq connect`` sends (the gateway never
-                           sees a password hash). 200 ``{"user", "status", "position"}`` and the
+                           sees a password hash). 200 ``{"user", "status", "position", "sid"}``, the
                            token in the ``cloudq_token`` cookie (HttpOnly, SameSite=Strict, path /;
-                           ``Secure`` behind TLS); 401 ``{"error"}`` for wrong credentials or a
-                           locked account; 400 for a malformed body; 503 if no central server answers.
-    ``POST /logout``       relays a logout for the cookie's token and clears the cookie.
+                           ``Secure`` behind TLS) and the session id in ``cloudq_sid`` (same flags);
+                           401 ``{"error"}`` for wrong credentials or a locked account; 400 for a
+                           malformed body; 503 if no central server answers. Only
+                           ``Content-Type: application/json`` (else 415) with no ``Origin`` or a
+                           same-origin one (else 403): no login CSRF by a cross-site form. The body
+                           must arrive within ``--body-timeout`` (else 408).
+    ``POST /logout``       relays a logout for the cookie's token and clears the cookies (403 for a
+                           cross-site ``Origin``).
     ``GET /session``       200 ``{"user", "sid", "state"}`` if the cookie's token is live, else 401.
     ``GET /healthz``       200 ``ok`` if Redis answers, else 503.
-    ``GET /stats``         the gateway's counters (JSON): sockets, closes by reason, bad messages.
+    ``GET /stats``         the gateway's counters (JSON): sockets, asyncio tasks, connections, closes
+                           by reason, bad messages; 401 without a live token cookie. ``--admin-port``
+                           serves ``/stats`` and ``/healthz`` without a login (a private address).
+
+Which session a token stands for: the gateway reads no user hash (it holds the bcrypt hash), so
+``/session`` and ``/ws`` take the session id the browser names (``?sid=`` from the page's last
+``hello``, kept in ``sessionStorage``; else the ``cloudq_sid`` cookie) and check it against the
+session hash (its ``user`` and token hash); a token of a user in the queue is that user's ticket.
+
+Connections (:mod:`cloudq.client.web.guard`): at most ``--max-per-address`` open per client
+address (more: 429 and closed), each request head within ``--header-timeout`` (else 408 and
+closed). A socket's tasks, heartbeat and Redis connection end with it, whatever ends it.
 
 The token is never in a URL and never readable by page scripts. The WebSocket (``GET /ws``) checks
 ``Origin`` (same host as the request, or one of ``--allow-origin``) before the upgrade and the cookie

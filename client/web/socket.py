@@ -11,6 +11,7 @@ import logging
 import math
 import struct
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -173,6 +174,24 @@ async def _send_json(ws: web.WebSocketResponse, obj: dict[str, Any]) -> None:
         await ws.send_str(json.dumps(obj, separators=(",", ":")))
 
 
+async def stop_tasks(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and return when every one has ended.
+
+    One ``cancel()`` is not enough: on Python 3.11 ``asyncio.wait_for`` (which redis-py wraps
+    around its reads) drops a cancellation that lands as the read completes, so a loop cancelled
+    in the middle of a Redis command carries on (this left every early-closed socket's heartbeat
+    and connection alive). So cancel again until each task is done; the retrieved results and
+    errors are the caller's business (``Task.exception()`` of a done task)."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.05)
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()  # retrieved: no "exception was never retrieved" at exit
+
+
 class _Closed(Exception):
     """This socket is done (closed by the page, by a policy, or because the session ended)."""
 
@@ -181,7 +200,9 @@ class Socket:
     """One browser's WebSocket: attaches to its session, then runs heartbeat, session watch, video
     and input until the first of them ends."""
 
-    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, token: str) -> None:
+    def __init__(
+        self, gw: Gateway, ws: web.WebSocketResponse, token: str, sid_hints: tuple[str, ...] = ()
+    ) -> None:
         self.gw, self.ws, self.token = gw, ws, token
         self.keys = gw.keys
         self.bucket = TokenBucket(gw.cfg.rate, gw.cfg.burst)
@@ -193,8 +214,11 @@ class Socket:
         self.last_activity = -math.inf
         self.size = (0, 0)
         self.state: dict[str, str] = {}
+        self.sid_hints = sid_hints
+        self.ending = asyncio.Event()  # set when the gateway starts closing the socket
 
     async def close(self, code: int, reason: str, counted: str) -> None:
+        self.ending.set()
         self.gw.closes[counted] += 1
         log.info("ws %s: closing %d (%s)", self.sid or "-", code, reason)
         await self.ws.close(code=code, message=reason.encode()[:120])
@@ -213,7 +237,7 @@ class Socket:
 
     async def run(self) -> None:
         try:
-            who = await self.gw.resolve(self.token)
+            who = await self.gw.resolve(self.token, self.sid_hints)
         except RedisError as exc:
             log.warning("ws: redis: %s", exc)
             await self.close(WSCloseCode.TRY_AGAIN_LATER, "redis unreachable", "redis")
@@ -228,14 +252,14 @@ class Socket:
         self.user = who.user
         self.settings = await self.gw.settings()
         reader = asyncio.ensure_future(self.read_loop())
+        tasks: list[asyncio.Future[Any]] = [reader]
         try:
             if who.status == "queued":
                 queued = asyncio.ensure_future(self.wait_in_queue())
-                done, _ = await asyncio.wait({queued, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if queued not in done:
-                    queued.cancel()
-                    await asyncio.gather(queued, return_exceptions=True)
-                    return
+                tasks.append(queued)
+                await asyncio.wait({queued, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not queued.done():
+                    return  # the page went away: the finally stops the queue wait
                 step = queued.result()
                 if step.kind != loginflow.ASSIGNED:
                     # from this task, not the queue's: run() must not cancel a close half done
@@ -244,6 +268,8 @@ class Socket:
                 self.sid = step.sid
             else:
                 self.sid = who.sid
+            if reader.done():
+                return  # ended before it was attached: no session connection, no heartbeat
             try:
                 self.sr, rights = await open_session_redis(
                     self.gw.cfg.redis_url, self.sid, self.token, self.gw.cfg.session_rights
@@ -254,21 +280,23 @@ class Socket:
                 await self.close(CLOSE_UNAUTHORIZED, "unauthorized", "session_user_refused")
                 return
             self.gw.rights[rights] += 1
+            if reader.done():
+                return
             node = (await self.sr.hget(self.keys.session(self.sid), "node") or b"").decode()
             await _send_json(
                 self.ws, {"t": "hello", "user": self.user, "sid": self.sid, "node": node, "rights": rights}
             )
             await self.mark_activity()
-            tasks = [
+            loops = [
                 asyncio.ensure_future(c)
-                for c in (self.heartbeat_loop(), self.watch_loop(), self.video_loop())
+                for c in (self.heartbeat_loop(), self.watch_loop(), self.video_loop(), self.ending.wait())
             ]
-            tasks.append(reader)
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            for t in done:
+            tasks += loops
+            done, _ = await asyncio.wait([*loops, reader], return_when=asyncio.FIRST_COMPLETED)
+            # the socket is ending (the page left, or a close is under way): the heartbeat, the
+            # session watch and the video stop now, not when the close handshake is over
+            await stop_tasks(loops)
+            for t in done - {reader}:
                 exc = t.exception()
                 if isinstance(exc, RedisError):
                     # the server cuts a session user's connections when its token ends (another
@@ -282,10 +310,13 @@ class Socket:
                 elif exc is not None and not isinstance(exc, _Closed | ConnectionResetError):
                     log.error("ws %s: %r", self.sid, exc, exc_info=exc)
                     await self.close(WSCloseCode.INTERNAL_ERROR, "internal error", "internal")
+            if self.ending.is_set() and not reader.done():
+                # a close frame is out: let the reader see the answer (bounded by the close timeout)
+                await asyncio.wait({reader}, timeout=self.gw.cfg.close_timeout + 0.5)
         finally:
-            if not reader.done():
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+            # whatever ended the socket (a bad message, a close, a reset, an error, this task
+            # cancelled): no loop of it outlives it, and its connection is closed
+            await stop_tasks(tasks)
             if self.sr is not None:
                 await self.sr.aclose()
 
@@ -305,7 +336,7 @@ class Socket:
             if step.kind == loginflow.LEFT:
                 # the gateway may look the ticket up: another socket of the same token (a second
                 # tab, another gateway) may have taken the notification
-                who = await self.gw.resolve(self.token)
+                who = await self.gw.resolve(self.token, self.sid_hints)
                 step = q.left(*((who.status, who.sid, who.reason) if who else ("revoked",)))
             if step.kind in (loginflow.ASSIGNED, loginflow.DROPPED):
                 return step

@@ -170,8 +170,8 @@ def run(samples: int = 300, blocks: int = 6) -> dict[str, Any]:
                 "30",
             )
         _wait(lambda: rig.r.zcard(rig.keys.pool) == 2, 30, "two nodes registered")
-        port = _free_port()
-        rig.spawn("gateway", "--host", "127.0.0.1", "--port", str(port))
+        port, admin_port = _free_port(), _free_port()
+        rig.spawn("gateway", "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port))
         url = f"http://127.0.0.1:{port}"
         _wait(lambda: _healthy(url), 20, "the gateway")
         py = PythonClient(rig)
@@ -181,7 +181,7 @@ def run(samples: int = 300, blocks: int = 6) -> dict[str, Any]:
         for _ in range(max(1, blocks // 2)):
             lat["python"] += py.block(per, WARMUP)
             lat["browser"] += browser.block(per, WARMUP)
-        with urllib.request.urlopen(url + "/stats", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=5) as resp:
             result["gateway"] = json.loads(resp.read())["video_ms_p50"]
         s = browser.stats()
         result["page"] = {

@@ -5,11 +5,11 @@ unless asked. The benchmark modules are imported only when their command runs.""
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import click
 
+from cloudq.bench.report import json_safe
 from cloudq.cli.common import redis_url_option
 
 write_option = click.option(
@@ -20,18 +20,6 @@ write_option = click.option(
     help="Also write the table into this markdown file's section (e.g. BENCHMARKS.md). Default: print only.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the raw results as JSON.")
-
-
-def json_safe(value: Any) -> Any:
-    """Strict JSON: a figure that is not a number (NaN: nothing to measure; infinity: an event
-    that never arrived within the window) becomes ``null``; the table says which and why."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _emit(result: dict[str, Any], table: str, as_json: bool) -> None:
@@ -46,6 +34,21 @@ def _emit(result: dict[str, Any], table: str, as_json: bool) -> None:
 @click.group()
 def bench() -> None:
     """Benchmarks: print a table; --write PATH also writes it into a markdown file."""
+
+
+@bench.command("central")
+@click.option("--sessions", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--window", type=click.FloatRange(min=1), default=20.0, show_default=True, help="Seconds.")
+@json_option
+@write_option
+def bench_central(sessions: int, window: float, as_json: bool, write_path: str | None) -> None:
+    """An idle central server's CPU with N beating sessions vs none (same run)."""
+    from cloudq.bench import centralidle
+
+    result = centralidle.run(sessions=sessions, window=window)
+    if write_path:
+        centralidle.write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
 
 
 @bench.command("control")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
 from pathlib import Path
+from typing import Any
 
 
 def machine() -> str:
@@ -42,3 +44,15 @@ def write_section(name: str, body: str, path: str | Path = "BENCHMARKS.md") -> P
     )
     p.write_text(text.rstrip() + "\n")
     return p
+
+
+def json_safe(value: Any) -> Any:
+    """Strict JSON: a figure that is not a number (NaN: nothing to measure; infinity: an event
+    that never arrived within the window) becomes ``null``; the table says which and why."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

@@ -47,8 +47,8 @@ Users
     ``~P*``, ``~rq:*``, ``&rq:*`` (RQ's worker commands), ``+@all -@dangerous`` plus
     ``INFO``, ``ACL WHOAMI``.
 ``cloudq-gateway``
-    The login user's rights, plus read-only lookups of a cookie's token (token keys, the user's
-    ``session``/``qtoken`` fields, the session's state) and a queued browser's queue beat; for
+    The login user's rights, plus read-only lookups of a cookie's token (token keys, the
+    session's state, user and token hash; never a user hash) and a queued browser's queue beat; for
     each browser's video, input and heartbeats it talks to Redis as that browser's session user.
 ``cloudq-admin``
     Everything (``~* &* +@all``): the operator's ``cloudq user``, ``status``, ``data`` and
@@ -118,16 +118,18 @@ def login_rules(keys: Keys) -> list[str]:
 
 def gateway_rules(keys: Keys) -> list[str]:
     """The login user's rights, plus what the gateway needs to find the session a browser's
-    cookie stands for (read-only: token keys, the user's ``session``/``qtoken`` fields, the
-    session's state and token hash) and to keep a queued browser's place (its ``queued:`` beat,
-    ``LPOS``, the assignment notification). Video, input and heartbeats go through each
-    session's own user. Known limit: ``HMGET`` on ``user:*`` cannot be narrowed to fields."""
+    cookie stands for (read-only: token keys, the session's state, user and token hash, the
+    queue's ``LPOS``) and to keep a queued browser's place (its ``queued:`` beat, the assignment
+    notification). Video, input and heartbeats go through each session's own user. No user
+    hash: it holds the bcrypt hash and an ACL cannot narrow a hash to fields, so the gateway
+    finds a token's session from the session id the browser names, checked against the
+    session hash (:meth:`cloudq.client.web.http.Gateway.resolve`)."""
     P = keys.prefix
     return [
         *login_rules(keys),
         f"(+hgetall %R~{keys.settings})",
         f"(+get %R~{P}token:*)",
-        f"(+hmget %R~{P}user:* %R~{P}session:*)",
+        f"(+hmget %R~{P}session:*)",
         f"(+set %W~{P}queued:*)",  # the beat only: its TTL ends it (a client never deletes it)
         f"(+lpos %R~{keys.queue})",
         f"(+blpop ~{P}notify:*)",

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 REPLY_TTL_MS = 30_000
 TAKE_BATCH = 20
 """Requests one replica takes per round (the first blocking, the rest only if already there)."""
-BEAT_EVERY = 1.0
-DEAD_AFTER = 5.0
+BEAT_EVERY = 2.0
+DEAD_AFTER = 6.0
 """A replica that has not beaten for this long (s) is dead: its taken requests go back."""
 
 

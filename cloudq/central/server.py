@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -32,6 +33,8 @@ from cloudq.state import Assignment, CloseReason, StateMachine
 
 log = logging.getLogger(__name__)
 
+IDLE_BLOCK = 2.0
+"""How long the requests and notification loops block on Redis when nothing comes (s)."""
 MAX_SWEEP_WAIT = 1.0
 """The sweeper's longest sleep (s) with nothing due; shorter with short clocks (:meth:`Central.max_wait`)."""
 ABANDONED_CHECK_EVERY = 3.0
@@ -63,7 +66,7 @@ class Central:
         self.r = r
         self.keys = keys
         self.settings = settings
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.notifications = notifications
         self.sm = StateMachine(r, keys)
         self.users = auth.Users(r, keys, cost=bcrypt_cost)
@@ -72,6 +75,9 @@ class Central:
             lambda: auth.dummy_hash(bcrypt_cost), bcrypt_cost, bcrypt_threads, bcrypt_waiting
         )
         self.acl_full_every = acl_full_every
+        self._acl_due = 0.0  # monotonic time the incremental ACL pass has work (_next_wait)
+        self._dispatch = threading.Event()  # free nodes may have takers: dispatch on the next pass
+        self._dispatch.set()
         self._reconnected = threading.Event()
         self._reconnected.set()
         r.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
@@ -106,10 +112,12 @@ class Central:
         log.info("central %s running", self.name)
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop: the sweeper at once; the requests and notification loops end by themselves
+        within their block (:data:`IDLE_BLOCK`), handing back what they take after this."""
         self.stop.set()
         self.wakeup.set()
         for th in self._threads:
-            th.join(timeout)
+            th.join(timeout if th.name == "_sweep_loop" else 0.05)
         self.checks.close()
         try:
             self.intake.leave()
@@ -159,7 +167,11 @@ class Central:
             self.handle_request(raw)
         while not self.stop.is_set():
             self.intake.beat()
-            for raw in self.intake.take(block=0.5):
+            taken = self.intake.take(block=IDLE_BLOCK)
+            if self.stop.is_set():  # taken during shutdown: for the other replicas
+                self.intake.leave()
+                return
+            for raw in taken:
                 self.handle_request(raw)
             self._ran("requests")
 
@@ -228,6 +240,9 @@ class Central:
             acl_user = self.acl.session_user(sid, pw_hash) if sid else self.acl.queue_user(req.user, token)
         if status == "assigned":
             jobs.enqueue_assignment(self.r, self.keys, Assignment(sid, node, gen))
+        elif status == "queued":
+            self._dispatch.set()  # a node may be free by now (a race with a close): look at once
+            self.wakeup.set()
         log.info("login %s: %s %s %s", req.user, status, sid, node)
         return Reply(ok=True, status=status, token=token, sid=sid, node=node, position=pos, acl_user=acl_user)
 
@@ -286,6 +301,14 @@ class Central:
         for action in self.sm.sweep(run_id=self._run_id):
             jobs.enqueue_action(self.r, self.keys, action)
             n += 1
+        if self._dispatch.is_set():
+            self._dispatch.clear()
+            n += self._dispatch_free_nodes()
+        return n
+
+    def _dispatch_free_nodes(self) -> int:
+        """Free nodes to moved sessions, then to the queue (``dispatch.lua``); jobs enqueued."""
+        n = 0
         for a in self.sm.dispatch():
             if self.acl is not None and a.token_hash:
                 # a queued client got a node: its session user before it reads the notification's sid
@@ -320,8 +343,12 @@ class Central:
     def _next_wait(self, longest: float) -> float:
         """How long the sweeper may sleep: until the first deadline, the first ACL expiry, or a
         closed session's user is due to go (``CLOSED_KEEP`` after its close), at most ``longest``,
-        and at least a fifth of it, so a crowd of due deadlines is swept in batches."""
+        and at least a quarter of it, so a crowd of due deadlines is swept in batches. Also
+        whether free nodes wait for moved sessions or queued users (dispatch on the next pass)."""
         pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(self.keys.pool)
+        pipe.llen(self.keys.queue)
+        pipe.llen(self.keys.moves)
         pipe.time()
         pipe.zrange(self.keys.deadlines, 0, 0, withscores=True)
         if self.acl is not None:
@@ -329,13 +356,17 @@ class Central:
             upto = self.acl.closed_upto
             lo = "-inf" if upto == float("-inf") else f"({upto}"
             pipe.zrangebyscore(self.keys.closed, lo, "+inf", start=0, num=1, withscores=True)
-        (sec, usec), *firsts = pipe.execute()
+        free, queued, moves, (sec, usec), deadline, *acl_firsts = pipe.execute()
+        if free and (queued or moves):
+            self._dispatch.set()
         now = sec + usec / 1e6
-        due = [first[0][1] for first in firsts if first]
-        if self.acl is not None and len(firsts) == 3 and firsts[2]:
-            due[-1] += self.acl.CLOSED_KEEP
-        wait = min([longest, *(t - now for t in due)])
-        return max(longest / 5, wait)
+        acl_due = [first[0][1] for first in acl_firsts[:1] if first]
+        if len(acl_firsts) == 2 and acl_firsts[1]:
+            acl_due.append(acl_firsts[1][0][1] + self.acl.CLOSED_KEEP)  # type: ignore[union-attr]
+        # when the incremental ACL pass has work (the sweeper skips it until then)
+        self._acl_due = time.monotonic() + min(acl_due, default=now + 3600.0) - now
+        wait = min([longest, *(t - now for t in acl_due), *(d[0][1] - now for d in [deadline] if d)])
+        return max(longest / 4, wait)
 
     def _sweep_loop(self) -> None:
         last_abandoned = last_full = 0.0
@@ -343,11 +374,12 @@ class Central:
         while not self.stop.is_set():
             self.sweep_once()
             if self.acl is not None:
-                # the incremental pass every time; the full one (O(sessions)) at once on a new
+                # the incremental pass when it has work; the full one (O(sessions)) at once on a new
                 # server, else every acl_full_every s (0: never)
                 every = self.acl_full_every
                 full = self._run_id != full_run_id or bool(every and time.monotonic() - last_full > every)
-                self.acl.reconcile(full=full)
+                if full or time.monotonic() >= self._acl_due:
+                    self.acl.reconcile(full=full)
                 if full:
                     last_full, full_run_id = time.monotonic(), self._run_id
             if time.monotonic() - last_abandoned > ABANDONED_CHECK_EVERY:
@@ -377,11 +409,11 @@ class Central:
             ps.subscribe(*channels)
             prefix, wake = self.keys.prefix.encode(), self.keys.wake.encode()
             while not self.stop.is_set():
-                msg = ps.get_message(timeout=1.0)
-                if msg and (
-                    msg.get("channel") == wake
-                    or (isinstance(msg.get("data"), bytes) and msg["data"].startswith(prefix))
-                ):
+                msg = ps.get_message(timeout=IDLE_BLOCK)
+                if msg and msg.get("channel") == wake:
+                    self._dispatch.set()
+                    self.wakeup.set()
+                elif msg and isinstance(msg.get("data"), bytes) and msg["data"].startswith(prefix):
                     self.wakeup.set()
                 self._ran("notification")
         finally:

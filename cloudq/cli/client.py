@@ -228,6 +228,71 @@ def connect(
     help="Per-browser Redis connection: the session's ACL user (session), the gateway's own "
     "credentials (gateway), or the session user when the server has it (auto).",
 )
+@click.option(
+    "--max-per-address",
+    type=click.IntRange(min=0),
+    default=64,
+    envvar="CLOUDQ_GATEWAY_MAX_PER_ADDRESS",
+    show_default=True,
+    show_envvar=True,
+    help="Open connections one client address may hold; more are answered 429 (0 = no cap; behind "
+    "a reverse proxy, cap at the proxy and set 0).",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    envvar="CLOUDQ_GATEWAY_HEADER_TIMEOUT",
+    show_default=True,
+    show_envvar=True,
+    help="Seconds a connection has to send each complete request head, idle keep-alive time "
+    "included; then 408 and closed (0 = off).",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    envvar="CLOUDQ_GATEWAY_BODY_TIMEOUT",
+    show_default=True,
+    show_envvar=True,
+    help="Seconds a login request has to send its body (0 = off).",
+)
+@click.option(
+    "--close-timeout",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    envvar="CLOUDQ_GATEWAY_CLOSE_TIMEOUT",
+    show_default=True,
+    show_envvar=True,
+    help="Seconds a WebSocket the gateway closes waits for the page's close frame.",
+)
+@click.option(
+    "--ws-ping",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    envvar="CLOUDQ_GATEWAY_WS_PING",
+    show_default=True,
+    show_envvar=True,
+    help="Ping each WebSocket this often; one that does not answer within half of it is closed (0 = off).",
+)
+@click.option(
+    "--admin-port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    envvar="CLOUDQ_GATEWAY_ADMIN_PORT",
+    show_default=True,
+    show_envvar=True,
+    help="Serve /stats and /healthz without a login on this port (0 = off; on the public port "
+    "/stats needs a login).",
+)
+@click.option(
+    "--admin-addr",
+    default="127.0.0.1",
+    envvar="CLOUDQ_GATEWAY_ADMIN_ADDR",
+    show_default=True,
+    show_envvar=True,
+    help="Address of the admin port (keep it private).",
+)
 @metrics_options
 def gateway(
     redis_url: str | None,
@@ -237,6 +302,13 @@ def gateway(
     allow_origins: tuple[str, ...],
     secure_cookie: bool,
     session_rights: str,
+    max_per_address: int,
+    header_timeout: float,
+    body_timeout: float,
+    close_timeout: float,
+    ws_ping: float,
+    admin_port: int,
+    admin_addr: str,
     metrics_port: int,
     metrics_addr: str,
 ) -> None:
@@ -252,8 +324,13 @@ def gateway(
         allow_origins=frozenset(o.lower().rstrip("/") for o in allow_origins),
         secure_cookie=secure_cookie,
         session_rights=session_rights,
+        max_per_address=max_per_address,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        close_timeout=close_timeout,
+        ws_ping=ws_ping,
     )
     try:
-        serve(cfg, host, port, metrics_port, metrics_addr)
+        serve(cfg, host, port, metrics_port, metrics_addr, admin_port, admin_addr)
     except OSError as exc:
         _fail(f"cannot serve on {host}:{port} (or metrics on {metrics_addr}:{metrics_port}): {exc}", 1)

@@ -1,7 +1,7 @@
 // cloudq browser client: login, then one WebSocket carrying H.264 (binary) and control (JSON).
 // The protocol is described in client/web/__init__.py's docstring.
 
-import { CLOSE_SESSION, CLOSE_UNAUTHORIZED, Connection, closeWords } from './connection.js';
+import { CLOSE_SESSION, CLOSE_UNAUTHORIZED, Connection, closeWords, rememberSid, sidQuery } from './connection.js';
 import { InputCapture } from './input.js';
 import { Stats, wallClock } from './stats.js';
 import { VideoPipe } from './video.js';
@@ -110,6 +110,7 @@ class Session {
         this.conn.healthy();
         this.note = '';
         stats.pub.sid = String(msg.sid || '');
+        rememberSid(stats.pub.sid);
         stats.pub.rights = String(msg.rights || '');
         this.node = String(msg.node || '');
         break;
@@ -238,7 +239,7 @@ el.login.addEventListener('submit', async (e) => {
   el.loginError.textContent = '';
   try {
     const { status, data } = await api('/login', { user: form.get('user'), password: form.get('password') });
-    if (status === 200) begin(data.user);
+    if (status === 200) { rememberSid(String(data.sid || '')); begin(data.user); }
     else el.loginError.textContent = data.error || `login failed (HTTP ${status})`;
   } catch (err) {
     el.loginError.textContent = `cannot reach the server (${err.message})`;
@@ -249,13 +250,14 @@ el.login.addEventListener('submit', async (e) => {
 
 el.logout.addEventListener('click', async () => {
   try { await api('/logout', {}); } catch { /* the cookie goes when it expires */ }
+  rememberSid('');
   logout('');
 });
 
 // a page reload with a valid cookie re-attaches without the form
 (async () => {
   try {
-    const { status, data } = await api('/session');
+    const { status, data } = await api(`/session${sidQuery()}`);
     if (status === 200 && !session) { begin(data.user); return; }
   } catch { /* server down: show the form */ }
   el.login.hidden = false;

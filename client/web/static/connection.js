@@ -26,6 +26,19 @@ export function closeWords(code, reason) {
   return reason && code !== CLOSE_SESSION ? `${base}: ${reason}` : base;
 }
 
+// The session id of this tab's last `hello` (not a secret: the cookie's token is what
+// authenticates). The gateway cannot look a user's session up by name, so a reload or a
+// reconnect names it; the gateway checks it against the token.
+const SID_KEY = 'cloudq_sid';
+export function rememberSid(sid) {
+  try { if (sid) sessionStorage.setItem(SID_KEY, sid); else sessionStorage.removeItem(SID_KEY); } catch { /* storage off */ }
+}
+export function sidQuery() {
+  let sid = '';
+  try { sid = sessionStorage.getItem(SID_KEY) || ''; } catch { /* storage off */ }
+  return sid ? `?sid=${encodeURIComponent(sid)}` : '';
+}
+
 export class Connection {
   /**
    * @param {object} h  handlers: onOpen(), onBinary(ArrayBuffer), onControl(obj),
@@ -44,7 +57,7 @@ export class Connection {
 
   url() {
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    return `${scheme}//${location.host}/ws`;
+    return `${scheme}//${location.host}/ws${sidQuery()}`;
   }
 
   start() {
