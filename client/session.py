@@ -41,13 +41,12 @@ from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
 from cloudq.client.stats import StatsSink, write_json
 from cloudq.keys import Keys
 from cloudq.retry import Backoff
-from cloudq.sessionend import close_message, session_end
+from cloudq.sessionend import close_message, session_end, warning_message
 from cloudq.state import CloseReason
 from cloudq.tokens import hash_token
 
 log = logging.getLogger(__name__)
 
-WARNINGS = {"max_session": "the session reaches its maximum length soon: save your work"}
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 STREAM_TIMEOUT = 10.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
@@ -135,7 +134,7 @@ class ClientSession:
             "bitrate": bps,
             "latency_ms": self.stats_sink.last_latency_ms,
             "position": self.position,
-            "warning": WARNINGS.get(self.warning, self.warning) or self.idle_warning(),
+            "warning": warning_message(self.warning) or self.idle_warning(),
         }
 
     def status_line(self) -> str:
@@ -326,7 +325,7 @@ class ClientSession:
         self._on_node(node)
         if warning and warning != self.warning:
             self.warning = warning
-            self.say("warning: " + WARNINGS.get(warning, warning))
+            self.say("warning: " + warning_message(warning))
 
     def _check_stream(self, now: float) -> None:
         """Entries keep arriving but none decodes for ``stream_timeout`` s: the stream is unusable."""

@@ -37,6 +37,16 @@ REASONS: dict[str, str] = {
 """Every :class:`~cloudq.state.CloseReason` in plain words."""
 
 
+WARNINGS: dict[str, str] = {
+    "max_session": "the session reaches its maximum length soon: save your work",
+}
+"""A live session's ``warning`` field in plain words (both clients show these)."""
+
+
+def warning_message(warning: str) -> str:
+    return WARNINGS.get(warning, warning)
+
+
 def _text(v: Field) -> str:
     return v.decode() if isinstance(v, bytes) else (v or "")
 

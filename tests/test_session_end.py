@@ -73,3 +73,13 @@ def test_the_worker_counts_every_result_the_job_bodies_return_under_its_own_labe
     returned = {s for f in ("jobs.py", "data.py") for s in _returned_strings(ROOT / "workers" / f)}
     assert returned - set(JobResult) == set(), "a job body returns a result the JobResult enum lacks"
     assert returned <= KNOWN_RESULTS
+
+
+def test_warnings_are_worded_once_and_the_page_keeps_no_table_of_its_own() -> None:
+    from pathlib import Path
+
+    from cloudq.sessionend import WARNINGS, warning_message
+
+    assert warning_message("max_session") == WARNINGS["max_session"] and warning_message("odd") == "odd"
+    page = (Path(__file__).parent.parent / "client" / "web" / "static" / "app.js").read_text()
+    assert "max_session" not in page and WARNINGS["max_session"] not in page

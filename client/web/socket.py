@@ -20,7 +20,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from cloudq import loginflow
-from cloudq.sessionend import close_message, session_end
+from cloudq.sessionend import close_message, session_end, warning_message
 from cloudq.settings import Settings
 from cloudq.streamread import Cursor, KeyframeScan
 from cloudq.tokens import hash_token, session_acl_password, session_acl_user
@@ -378,7 +378,9 @@ class Socket:
                 if self.state.get("node") and node and node != self.state.get("node"):
                     await self.request_keyframe()  # moved to another node: resume from a keyframe
             if warning and warning != self.state.get("warning"):
-                await _send_json(self.ws, {"t": "warning", "warning": warning})
+                await _send_json(
+                    self.ws, {"t": "warning", "warning": warning, "text": warning_message(warning)}
+                )
             self.state = {**now, "warning": warning}
             await asyncio.sleep(WATCH_EVERY)
 

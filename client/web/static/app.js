@@ -22,7 +22,6 @@ const STATE_WORDS = {
 // Why a session closed, in words: the gateway sends them with the reason ({t: 'close', reason,
 // text}, worded by cloudq/sessionend.py as `cloudq connect` words them); the page keeps no table.
 const UNAUTHORIZED = 'you are not logged in (or the login expired): please log in again';
-const WARNINGS = { max_session: 'the session reaches its maximum length soon: save your work' };
 
 const params = new URLSearchParams(location.search);
 const stats = new Stats();
@@ -119,7 +118,7 @@ class Session {
         this.setState(String(msg.state), msg.position);
         break;
       case 'warning':
-        this.warn(WARNINGS[msg.warning] || String(msg.text || msg.warning || ''));
+        this.warn(String(msg.text || msg.warning || '')); // the gateway words it (cloudq.sessionend)
         break;
       case 'keyframe': // the server lost packets on its side and resyncs us
         this.video.lost('server asked for a resync');
