@@ -54,9 +54,11 @@ def test_a_node_out_of_memory_keeps_its_session_and_stays_registered(
         fill_memory(r)
         # a worker that starts now cannot register (RQ raises out of work()): it waits, it does not exit
         w2 = procs.start("worker", "--host", "h2", "--name", "oomw")
+        c2 = procs.start("central", *clock_args(**CALM))  # so does a central server: it waits to set up
         # the node's packets and the sweeper's scripts are refused
         wait_for(lambda: "OutOfMemoryError" in procs.output(n1), 10, what="the node hit OOM")
         wait_for(lambda: "OutOfMemoryError" in procs.output(w2), 10, what="the worker hit OOM")
+        wait_for(lambda: "cannot set up yet" in procs.output(c2), 10, what="the second central hit OOM")
         wait_for(
             lambda: value(pc, "cloudq_central_loop_restarts_total", loop="sweep") >= 1,
             10,
@@ -75,6 +77,8 @@ def test_a_node_out_of_memory_keeps_its_session_and_stays_registered(
     assert "retrying in" in procs.output(n1) and "Traceback" not in procs.output(n1)
     wait_for(lambda: r.sismember("rq:workers", "rq:worker:oomw"), 10, what="the worker registered after all")
     assert w2.poll() is None, procs.output(w2)
+    wait_for(lambda: r.zcard(keys.centrals) == 2, 10, what="the second central running after all")
+    assert c2.poll() is None and "Traceback" not in procs.output(c2), procs.output(c2)
     Procs.kill(client, signal.SIGTERM)
     assert client.returncode == 0, procs.output(client)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -21,6 +22,7 @@ from cloudq.cli.common import (
     settings_from,
 )
 from cloudq.keys import Keys
+from cloudq.retry import Backoff, passing
 
 
 @click.command()
@@ -94,10 +96,22 @@ def central(
     _serve_metrics(metrics_port, metrics_addr, CentralMetrics(r, Keys(prefix), c.counters).registry)
     done = threading.Event()
     _stop_on_signals(done.set)
-    try:
-        c.start()
-    except redis.ConnectionError as exc:
-        _fail(f"cannot reach Redis: {exc}", 5)
+    backoff = Backoff()
+    while True:
+        try:
+            c.start()
+            break
+        except redis.ConnectionError as exc:
+            _fail(f"cannot reach Redis: {exc}", 5)
+        except redis.RedisError as exc:
+            if not passing(exc):
+                raise
+            # e.g. the server is out of memory (maxmemory) or a replica still: set up once it can
+            logging.getLogger("cloudq.central").warning(
+                "cannot set up yet: %s; again in <%.1f s", exc, backoff.peek()
+            )
+            if backoff.wait(done):
+                return
     while not done.wait(1.0):
         pass
     c.shutdown()
