@@ -3,13 +3,19 @@
 A session's Redis user may XADD to its own input stream and nothing else, but it can still
 write big or many entries. The node, the stream's only reader, bounds that:
 
-- an entry over ``max_entry`` bytes is dropped (counted ``input_dropped_size``);
+- an entry over ``max_entry`` bytes is dropped (counted ``input_dropped_size``); the node's
+  bounded reads (``workers/reader.py``) see only its size. One over ``close_entry`` (16 times
+  anything a client of ours writes: no accident) closes the session with reason ``input_flood``
+  at once;
 - entries beyond a token bucket of ``rate`` per second (``burst`` at once) are dropped
   (counted ``input_dropped_rate``), so a flood cannot make the app or the encoder work harder;
 - a session that keeps flooding (``flood_drops`` dropped entries), or whose input stream grows
   past ``max_stream_len`` entries or ``max_stream_bytes`` bytes of server memory, is closed with
   reason ``input_flood`` (its data is saved as on any close);
-- the node trims the stream to about ``keep`` entries whatever the client asked for.
+- the node trims what it has read (each read, ``workers/reader.py``) and the stream to about
+  ``keep`` entries whatever the client asked for; once a session is closing for a flood, the
+  node empties its input stream at each read (``XTRIM MAXLEN 0``) until the session's user is
+  gone, and the close deletes the stream: its memory returns.
 
 Every node's guard is independent: one user's flood costs other sessions only the Redis time
 of the flooding connection (and the server-wide limits in README "Security").
@@ -27,6 +33,7 @@ import redis
 @dataclass
 class InputLimits:
     max_entry: int = 64 * 1024
+    close_entry: int = 1024 * 1024
     rate: float = 500.0
     burst: float = 1000.0
     flood_drops: int = 2000
@@ -67,17 +74,22 @@ class InputGuard:
     def flooded(self) -> bool:
         return self.drops >= self.limits.flood_drops
 
+    def judge(self, length: object, mem: object) -> str:
+        """A reason to close a session whose input stream holds ``length`` entries and ``mem``
+        bytes (either may be unknown: not an int, or -1), or ``""``."""
+        if isinstance(length, int) and length > self.limits.max_stream_len:
+            return f"input stream of {length} entries"
+        if isinstance(mem, int) and mem > self.limits.max_stream_bytes:
+            return f"input stream of {mem} bytes"
+        return ""
+
     def check_stream(self, r: redis.Redis, key: str) -> str:
         """Measure the stream (a reason to close it, or ``""``), then trim it."""
         pipe = r.pipeline(transaction=False)
         pipe.xlen(key)
         pipe.memory_usage(key, samples=5)
         length, mem = pipe.execute(raise_on_error=False)
-        reason = ""
-        if isinstance(length, int) and length > self.limits.max_stream_len:
-            reason = f"input stream of {length} entries"
-        elif isinstance(mem, int) and mem > self.limits.max_stream_bytes:
-            reason = f"input stream of {mem} bytes"
+        reason = self.judge(length, mem)
         if isinstance(length, int) and length > self.limits.keep:
             r.xtrim(key, maxlen=self.limits.keep, approximate=True)
         return reason

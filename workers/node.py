@@ -55,7 +55,7 @@ from cloudq.workers import data
 from cloudq.workers.apps import app_factory
 from cloudq.workers.data import workspace_dir
 from cloudq.workers.guard import InputGuard, InputLimits
-from cloudq.workers.reader import MAX_BLOCK, Batch, StreamReader
+from cloudq.workers.reader import MAX_BLOCK, OVERSIZE, Batch, ReadLimits, StreamReader
 from cloudq.workers.streamer import MediaConfig, MediaObserver, Streamer, default_workspace
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,12 @@ if not v and redis.call('HGET', KEYS[2], 'state') == 'offline' then return -1 en
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+
+
+def _stub_size(fields: dict[bytes, bytes]) -> int | None:
+    """The size of the entry a bounded read's stub stands for (None: not a stub)."""
+    raw = fields.get(OVERSIZE) if len(fields) == 1 else None
+    return int(raw) if raw is not None and raw.isdigit() and len(raw) < 20 else None
 
 
 class NodeIdTaken(RuntimeError):
@@ -121,6 +127,7 @@ class Node:
         display: str | None = None,
         freeze: bool = False,
         observer: MediaObserver | None = None,
+        sandbox: object = None,
     ) -> None:
         self.observer = observer
         self.slept_at: float | None = None
@@ -131,7 +138,9 @@ class Node:
         self.app = app
         self.media = media or MediaConfig()
         # a bad --app fails now, not at login; the factory owns what apps share (an X display)
-        self.factory = app_factory(app, self.media.width, self.media.height, display=display)
+        self.factory = app_factory(
+            app, self.media.width, self.media.height, display=display, sandbox=sandbox
+        )  # sandbox: x11 programs' confinement (x11/sandbox.py SandboxConfig; None: the default)
         self.freeze = freeze
         self.data_dir = workspace_dir(self.media.workspace, node_id)
         self.instance = uuid.uuid4().hex
@@ -391,6 +400,8 @@ class Node:
         kind, code = status
         if kind == CloseReason.APP_EXITED:
             reason = CloseReason.APP_EXITED.value
+        elif isinstance(code, str):  # the app says why: "memory limit" (its sandbox's limits)
+            reason = with_detail(CloseReason.APP_CRASHED, code)
         elif code < 0:
             reason = with_detail(CloseReason.APP_CRASHED, f"killed by signal {-code}")
         else:
@@ -480,27 +491,42 @@ class Node:
             self.r.hset(self.keys.node(self.id), "stopped", f"{c.sid}:{c.gen}")
 
     def close_for_abuse(self, why: str) -> None:
-        """Ask for the session to be closed (``input_flood``); the sweeper enqueues the close."""
+        """Ask for the session to be closed (``input_flood``); the sweeper enqueues the close.
+        From now on the session's input stream is emptied at each read (:meth:`discard_input`)
+        until its user is gone and the close deletes it."""
         if not self.session or self.session.closing:
             return
         res = self.sm.request_close(self.session.sid, self.session.gen, FLOOD_REASON)
         self.session.closing = True
         self.counters["input_flood_closes"] += 1
         log.warning("node %s: closing session %s: %s (%s)", self.id, self.session.sid, why, res)
+        self.discard_input()
+
+    def discard_input(self) -> None:
+        """Empty a flooding session's input stream. XTRIM, not DEL: the stream keeps its last id,
+        so the client cannot restart it below the node's read position and out of its sight."""
+        if self.session:
+            self.r.xtrim(self.keys.input(self.session.sid), maxlen=0, approximate=False)
 
     def check_input_stream(self) -> None:
-        if self.session:
+        if self.session and self.session.closing:
+            self.discard_input()
+        elif self.session:
             why = self.guard.check_stream(self.r, self.keys.input(self.session.sid))
             if why:
                 self.close_for_abuse(why)
 
     def handle_input(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        size = sum(len(k) + len(v) for k, v in fields.items())
+        size = _stub_size(fields)
+        if size is None:
+            size = sum(len(k) + len(v) for k, v in fields.items())
         dropped = self.guard.admit(size)
         if dropped:
             if dropped == "size":
                 self.counters["bad_input"] += 1
                 log.warning("node %s: dropped input entry %s of %d bytes", self.id, entry_id.decode(), size)
+                if size > self.guard.limits.close_entry:  # no accident: close at once
+                    self.close_for_abuse(f"an input entry of {size} bytes")
             if self.guard.flooded:
                 self.close_for_abuse(f"{self.guard.drops} input entries over the limits")
             return
@@ -544,7 +570,19 @@ class Node:
         if self.reader is None or not self.reader.is_alive():
             sock_timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout")
             block = min(MAX_BLOCK, sock_timeout / 2) if sock_timeout else MAX_BLOCK
-            self.reader = StreamReader(self.r, self.streams, block=block, wake=self._wake_w)
+            control = self.keys.node_control(self.id)
+            self.reader = StreamReader(
+                self.r,
+                self.streams,
+                block=block,
+                wake=self._wake_w,
+                limits=ReadLimits(
+                    max_entry=self.guard.limits.max_entry,
+                    # shorter, it cannot hold max_stream_bytes: its memory is not worth measuring
+                    measure_len=self.guard.limits.max_stream_bytes // self.guard.limits.max_entry,
+                ),
+                trim=lambda name: name != control,  # input: what the node read is of no more use
+            )
             self.reader.start()
         st = self.session.streamer if self.session else None
         # asleep, the app's descriptor is not watched (a program that is not frozen still draws)
@@ -561,6 +599,11 @@ class Node:
             try:
                 with self._lock:
                     if isinstance(batch, Exception):
+                        # a read that keeps failing must not stop the liveness refresh too: that
+                        # took every node a flooding session was moved to offline (issue 20)
+                        if time.monotonic() >= self._next_refresh:
+                            with contextlib.suppress(redis.RedisError):
+                                self.refresh_liveness()
                         raise batch
                     self.handle_batch(batch)
             finally:
@@ -578,10 +621,19 @@ class Node:
 
     def handle_batch(self, batch: Batch) -> None:
         control = self.keys.node_control(self.id)
+        if self.session:  # the input stream's length and memory after the read (the reader's script)
+            length, mem = getattr(batch, "measured", {}).get(
+                self.keys.input(self.session.sid).encode(), (-1, -1)
+            )
+            why = self.guard.judge(length, mem)
+            if why:
+                self.close_for_abuse(why)
         for stream, entries in batch:
             name = stream.decode()
-            if name != control and len(entries) >= 100:
-                self.check_input_stream()  # a full batch: the client may be flooding
+            if self.session and self.session.closing and name == self.keys.input(self.session.sid):
+                self.session.input_id = entries[-1][0]
+                self.discard_input()  # a flooding client's entries go unread until its user is gone
+                continue
             for entry_id, fields in entries:
                 if name == control:
                     self.handle_control(fields)

@@ -1,5 +1,18 @@
-"""The node's reader thread: ONE blocking XREAD on the node's control stream and its session's
-input stream, each batch handed to the node loop (``workers/node.py``) in lockstep."""
+"""The node's reader thread: it reads the node's control stream and its session's input stream
+and hands each batch to the node loop (``workers/node.py``) in lockstep.
+
+Reads are bounded whatever a client wrote. A session user can XADD entries of any size (up to
+the server's ``proto-max-bulk-len``) to its own input stream, and one ``XREAD COUNT 100`` of
+those used to exceed the server's output limit for a client: the server cut the node's
+connection, the node retried the same read and was cut again, and the node went offline (issue
+20). So the reader first reads with :data:`BOUNDED_READ`, a script that returns at most ``count``
+entries and about ``max_bytes`` bytes, replaces an entry over ``max_entry`` bytes by a stub
+(``{OVERSIZE: size}``; the read stops there), trims what the node already consumed and measures
+each stream (its length; its memory too when it is long). Only when nothing is left does it
+block, in an ``XREAD COUNT 1``: that wake-up carries at most one entry per stream, each bounded by
+the server's ``proto-max-bulk-len`` (README "Security"); the entries after it come through the
+bounded read again.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +20,9 @@ import contextlib
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -16,15 +31,89 @@ MAX_BLOCK = 5.0
 Only entries end it early; nothing else depends on it, so a sleeping node wakes this rarely."""
 HANDOVER_WAIT = 1.0
 """How long the reader waits for the node loop to take a batch before it checks for stop."""
+OVERSIZE = b"\x00oversize"
+"""The one field of a stub that stands for an entry over ``max_entry`` bytes (value: its size)."""
 
-Batch = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+class Batch(list[tuple[bytes, Entries]]):
+    """``(stream, entries)`` pairs as XREAD returns them; ``measured`` maps a stream read by the
+    bounded script to ``(length, memory bytes or -1)`` after the read."""
+
+    def __init__(
+        self,
+        items: Iterable[tuple[bytes, Entries]] = (),
+        measured: dict[bytes, tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(items)
+        self.measured = measured or {}
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    count: int = 100
+    """Entries per read (all streams together)."""
+    max_bytes: int = 1024 * 1024
+    """A read stops once it holds this many bytes of entries (at most one entry more)."""
+    max_entry: int = 64 * 1024
+    """An entry over this is returned as a stub (``OVERSIZE``) and ends the read."""
+    measure_len: int = 128
+    """A stream longer than this after the read, or where the read met an oversized entry, has
+    its memory measured (MEMORY USAGE)."""
+
+
+# KEYS: the streams; ARGV: their ids, then count, max_bytes, max_entry, measure_len, stub field,
+# then one flag per stream ('1': trim it). Each stream is read one entry at a time, so an
+# oversized entry is measured here and never sent; in a flagged stream what precedes its id
+# (consumed by the node) is trimmed first (MINID ~: whole nodes only, cheap). Returns, per
+# stream, {entries, length, memory or -1, 1 if it is a stream (or none) else 0}: a closed
+# flooding session's input is a string for a while (release.lua), never read.
+BOUNDED_READ = """
+local n = #KEYS
+local count, budget = tonumber(ARGV[n + 1]), tonumber(ARGV[n + 2])
+local max_entry, measure_len, stub = tonumber(ARGV[n + 3]), tonumber(ARGV[n + 4]), ARGV[n + 5]
+local out, used = {}, 0
+for k = 1, n do
+  local key, after, got, big = KEYS[k], ARGV[k], {}, false
+  local kind = redis.call('TYPE', key).ok
+  local readable = kind == 'stream' or kind == 'none'
+  if after ~= '$' and readable then
+    if ARGV[n + 5 + k] == '1' and after ~= '0-0' then redis.call('XTRIM', key, 'MINID', '~', after) end
+    while count > 0 and used < budget do
+      local e = redis.call('XRANGE', key, '(' .. after, '+', 'COUNT', 1)[1]
+      if not e then break end
+      after = e[1]
+      count = count - 1
+      local size = 0
+      for _, v in ipairs(e[2]) do size = size + #v end
+      if size > max_entry then
+        table.insert(got, {e[1], {stub, tostring(size)}})
+        used, big = budget, true
+        break
+      end
+      used = used + size
+      table.insert(got, e)
+    end
+  end
+  local len, mem = 0, -1
+  if readable then len = redis.call('XLEN', key) end
+  if len > measure_len or big then mem = redis.call('MEMORY', 'USAGE', key, 'SAMPLES', '0') or -1 end
+  table.insert(out, {got, len, mem, readable and 1 or 0})
+end
+return out
+"""
+
+
+def _entries(rows: list[Any]) -> Entries:
+    return [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in rows]
 
 
 class StreamReader(threading.Thread):
-    """Blocks on the node's streams in a thread of its own and hands each batch to the node loop.
+    """Reads the node's streams in a thread of its own and hands each batch to the node loop.
 
     Lockstep: after handing over a batch the reader waits until the loop has handled it
-    (``done``), so its next XREAD uses the stream ids and the session that batch led to (a
+    (``done``), so its next read uses the stream ids and the session that batch led to (a
     ``start`` control message adds the new session's input stream at once). Errors are handed
     over too: the loop raises them and applies its reconnect backoff, which paces the reader.
     """
@@ -35,21 +124,53 @@ class StreamReader(threading.Thread):
         streams: Callable[[], dict[str, bytes]],
         block: float = MAX_BLOCK,
         wake: int | None = None,
+        limits: ReadLimits | None = None,
+        trim: Callable[[str], bool] | None = None,
     ) -> None:
         super().__init__(name="node-reader", daemon=True)
         self.wake = wake  # a pipe's write end: one byte per hand-over wakes a select()ing loop
         self.r = r
         self.streams = streams
+        self.limits = limits or ReadLimits()
+        self.trim = trim or (lambda name: False)  # which streams lose what the node consumed
         self.block_ms = max(1, int(block * 1000))
         self.batches: queue.Queue[Batch | Exception] = queue.Queue(maxsize=1)
         self.done = threading.Event()
         self.stop = threading.Event()
+        self._bounded = r.register_script(BOUNDED_READ)
+
+    def read(self) -> Batch | None:
+        """What is there now (bounded); else block for the next entries (one per stream)."""
+        streams = self.streams()
+        names = list(streams)
+        lim = self.limits
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in streams.values()]
+        rows = self._bounded(
+            keys=names,
+            args=[
+                *ids,
+                *(lim.count, lim.max_bytes, lim.max_entry, lim.measure_len, OVERSIZE),
+                *("1" if self.trim(n) else "0" for n in names),
+            ],
+        )
+        batch = Batch(measured={})
+        for name, (got, length, mem, readable) in zip(names, rows, strict=True):
+            key = name.encode()
+            batch.measured[key] = (int(length), int(mem))
+            if got:
+                batch.append((key, _entries(got)))
+            if not readable:
+                del streams[name]
+        if batch:
+            return batch
+        got = self.r.xread(streams, count=1, block=self.block_ms) if streams else None
+        return Batch(got, measured=batch.measured) if got else None
 
     def run(self) -> None:
         while not self.stop.is_set():
             item: Batch | Exception | None
             try:
-                item = self.r.xread(self.streams(), count=100, block=self.block_ms) or None
+                item = self.read()
             except Exception as exc:  # handed over: the loop decides (RedisError: back off)
                 item = exc
             if self.stop.is_set():

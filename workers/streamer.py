@@ -257,7 +257,7 @@ class Streamer:
             self.counters[f"app_{name}_failed"] += 1
             log.exception("app %s() failed", name)
 
-    def exit_status(self) -> tuple[str, int] | None:
+    def exit_status(self) -> tuple[str, int | str] | None:
         """The app's :meth:`App.exit_status` (None while it runs)."""
         try:
             return self.app.exit_status()

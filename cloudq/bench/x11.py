@@ -8,7 +8,9 @@
   through XTEST, then capture (the damaged box, MIT-SHM) + convert + encode + decode + to RGB of the
   frame that shows it (not counting the program's own reaction, reported on its own line);
 - CPU of the node's process tree (node + Xvfb + program, scheduler time from ``/proc/*/schedstat``)
-  running ``xclock -update 1``: awake, asleep, and asleep with ``--freeze``.
+  running ``xclock -update 1``: awake, asleep, and asleep with ``--freeze``;
+- the program's sandbox (:mod:`cloudq.workers.apps.x11.sandbox`) against ``--unconfined`` in the same
+  run: login → first frame that shows the program, key → frame, asleep CPU with ``--freeze``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import av
 import numpy as np
+import redis
 
 from cloudq.bench.media import Rig, _wait, keep_active
 from cloudq.bench.report import machine, write_section
@@ -40,6 +43,22 @@ from cloudq.workers.apps.x11probe import probe_shown, read_probe_value
 SIZE = (1280, 720)
 PROBE_CMD = [sys.executable, "-m", "cloudq.workers.apps.x11probe"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+UNCONFINED = ("--unconfined",)
+
+
+def probe_binds() -> tuple[str, ...]:
+    """``--program-bind`` for the probe program: this Python (venv and base) and cloudq's source
+    (an editable install) are outside ``/usr``, where a sandbox sees nothing else."""
+    import cloudq
+
+    paths = {sys.prefix, sys.base_prefix, str(Path(cloudq.__file__).resolve().parent.parent)}
+    out: list[str] = []
+    for p in sorted(paths):
+        if not p.startswith("/usr/"):
+            out += ["--program-bind", p]
+    return tuple(out)
+
+
 OPEN: set[ProbeSession] = set()
 """Sessions whose kernel runs (closed on the way out, even after a failure)."""
 
@@ -107,6 +126,8 @@ class ProbeSession:
         self.value: int | None = None  # None until the probe's window is on screen
         self.changed = threading.Condition()
         self.frames = 0
+        self.shown_at: float | None = None
+        self.auth_errors = 0
         self.kernel = Kernel(
             rig.r,
             rig.keys,
@@ -124,6 +145,8 @@ class ProbeSession:
             self.frames += 1
             self.value = v
             self.at = time.perf_counter()
+            if v is not None and self.shown_at is None:
+                self.shown_at = self.at  # the first frame that shows the program
             self.changed.notify_all()
 
     def key_latency_ms(self, ch: str, timeout: float = 5.0) -> float:
@@ -140,7 +163,12 @@ class ProbeSession:
         return (self.rig.r.hget(self.rig.keys.node(self.ticket.node), "state") or b"").decode()
 
     def mark_active(self) -> bool:
-        self.launcher.mark_activity(self.ticket.sid)
+        try:
+            self.launcher.mark_activity(self.ticket.sid)
+        except redis.AuthenticationError as e:  # a session user not (yet) usable: seen on back-to-back logins
+            self.auth_errors += 1
+            if self.auth_errors > 100:
+                raise RuntimeError(f"bench: the session's Redis user keeps failing: {e}") from None
         return True
 
     def close(self) -> None:
@@ -157,13 +185,14 @@ def _node(rig: Rig, node_id: str, app: str, *extra: str) -> Any:
     return p
 
 
-def cpu_windows(rig: Rig, freeze: bool, seconds: float) -> dict[str, float]:
+def cpu_windows(rig: Rig, freeze: bool, seconds: float, *extra: str) -> dict[str, float]:
     """ms of CPU per second of the node's tree running xclock: awake (user active), then asleep."""
     node = _node(
         rig,
-        "xclock" + ("-freeze" if freeze else ""),
+        "xclock" + ("-freeze" if freeze else "") + ("-unconfined" if "--unconfined" in extra else ""),
         "x11:xclock -update 1",
         *(["--freeze"] if freeze else []),
+        *extra,
     )
     s = ProbeSession(rig)
     try:
@@ -182,32 +211,53 @@ def cpu_windows(rig: Rig, freeze: bool, seconds: float) -> dict[str, float]:
     return {"awake_ms_per_s": awake * 1000, "asleep_ms_per_s": asleep * 1000}
 
 
-def run(latency_samples: int = 200, cpu_window: float = 10.0) -> dict[str, Any]:
+def key_latency(rig: Rig, samples: int, starts: int, *extra: str) -> dict[str, Any]:
+    """Key → decoded frame on a node running the probe program (``extra``: its options), and
+    ``starts`` times login → the first frame that shows the program (each a new session)."""
+    name = "x11probe" + ("-unconfined" if "--unconfined" in extra else "")
+    node = _node(rig, name, "x11:" + " ".join(PROBE_CMD), *extra)
+    try:
+        start = []
+        for _ in range(starts):
+            t0 = time.perf_counter()
+            s = ProbeSession(rig)
+            # the user is there meanwhile (the run's idle timeout is short): Tk can take seconds to start
+            _wait(lambda: s.mark_active() and s.value == 0, 60, "the probe program on screen")  # noqa: B023
+            start.append((s.shown_at - t0) * 1000)
+            s.close()
+        s = ProbeSession(rig)
+        _wait(lambda: s.mark_active() and s.value == 0, 60, "the probe program on screen")
+        lat = []
+        for i in range(samples + 5):
+            ms = s.key_latency_ms(LETTERS[i % len(LETTERS)])
+            if i >= 5:
+                lat.append(ms)
+            time.sleep(float(np.random.uniform(0.03, 0.07)))  # inputs at random phases of the frame clock
+        s.close()
+    finally:
+        rig.stop(node)
+    return {
+        "p50": percentile(lat, 50),
+        "p99": percentile(lat, 99),
+        "max": max(lat),
+        "n": len(lat),
+        "start_p50": percentile(start, 50),
+        "start_min": min(start),
+        "starts": len(start),
+    }
+
+
+def run(latency_samples: int = 200, cpu_window: float = 10.0, starts: int = 7) -> dict[str, Any]:
     w, h = SIZE
     result: dict[str, Any] = {"machine": machine(), "size": f"{w}x{h}", "load_before": os.getloadavg()[0]}
     result["floor_ms"] = measure_floor(latency_samples)
     rig = Rig()
     try:
-        node = _node(rig, "x11probe", "x11:" + " ".join(PROBE_CMD))
-        s = ProbeSession(rig)
-        # the user is there meanwhile (the run's idle timeout is short): Tk can take seconds to start
-        _wait(lambda: s.mark_active() and s.value == 0, 60, "the probe program on screen")
-        lat = []
-        for i in range(latency_samples + 5):
-            ms = s.key_latency_ms(LETTERS[i % len(LETTERS)])
-            if i >= 5:
-                lat.append(ms)
-            time.sleep(float(np.random.uniform(0.03, 0.07)))  # inputs at random phases of the frame clock
-        result["latency_ms"] = {
-            "p50": percentile(lat, 50),
-            "p99": percentile(lat, 99),
-            "max": max(lat),
-            "n": len(lat),
-        }
-        s.close()
-        rig.stop(node)
+        result["latency_ms"] = key_latency(rig, latency_samples, starts, *probe_binds())
+        result["latency_unconfined_ms"] = key_latency(rig, latency_samples, starts, *UNCONFINED)
         result["cpu"] = cpu_windows(rig, False, cpu_window)
         result["cpu_freeze"] = cpu_windows(rig, True, cpu_window)
+        result["cpu_freeze_unconfined"] = cpu_windows(rig, True, cpu_window, *UNCONFINED)
         result["cpu_window_s"] = cpu_window
         result["load_after"] = os.getloadavg()[0]
     finally:
@@ -221,6 +271,7 @@ def run(latency_samples: int = 200, cpu_window: float = 10.0) -> dict[str, Any]:
 
 def table(x: dict[str, Any]) -> str:
     f, lat, c, cf = x["floor_ms"], x["latency_ms"], x["cpu"], x["cpu_freeze"]
+    u, cu = x["latency_unconfined_ms"], x["cpu_freeze_unconfined"]
     ratio = 100 * cf["asleep_ms_per_s"] / cf["awake_ms_per_s"] if cf["awake_ms_per_s"] else float("nan")
     ratio_nf = 100 * c["asleep_ms_per_s"] / c["awake_ms_per_s"] if c["awake_ms_per_s"] else float("nan")
     rows = [
@@ -233,6 +284,14 @@ def table(x: dict[str, Any]) -> str:
         f"| node + Xvfb + xclock CPU awake (user active), no freeze / freeze | {c['awake_ms_per_s']:.1f} / {cf['awake_ms_per_s']:.1f} ms/s | |",
         f"| same, asleep | {c['asleep_ms_per_s']:.2f} ms/s = {ratio_nf:.1f} % of awake | |",
         f"| same, asleep with --freeze | {cf['asleep_ms_per_s']:.2f} ms/s = {ratio:.2f} % of awake | < 1 % |",
+        "| **the program's sandbox vs `--unconfined`** (same run) | sandbox / unconfined | |",
+        f"| login → first frame showing the program, p50 of {lat['starts']} (min) | "
+        f"{lat['start_p50']:.0f} ({lat['start_min']:.0f}) / {u['start_p50']:.0f} ({u['start_min']:.0f}) ms "
+        f"= {lat['start_p50'] - u['start_p50']:+.0f} ms | ≤ +50 ms |",
+        f"| key → decoded frame p50 / p99 | {lat['p50']:.1f} / {lat['p99']:.1f} vs {u['p50']:.1f} / "
+        f"{u['p99']:.1f} ms = {lat['p50'] - u['p50']:+.1f} ms at p50 | p50 within 1 ms |",
+        f"| asleep with --freeze (cgroup freezer / SIGSTOP) | {cf['asleep_ms_per_s']:.2f} / "
+        f"{cu['asleep_ms_per_s']:.2f} ms/s | unchanged |",
     ]
     return "\n".join(rows)
 
@@ -248,6 +307,10 @@ converted, encoded, decoded and converted back, no Redis (the program's reaction
 line: it is in the end-to-end figure but not in the floor). CPU: scheduler time
 (`/proc/*/schedstat`) of the node process and its children (Xvfb, the program) over
 {result["cpu_window_s"]:.0f} s windows, default clocks (liveness refreshed every second).
+Sandbox vs unconfined: the same measures on a node with its programs in their sandboxes (the
+default; `--program-bind` gives the probe this Python) and on one with `--unconfined`, one after
+the other in the same run; login → first frame counts the login, the mount job, the program's
+start (Tk: most of it) and the first frame that shows its window.
 
 {result["table"]}
 
@@ -257,5 +320,6 @@ process of the tree, reaped children included, since `cloudq.procstat`). Other w
 average {result["load_before"]:.1f} before, {result.get("load_after", float("nan")):.1f} after): the
 p99 figures, the floor's included, move with it.
 Machine: {result["machine"]}.
-Rerun: `cloudq bench x11 --write BENCHMARKS.md` (`--json` for JSON); about a minute and a half."""
+Rerun (as root, as the nodes run: the sandbox switches uid): `cloudq bench x11 --write BENCHMARKS.md`
+(`--json` for JSON); about three minutes."""
     write_section("X11 programs", body, path)

@@ -62,7 +62,7 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     envvar="CLOUDQ_FREEZE",
     default=False,
     show_default=True,
-    help="Asleep, stop the app's program (SIGSTOP of its process group; SIGCONT on wake).",
+    help="Asleep, stop the app's program (its sandbox's cgroup freezer, else SIGSTOP; thawed on wake).",
 )
 @click.option(
     "--size", envvar="CLOUDQ_SIZE", default="1280x720", show_default=True, callback=_size, help="WxH."
@@ -103,6 +103,54 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     default=None,
     help="User-data store (a node saves its session there if it was declared offline).",
 )
+@click.option(
+    "--unconfined",
+    envvar="CLOUDQ_UNCONFINED",
+    is_flag=True,
+    help="x11 apps: run the program as the node's own user, without its sandbox (a WARNING at "
+    "each session's start). Only for hosts that cannot build the sandbox and trust their users.",
+)
+@click.option(
+    "--program-network",
+    envvar="CLOUDQ_PROGRAM_NETWORK",
+    type=click.Choice(["none", "host"]),
+    default="none",
+    show_default=True,
+    help="x11 apps: none = the program's own network namespace, loopback only; host = the host's "
+    "network (the program reaches Redis and every service of the host: a WARNING at start).",
+)
+@click.option(
+    "--program-memory",
+    envvar="CLOUDQ_PROGRAM_MEMORY",
+    default="2G",
+    show_default=True,
+    help="x11 apps: memory limit of the program's sandbox (cgroup); hitting it ends the session "
+    "(app_crashed: memory limit).",
+)
+@click.option(
+    "--program-pids",
+    envvar="CLOUDQ_PROGRAM_PIDS",
+    type=click.IntRange(min=8),
+    default=512,
+    show_default=True,
+    help="x11 apps: processes and threads of the program's sandbox; hitting it ends the session "
+    "(app_crashed: pids limit).",
+)
+@click.option(
+    "--program-files",
+    envvar="CLOUDQ_PROGRAM_FILES",
+    type=click.IntRange(min=16),
+    default=1024,
+    show_default=True,
+    help="x11 apps: open files per process of the program (RLIMIT_NOFILE).",
+)
+@click.option(
+    "--program-bind",
+    envvar="CLOUDQ_PROGRAM_BIND",
+    multiple=True,
+    help="x11 apps: a path the program may read (bound read-only at the same path in its "
+    "sandbox), e.g. a virtualenv outside /usr; repeatable.",
+)
 @metrics_options
 @click.pass_context
 def node(
@@ -124,6 +172,12 @@ def node(
     metrics_port: int,
     metrics_addr: str,
     store: str | None,
+    unconfined: bool,
+    program_network: str,
+    program_memory: str,
+    program_pids: int,
+    program_files: int,
+    program_bind: tuple[str, ...],
 ) -> None:
     """Run one service node (`cloudq node --id ID ...`), or manage nodes (`cloudq node drain ID`,
     `cloudq node forget ID`)."""
@@ -138,6 +192,18 @@ def node(
         os.environ["CLOUDQ_STORE"] = store
 
     try:
+        sandbox = None
+        if app.strip().startswith("x11:"):  # python-xlib and mss only for real programs
+            from cloudq.workers.apps.x11.sandbox import SandboxConfig, parse_size
+
+            sandbox = SandboxConfig(
+                confined=not unconfined,
+                network=program_network,
+                memory=parse_size(program_memory),
+                pids=program_pids,
+                nofile=program_files,
+                binds=tuple(os.path.abspath(b) for b in program_bind),
+            )
         media = MediaConfig(
             width=size[0],
             height=size[1],
@@ -160,6 +226,7 @@ def node(
             display=display,
             freeze=freeze,
             observer=metrics,
+            sandbox=sandbox,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -10,7 +10,9 @@ end
 undeadline('mount', sid)
 if setting('autosave') > 0 then deadline('save', sid, setting('autosave')) end
 -- the idle clock did not judge the session while it was starting: it does from now on
-if setting('idle_timeout') > 0 then deadline('act', sid, pttl_s(k_activity(sid)) or 0) end
+-- (at most its clock away: a client can SET its activity key with any TTL, see sweep.lua)
+local idle = setting('idle_timeout')
+if idle > 0 then deadline('act', sid, math.min(pttl_s(k_activity(sid)) or 0, idle)) end
 node_state(node, 'active', 'session ' .. sid .. ' started')
 session_state(sid, 'active', 'node ' .. node .. ' ready')
 return 'ok'

@@ -47,6 +47,19 @@ local due = redis.call('ZRANGEBYSCORE', D, '-inf', NOW, 'WITHSCORES', 'LIMIT', 0
 local out = {}
 local lease = setting('job_lease')
 local hb_interval = setting('heartbeat_interval')
+local hb_ttl, idle_timeout = setting('heartbeat_ttl'), setting('idle_timeout')
+
+-- The heartbeat and activity keys are the client's to SET, with any PX: a TTL longer than the
+-- key's clock (plus a second of slack) is liveness the client made up (issue 20). It counts as
+-- lapsed and the key goes, so the session is disconnected or idle on the normal schedule.
+local function live_left(key, clock)
+  local left = pttl_s(key)
+  if left and clock > 0 and left > clock + 1.0 then
+    redis.call('DEL', key)
+    return nil
+  end
+  return left
+end
 
 -- `issue` numbers re-issues of a job (a close or mount whose lease ran out): each gets its own
 -- job id, so RQ does not refuse it while the previous run's finished or failed job still exists
@@ -129,13 +142,13 @@ for i = 1, #due, 2 do
       elseif closing then
         -- a close is under way: other clocks no longer matter
       elseif kind == 'hb' then
-        local left = pttl_s(k_heartbeat(id))
+        local left = live_left(k_heartbeat(id), hb_ttl)
         if left then
           if state == 'disconnected' and redis.call('HGET', s, 'move') ~= '1' then
             session_state(id, 'sleeping', 'heartbeat back')
             undeadline('grace', id)
             local idle = setting('idle_timeout')
-            if idle > 0 then deadline('act', id, pttl_s(k_activity(id)) or 0) end
+            if idle > 0 then deadline('act', id, live_left(k_activity(id), idle) or 0) end
           end
           redis.call('ZADD', D, NOW + left, member)
         elseif state == 'starting' then
@@ -158,7 +171,7 @@ for i = 1, #due, 2 do
           deadline('hb', id, math.max(hb_interval, 0.05))
         end
       elseif kind == 'act' then
-        local left = pttl_s(k_activity(id))
+        local left = live_left(k_activity(id), idle_timeout)
         if left then
           redis.call('ZADD', D, NOW + left, member)
         elseif state == 'sleeping' or state == 'disconnected' then
@@ -179,11 +192,11 @@ for i = 1, #due, 2 do
           end
         end
       elseif kind == 'idle' then
-        if redis.call('EXISTS', k_activity(id)) == 0 and state ~= 'active' then
+        if not live_left(k_activity(id), idle_timeout) and state ~= 'active' then
           close_later(id, 'idle')
         end
       elseif kind == 'grace' then
-        if state == 'disconnected' and redis.call('EXISTS', k_heartbeat(id)) == 0 then
+        if state == 'disconnected' and not live_left(k_heartbeat(id), hb_ttl) then
           close_later(id, 'grace')
         end
       elseif kind == 'max' then

@@ -13,7 +13,7 @@ undeadline('idle', sid)
 local idle = setting('idle_timeout')
 if idle > 0 then
   local left = pttl_s(k_activity(sid))
-  deadline('act', sid, left or idle)
+  deadline('act', sid, math.min(left or idle, idle))  -- a client's TTL may be longer: see sweep.lua
   if not left then set_ttl_key(k_activity(sid), '1', idle) end
 end
 return 'ok'

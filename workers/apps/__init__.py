@@ -51,8 +51,12 @@ class AppFactory:
             self._close = None
 
 
-def app_factory(spec: str, width: int, height: int, display: str | None = None) -> AppFactory:
-    """The factory of a node's ``--app`` (``display``: an existing X display for ``x11:`` apps).
+def app_factory(
+    spec: str, width: int, height: int, display: str | None = None, sandbox: Any = None
+) -> AppFactory:
+    """The factory of a node's ``--app`` (``display``: an existing X display for ``x11:`` apps;
+    ``sandbox``: how their programs are confined, a :class:`~.x11.sandbox.SandboxConfig`, None for
+    the default sandbox).
 
     Raises ``ValueError`` saying what is wrong (unknown spec, command not found, no Xvfb...).
     """
@@ -60,7 +64,7 @@ def app_factory(spec: str, width: int, height: int, display: str | None = None) 
         from .x11 import X11Error, X11Factory  # python-xlib and mss only for real programs
 
         try:
-            f = X11Factory(spec.strip()[len(X11_PREFIX) :], width, height, display=display)
+            f = X11Factory(spec.strip()[len(X11_PREFIX) :], width, height, display=display, sandbox=sandbox)
         except X11Error as e:
             raise ValueError(f"app {spec!r}: {e}") from None
         return AppFactory(f, f.close)

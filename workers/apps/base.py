@@ -49,9 +49,10 @@ class App(ABC):
         """The session is over: stop everything the app started and leave nothing of the user's on
         screen. Called once, after the final :meth:`save`."""
 
-    def exit_status(self) -> tuple[str, int] | None:
+    def exit_status(self) -> tuple[str, int | str] | None:
         """None while the app runs; ``("app_exited", 0)`` or ``("app_crashed", code)`` once the
-        program it runs has ended on its own (the node then ends the session, data saved)."""
+        program it runs has ended on its own (the node then ends the session, data saved); ``code``
+        may be a reason instead (``"memory limit"``)."""
         return None
 
     def stats(self) -> dict[str, int]:

@@ -13,6 +13,9 @@ Pieces:
   :meth:`X11App.close` that leaves a black screen behind. Its capture, input and process sides are
   the mixins of those modules; ``app.py`` also holds :class:`X11Factory`, what a node builds for
   ``--app x11:COMMAND``. The exceptions are in ``errors.py``.
+- The program runs in a sandbox of its own (``sandbox.py``: bubblewrap, its own uid, namespaces,
+  files, X cookie; ``cgroup.py``: its memory and process limits, its freezer), checked at node
+  start by :class:`X11Factory` (``--unconfined`` opts out).
 
 Threading: an :class:`X11App` owns one python-xlib connection and one MIT-SHM grabber; neither is
 thread-safe, so every method must be called from the same thread (the node loop). Another thread

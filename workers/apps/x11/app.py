@@ -26,6 +26,7 @@ from .display import DisplayManager
 from .errors import DisplayError, LaunchError, X11Error
 from .input import InputMixin
 from .process import ProcessMixin
+from .sandbox import Sandbox, SandboxConfig, SandboxHost, preflight
 
 logger = logging.getLogger(__package__)  # cloudq.workers.apps.x11, as before the split
 
@@ -53,6 +54,9 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
     ``key_down``/``key_up``, ``text`` (``ev.text``, or ``ev.key`` if that is None), ``mouse_move``,
     ``mouse_down``/``mouse_up`` (``ev.button`` 1..3, default 1, at ``ev.x``, ``ev.y``) and ``wheel``
     (``ev.dx``/``ev.dy`` in notches, positive is right/down; at ``ev.x``, ``ev.y`` if given).
+
+    ``sandbox`` (what :func:`~.sandbox.preflight` found) runs the program in a sandbox of its own
+    (:mod:`.sandbox`); None runs it as this process's user, as a library caller may want.
     """
 
     def __init__(
@@ -67,8 +71,10 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
         env: dict[str, str] | None = None,
         term_timeout: float = 2.0,
         settle: float = SETTLE_QUIET,
+        sandbox: SandboxHost | None = None,
     ) -> None:
         super().__init__(width, height)
+        self.sandbox = sandbox
         self.settle = settle
         command = command if command is not None else DEFAULT_COMMAND
         try:
@@ -101,6 +107,11 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
         self._stderr: Any = None
         self._status: tuple[str, int] | None = None
         self._frozen: set[int] = set()
+        self._frozen_cg = False  # the sandbox's cgroup is frozen
+        self._sandbox: Sandbox | None = None
+        self._authid: int | None = None  # the session's X cookie (SECURITY extension)
+        self._xauth_file: str | None = None  # unconfined: the program's copy of it
+        self._limit_checked = 0.0
         self._held_keys: list[int] = []
         self._held_buttons: set[int] = set()
         self._spare_keycodes: list[int] = []
@@ -187,6 +198,7 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
         self._kill_program()
         if self._d is not None:
             try:
+                self._revoke_cookie()
                 if self.kill_strays:
                     self._kill_clients()
                 self._clear_screen()
@@ -231,7 +243,14 @@ class X11Factory:
     does not exist or no Xvfb refuses to start with a clear message (:class:`X11Error`).
     """
 
-    def __init__(self, command: str, width: int, height: int, display: str | None = None) -> None:
+    def __init__(
+        self,
+        command: str,
+        width: int,
+        height: int,
+        display: str | None = None,
+        sandbox: SandboxConfig | None = None,
+    ) -> None:
         try:
             self.argv = shlex.split(command)
         except ValueError as e:
@@ -242,6 +261,14 @@ class X11Factory:
             raise LaunchError(f"command not found: {self.argv[0]!r} (PATH={os.environ.get('PATH', '')})")
         self.width = width
         self.height = height
+        self.config = sandbox or SandboxConfig()
+        # raises SandboxError naming what is missing (bubblewrap, user namespaces, cgroups)
+        self.sandbox = preflight(self.config) if self.config.confined else None
+        if self.sandbox is not None and self.config.network == "host":
+            logger.warning(
+                "--program-network host: the programs share the host's network: they can reach "
+                "Redis and every service listening on this host"
+            )
         self.display = DisplayManager.existing(display) if display else DisplayManager(width, height)
         self.display.start()  # raises DisplayError: no Xvfb, or the display does not answer
 
@@ -250,7 +277,13 @@ class X11Factory:
             logger.warning("Xvfb %s died: starting a new one", self.display._name)
             self.display.stop()
             self.display.start()
-        return X11App(self.width, self.height, self.argv, display=self.display)
+        if self.sandbox is None:  # at each session's start (--unconfined)
+            logger.warning(
+                "UNCONFINED: %s runs as the node's own user with the node's view of the host "
+                "(--unconfined): it can read the node's files and reach Redis",
+                shlex.join(self.argv),
+            )
+        return X11App(self.width, self.height, self.argv, display=self.display, sandbox=self.sandbox)
 
     def close(self) -> None:
         """Stop the Xvfb this factory started (an existing display is left running)."""

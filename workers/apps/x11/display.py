@@ -1,11 +1,21 @@
-"""The X display programs run on: :class:`DisplayManager` (our own ``Xvfb``, or an existing display)."""
+"""The X display programs run on: :class:`DisplayManager` (our own ``Xvfb``, or an existing display).
+
+Our Xvfb requires an MIT-MAGIC-COOKIE: it reads the node's own cookie from an ``-auth`` file, and
+this process finds it through ``$XAUTHORITY`` (one authority file per process, see
+:func:`_authorize`, which keeps the entries it inherited). A session's program gets a cookie of its
+own, made and revoked through the SECURITY extension (:mod:`.process`), never this one.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
+import secrets
 import select
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -17,6 +27,52 @@ from Xlib import error as xerror
 
 from .errors import DisplayError
 from .process import _die_with_parent
+from .sandbox import xauth_entry
+
+_COOKIES: dict[str, bytes] = {}
+"""Display number -> the cookie of an Xvfb this process started."""
+_AUTHORITY: dict[str, object] = {}
+
+
+def _write_private(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".cloudq-xauth-", dir=os.path.dirname(path))  # 0600
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _authorize(number: str, cookie: bytes | None) -> None:
+    """Add (``cookie``) or drop (None) this process's cookie for display ``number`` in its own
+    authority file, which ``$XAUTHORITY`` names from then on (python-xlib and libX11 read only
+    that); the entries of the file it named before (or ``~/.Xauthority``) are kept after ours."""
+    if "path" not in _AUTHORITY:
+        prior = os.environ.get("XAUTHORITY") or os.path.expanduser("~/.Xauthority")
+        try:
+            with open(prior, "rb") as fh:
+                _AUTHORITY["inherited"] = fh.read()
+        except OSError:
+            _AUTHORITY["inherited"] = b""
+        fd, path = tempfile.mkstemp(prefix="cloudq-xauth-")
+        os.close(fd)
+        _AUTHORITY["path"] = path
+        atexit.register(_unlink, path)
+    if cookie is None:
+        _COOKIES.pop(number, None)
+    else:
+        _COOKIES[number] = cookie
+    host = socket.gethostname()
+    mine = b"".join(xauth_entry(n, c, host) for n, c in _COOKIES.items())
+    path = str(_AUTHORITY["path"])
+    _write_private(path, mine + bytes(_AUTHORITY["inherited"]))  # type: ignore[call-overload]
+    os.environ["XAUTHORITY"] = path
+
 
 logger = logging.getLogger(__package__)  # cloudq.workers.apps.x11, as before the split
 
@@ -40,6 +96,7 @@ class DisplayManager:
         name: str | None = None,
         extra_args: Sequence[str] = (),
         start_timeout: float = 10.0,
+        auth: bool = True,
     ) -> None:
         if width <= 0 or height <= 0:
             raise ValueError(f"bad screen size {width}x{height}")
@@ -52,6 +109,8 @@ class DisplayManager:
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+        self.auth = auth  # our Xvfb requires a cookie (the node's, see _authorize)
+        self._auth_file: str | None = None
 
     @classmethod
     def existing(cls, name: str | None = None) -> DisplayManager:
@@ -90,6 +149,13 @@ class DisplayManager:
             raise DisplayError("Xvfb not found (Debian package: xvfb)")
         rfd, wfd = os.pipe()
         self._log = tempfile.TemporaryFile(prefix="xvfb-")  # noqa: SIM115 - lives as long as Xvfb
+        cookie = secrets.token_bytes(16)
+        auth: list[str] = []
+        if self.auth:
+            fd, self._auth_file = tempfile.mkstemp(prefix="cloudq-xvfb-auth-")  # 0600, ours
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(xauth_entry("", cookie))  # the server takes every cookie in the file
+            auth = ["-auth", self._auth_file]
         argv = [
             xvfb,
             "-displayfd",
@@ -101,6 +167,7 @@ class DisplayManager:
             "tcp",
             "-noreset",
             "-br",  # black root window: an empty screen is black, not the stipple pattern
+            *auth,
             *self.extra_args,
         ]
         try:
@@ -120,6 +187,8 @@ class DisplayManager:
         finally:
             os.close(rfd)
         self._name = f":{number}"
+        if self.auth:
+            _authorize(str(number), cookie)
         logger.info("Xvfb %s started (pid %d, %dx%d)", self._name, self.proc.pid, self.width, self.height)
         return self
 
@@ -182,5 +251,11 @@ class DisplayManager:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._auth_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._auth_file)
+            self._auth_file = None
+            if self._name is not None:
+                _authorize(self._name.lstrip(":"), None)
         if self.owned:
             self._name = None
