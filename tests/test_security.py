@@ -323,7 +323,15 @@ def test_a_queued_client_waits_as_its_queue_user_then_becomes_the_session_user(
     (b,) = got
     assert b.acl_user == f"cloudq-s-{b.sid}" and lb.creds.username == b.acl_user
     assert lb.sr.hget(keys.session(b.sid), "user") == b"bob"
-    wait_for(lambda: b"cloudq-q-bob" not in r.execute_command("ACL", "USERS"), 2, what="queue user gone")
+    # kept a moment (QUEUE_USER_KEEP) so dropping it cannot cut the connection the notification
+    # is read on, then gone
+    from cloudq.central.server import QUEUE_USER_KEEP
+
+    wait_for(
+        lambda: b"cloudq-q-bob" not in r.execute_command("ACL", "USERS"),
+        QUEUE_USER_KEEP + 3,
+        what="queue user gone",
+    )
 
 
 def test_a_flooding_client_is_closed_and_another_session_keeps_being_served(

@@ -331,6 +331,11 @@ class SessionUsers:
         self._expire_at(name)
         return name
 
+    def drop_later(self, name: str, after: float) -> None:
+        """Drop ``name`` in about ``after`` s (the incremental pass, if its token is spent by then)."""
+        sec, usec = self.r.time()
+        self.r.zadd(self.expiry_key, {name: sec + usec / 1e6 + after})
+
     def drop(self, name: str) -> None:
         drop_user(self.r, name)
         self.r.zrem(self.expiry_key, name)

@@ -33,6 +33,8 @@ from cloudq.state import Assignment, CloseReason, StateMachine
 
 log = logging.getLogger(__name__)
 
+QUEUE_USER_KEEP = 2.0
+"""How long a dispatched client's queue user outlives its notification (s): time to switch."""
 IDLE_BLOCK = 2.0
 """How long the requests and notification loops block on Redis when nothing comes (s)."""
 MAX_SWEEP_WAIT = 1.0
@@ -310,12 +312,20 @@ class Central:
         """Free nodes to moved sessions, then to the queue (``dispatch.lua``); jobs enqueued."""
         n = 0
         for a in self.sm.dispatch():
-            if self.acl is not None and a.token_hash:
-                # a queued client got a node: its session user before it reads the notification's sid
-                pw_hash = (self.r.hget(self.keys.session(a.sid), "acl") or b"").decode()
-                if pw_hash:
-                    self.acl.session_user(a.sid, pw_hash, kill=False)
-                self.acl.drop(acl.queue_acl_user(a.user))
+            if a.token_hash:
+                if self.acl is not None:
+                    # a queued client got a node: its session user exists before the client
+                    # learns the session id, so its first command as that user is accepted
+                    pw_hash = (self.r.hget(self.keys.session(a.sid), "acl") or b"").decode()
+                    if pw_hash:
+                        self.acl.session_user(a.sid, pw_hash, kill=False)
+                    # not dropped now: that would cut the connection the client is reading the
+                    # notification on; its token is spent, so a pass drops it a little later
+                    self.acl.drop_later(acl.queue_acl_user(a.user), QUEUE_USER_KEEP)
+                pipe = self.r.pipeline(transaction=False)
+                pipe.rpush(self.keys.notify(a.token_hash), a.sid)
+                pipe.pexpire(self.keys.notify(a.token_hash), 60_000)
+                pipe.execute()
             jobs.enqueue_assignment(self.r, self.keys, a)
             n += 1
         return n

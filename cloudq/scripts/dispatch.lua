@@ -1,6 +1,7 @@
 -- dispatch(P, limit) -> flat list of {sid, node, gen, user, token_hash}
 -- Hands free nodes to sessions that lost their node (moves) first, then to the queue head.
--- A queued user whose client stopped beating its `queued:<user>` key is dropped.
+-- A queued user whose client stopped beating its `queued:<user>` key is dropped. The caller pushes
+-- each new session's id to `notify:<token_hash>` after creating its Redis user (the central server).
 local limit = tonumber(ARGV[2])
 local out = {}
 local n = 0
@@ -37,9 +38,7 @@ while n < limit and redis.call('ZCARD', K_POOL) > 0 do
         node = redis.call('ZPOPMIN', K_POOL)[1]
       end
       local sid2, gen = create_session(user, node, th, acl)
-      local nk = k_notify(th)
-      redis.call('RPUSH', nk, sid2)
-      redis.call('PEXPIRE', nk, 60000)
+      -- the caller notifies the client (notify:<token hash>), once the session's Redis user exists
       table.insert(out, sid2); table.insert(out, node); table.insert(out, gen)
       table.insert(out, user); table.insert(out, th)
       n = n + 1
