@@ -39,6 +39,7 @@ from cloudq.client.launcher import ClientError, Launcher, SessionOver, Ticket
 from cloudq.client.script import ScriptEvent, ScriptPlayer
 from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
 from cloudq.client.stats import StatsSink, write_json
+from cloudq.connection import connect
 from cloudq.keys import Keys
 from cloudq.retry import Backoff
 from cloudq.sessionend import close_message, session_end, warning_message
@@ -439,6 +440,6 @@ class ClientSession:
 def client_redis(url: str, socket_timeout: float = 3.0) -> redis.Redis:
     """The client's connection: a socket timeout, so a server that stops answering (not only one
     that closes the connection) is noticed and the session reconnects."""
-    return redis.Redis.from_url(
+    return connect(
         url, socket_connect_timeout=socket_timeout, socket_timeout=socket_timeout, health_check_interval=10
     )

@@ -13,6 +13,7 @@ import time
 
 import redis
 
+from cloudq.connection import with_credentials
 from cloudq.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,7 @@ class Credentials(redis.CredentialProvider):
 
 def as_user(r: redis.Redis, creds: Credentials) -> redis.Redis:
     """A client for the same server as ``r`` (same options) that authenticates with ``creds``."""
-    pool = r.connection_pool
-    kw = dict(pool.connection_kwargs)
-    for k in ("username", "password", "credential_provider"):
-        kw.pop(k, None)
-    new_pool = redis.ConnectionPool(connection_class=pool.connection_class, credential_provider=creds, **kw)
-    return redis.Redis(connection_pool=new_pool)
+    return with_credentials(r, credential_provider=creds)
 
 
 def wait_authenticated(r: redis.Redis, timeout: float) -> None:

@@ -13,13 +13,13 @@ import struct
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from cloudq import loginflow
+from cloudq.connection import aconnect, without_credentials
 from cloudq.sessionend import close_message, session_end, warning_message
 from cloudq.settings import Settings
 from cloudq.streamread import Cursor, KeyframeScan
@@ -126,17 +126,7 @@ class TokenBucket:
 
 def _redis(url: str, **kw: Any) -> aioredis.Redis:
     # no socket timeout: reads block on streams; a dead server shows as a connection error
-    return aioredis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=10, **kw)
-
-
-def _without_credentials(url: str) -> str:
-    """``url`` without its user and password (a session user must not inherit the gateway's)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return aconnect(url, socket_connect_timeout=5, health_check_interval=10, **kw)
 
 
 async def open_session_redis(
@@ -154,7 +144,7 @@ async def open_session_redis(
     if mode in ("auto", "session"):
         # the URL's own credentials would win over these: connect without them
         r = _redis(
-            _without_credentials(url), username=session_acl_user(sid), password=session_acl_password(token)
+            without_credentials(url), username=session_acl_user(sid), password=session_acl_password(token)
         )
         try:
             await r.ping()

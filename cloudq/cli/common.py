@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import click
 import redis
 
+from cloudq.connection import connect
 from cloudq.keys import Keys
 from cloudq.settings import Settings
 from cloudq.state import StateMachine
@@ -43,13 +44,16 @@ def _connect(url: str | None) -> redis.Redis:
         timeout = float(os.environ.get("CLOUDQ_SOCKET_TIMEOUT") or DEFAULT_SOCKET_TIMEOUT)
     except ValueError:
         raise click.UsageError("CLOUDQ_SOCKET_TIMEOUT must be a number of seconds (0 = off)") from None
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=5,
-        socket_timeout=timeout or None,
-        socket_keepalive=True,
-        health_check_interval=10,
-    )
+    try:
+        return connect(
+            url,
+            socket_connect_timeout=5,
+            socket_timeout=timeout or None,
+            socket_keepalive=True,
+            health_check_interval=10,
+        )
+    except ValueError as exc:  # a malformed redis+sentinel:// URL
+        raise click.UsageError(str(exc)) from None
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

@@ -53,6 +53,20 @@ from cloudq.cli.common import (
     "writes (noeviction), it never drops a session's keys.",
 )
 @click.option(
+    "--replicas",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Embedded replicas of the server (with --sentinels: Sentinel failover; README 'Failover').",
+)
+@click.option(
+    "--sentinels",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Embedded Sentinels watching the server; every process gets a redis+sentinel:// URL.",
+)
+@click.option(
     "--no-acl",
     is_flag=True,
     envvar="CLOUDQ_NO_ACL",
@@ -70,6 +84,8 @@ def up(
     data_dir: str | None,
     no_acl: bool,
     maxmemory: str | None,
+    replicas: int,
+    sentinels: int,
     **kw: Any,
 ) -> None:
     """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
@@ -85,6 +101,11 @@ def up(
             limit = parse_memory(maxmemory)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--maxmemory") from None
+    if (replicas or sentinels) and (redis_url or no_acl or not (replicas and sentinels) or data_dir):
+        raise click.UsageError(
+            "--replicas and --sentinels go together (at least one of each), on the embedded server, "
+            "with ACLs, without --data-dir"
+        )
     done = threading.Event()
     _stop_on_signals(done.set)
     cluster = Cluster(
@@ -97,6 +118,8 @@ def up(
         data_dir=data_dir,
         use_acl=not no_acl,
         maxmemory=limit,
+        replicas=replicas,
+        sentinels=sentinels,
     )
     with cluster as cl:
         click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")
@@ -107,9 +130,15 @@ def up(
                 "  everything is TEMPORARY: users, sessions and saved data are gone when this stops "
                 "(use --data-dir DIR to keep them)"
             )
+        if cl.ha is not None:
+            click.echo(
+                f"  {replicas} replica(s) and {sentinels} Sentinel(s): kill the primary (pid "
+                f"{cl.ha.primary.proc.pid if cl.ha.primary and cl.ha.primary.proc else '?'}) and everything fails over"
+            )
         if cl.server is not None and cl.maxmemory:
             click.echo(f"  server memory limit: {cl.maxmemory / 2**20:.0f} MiB (--maxmemory)")
-        click.echo(f"  redis-cli -u {cl.redis_url} keys '{prefix}*'")
+        if cl.ha is None:
+            click.echo(f"  redis-cli -u {cl.redis_url} keys '{prefix}*'")
         click.echo(f"  CLOUDQ_REDIS_URL_FILE={cl.admin_url_file()} cloudq status")
         if cl.client_url != cl.redis_url:
             click.echo(f"  clients: CLOUDQ_REDIS_URL={cl.client_url} cloudq connect --user NAME")

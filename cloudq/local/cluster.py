@@ -24,8 +24,10 @@ import time
 import redis
 
 from cloudq.central import acl
+from cloudq.connection import connect
 from cloudq.embedded import EmbeddedServer, maxmemory_for
 from cloudq.keys import Keys
+from cloudq.local.ha import EmbeddedHA
 from cloudq.procs import ProcessGroup
 from cloudq.settings import Settings
 
@@ -67,8 +69,13 @@ class Cluster:
         data_dir: str | None = None,
         use_acl: bool = True,
         maxmemory: int | None = None,
+        replicas: int = 0,
+        sentinels: int = 0,
     ) -> None:
         self.server: EmbeddedServer | None = None
+        self.ha: EmbeddedHA | None = None
+        """With ``replicas`` and ``sentinels``: the primary, its replicas and the Sentinels."""
+        self.replicas, self.sentinels = replicas, sentinels
         self.maxmemory = maxmemory_for(nodes) if maxmemory is None else maxmemory
         """Of the embedded server, in bytes (0: no limit)."""
         self.run_dir = ""
@@ -124,7 +131,13 @@ class Cluster:
         else:
             self.run_dir = tempfile.mkdtemp(prefix="cloudq-up-")  # mode 0700
         self.group.url_dir = self.run_dir
-        if not self.redis_url:
+        if not self.redis_url and self.sentinels:
+            self.ha = EmbeddedHA(self.replicas, self.sentinels, Keys(self.prefix), self.maxmemory).start()
+            self.server = self.ha.primary
+            urls = self.urls = self.ha.role_urls()
+            self.redis_url, self.client_url = urls["admin"], urls["login"]
+            self.group.urls = {"central": urls["central"], "node": urls["node"], "worker": urls["worker"]}
+        elif not self.redis_url:
             redis_dir = os.path.join(self.data_dir, "redis") if self.data_dir else None
             self.server = EmbeddedServer(data_dir=redis_dir, maxmemory=self.maxmemory).start()
             self.redis_url = self.client_url = self.server.url
@@ -137,7 +150,7 @@ class Cluster:
         self.group.redis_url, self.group.prefix = self.redis_url, self.prefix
         self.spawn("central", "central", *central_args, *_clock_args(self.settings))
         # nodes read the published settings: wait for the central server to publish them
-        r = redis.Redis.from_url(self.redis_url)
+        r = connect(self.redis_url)
         deadline = time.monotonic() + 15
         while not r.exists(f"{self.prefix}settings"):
             if time.monotonic() > deadline or self.group.names["central"].poll() is not None:
@@ -153,9 +166,12 @@ class Cluster:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.group.stop_all(timeout)
-        if self.server:
+        if self.ha:
+            self.ha.stop()
+            self.ha = None
+        elif self.server:
             self.server.stop()
-            self.server = None
+        self.server = None
         if self.run_dir and not self.data_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir = ""
