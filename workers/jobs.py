@@ -62,6 +62,7 @@ def close_job(prefix: str, sid: str, gen: int, reason: str) -> str:
     freed = sm.release(sid, gen)
     data.unmount(r, keys, user, sid)
     log.info("closed session %s (%s); node %s freed", sid, reason, freed or "-")
+    replicated(r)
     wake_central(r, keys)
     return JobResult.CLOSED
 
@@ -75,6 +76,19 @@ def fail_session(r: redis.Redis, keys: Keys, sid: str, gen: int, reason: str) ->
         user = (r.hget(keys.session(sid), "user") or b"").decode()
         data.unmount(r, keys, user, sid)
         wake_central(r, keys)
+
+
+def replicated(r: redis.Redis, timeout_ms: int = 1000) -> None:
+    """A close or a save is recorded: with replicas, wait until one has it (``WAIT 1``), so a
+    failover cannot lose it. Nothing to wait for without replicas."""
+    try:
+        if (
+            int(r.info("replication").get("connected_slaves", 0))
+            and r.execute_command("WAIT", 1, timeout_ms) < 1
+        ):
+            log.warning("no replica acknowledged the record within %d ms", timeout_ms)
+    except redis.ResponseError as exc:  # a user that may not run INFO/WAIT: nothing to wait for
+        log.debug("no replica wait: %s", exc)
 
 
 def wake_central(r: redis.Redis, keys: Keys) -> None:
@@ -96,4 +110,6 @@ def save_job(prefix: str, sid: str, gen: int, why: str) -> str:
     node = s.get(b"node", b"").decode()
     if not node or r.hget(keys.node(node), "session") != sid.encode():
         return JobResult.NO_NODE
-    return data.save_session(r, keys, sid, s[b"user"].decode(), node, final=False, gen=int(s[b"gen"]))
+    saved = data.save_session(r, keys, sid, s[b"user"].decode(), node, final=False, gen=int(s[b"gen"]))
+    replicated(r)
+    return saved

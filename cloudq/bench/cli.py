@@ -51,6 +51,22 @@ def bench_central(sessions: int, window: float, as_json: bool, write_path: str |
     _emit(result, result["table"], as_json)
 
 
+@bench.command("failover")
+@click.option(
+    "--logins", type=click.IntRange(min=5), default=40, show_default=True, help="Per case and round."
+)
+@json_option
+@write_option
+def bench_failover(logins: int, as_json: bool, write_path: str | None) -> None:
+    """Login latency with and without a replica's acknowledgement (WAIT 1); kill -9 of the primary → next login."""
+    from cloudq.bench import failover
+
+    result = failover.run(logins=logins)
+    if write_path:
+        failover.write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
+
+
 @bench.command("control")
 @redis_url_option  # measure this server (default: embedded)
 @click.option("--sessions", "counts", multiple=True, type=int, default=[1000, 10000], show_default=True)

@@ -64,6 +64,7 @@ class Central:
         bcrypt_threads: int = 2,
         bcrypt_waiting: int = 32,
         acl_full_every: float = 60.0,
+        replica_wait: float = 1.0,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -77,6 +78,9 @@ class Central:
             lambda: auth.dummy_hash(bcrypt_cost), bcrypt_cost, bcrypt_threads, bcrypt_waiting
         )
         self.acl_full_every = acl_full_every
+        self.replica_wait = replica_wait
+        """Longest wait (s) for a replica's acknowledgement of a transition (0: do not wait)."""
+        self.replicas = 0
         self._acl_due = 0.0  # monotonic time the incremental ACL pass has work (_next_wait)
         self._dispatch = threading.Event()  # free nodes may have takers: dispatch on the next pass
         self._dispatch.set()
@@ -199,6 +203,7 @@ class Central:
         except Exception:
             log.exception("request %s failed", req.id)
             reply = Reply(ok=False, status="error", error="internal error")
+        self._replicated()
         self.intake.answer(raw, req.id, reply.pack())
 
     def _login(self, raw: bytes, req: Request) -> None:
@@ -217,6 +222,7 @@ class Central:
                 except Exception:
                     log.exception("request %s failed", req.id)
                     reply = Reply(ok=False, status="error", error="internal error")
+            self._replicated()
             self.intake.answer(raw, req.id, reply.pack())
 
         if found.locked:
@@ -294,6 +300,7 @@ class Central:
             # a new connection may mean a new server: its run id, read once per reconnect
             self._reconnected.clear()
             run_id = self.server_run_id()
+            self._count_replicas()
             if run_id != self._run_id:
                 if self._run_id and not self.r.exists(self.keys.settings):
                     # the server restarted without our keys: publish the clocks and the group again
@@ -334,6 +341,23 @@ class Central:
         """redis-py's hook for every new connection of :attr:`r`: note it (see :meth:`sweep_once`)."""
         conn.on_connect()
         self._reconnected.set()
+
+    def _count_replicas(self) -> None:
+        """How many replicas follow the server now (read on reconnect and with each full ACL pass)."""
+        try:
+            self.replicas = int(self.r.info("replication").get("connected_slaves", 0))
+        except redis.ResponseError:
+            self.replicas = 0
+
+    def _replicated(self) -> None:
+        """Before a reply that records a transition (a login, a resume, a logout): wait until one
+        replica has it (``WAIT 1``, at most ``replica_wait`` s), so a failover right after the
+        reply cannot lose it. Nothing to wait for without replicas (or with ``replica_wait`` 0)."""
+        if not self.replicas or not self.replica_wait:
+            return
+        if self.r.execute_command("WAIT", 1, int(self.replica_wait * 1000)) < 1:
+            self.counters["replica_wait_timeouts"] += 1
+            log.warning("no replica acknowledged a transition within %.1f s", self.replica_wait)
 
     def server_run_id(self) -> str:
         """The Redis server's ``run_id`` (a new one = the server restarted); '' if not allowed."""
@@ -392,6 +416,7 @@ class Central:
                     self.acl.reconcile(full=full)
                 if full:
                     last_full, full_run_id = time.monotonic(), self._run_id
+                    self._count_replicas()
             if time.monotonic() - last_abandoned > ABANDONED_CHECK_EVERY:
                 jobs.requeue_abandoned(self.r, self.keys)
                 last_abandoned = time.monotonic()

@@ -62,6 +62,16 @@ from cloudq.retry import Backoff, passing
     help="Seconds between full ACL passes (every Redis user against the live sessions; also at once "
     "on a new server); 0 = only on a new server.",
 )
+@click.option(
+    "--replica-wait",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    envvar="CLOUDQ_REPLICA_WAIT",
+    show_envvar=True,
+    help="With replicas: a login, resume or logout is answered once a replica has it (WAIT 1), "
+    "waiting at most this long (s); 0 = answer at once.",
+)
 @metrics_options
 def central(
     redis_url: str | None,
@@ -72,6 +82,7 @@ def central(
     bcrypt_threads: int,
     bcrypt_waiting: int,
     acl_full_every: float,
+    replica_wait: float,
     metrics_port: int,
     metrics_addr: str,
     **kw: Any,
@@ -92,6 +103,7 @@ def central(
         bcrypt_threads=bcrypt_threads,
         bcrypt_waiting=bcrypt_waiting,
         acl_full_every=acl_full_every,
+        replica_wait=replica_wait,
     )
     _serve_metrics(metrics_port, metrics_addr, CentralMetrics(r, Keys(prefix), c.counters).registry)
     done = threading.Event()
