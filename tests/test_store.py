@@ -753,3 +753,30 @@ def test_corrupt_tar_header_is_detected(store: DirectoryStore, src: Path, tmp_pa
     info = store.restore(USER, tmp_path / "ws")
     assert (info.version, info.fell_back_from) == (1, 2)
     assert snapshot(tmp_path / "ws") == snapshot(src)
+
+
+def test_a_workspace_that_matches_the_newest_version_is_recognised_and_any_change_is_not(
+    store: DirectoryStore, src: Path, tmp_path: Path
+) -> None:
+    """What lets a save write nothing when nothing changed (``matches_newest``): a restored tree
+    matches its version; a new file, a removed one, a new directory, a mode, or the same size
+    with other bytes (mtime now) does not."""
+    assert store.matches_newest(USER, src) is None, "no version yet"
+    store.save(USER, src)
+    ws = tmp_path / "ws"
+    store.restore(USER, ws)
+    assert store.matches_newest(USER, ws) == 1 and store.matches_newest(USER, src) == 1
+    (ws / "new.txt").write_text("x")
+    assert store.matches_newest(USER, ws) is None
+    (ws / "new.txt").unlink()
+    (ws / "new-dir").mkdir()
+    assert store.matches_newest(USER, ws) is None
+    (ws / "new-dir").rmdir()
+    big = ws / "a" / "big.bin"
+    data = big.read_bytes()
+    big.write_bytes(bytes([data[0] ^ 1]) + data[1:])  # same size, other content, mtime now
+    assert store.matches_newest(USER, ws) is None
+    big.write_bytes(data)  # back as it was (mtime now: its content is hashed and matches)
+    assert store.matches_newest(USER, ws) == 1
+    big.chmod(0o600 if (big.stat().st_mode & 0o777) != 0o600 else 0o644)
+    assert store.matches_newest(USER, ws) is None

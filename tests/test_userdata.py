@@ -338,3 +338,21 @@ def test_a_save_lock_whose_holder_was_killed_lapses_within_its_lease(
     assert result.startswith("version"), result
     assert waited < data.SAVE_LOCK_TTL_MS / 1000 + 2
     assert not r.exists(keys.save_lock("ann")), "released after the save"
+
+
+def test_a_save_of_a_workspace_that_did_not_change_writes_no_version(
+    r: redis.Redis, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloudq.workers import data
+
+    monkeypatch.setenv("CLOUDQ_STORE", str(tmp_path / "store"))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "notes.txt").write_text("hello")
+    r.set(keys.user_mounted("alice"), "s1")
+    assert data.store_workspace(r, keys, "s1", "alice", ws, "save") == "version 1"
+    assert data.store_workspace(r, keys, "s1", "alice", ws, "save") == "unchanged"
+    (ws / "notes.txt").write_text("hellO")  # same size, other bytes
+    assert data.store_workspace(r, keys, "s1", "alice", ws, "final") == "version 2"
+    assert [v.version for v in data.open_store().versions("alice")] == [1, 2]
+    assert any(f[b"to"] == b"unchanged" for _, f in r.xrange(keys.events))

@@ -211,8 +211,14 @@ def store_workspace(
     lease = threading.Thread(target=renew, name=f"save-lease-{sid}", daemon=True)
     lease.start()
     try:
+        store = open_store()
+        same = store.matches_newest(user, src)
+        if same is not None:
+            # nothing changed since the newest version (the one mounted, or saved since): no new one
+            _event(r, keys, f"session:{sid}", "unchanged", f"{user}'s data is version {same} ({label})")
+            return "unchanged"
         try:
-            info = open_store().save(user, src)
+            info = store.save(user, src)
         except StoreError as exc:
             _event(r, keys, f"session:{sid}", "save_failed", str(exc))
             raise DataError(f"saving {user}'s data failed: {exc}") from None

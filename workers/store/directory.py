@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import errno
 import hashlib
 import logging
@@ -182,6 +183,50 @@ class DirectoryStore(Store):
                 h.update(view[:n])
                 size += n
         return h.hexdigest(), size
+
+    # ---- unchanged? ------------------------------------------------------------------------------
+
+    def matches_newest(self, user: str, src_dir: str | os.PathLike[str], slack: float = 2.0) -> int | None:
+        """The newest version's number if ``src_dir`` holds exactly what it holds, else None.
+
+        Cheap first: the same directories and files with the same sizes and modes; then only files
+        modified after that version was made (``slack`` s before, for coarse clocks) are hashed and
+        compared. A file rewritten with the same size and its old mtime put back is taken as
+        unchanged: whoever does that only keeps their own edit out of their own saved data.
+        """
+        manifests = self._manifests(self.user_dir(user))
+        if not manifests:
+            return None
+        m = manifests[-1]
+        made = _dt.datetime.fromisoformat(m.created.replace("Z", "+00:00")).timestamp()
+        want = {f.path: f for f in m.files}
+        dirs: set[str] = set()
+        seen = 0
+        try:
+            for e in _walk_source(os.fspath(src_dir)):
+                if e.is_dir:
+                    dirs.add(e.rel)
+                    continue
+                f = want.get(e.rel)
+                st = os.stat(e.name, dir_fd=e.dir_fd, follow_symlinks=False)
+                if f is None or st.st_size != f.size or stat.S_IMODE(st.st_mode) != f.mode:
+                    return None
+                if st.st_mtime > made - slack and self._hash_at(e.dir_fd, e.name) != f.sha256:
+                    return None
+                seen += 1
+        except (OSError, StoreError):
+            return None  # unreadable or unsafe now: a real save says what is wrong
+        return m.version if seen == len(want) and dirs == set(m.dirs) else None
+
+    def _hash_at(self, dir_fd: int, name: str) -> str:
+        h = hashlib.sha256()
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
+        try:
+            while chunk := os.read(fd, self.chunk_size):
+                h.update(chunk)
+        finally:
+            os.close(fd)
+        return h.hexdigest()
 
     # ---- save -----------------------------------------------------------------------------------
 
