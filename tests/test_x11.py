@@ -148,6 +148,15 @@ def test_xterm_typing_saves_a_file_that_a_second_session_on_another_node_finds(
         wait_for(lambda: line_end(s, 0) > prompt + 100, 5, what="the typing on screen")
         home = workspace_dir(Path(procs.log_dir) / "workspace", node)
         wait_for(lambda: (home / "note.txt").exists(), 5, what="note.txt written in HOME")
+        # characters at the layout's Shift level sent as key_down/key_up with no Shift press (what
+        # a browser on another layout, AltGr or a password manager sends) arrive as themselves
+        s.send("text", text="echo '")
+        for ch in '~|@{}<>"':
+            s.send("key_down", key=ch)
+            s.send("key_up", key=ch)
+        type_line(s, "' > sym.txt")
+        sym = home / "sym.txt"
+        wait_for(lambda: sym.exists() and sym.read_text() == '~|@{}<>"\n', 5, what="sym.txt as typed")
     logout_and_wait(r, keys, t)
     assert session_field(r, keys, t.sid, "close_reason") == "logout"
     store = str(Path(procs.log_dir) / "store")

@@ -172,8 +172,19 @@ class InputMixin:
             self._tap(mods, sym)
         elif kind == "key_down":
             mods, sym = parse_key(self._need_str(ev.key, "key"))
-            for m in [*mods, sym]:
+            for m in mods:
                 self._press(self._keycode(m)[0])
+            keycode, shift = self._keycode(sym)
+            if shift and not mods and not self._shift_held():
+                # a character at the Shift level of the layout ("~", "|", "@" on a US one) whose
+                # event came without a Shift press (other layouts, AltGr, IME, password managers):
+                # add Shift for this key only, released right after it
+                shift_code = self._keycode(XK.XK_Shift_L)[0]
+                self._press(shift_code)
+                self._press(keycode)
+                self._release(shift_code)
+            else:
+                self._press(keycode)
         elif kind == "key_up":
             mods, sym = parse_key(self._need_str(ev.key, "key"))
             for m in [sym, *reversed(mods)]:
@@ -229,6 +240,10 @@ class InputMixin:
         xtest.fake_input(self._d, X.KeyRelease, keycode)
         with contextlib.suppress(ValueError):
             self._held_keys.remove(keycode)
+
+    def _shift_held(self) -> bool:
+        shifts = {self._keycode(XK.XK_Shift_L)[0], self._keycode(XK.XK_Shift_R)[0]}
+        return any(kc in shifts for kc in self._held_keys)
 
     def _release_all(self) -> None:
         for kc in reversed(self._held_keys):
