@@ -107,6 +107,10 @@ def job_result(job: Job) -> str:
 
 
 def make_worker(r: redis.Redis, keys: Keys, host: str, name: str | None = None) -> CloudqWorker:
+    # the job bodies (and the store under them) are imported here, once: each forked work horse
+    # inherits them instead of importing them again for every job
+    import cloudq.workers.jobs  # noqa: F401
+
     queues = [queue_for(r, keys, host)]
     if host != ANY_HOST:
         queues.append(queue_for(r, keys, ANY_HOST))
