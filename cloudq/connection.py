@@ -20,7 +20,14 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import SentinelManagedConnection as AsyncManagedConnection
+from redis.asyncio.sentinel import SentinelManagedSSLConnection as AsyncManagedSSLConnection
+from redis.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
@@ -72,6 +79,47 @@ def parse_sentinel(url: str) -> SentinelURL:
     return SentinelURL(hosts, path[0], db, username, password, parts.scheme.startswith("rediss"))
 
 
+class SentinelConnection(SentinelManagedConnection):
+    """A connection to the primary of the moment. redis-py's own reconnects a dropped connection
+    through the Sentinels only in ``connect()``; a command sent on it while it is down (a pub/sub
+    health check, RQ's command channel) reconnects straight to the last primary's address, the
+    dead one after a failover, and keeps failing there for good. Here every reconnect asks."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect()  # through the Sentinels
+        super().send_packed_command(command, check_health)
+
+
+class SentinelSSLConnection(SentinelConnection, SentinelManagedSSLConnection):
+    pass
+
+
+class AsyncSentinelConnection(AsyncManagedConnection):
+    """:class:`SentinelConnection` for asyncio."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self.is_connected:
+            await self.connect()  # through the Sentinels
+        await super().send_packed_command(command, check_health)
+
+
+class AsyncSentinelSSLConnection(AsyncSentinelConnection, AsyncManagedSSLConnection):
+    pass
+
+
+class AsyncSentinelRedis(aioredis.Redis):
+    """:func:`aconnect`'s client for a Sentinel URL: it has Sentinel clients of its own (the
+    gateway makes one per browser session), closed with it rather than left to the garbage
+    collector."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if close_connection_pool or (close_connection_pool is None and self.auto_close_connection_pool):
+            for s in self.connection_pool.sentinel_manager.sentinels:
+                await s.aclose()
+
+
 def _sentinel_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if k.startswith("socket_")}
 
@@ -84,8 +132,8 @@ def connect(url: str, **kw: Any) -> redis.Redis:
     u = parse_sentinel(url)
     kw.setdefault("username", u.username)
     kw.setdefault("password", u.password)
-    if u.ssl:
-        kw.setdefault("ssl", True)
+    ssl = kw.pop("ssl", u.ssl)
+    kw.setdefault("connection_class", SentinelSSLConnection if ssl else SentinelConnection)
     sentinel = Sentinel(u.hosts, sentinel_kwargs=_sentinel_kwargs(kw), db=u.db, **kw)
     return sentinel.master_for(u.service)
 
@@ -97,10 +145,10 @@ def aconnect(url: str, **kw: Any) -> aioredis.Redis:
     u = parse_sentinel(url)
     kw.setdefault("username", u.username)
     kw.setdefault("password", u.password)
-    if u.ssl:
-        kw.setdefault("ssl", True)
+    ssl = kw.pop("ssl", u.ssl)
+    kw.setdefault("connection_class", AsyncSentinelSSLConnection if ssl else AsyncSentinelConnection)
     sentinel = AsyncSentinel(u.hosts, sentinel_kwargs=_sentinel_kwargs(kw), db=u.db, **kw)
-    return sentinel.master_for(u.service)
+    return sentinel.master_for(u.service, redis_class=AsyncSentinelRedis)
 
 
 def with_credentials(r: redis.Redis, **kw: Any) -> redis.Redis:
@@ -112,8 +160,11 @@ def with_credentials(r: redis.Redis, **kw: Any) -> redis.Redis:
         base.pop(k, None)
     base.update(kw)
     if isinstance(pool, SentinelConnectionPool):
+        # the same connection class: TLS and the reconnect through the Sentinels stay
         return redis.Redis(
-            connection_pool=SentinelConnectionPool(pool.service_name, pool.sentinel_manager, **base)
+            connection_pool=SentinelConnectionPool(
+                pool.service_name, pool.sentinel_manager, connection_class=pool.connection_class, **base
+            )
         )
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **base))
 

@@ -40,6 +40,8 @@ IDLE_BLOCK = 2.0
 MAX_SWEEP_WAIT = 1.0
 """The sweeper's longest sleep (s) with nothing due; shorter with short clocks (:meth:`Central.max_wait`)."""
 ABANDONED_CHECK_EVERY = 3.0
+LOOP_BACKOFF_CAP = 1.0
+"""A failed loop's longest wait before it runs again (s): a few central replicas, not a fleet."""
 REFUSED = {
     "invalid": "invalid credentials",
     "locked": "too many failed logins: account locked, try again later",
@@ -135,7 +137,9 @@ class Central:
         count it (``restarts_<loop>``, the metric ``cloudq_central_loop_restarts_total``), back off
         and run the loop again. The backoff starts over once the loop runs again (:meth:`_ran`)."""
         loop = fn.__name__.strip("_").removesuffix("_loop")
-        backoff = self._backoffs[loop] = Backoff()
+        # at most 1 s (not the fleet's 5 s): after a failover the sweeper re-creates the session
+        # users that every client waits for, so it must not sleep through the new primary's arrival
+        backoff = self._backoffs[loop] = Backoff(cap=LOOP_BACKOFF_CAP)
 
         def run() -> None:
             while not self.stop.is_set():
@@ -299,8 +303,14 @@ class Central:
         if self._reconnected.is_set():
             # a new connection may mean a new server: its run id, read once per reconnect
             self._reconnected.clear()
-            run_id = self.server_run_id()
-            self._count_replicas()
+            try:
+                run_id = self.server_run_id()
+                self._count_replicas()
+            except BaseException:
+                # not read (right after a failover the Sentinels may still call the new primary
+                # down): read it on the next pass, else the new server would go unnoticed
+                self._reconnected.set()
+                raise
             if run_id != self._run_id:
                 if self._run_id and not self.r.exists(self.keys.settings):
                     # the server restarted without our keys: publish the clocks and the group again

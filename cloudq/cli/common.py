@@ -283,7 +283,10 @@ def _machine(redis_url: str | None, prefix: str) -> StateMachine:
         raise click.UsageError(
             "no Redis given: pass --redis-url-file or --redis-url (or set CLOUDQ_REDIS_URL_FILE or CLOUDQ_REDIS_URL)"
         )
-    r = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
+    try:
+        r = connect(redis_url, socket_connect_timeout=5, socket_timeout=10)
+    except ValueError as exc:  # a malformed URL (redis+sentinel:// included)
+        raise click.UsageError(str(exc)) from None
     return StateMachine(r, Keys(prefix))
 
 

@@ -67,6 +67,15 @@ from cloudq.cli.common import (
     help="Embedded Sentinels watching the server; every process gets a redis+sentinel:// URL.",
 )
 @click.option(
+    "--sentinel-down-after",
+    type=click.IntRange(min=100),
+    default=1000,
+    show_default=True,
+    metavar="MS",
+    help="Sentinel down-after-milliseconds: how long the primary may not answer before a failover "
+    "starts (shorter than 1000 is no faster and makes the Sentinels misjudge the new primary).",
+)
+@click.option(
     "--no-acl",
     is_flag=True,
     envvar="CLOUDQ_NO_ACL",
@@ -86,6 +95,7 @@ def up(
     maxmemory: str | None,
     replicas: int,
     sentinels: int,
+    sentinel_down_after: int,
     **kw: Any,
 ) -> None:
     """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
@@ -120,6 +130,7 @@ def up(
         maxmemory=limit,
         replicas=replicas,
         sentinels=sentinels,
+        sentinel_down_after_ms=sentinel_down_after,
     )
     with cluster as cl:
         click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")

@@ -71,11 +71,13 @@ class Cluster:
         maxmemory: int | None = None,
         replicas: int = 0,
         sentinels: int = 0,
+        sentinel_down_after_ms: int = 1000,
     ) -> None:
         self.server: EmbeddedServer | None = None
         self.ha: EmbeddedHA | None = None
         """With ``replicas`` and ``sentinels``: the primary, its replicas and the Sentinels."""
         self.replicas, self.sentinels = replicas, sentinels
+        self.sentinel_down_after_ms = sentinel_down_after_ms
         self.maxmemory = maxmemory_for(nodes) if maxmemory is None else maxmemory
         """Of the embedded server, in bytes (0: no limit)."""
         self.run_dir = ""
@@ -132,7 +134,13 @@ class Cluster:
             self.run_dir = tempfile.mkdtemp(prefix="cloudq-up-")  # mode 0700
         self.group.url_dir = self.run_dir
         if not self.redis_url and self.sentinels:
-            self.ha = EmbeddedHA(self.replicas, self.sentinels, Keys(self.prefix), self.maxmemory).start()
+            self.ha = EmbeddedHA(
+                self.replicas,
+                self.sentinels,
+                Keys(self.prefix),
+                self.maxmemory,
+                down_after_ms=self.sentinel_down_after_ms,
+            ).start()
             self.server = self.ha.primary
             urls = self.urls = self.ha.role_urls()
             self.redis_url, self.client_url = urls["admin"], urls["login"]

@@ -43,6 +43,7 @@ import redis
 
 from cloudq.central.auth import Users
 from cloudq.central.status import format_text, gather, rates
+from cloudq.connection import connect
 from cloudq.keys import Keys
 from cloudq.local.cluster import Cluster
 from cloudq.procs import ProcessGroup, cloudq_command
@@ -187,7 +188,7 @@ class Demo:
             group.urls["connect"] = self.cluster.client_url
             if "gateway" in self.cluster.urls:
                 group.urls["gateway"] = self.cluster.urls["gateway"]
-            self.r = redis.Redis.from_url(self.cluster.redis_url)
+            self.r = connect(self.cluster.redis_url)
             users = Users(self.r, self.keys)
             users.add(GUEST, f"{GUEST}-pw", cost=4)
             for u in USERS:
