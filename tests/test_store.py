@@ -780,3 +780,56 @@ def test_a_workspace_that_matches_the_newest_version_is_recognised_and_any_chang
     assert store.matches_newest(USER, ws) == 1
     big.chmod(0o600 if (big.stat().st_mode & 0o777) != 0o600 else 0o644)
     assert store.matches_newest(USER, ws) is None
+
+
+def test_a_file_rewritten_while_a_save_ran_is_not_taken_as_unchanged(
+    store: DirectoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unchanged check hashes files modified since the newest version's save *began*: a file
+    rewritten (same size) after the save had read it, during a save that took longer than the
+    check's slack, differs from the archive, though its mtime is older than the version."""
+    import datetime as dt
+
+    from cloudq.workers.store import directory
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "a.txt").write_bytes(b"aaaa")
+    (ws / "b.txt").write_bytes(b"bbbb")
+    stamps = iter([0.0, 10.0])  # the save began now and ended 10 s later (a slow, large save)
+    monkeypatch.setattr(
+        directory,
+        "_now_iso",
+        lambda: (
+            (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=next(stamps)))
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        ),
+    )
+    rewritten = []
+
+    def progress(done: int, total: int) -> None:
+        if done >= 4 and not rewritten:  # a.txt is in the archive: the user's program rewrites it
+            (ws / "a.txt").write_bytes(b"AAAA")
+            rewritten.append(True)
+
+    store.save(USER, ws, progress=progress)
+    assert rewritten
+    assert store.matches_newest(USER, ws) is None, "a.txt is not what the version holds"
+    restored = tmp_path / "restored"
+    store.restore(USER, restored)
+    assert (restored / "a.txt").read_bytes() == b"aaaa"
+
+
+def test_a_file_whose_mtime_alone_changed_is_unchanged(
+    store: DirectoryStore, src: Path, tmp_path: Path
+) -> None:
+    """Decided: the content decides. A ``touch`` (or the same bytes written again) is no change,
+    so no new version; the version keeps the old mtime, which a restore gives back."""
+    store.save(USER, src)
+    ws = tmp_path / "ws"
+    store.restore(USER, ws)
+    f = next(p for p in sorted(ws.rglob("*")) if p.is_file())
+    os.utime(f)  # mtime now, content as it was
+    f.write_bytes(f.read_bytes())  # and the same bytes written again
+    assert store.matches_newest(USER, ws) == 1

@@ -21,6 +21,7 @@ from cloudq.client.launcher import Launcher, Ticket
 from cloudq.keys import Keys
 from cloudq.messages import Control, pack_control
 from cloudq.settings import Settings
+from cloudq.state import JobResult
 from cloudq.wire import InputEvent
 from cloudq.workers.data import workspace_dir
 from cloudq.workers.store import DirectoryStore
@@ -356,3 +357,14 @@ def test_a_save_of_a_workspace_that_did_not_change_writes_no_version(
     assert data.store_workspace(r, keys, "s1", "alice", ws, "final") == "version 2"
     assert [v.version for v in data.open_store().versions("alice")] == [1, 2]
     assert any(f[b"to"] == b"unchanged" for _, f in r.xrange(keys.events))
+    # the user's next session: what a mount restored is saved as no new version, a touch (mtime
+    # alone) neither; a changed byte is a new version
+    monkeypatch.setenv("CLOUDQ_WORKSPACE", str(tmp_path / "workspaces"))
+    data.mount_session(r, keys, "s2", "alice", "n1")
+    mounted = data.workspace_dir(data.workspace_root(), "n1")
+    assert (mounted / "notes.txt").read_text() == "hellO"
+    assert data.store_workspace(r, keys, "s2", "alice", mounted, "save") == JobResult.UNCHANGED
+    os.utime(mounted / "notes.txt")
+    assert data.store_workspace(r, keys, "s2", "alice", mounted, "save") == JobResult.UNCHANGED
+    (mounted / "notes.txt").write_text("Hello")
+    assert data.store_workspace(r, keys, "s2", "alice", mounted, "final") == "version 3"

@@ -190,15 +190,19 @@ class DirectoryStore(Store):
         """The newest version's number if ``src_dir`` holds exactly what it holds, else None.
 
         Cheap first: the same directories and files with the same sizes and modes; then only files
-        modified after that version was made (``slack`` s before, for coarse clocks) are hashed and
-        compared. A file rewritten with the same size and its old mtime put back is taken as
-        unchanged: whoever does that only keeps their own edit out of their own saved data.
+        modified after that version's save began reading (``slack`` s before, for coarse clocks;
+        versions older than that record have only their creation time) are hashed and compared. So
+        a file rewritten while that save ran is hashed, and a file whose mtime alone changed (a
+        ``touch``, a program rewriting the same bytes) is taken as unchanged: its content is what
+        the version holds (restoring it gives the version's mtime back). A file rewritten with the
+        same size and its old mtime put back is taken as unchanged too: whoever does that only keeps
+        their own edit out of their own saved data.
         """
         manifests = self._manifests(self.user_dir(user))
         if not manifests:
             return None
         m = manifests[-1]
-        made = _dt.datetime.fromisoformat(m.created.replace("Z", "+00:00")).timestamp()
+        made = _dt.datetime.fromisoformat((m.started or m.created).replace("Z", "+00:00")).timestamp()
         want = {f.path: f for f in m.files}
         dirs: set[str] = set()
         seen = 0
@@ -249,6 +253,7 @@ class DirectoryStore(Store):
         version = self._next_version(udir)  # before cleanup: never reuse a number that was on disk
         self._cleanup_stale(udir)
         t0 = time.monotonic()
+        started = _now_iso()  # a file changed after this may differ from what the archive holds
         tmp_paths: list[Path] = []
         try:
             tmp, fd = self._mktemp(udir, "tar", tmp_paths)
@@ -267,6 +272,7 @@ class DirectoryStore(Store):
                 total_size=sum(f.size for f in files),
                 archive_size=size,
                 archive_sha256=digest,
+                started=started,
             )
             self._commit(udir, tmp, manifest, tmp_paths)
         except OSError as e:
@@ -303,33 +309,23 @@ class DirectoryStore(Store):
     def _write_archive(
         self, fd: int, src: str, total: int, progress: Progress | None
     ) -> tuple[list[FileEntry], list[str], int, str]:
-        chunk = self.chunk_size
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        small = min(chunk, 256 * 1024)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-hash")
         try:
-            return self._stream_archive(fd, src, total, progress, buf, view, small, pool)
+            return self._stream_archive(fd, src, total, progress, pool)
         finally:
             pool.shutdown(wait=True)
 
     def _stream_archive(
-        self,
-        fd: int,
-        src: str,
-        total: int,
-        progress: Progress | None,
-        buf: bytearray,
-        view: memoryview,
-        small: int,
-        pool: ThreadPoolExecutor,
+        self, fd: int, src: str, total: int, progress: Progress | None, pool: ThreadPoolExecutor
     ) -> tuple[list[FileEntry], list[str], int, str]:
-        chunk = len(buf)
-        out = _ArchiveWriter(fd, chunk, pool)
+        """One pass: every file is read straight into the archive writer's buffer and hashed there
+        (its sha256 for the manifest) while the helper hashes and writes the previous buffer."""
+        out = _ArchiveWriter(fd, self.chunk_size, pool)
         files: list[FileEntry] = []
         dirs: list[str] = []
         done = 0
         quota = self.quota_bytes
+        sha256 = hashlib.sha256
         if progress:
             progress(0, total)
         for e in _walk_source(src):
@@ -355,24 +351,21 @@ class DirectoryStore(Store):
                 if done + size > quota:
                     raise QuotaExceeded(f"{src} grew over the quota of {quota} bytes during save")
                 out.write(_tar_header(e.rel, is_dir=False, size=size, mode=st.st_mode, mtime=st.st_mtime))
-                fh = hashlib.sha256()
+                fh = sha256()
                 remaining = size
                 while remaining:
+                    space = out.space()
                     try:
-                        n = os.readv(sfd, [view[: min(remaining, chunk)]])
+                        n = os.readv(sfd, [space[:remaining]])
                     except OSError as err:
                         raise SourceError(f"cannot read {src}/{e.rel}: {err.strerror}") from err
                     if n == 0:
                         raise SourceError(f"{src}/{e.rel} shrank during save; try again")
-                    v = view[:n]
-                    if n >= small:
-                        out.write_chunk(v, fh)
-                    else:
-                        fh.update(v)
-                        out.write(v)
+                    fh.update(space[:n])
+                    out.commit(n)
                     remaining -= n
                     done += n
-                    if progress and n == chunk:
+                    if progress and remaining:
                         progress(done, max(total, done))
             finally:
                 os.close(sfd)

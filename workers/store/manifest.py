@@ -126,6 +126,7 @@ class Manifest:
     archive_sha256: str
     promoted_from: int | None = None
     format: int = MANIFEST_FORMAT
+    started: str | None = None  # when the save began reading the source (ISO 8601, UTC)
 
     def info(self) -> VersionInfo:
         return VersionInfo(
@@ -149,6 +150,7 @@ class Manifest:
             "total_size": self.total_size,
             "archive_size": self.archive_size,
             "archive_sha256": self.archive_sha256,
+            **({"started": self.started} if self.started else {}),
             "dirs": list(self.dirs),
             "files": [[f.path, f.size, f.sha256, f.mode] for f in self.files],
         }
@@ -177,6 +179,7 @@ class Manifest:
                 archive_size=_check_int(doc["archive_size"]),
                 archive_sha256=_check_hex(doc["archive_sha256"]),
                 promoted_from=None if promoted is None else _check_int(promoted),
+                started=None if doc.get("started") is None else str(doc["started"]),
             )
         except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError, InvalidUserName) as e:
             raise ValueError(f"invalid manifest: {e}") from e
