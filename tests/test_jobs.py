@@ -99,3 +99,47 @@ def test_an_idle_worker_exits_within_five_seconds_of_sigterm(procs: Procs, r: re
         procs.kill(w, signal.SIGTERM, timeout=5)  # raises TimeoutExpired if it does not exit
         assert w.returncode == 0, procs.output(w)[-2000:]
         wait_for(lambda: r.scard("rq:workers") == 0, 5, what="worker unregistered")
+
+
+def test_jobs_run_without_a_fork_and_a_hung_or_crashing_job_does_not_take_the_worker_down(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    """One worker process, five jobs in a row: a job that hangs in Python is ended by its timeout
+    and the next job runs in the same process (no fork per job); a job that kills the interpreter
+    is retried at once by a new work horse; a job that hangs deaf to the timeout's signal is killed
+    by the watchdog; the worker lives on and runs the last job."""
+    q = Queue(keys.job_queue("h1"), connection=r, serializer=JSONSerializer)
+    m = "cqt:test:ran:"
+    hang = q.enqueue("jobs_for_tests.hang", m + "hang", job_timeout=1)
+    after = q.enqueue("jobs_for_tests.record", m + "after")
+    crash = q.enqueue("jobs_for_tests.crash_first_attempt", m + "crash", retry=Retry(max=1))
+    deaf = q.enqueue("jobs_for_tests.hang", m + "deaf", True, job_timeout=1)
+    last = q.enqueue("jobs_for_tests.record", m + "last")
+    t0 = time.monotonic()
+    w = procs.worker("h1")
+
+    def status(job: Job) -> JobStatus | None:
+        return Job.fetch(job.id, connection=r, serializer=JSONSerializer).get_status()
+
+    wait_for(
+        lambda: all(
+            status(j) in (JobStatus.FINISHED, JobStatus.FAILED) for j in (hang, after, crash, deaf, last)
+        ),
+        20,
+        what="every job ended",
+    )
+    took = time.monotonic() - t0
+    pid = {k: [int(p) for p in r.lrange(m + k, 0, -1)] for k in ("hang", "after", "crash", "deaf", "last")}
+    assert status(hang) == JobStatus.FAILED
+    result = Job.fetch(hang.id, connection=r, serializer=JSONSerializer).latest_result()
+    assert result is not None and "JobTimeoutException" in (result.exc_string or "")
+    assert pid["after"] == pid["hang"], "the job after a timed-out one runs in the same process: no fork"
+    assert pid["crash"][0] == pid["hang"][0] and len(pid["crash"]) == 2, pid
+    assert pid["crash"][1] != pid["crash"][0], "retried by a new work horse"
+    assert status(crash) == JobStatus.FINISHED
+    assert status(deaf) == JobStatus.FAILED, "killed by the watchdog (no retries left)"
+    assert status(last) == JobStatus.FINISHED and pid["last"][0] != pid["deaf"][0]
+    assert w.poll() is None, "the worker itself lives on"
+    assert took < 15, (
+        f"{took:.1f} s: a crashed job waited for its heartbeat to lapse, or a deaf one for RQ's +60 s"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import click
 
@@ -31,6 +32,12 @@ from cloudq.keys import Keys
 @click.option(
     "--quota-mib", envvar="CLOUDQ_QUOTA_MIB", type=click.FloatRange(min=0), default=100, show_default=True
 )
+@click.option(
+    "--fork-per-job",
+    envvar="CLOUDQ_WORKER_FORK_PER_JOB",
+    is_flag=True,
+    help="Fork a work horse for each job (RQ's own worker) instead of one long-lived horse.",
+)
 @metrics_options
 def worker(
     redis_url: str | None,
@@ -41,14 +48,18 @@ def worker(
     store: str | None,
     workspace: str | None,
     quota_mib: float,
+    fork_per_job: bool,
     metrics_port: int,
     metrics_addr: str,
 ) -> None:
-    """Run an RQ worker for this host's jobs (mount, save, close)."""
-    from cloudq.workers.metrics import JobMetrics
-    from cloudq.workers.worker import run_worker
+    """Run an RQ worker for this host's jobs (mount, save, close).
 
-    # the jobs (in forked work horses) read these
+    Jobs run one after another in one long-lived work horse that a small supervisor (this
+    process) restarts if a job takes it down or hangs past its timeout."""
+    from cloudq.workers.metrics import JobMetrics
+    from cloudq.workers.worker import run_worker, supervise
+
+    # the jobs read these
     for var, value in (
         ("CLOUDQ_STORE", store),
         ("CLOUDQ_WORKSPACE", workspace),
@@ -56,8 +67,15 @@ def worker(
     ):
         if value is not None:
             os.environ[var] = str(value)
-    r = _connect(redis_url)
-    _warn_if_trusted(r, Keys(prefix), "worker")
-    metrics = JobMetrics()
-    _serve_metrics(metrics_port, metrics_addr, metrics.registry)
-    run_worker(r, Keys(prefix), host, name=name, burst=burst, metrics=metrics)
+
+    def horse() -> None:
+        r = _connect(redis_url)
+        _warn_if_trusted(r, Keys(prefix), "worker")
+        metrics = JobMetrics()
+        _serve_metrics(metrics_port, metrics_addr, metrics.registry)
+        run_worker(r, Keys(prefix), host, name=name, burst=burst, metrics=metrics, fork_per_job=fork_per_job)
+
+    if fork_per_job:
+        horse()
+    else:
+        sys.exit(supervise(horse))  # forks: no connection or thread is open yet
