@@ -66,6 +66,8 @@ class ConnectOptions:
     reconnect_budget: float | None = None  # None: the server's grace (or 120 s if grace is off)
     poll: float = 0.2
     sinks: list[Sink] = field(default_factory=list)
+    uploads: list[str] = field(default_factory=list)  # files into ~/Uploads once attached
+    downloads: list[str] = field(default_factory=list)  # paths in HOME, into the current directory
 
 
 class _Quit(Exception):
@@ -263,6 +265,7 @@ class ClientSession:
         try:
             with contextlib.suppress(*REDIS_DOWN):  # the watch loop below notices and reconnects
                 self.launcher.mark_activity(t.sid)
+            self._transfer(t.sid)
             return self._watch()
         except ClientError as exc:
             closed_by_server = exc.kind == "closed"
@@ -278,6 +281,23 @@ class ClientSession:
                 )
             if not closed_by_server and self.ticket is not None:
                 self.launcher.logout(self.ticket.token)
+
+    def _transfer(self, sid: str) -> None:
+        """``--upload`` and ``--download`` (client/transfer.py), each said on stderr."""
+        from cloudq.client.transfer import TransferError, download, upload
+        from cloudq.transfer import BadTransfer
+
+        for f in self.opt.uploads:
+            try:
+                self.say(f"uploaded {f} to ~/{upload(self.launcher.sr, self.keys, sid, f)}")
+            except (OSError, TransferError, BadTransfer) as exc:
+                self.say(f"upload of {f} failed: {exc}")
+        for p in self.opt.downloads:
+            try:
+                local, n = download(self.launcher.sr, self.keys, sid, p)
+                self.say(f"downloaded ~/{p} to {local} ({n} bytes)")
+            except (OSError, TransferError, BadTransfer) as exc:
+                self.say(f"download of {p} failed: {exc}")
 
     def _watch(self) -> str:
         end = self.t0 + self.opt.duration if self.opt.duration else None

@@ -104,6 +104,27 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("session:{<sid>}:act", "string", "idle timeout", "client launcher", "user activity"),
     ("session:{<sid>}:video", "stream", "MAXLEN ~", "node", "encoded video, one packet per entry"),
     ("session:{<sid>}:input", "stream", "MAXLEN ~", "client", "input events and keyframe requests"),
+    (
+        "session:{<sid>}:audio",
+        "stream",
+        "MAXLEN ~",
+        "node",
+        "encoded audio (Opus), one packet per entry; none while the session sleeps",
+    ),
+    (
+        "session:{<sid>}:files",
+        "stream",
+        "MAXLEN ~",
+        "client",
+        "file transfer requests and upload chunks (cloudq/transfer.py), read by the node",
+    ),
+    (
+        "session:{<sid>}:fileout",
+        "stream",
+        "MAXLEN ~",
+        "node",
+        "file transfer replies: acks, download chunks, listings, errors",
+    ),
     ("seq", "string", "-", "scripts", "session id counter"),
     ("moves", "list", "-", "scripts", "sessions whose node died, waiting for another"),
     ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
@@ -252,6 +273,15 @@ class Keys:
 
     def input(self, sid: str) -> str:
         return self._k(f"session:{{{sid}}}:input")
+
+    def audio(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}:audio")
+
+    def files(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}:files")
+
+    def fileout(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}:fileout")
 
     def job_queue(self, host: str) -> str:
         """RQ queue name (not a key: RQ adds its own ``rq:queue:`` prefix)."""

@@ -31,6 +31,9 @@ class Settings:
     lockout_limit: int = 5
     lockout_window: float = 300.0
     lockout_time: float = 300.0
+    file_limit: int = 100 * 2**20
+    """Largest file a user may upload into or download from the session's HOME (bytes; 0 = no
+    file transfers)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,4 +1,5 @@
-"""Media messages that cross Redis: video packets (node -> client) and input events (client -> node).
+"""Media messages that cross Redis: video and audio packets (node -> client) and input events
+(client -> node).
 
 Each message is one msgpack map in the single XADD field ``m``. ``Msg.pack()`` gives the XADD
 fields; ``Msg.unpack(fields)`` is the only way a reader turns stream fields back into a message: it
@@ -22,11 +23,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FIELD",
     "INPUT_TYPES",
+    "MAX_AUDIO_BYTES",
     "MAX_INPUT_BYTES",
     "MAX_KEY_CHARS",
     "MAX_TEXT_CHARS",
     "MAX_VIDEO_BYTES",
     "VERSION",
+    "AudioPacket",
     "BadMessage",
     "InputEvent",
     "VideoPacket",
@@ -37,6 +40,7 @@ FIELD = "m"
 VERSION = 1
 MAX_VIDEO_BYTES = 4 * 1024 * 1024
 MAX_INPUT_BYTES = 64 * 1024
+MAX_AUDIO_BYTES = 16 * 1024
 INPUT_TYPES = frozenset(
     {
         "key",  # press and release of ``key``
@@ -213,6 +217,63 @@ class VideoPacket:
             raise
         except Exception as e:  # defensive: nothing but BadMessage leaves unpack
             raise BadMessage(f"invalid video packet: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class AudioPacket:
+    """One encoded audio frame on a session's audio stream (Opus: 20 ms, each decodable alone).
+
+    ``seq`` goes up by one per packet; a jump is silence the node did not send or packets lost.
+    ``pts`` is in samples at ``rate``; ``capture_time`` is ``time.time()`` when the node read the
+    frame's last sample from the program's sink.
+    """
+
+    seq: int
+    pts: int
+    capture_time: float
+    data: bytes
+    codec: str = "opus"
+    rate: int = 48000
+    channels: int = 2
+
+    MAX_BYTES: ClassVar[int] = MAX_AUDIO_BYTES
+
+    def __post_init__(self) -> None:
+        _int("seq", self.seq, 0)
+        _int("pts", self.pts)
+        _time("capture_time", self.capture_time)
+        if not isinstance(self.data, bytes) or not self.data:
+            raise BadMessage("data must be non-empty bytes")
+        if not isinstance(self.codec, str) or not 0 < len(self.codec) <= 32:
+            raise BadMessage(f"bad codec name {self.codec!r}")
+        _int("rate", self.rate, 8000, 192000)
+        _int("channels", self.channels, 1, 8)
+
+    def pack(self, max_bytes: int | None = None) -> dict[str, bytes]:
+        body: dict[str, Any] = {
+            "v": VERSION,
+            "seq": self.seq,
+            "pts": self.pts,
+            "ct": self.capture_time,
+            "data": self.data,
+            "codec": self.codec,
+            "rate": self.rate,
+            "ch": self.channels,
+        }
+        return _pack(body, max_bytes or self.MAX_BYTES)
+
+    @classmethod
+    def unpack(cls, fields: Mapping[Any, Any], max_bytes: int | None = None) -> AudioPacket:
+        body = _envelope(fields, max_bytes or cls.MAX_BYTES)
+        _require(body, "seq", "pts", "ct", "data", "codec", "rate", "ch")
+        try:
+            return cls(
+                body["seq"], body["pts"], body["ct"], body["data"], body["codec"], body["rate"], body["ch"]
+            )
+        except BadMessage:
+            raise
+        except Exception as e:  # defensive: nothing but BadMessage leaves unpack
+            raise BadMessage(f"invalid audio packet: {e}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ def new_driver(profile: str) -> Any:
         "--disable-component-update",
         "--no-first-run",
         "--window-size=1000,800",
+        "--autoplay-policy=no-user-gesture-required",  # the page's audio plays without a click
         f"--user-data-dir={profile}",
     ):
         opts.add_argument(a)
@@ -587,3 +588,27 @@ def test_an_operators_close_is_worded_on_the_page_as_the_python_client_words_it(
     assert "the session was closed by the operator: disk swap" in status.text
     assert close_message("admin: disk swap") in status.text
     assert stats(driver)["closeReason"] == "admin: disk swap"
+
+
+def test_the_page_decodes_and_plays_the_sessions_sound(
+    r: redis.Redis, keys: Keys, procs: Procs, driver: Any, tmp_path: Path
+) -> None:
+    """A program plays a tone into its session's sound server; the page decodes the Opus packets
+    (WebCodecs) and its AudioWorklet plays them: decoded frames, a level well above silence."""
+    from test_audio import tone_app
+
+    app, node_args = tone_app(tmp_path)
+    start_pool(r, keys, procs, nodes=1, app=app, node_args=node_args, grace=30, idle_timeout=30)
+    gw = Gateway(procs).start()
+    login(driver, gw, "alice")
+
+    def audio() -> dict[str, Any]:
+        return (stats(driver) or {}).get("audio") or {}
+
+    wait_for(lambda: audio().get("frames", 0) >= 25, 20, what="half a second of decoded audio")
+    wait_for(lambda: audio().get("played", 0) > 0, 5, what="the AudioWorklet playing")
+    a = audio()
+    # 440 Hz at 12000/32768 peak: RMS 0.26; silence is 0
+    assert a["level"] > 0.1, a
+    assert a["errors"] == 0 and a["state"] == "running", a
+    assert 0 < a["decodedMs"] < 1000 and a["lateMs"] >= a["decodedMs"], a

@@ -361,7 +361,9 @@ class Node:
             except Exception as exc:  # e.g. the program cannot start: end the session, keep serving
                 self.app_failed("load", exc)
                 return
-            streamer = Streamer(self.r, self.keys, sid, app, self.media, self.counters, self.observer)
+            streamer = Streamer(
+                self.r, self.keys, sid, app, self.media, self.counters, self.observer, home=self.data_dir
+            )
         self.session = NodeSession(
             sid, gen, user=user, input_id=last[0][0] if last else b"0-0", streamer=streamer
         )

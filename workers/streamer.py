@@ -23,7 +23,9 @@ from cloudq.state import CloseReason
 from cloudq.wire import BadMessage as BadMedia
 from cloudq.wire import InputEvent, VideoPacket
 from cloudq.workers.apps import App
+from cloudq.workers.audio import AudioStreamer
 from cloudq.workers.data import workspace_root
+from cloudq.workers.files import FileService
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class Streamer:
         cfg: MediaConfig,
         counters: Counter[str],
         observer: MediaObserver | None = None,
+        home: Path | None = None,
     ) -> None:
         self.observer = observer
         self.woke_at: float | None = None
@@ -134,6 +137,11 @@ class Streamer:
         self.key_requested = False
         self.unsaved_input = False  # user data changes only through input
         self.broken: str | None = None  # why the app cannot render any more
+        self.audio = AudioStreamer(r, keys.audio(sid), counters)  # the app's sound, while awake
+        # uploads into and downloads out of HOME (the app's data directory), asleep or awake
+        self.files = FileService(r, keys, sid, home, counters) if home is not None else None
+        if self.files is not None:
+            self.files.start()
 
     def _next_seq(self) -> int:
         """Carry on the stream's numbering (a reconnecting client must not see seq go back)."""
@@ -228,6 +236,7 @@ class Streamer:
     def sleep(self, freeze: bool = False) -> None:
         """Stop rendering and encoding and free the encoder; the app stays in memory (with
         ``freeze``, the app also stops what it runs: :meth:`App.sleep`)."""
+        self.audio.stop()
         if not self.sleeping:
             self._hook("sleep", freeze)
         self.sleeping = True
@@ -241,6 +250,10 @@ class Streamer:
         if self.sleeping:
             self._hook("wake")
         self.sleeping = False
+        try:
+            self.audio.start(getattr(self.app, "audio_capture", lambda: None)())
+        except Exception:  # a third-party app may raise anything: no sound, the node goes on
+            log.exception("app audio_capture() failed")
         self.next_frame = self.woke_at = time.monotonic()
 
     def _broke(self, exc: Exception) -> None:
@@ -302,4 +315,6 @@ class Streamer:
 
     def close(self) -> None:
         self.sleep()
+        if self.files is not None:
+            self.files.stop()
         self._hook("close")

@@ -22,6 +22,8 @@ HTTP
                            cross-site ``Origin``).
     ``GET /session``       200 ``{"user", "sid", "state"}`` if the cookie's token is live, else 401.
     ``GET /healthz``       200 ``ok`` if Redis answers, else 503.
+    ``/files/*``           uploads into and downloads out of the session's HOME
+                           (:mod:`cloudq.client.web.files`).
     ``GET /stats``         the gateway's counters (JSON): sockets, asyncio tasks, connections, closes
                            by reason, bad messages; 401 without a live token cookie. ``--admin-port``
                            serves ``/stats`` and ``/healthz`` without a login (a private address).
@@ -51,6 +53,20 @@ WebSocket, gateway -> page
           8  u64  seq           the node's packet counter: a jump means packets were lost
          16  i64  pts           milliseconds
          24  f64  capture time  the node's time.time() when it rendered the frame
+         32  ...  data
+
+    binary: one audio packet (``client/web/audio.py``; the session's sound, while it is awake),
+    then one Opus packet (20 ms, decodable alone)::
+
+        off size field
+          0  u8   type          2 = audio
+          1  u8   codec         1 = opus
+          2  u8   channels
+          3  u8   reserved      0
+          4  u32  sample rate
+          8  u64  seq           the node's audio packet counter (a jump: silence not sent, or lost)
+         16  i64  timestamp     microseconds
+         24  f64  capture time  the node's time.time() when it read the frame from the program's sink
          32  ...  data
 
     text (JSON): ``{"t": "hello", "user", "sid", "node", "rights"}`` once the session is attached;

@@ -22,6 +22,7 @@ from aiohttp import WSCloseCode, web
 from redis.exceptions import RedisError
 
 from cloudq import loginflow
+from cloudq.client.web import files
 from cloudq.client.web.guard import Guard, GuardedRunner, head_clock
 from cloudq.client.web.socket import BURST, MAX_MESSAGE, RATE, Socket, _redis
 from cloudq.keys import Keys
@@ -375,6 +376,7 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/session", gw.session)
     app.router.add_get("/ws", gw.ws)
     app.router.add_static("/static/", STATIC, follow_symlinks=False)
+    files.add_routes(app, gw)  # /files/upload, /files/download, /files/list (client/web/files.py)
 
     async def on_shutdown(app: web.Application) -> None:
         for ws in list(gw.sockets):

@@ -19,6 +19,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from cloudq import loginflow
+from cloudq.client.web.audio import audio_loop
 from cloudq.connection import aconnect, without_credentials
 from cloudq.sessionend import close_message, session_end, warning_message
 from cloudq.settings import Settings
@@ -279,7 +280,13 @@ class Socket:
             await self.mark_activity()
             loops = [
                 asyncio.ensure_future(c)
-                for c in (self.heartbeat_loop(), self.watch_loop(), self.video_loop(), self.ending.wait())
+                for c in (
+                    self.heartbeat_loop(),
+                    self.watch_loop(),
+                    self.video_loop(),
+                    audio_loop(self),
+                    self.ending.wait(),
+                )
             ]
             tasks += loops
             done, _ = await asyncio.wait([*loops, reader], return_when=asyncio.FIRST_COMPLETED)

@@ -118,7 +118,8 @@ class Browser:
         opts = webdriver.ChromeOptions()
         opts.binary_location = chromium
         for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--no-first-run", "--window-size=1400,900", f"--user-data-dir={self.profile}"):  # fmt: skip
+                  "--no-first-run", "--window-size=1400,900", f"--user-data-dir={self.profile}",
+                  "--autoplay-policy=no-user-gesture-required"):  # fmt: skip
             opts.add_argument(a)
         self.d = webdriver.Chrome(service=Service(driver), options=opts)
         self.d.set_script_timeout(600)

@@ -67,6 +67,20 @@ def bench_failover(logins: int, as_json: bool, write_path: str | None) -> None:
     _emit(result, result["table"], as_json)
 
 
+@bench.command("audio")
+@click.option("--seconds", type=click.FloatRange(min=2), default=10.0, show_default=True, help="Per phase.")
+@json_option
+@write_option
+def bench_audio(seconds: float, as_json: bool, write_path: str | None) -> None:
+    """A program's sound: write → node packet → page (decoded, speakers); node CPU with sound playing."""
+    from cloudq.bench import audio
+
+    result = audio.run(seconds=seconds)
+    if write_path:
+        audio.write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
+
+
 @bench.command("control")
 @redis_url_option  # measure this server (default: embedded)
 @click.option("--sessions", "counts", multiple=True, type=int, default=[1000, 10000], show_default=True)
@@ -134,6 +148,21 @@ def bench_data(sizes: str, workdir: str | None, as_json: bool, write_path: str |
     if write_path:
         data.write_markdown(result, write_path)
     _emit(result, data.format_table(result), as_json)
+
+
+@bench.command("jobs")
+@click.option("--jobs", "n", type=click.IntRange(min=10), default=200, show_default=True, help="Per round.")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True, help="Per mode.")
+@json_option
+@write_option
+def bench_jobs(n: int, rounds: int, as_json: bool, write_path: str | None) -> None:
+    """The worker's CPU per job: a work horse forked per job vs one long-lived horse (same run)."""
+    from cloudq.bench import jobs
+
+    result = jobs.run(jobs_per_mode=n, rounds=rounds)
+    if write_path:
+        jobs.write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
 
 
 @bench.command("browser")

@@ -119,6 +119,20 @@ Exit codes:
     envvar="CLOUDQ_SOCKET_TIMEOUT",
     help="A Redis reply slower than this counts as a lost connection (then the client reconnects).",
 )
+@click.option(
+    "--upload",
+    "uploads",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Upload this file into the session's ~/Uploads once attached (repeatable).",
+)
+@click.option(
+    "--download",
+    "downloads",
+    multiple=True,
+    help="Download this file of the session's HOME (e.g. Downloads/report.pdf) into the current "
+    "directory once attached (repeatable).",
+)
 def connect(
     redis_url: str | None,
     prefix: str,
@@ -134,6 +148,8 @@ def connect(
     stats_json: str | None,
     stream_timeout: float,
     socket_timeout: float,
+    uploads: tuple[str, ...],
+    downloads: tuple[str, ...],
 ) -> None:
     from cloudq.client.launcher import ClientError
     from cloudq.client.script import ScriptError, load_script
@@ -169,6 +185,8 @@ def connect(
         script=script,
         stats_json=stats_json,
         stream_timeout=stream_timeout,
+        uploads=list(uploads),
+        downloads=list(downloads),
     )
     session = ClientSession(
         client_redis(redis_url, socket_timeout),

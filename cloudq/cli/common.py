@@ -221,6 +221,14 @@ def central_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             _clock("lockout-window", d.lockout_window, "Window in which failures count."),
             _clock("lockout-time", d.lockout_time, "How long an account stays locked."),
+            click.option(
+                "--file-limit",
+                type=click.IntRange(min=0),
+                default=d.file_limit,
+                envvar="CLOUDQ_FILE_LIMIT",
+                show_default=True,
+                help="Largest file uploaded into or downloaded from a session's HOME, bytes; 0 = off.",
+            ),
         ]
     ):
         f = opt(f)

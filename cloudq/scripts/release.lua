@@ -29,6 +29,8 @@ redis.call('DEL', k_heartbeat(sid), k_activity(sid))
 local keep = 60000
 redis.call('PEXPIRE', s, 3600000)
 redis.call('PEXPIRE', k_video(sid), keep)
+redis.call('PEXPIRE', k_audio(sid), keep)
+redis.call('DEL', k_files(sid), k_fileout(sid))  -- transfers end with the session
 if reason == 'input_flood' then
   redis.call('DEL', k_input(sid))
   redis.call('XADD', k_input(sid), 'MAXLEN', 0, '18446744073709551615-18446744073709551615', 'closed', reason)

@@ -55,6 +55,12 @@ class App(ABC):
         may be a reason instead (``"memory limit"``)."""
         return None
 
+    def audio_capture(self) -> str | None:
+        """The path of a FIFO that carries what the app plays (s16le, 48 kHz, stereo: the node
+        reads, encodes and streams it while the session is awake, :mod:`cloudq.workers.audio`),
+        or None: the app makes no sound. Asked after :meth:`load` and at each wake."""
+        return None
+
     def stats(self) -> dict[str, int]:
         """Counters the node publishes with its own (as ``app.NAME``), e.g. dropped input."""
         return {}

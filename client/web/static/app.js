@@ -1,7 +1,9 @@
 // cloudq browser client: login, then one WebSocket carrying H.264 (binary) and control (JSON).
 // The protocol is described in client/web/__init__.py's docstring.
 
+import { AudioPipe } from './audio.js';
 import { CLOSE_SESSION, CLOSE_UNAUTHORIZED, Connection, closeWords, rememberSid, sidQuery } from './connection.js';
+import { FilePanel } from './files.js';
 import { InputCapture } from './input.js';
 import { Stats, wallClock } from './stats.js';
 import { VideoPipe } from './video.js';
@@ -63,10 +65,12 @@ class Session {
       codec: params.get('codec') || undefined,
       readback: params.has('readback'),
     });
+    this.audio = new AudioPipe({ stats });
+    this.files = new FilePanel({ stage: el.stage, bar: el.logout.parentElement, before: el.logout, stats });
     this.input = new InputCapture(this.canvas, (type, fields) => this.sendInput(type, fields));
     this.conn = new Connection({
       onOpen: () => this.onOpen(),
-      onBinary: (buf) => this.video.push(buf),
+      onBinary: (buf) => (new Uint8Array(buf, 0, 1)[0] === 2 ? this.audio.push(buf) : this.video.push(buf)),
       onControl: (msg) => this.onControl(msg),
       onDown: (d) => this.onDown(d),
       onEnd: (d) => this.onEnd(d),
@@ -78,6 +82,7 @@ class Session {
   start() {
     el.viewer.hidden = false;
     this.input.attach();
+    this.files.attach();
     this.resizer.observe(el.stage);
     this.timer = setInterval(() => this.render(), STATUS_EVERY_MS);
     this.conn.start();
@@ -89,8 +94,10 @@ class Session {
     clearInterval(this.timer);
     this.resizer.disconnect();
     this.input.detach();
+    this.files.detach();
     this.conn.stop();
     this.video.close();
+    this.audio.close();
     this.canvas.remove();
     el.viewer.hidden = true;
     el.queue.hidden = true;

@@ -21,6 +21,7 @@ from Xlib import error as xerror
 from Xlib.ext import damage as xdamage
 
 from ..base import App
+from .audio import AudioMixin, PulseServer
 from .capture import SETTLE_QUIET, Box, CaptureMixin
 from .display import DisplayManager
 from .errors import DisplayError, LaunchError, X11Error
@@ -43,7 +44,7 @@ def _cleanup(what: str, step: Callable[[], object]) -> None:
         logger.debug("%s on close failed: %s", what, e)
 
 
-class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
+class X11App(CaptureMixin, InputMixin, ProcessMixin, AudioMixin, App):
     """An X11 program as a cloudq app.
 
     ``command`` is a command line (shlex-split) or an argv. ``display`` is a :class:`DisplayManager`
@@ -109,6 +110,7 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
         self._frozen: set[int] = set()
         self._frozen_cg = False  # the sandbox's cgroup is frozen
         self._sandbox: Sandbox | None = None
+        self._pulse: PulseServer | None = None  # the session's sound server (audio.py)
         self._authid: int | None = None  # the session's X cookie (SECURITY extension)
         self._xauth_file: str | None = None  # unconfined: the program's copy of it
         self._limit_checked = 0.0
@@ -196,6 +198,7 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, App):
         if self._d is not None:
             _cleanup("releasing held keys and buttons", self._release_all)
         self._kill_program()
+        _cleanup("stopping the sound server", self._stop_audio)
         if self._d is not None:
             try:
                 self._revoke_cookie()

@@ -174,6 +174,7 @@ class ProcessMixin:
         preexec = _die_with_parent(os.getpid())
         if self.sandbox is not None:
             self._sandbox = Sandbox(self.sandbox, (self._xdm.name, self._session_cookie()), data_dir)
+            self._start_audio(self._sandbox, preexec)  # its sound server, in the sandbox (audio.py)
             env.update(self._sandbox.env())
             argv, joins, dies = self._sandbox.command(argv), self._sandbox.preexec(), preexec
 
@@ -183,6 +184,7 @@ class ProcessMixin:
 
         else:
             self._unconfined_cookie(env)
+            env.update(self._start_audio(None, preexec))
 
         self._stderr = tempfile.TemporaryFile(prefix="x11app-")  # noqa: SIM115 - as long as the program
         started = time.monotonic()

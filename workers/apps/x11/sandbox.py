@@ -70,6 +70,8 @@ UID_COUNT = 10_000
 HOME = "/home/cloudq"
 """The session's data directory inside the sandbox."""
 XAUTH_PATH = "/run/cloudq/Xauthority"
+PULSE_DIR = "/run/cloudq/pulse"
+"""The session's sound server directory (its socket) inside the sandbox (:mod:`.audio`)."""
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 FAMILY_WILD = 0xFFFF
 FAMILY_LOCAL = 256
@@ -288,6 +290,7 @@ class Sandbox:
         self._lock: int | None = None
         self.cgroup: Cgroup | None = None
         self.files: Path | None = None
+        self.pulse: Path | None = None  # the session's sound server directory (audio.py), bound rw
         self._owner = (os.geteuid(), os.getegid())
         try:
             if host.root:
@@ -358,6 +361,9 @@ class Sandbox:
         env = {"HOME": HOME, "USER": "cloudq", "LOGNAME": "cloudq"}
         if self.display is not None:
             env.update(DISPLAY=self.display[0], XAUTHORITY=XAUTH_PATH)
+        if self.pulse is not None:
+            env["PULSE_SERVER"] = f"unix:{PULSE_DIR}/native"
+            env["PULSE_COOKIE"] = f"{PULSE_DIR}/cookie"  # not in HOME: the user's saved data
         return env
 
     def command(self, argv: list[str]) -> list[str]:
@@ -405,6 +411,8 @@ class Sandbox:
                 a += ["--perms", "0755", "--dir", os.path.dirname(sock), "--ro-bind", sock, sock]
             a += ["--perms", "0755", "--dir", os.path.dirname(XAUTH_PATH)]
             a += ["--ro-bind", str(files / "Xauthority"), XAUTH_PATH]
+        if self.pulse is not None:
+            a += ["--bind", str(self.pulse), PULSE_DIR]
         a += ["--chdir", HOME, "--"]
         if self.host.root:
             assert self.host.setpriv is not None
