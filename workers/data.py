@@ -72,11 +72,15 @@ def workspace_dir(root: str | Path, node_id: str) -> Path:
     return Path(root) / node_id / "data"
 
 
-def _event(r: redis.Redis, keys: Keys, obj: str, what: str, reason: str) -> None:
+def _now(r: redis.Redis) -> str:
     sec, usec = r.time()
+    return f"{sec + usec / 1e6:.3f}"
+
+
+def _event(r: redis.Redis, keys: Keys, obj: str, what: str, reason: str, **extra: str) -> None:
     r.xadd(
         keys.events,
-        {"t": f"{sec + usec / 1e6:.3f}", "obj": obj, "from": "", "to": what, "reason": reason},
+        {"t": _now(r), "obj": obj, "from": "", "to": what, "reason": reason, **extra},
         maxlen=10000,
         approximate=True,
     )
@@ -164,8 +168,18 @@ def save_session(
             return "node did not answer"
         if ack.endswith("|clean"):
             return "unchanged"
+    # the workspace holds what the app had when the node acknowledged: the version is "as of" then
+    # (under load the store can end seconds later; input after this moment is not in it)
+    asof = _now(r)
     return store_workspace(
-        r, keys, sid, user, workspace_dir(workspace_root(), node), "final" if final else "save", wait=final
+        r,
+        keys,
+        sid,
+        user,
+        workspace_dir(workspace_root(), node),
+        "final" if final else "save",
+        wait=final,
+        asof=asof,
     )
 
 
@@ -178,13 +192,15 @@ def store_workspace(
     label: str,
     wait: bool = True,
     require_marker: bool = True,
+    asof: str | None = None,
 ) -> str:
     """Save the workspace ``src`` as a new version of ``user``'s data, under the user's save lock.
 
     Only the workspace that ``sid`` mounted is saved: if the user's mount marker names another
     session, ``src`` may hold someone else's files (or an older copy) and nothing is written.
     (``require_marker=False`` only for a node that knows itself what it mounted, when a server
-    restart lost the marker.)
+    restart lost the marker.) ``asof`` (server time, when the node acknowledged its flush) goes into
+    the ``saved`` event: the version holds the app's state as of then.
     """
     if not user:
         return "no user"
@@ -224,7 +240,14 @@ def store_workspace(
             raise DataError(f"saving {user}'s data failed: {exc}") from None
         if r.get(lock) != str(fence).encode():
             log.error("save %s: lock lost during the save (fence %s)", sid, fence)
-        _event(r, keys, f"session:{sid}", "saved", f"version {info.version} of {user} ({label})")
+        _event(
+            r,
+            keys,
+            f"session:{sid}",
+            "saved",
+            f"version {info.version} of {user} ({label})",
+            **({"asof": asof} if asof else {}),
+        )
         return f"version {info.version}"
     finally:
         stop.set()
