@@ -112,6 +112,13 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "encoded audio (Opus), one packet per entry; none while the session sleeps",
     ),
     (
+        "session:{<sid>}:clip",
+        "stream",
+        "MAXLEN 4",
+        "node",
+        "the remote clipboard's text (field `text`, UTF-8) each time a program there sets it",
+    ),
+    (
         "session:{<sid>}:files",
         "stream",
         "MAXLEN ~",
@@ -276,6 +283,9 @@ class Keys:
 
     def audio(self, sid: str) -> str:
         return self._k(f"session:{{{sid}}}:audio")
+
+    def clip(self, sid: str) -> str:
+        return self._k(f"session:{{{sid}}}:clip")
 
     def files(self, sid: str) -> str:
         return self._k(f"session:{{{sid}}}:files")

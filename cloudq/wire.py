@@ -24,6 +24,8 @@ __all__ = [
     "FIELD",
     "INPUT_TYPES",
     "MAX_AUDIO_BYTES",
+    "MAX_CLIPBOARD_BYTES",
+    "MAX_CLIPBOARD_INPUT_BYTES",
     "MAX_INPUT_BYTES",
     "MAX_KEY_CHARS",
     "MAX_TEXT_CHARS",
@@ -40,6 +42,10 @@ FIELD = "m"
 VERSION = 1
 MAX_VIDEO_BYTES = 4 * 1024 * 1024
 MAX_INPUT_BYTES = 64 * 1024
+MAX_CLIPBOARD_BYTES = 1024 * 1024
+"""Longest clipboard text (UTF-8 bytes) either way: a ``clipboard`` input event, a clip entry."""
+MAX_CLIPBOARD_INPUT_BYTES = MAX_CLIPBOARD_BYTES + 1024
+"""Only a ``clipboard`` input event may be bigger than :data:`MAX_INPUT_BYTES`, up to this."""
 MAX_AUDIO_BYTES = 16 * 1024
 INPUT_TYPES = frozenset(
     {
@@ -52,6 +58,7 @@ INPUT_TYPES = frozenset(
         "mouse_up",
         "wheel",  # scroll by ``dx``, ``dy`` steps (positive dy = down)
         "keyframe_request",
+        "clipboard",  # set the remote clipboard to ``text`` (1..MAX_CLIPBOARD_BYTES UTF-8 bytes)
     }
 )
 MAX_KEY_CHARS = 64
@@ -311,7 +318,16 @@ class InputEvent:
         _opt_int("y", self.y, -_COORD, _COORD - 1)
         if self.key is not None and (not isinstance(self.key, str) or not 0 < len(self.key) <= MAX_KEY_CHARS):
             raise BadMessage(f"key must be a string of 1..{MAX_KEY_CHARS} characters")
-        if self.text is not None and (
+        if self.type == "clipboard":
+            if not isinstance(self.text, str) or not self.text:
+                raise BadMessage("clipboard event without text")
+            try:
+                size = len(self.text.encode())
+            except UnicodeEncodeError:
+                raise BadMessage("clipboard text is not valid Unicode") from None
+            if size > MAX_CLIPBOARD_BYTES:
+                raise BadMessage(f"clipboard text of {size} bytes exceeds {MAX_CLIPBOARD_BYTES}")
+        elif self.text is not None and (
             not isinstance(self.text, str) or not 0 < len(self.text) <= MAX_TEXT_CHARS
         ):
             raise BadMessage(f"text must be a string of 1..{MAX_TEXT_CHARS} characters")
@@ -332,11 +348,17 @@ class InputEvent:
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
-        return _pack(body, max_bytes or self.MAX_BYTES)
+        limit = MAX_CLIPBOARD_INPUT_BYTES if self.type == "clipboard" else self.MAX_BYTES
+        return _pack(body, max_bytes or limit)
 
     @classmethod
     def unpack(cls, fields: Mapping[Any, Any], max_bytes: int | None = None) -> InputEvent:
-        body = _envelope(fields, max_bytes or cls.MAX_BYTES)
+        # only a clipboard event may be bigger than MAX_BYTES (checked once its type is known)
+        body = _envelope(fields, max_bytes or max(cls.MAX_BYTES, MAX_CLIPBOARD_INPUT_BYTES))
+        if max_bytes is None and body.get("type") != "clipboard":
+            raw = fields.get(FIELD.encode(), fields.get(FIELD))
+            if len(raw) > cls.MAX_BYTES:
+                raise BadMessage(f"message of {len(raw)} bytes exceeds the {cls.MAX_BYTES} byte limit")
         _require(body, "type", "seq", "ct")
         try:
             return cls(

@@ -53,7 +53,7 @@ def input_events(draw: st.DrawFn) -> InputEvent:
         button=draw(st.none() | st.integers(0, 31)) if mouse else None,
         x=draw(coord) if mouse else None,
         y=draw(coord) if mouse else None,
-        text=draw(st.text(min_size=1, max_size=100)) if kind == "text" else None,
+        text=draw(st.text(min_size=1, max_size=100)) if kind in ("text", "clipboard") else None,
         dx=draw(st.integers(-100, 100)) if kind == "wheel" else None,
         dy=draw(st.integers(1, 100)) if kind == "wheel" else None,
     )

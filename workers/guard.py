@@ -3,10 +3,12 @@
 A session's Redis user may XADD to its own input stream and nothing else, but it can still
 write big or many entries. The node, the stream's only reader, bounds that:
 
-- an entry over ``max_entry`` bytes is dropped (counted ``input_dropped_size``); the node's
-  bounded reads (``workers/reader.py``) see only its size. One over ``close_entry`` (16 times
-  anything a client of ours writes: no accident) closes the session with reason ``input_flood``
-  at once;
+- an entry over ``max_entry`` bytes is dropped (counted ``input_dropped_size``), unless it is at
+  most ``clip_entry`` bytes (room for a ``clipboard`` event, the only input that big: the wire
+  format refuses any other), which costs one token per ``max_entry`` bytes; the node's bounded
+  reads (``workers/reader.py``) see only the size of one over ``clip_entry``. One over
+  ``close_entry`` (3 times anything a client of ours writes: no accident) closes the session with
+  reason ``input_flood`` at once;
 - entries beyond a token bucket of ``rate`` per second (``burst`` at once) are dropped
   (counted ``input_dropped_rate``), so a flood cannot make the app or the encoder work harder;
 - a session that keeps flooding (``flood_drops`` dropped entries), or whose input stream grows
@@ -29,11 +31,14 @@ from dataclasses import dataclass
 
 import redis
 
+from cloudq.wire import MAX_CLIPBOARD_INPUT_BYTES
+
 
 @dataclass
 class InputLimits:
     max_entry: int = 64 * 1024
-    close_entry: int = 1024 * 1024
+    clip_entry: int = MAX_CLIPBOARD_INPUT_BYTES
+    close_entry: int = 3 * 1024 * 1024
     rate: float = 500.0
     burst: float = 1000.0
     flood_drops: int = 2000
@@ -59,12 +64,13 @@ class InputGuard:
         now = time.monotonic()
         self.tokens = min(self.limits.burst, self.tokens + (now - self.last) * self.limits.rate)
         self.last = now
-        if size > self.limits.max_entry:
+        cost = 1 if size <= self.limits.max_entry else -(-size // self.limits.max_entry)
+        if size > max(self.limits.max_entry, self.limits.clip_entry):
             why = "size"
-        elif self.tokens < 1:
+        elif self.tokens < cost:
             why = "rate"
         else:
-            self.tokens -= 1
+            self.tokens -= cost
             return ""
         self.drops += 1
         self.counters[f"input_dropped_{why}"] += 1

@@ -579,7 +579,7 @@ class Node:
                 block=block,
                 wake=self._wake_w,
                 limits=ReadLimits(
-                    max_entry=self.guard.limits.max_entry,
+                    max_entry=max(self.guard.limits.max_entry, self.guard.limits.clip_entry),
                     # shorter, it cannot hold max_stream_bytes: its memory is not worth measuring
                     measure_len=self.guard.limits.max_stream_bytes // self.guard.limits.max_entry,
                 ),

@@ -33,6 +33,10 @@ INPUT_ANSWER = 0.1
 """Seconds after an input during which the app's changes are its answer: rendered at min_gap."""
 KEYFRAME_REQUEST_GAP = 0.25
 """Seconds between two keyframes forced by client requests (a flood of requests costs one IDR)."""
+CLIP_POLL = 1.0
+"""At most this often (seconds, while awake) the node asks its app for new clipboard text."""
+CLIP_MAXLEN = 4
+"""Entries kept in a session's clip stream (exact trim: each may hold 1 MiB)."""
 
 
 def default_workspace() -> str:
@@ -137,6 +141,8 @@ class Streamer:
         self.key_requested = False
         self.unsaved_input = False  # user data changes only through input
         self.broken: str | None = None  # why the app cannot render any more
+        self.clip_key = keys.clip(sid)  # the remote clipboard, out to the client
+        self.last_clip = -math.inf
         self.audio = AudioStreamer(r, keys.audio(sid), counters)  # the app's sound, while awake
         # uploads into and downloads out of HOME (the app's data directory), asleep or awake
         self.files = FileService(r, keys, sid, home, counters) if home is not None else None
@@ -188,6 +194,9 @@ class Streamer:
         except Exception as exc:  # the app cannot render any more (e.g. its X server died)
             self._broke(exc)
         self.last_render = now
+        if now - self.last_clip >= CLIP_POLL:
+            self.last_clip = now
+            self._clipboard()
         if self.input_pending:
             self.input_pending, self.last_input_render = False, now
         nxt = self.next_frame + self.cfg.period
@@ -196,6 +205,21 @@ class Streamer:
                 self.counters["late_frames"] += 1
             nxt = now + self.cfg.period
         self.next_frame = nxt
+
+    def _clipboard(self) -> None:
+        """Publish the app's clipboard text if a program there set it (at most once a CLIP_POLL)."""
+        take = getattr(self.app, "clipboard_text", None)
+        if take is None:
+            return
+        try:
+            text = take()
+        except Exception as exc:  # the clipboard is optional: never the session's end
+            self.counters["clipboard_failed"] += 1
+            log.info("clipboard read failed: %s", exc)
+            return
+        if text:
+            self.r.xadd(self.clip_key, {"text": text.encode()}, maxlen=CLIP_MAXLEN, approximate=False)
+            self.counters["clipboard_published"] += 1
 
     def _frame(self, now: float, keyframe: bool) -> None:
         rgb = self.app.render(now - self.t0)

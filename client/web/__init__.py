@@ -76,12 +76,17 @@ WebSocket, gateway -> page
     :class:`~cloudq.state.CloseReason`, possibly with a detail, ``text`` its words from
     :func:`cloudq.sessionend.close_message`, what ``cloudq connect`` says: the page keeps no table
     of its own). Code 4401: not logged in (or the token expired or was revoked).
+    ``{"t": "clipboard", "text"}``: a program in the session put ``text`` on its CLIPBOARD
+    (``client/web/clipboard.py`` relays the session's ``clip`` stream); the page writes it to the
+    browser's clipboard if allowed (``window.cloudqStats.clipboard`` counts it).
 
 WebSocket, page -> gateway (text only, JSON, at most ``MAX_MESSAGE`` bytes, at most ``RATE`` a
 second sustained with bursts of ``BURST``)
     ``{"t": "input", "type", "seq", "ct", ...}`` one :class:`~cloudq.wire.InputEvent`
     (``key_down``/``key_up`` with ``key`` = X keysym name, ``text``, ``mouse_down``/``mouse_move``/
-    ``mouse_up`` with ``x``, ``y`` in stream pixels and ``button`` 1-3, ``wheel`` with ``dx``, ``dy``);
+    ``mouse_up`` with ``x``, ``y`` in stream pixels and ``button`` 1-3, ``wheel`` with ``dx``, ``dy``,
+    ``clipboard`` with ``text``: the browser's clipboard, at most 1 MiB of UTF-8, the only message
+    allowed past ``MAX_MESSAGE``, up to ``CLIP_MESSAGE``, a few a second at most, more dropped);
     ``{"t": "keyframe"}`` (the page saw a gap; at most ``KEYFRAME_GAP`` apart are forwarded).
     Anything else (not JSON, unknown type, a field of the wrong type, binary, too big, too fast)
     is counted by reason in ``/stats`` and closes that socket only (1008, or 1009 when too big).

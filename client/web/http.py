@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from cloudq import loginflow
 from cloudq.client.web import files
+from cloudq.client.web.clipboard import CLIP_MESSAGE
 from cloudq.client.web.guard import Guard, GuardedRunner, head_clock
 from cloudq.client.web.socket import BURST, MAX_MESSAGE, RATE, Socket, _redis
 from cloudq.keys import Keys
@@ -329,7 +330,7 @@ class Gateway:
             log.warning("ws: refused origin %r for host %r", request.headers.get("Origin"), request.host)
             raise web.HTTPForbidden(text="origin not allowed")
         ws = web.WebSocketResponse(
-            max_msg_size=self.cfg.max_message,
+            max_msg_size=max(self.cfg.max_message, CLIP_MESSAGE),  # bigger: clipboard only (socket.py)
             heartbeat=self.cfg.ws_ping or None,
             timeout=self.cfg.close_timeout,
             compress=False,

@@ -20,6 +20,7 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from cloudq import loginflow
 from cloudq.client.web.audio import audio_loop
+from cloudq.client.web.clipboard import CLIP_MESSAGE, clip_loop
 from cloudq.connection import aconnect, without_credentials
 from cloudq.sessionend import close_message, session_end, warning_message
 from cloudq.settings import Settings
@@ -42,7 +43,9 @@ RATE = 240.0  # page messages per second, sustained
 BURST = 480.0
 KEYFRAME_GAP = 0.25
 INPUT_MAXLEN = 1000
-PAGE_INPUT_TYPES = frozenset({"key_down", "key_up", "text", "mouse_down", "mouse_move", "mouse_up", "wheel"})
+PAGE_INPUT_TYPES = frozenset(
+    {"key_down", "key_up", "text", "mouse_down", "mouse_move", "mouse_up", "wheel", "clipboard"}
+)
 INPUT_FIELDS = ("key", "button", "x", "y", "text", "dx", "dy")
 
 CLOSE_SESSION = 4001
@@ -197,6 +200,7 @@ class Socket:
         self.gw, self.ws, self.token = gw, ws, token
         self.keys = gw.keys
         self.bucket = TokenBucket(gw.cfg.rate, gw.cfg.burst)
+        self.clip_bucket = TokenBucket(1.0, 4.0)  # clipboard messages (up to 1 MiB each)
         self.sr: aioredis.Redis | None = None
         self.sid = ""
         self.user = ""
@@ -285,6 +289,7 @@ class Socket:
                     self.watch_loop(),
                     self.video_loop(),
                     audio_loop(self),
+                    clip_loop(self),
                     self.ending.wait(),
                 )
             ]
@@ -455,15 +460,28 @@ class Socket:
                 if not self.bucket.take():
                     await self.close(WSCloseCode.POLICY_VIOLATION, "too many messages", "rate")
                     raise _Closed
-                if len(msg.data.encode()) > self.gw.cfg.max_message:
+                size = len(msg.data.encode())
+                big = size > self.gw.cfg.max_message  # only a clipboard message may be
+                if size > CLIP_MESSAGE:
                     await self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big", "too_big")
                     raise _Closed
                 try:
                     got = parse_page_message(msg.data)
                 except PageMessageError as exc:
+                    if big:  # too big for anything but a clipboard message, whatever it holds
+                        await self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big", "too_big")
+                        raise _Closed from None
                     log.info("ws %s: bad message: %s", self.sid or "-", exc.reason)
                     await self.close(WSCloseCode.POLICY_VIOLATION, exc.reason, exc.counted)
                     raise _Closed from None
+                if big and not (isinstance(got, InputEvent) and got.type == "clipboard"):
+                    await self.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big", "too_big")
+                    raise _Closed
+                if isinstance(got, InputEvent) and got.type == "clipboard":
+                    if not self.clip_bucket.take():
+                        self.gw.counters["clipboard_dropped"] += 1
+                        continue
+                    self.gw.counters["clipboard_in"] += 1
                 if self.sr is None:
                     continue  # still queued: nothing to send input to
                 if got == "keyframe":

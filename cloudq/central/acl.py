@@ -24,7 +24,7 @@ Users
     can only ask where a given name stands), read ``P settings``. Created by the central server
     when the login is queued, deleted when a node is assigned, on logout and on token expiry.
 ``cloudq-s-<sid>`` (session user; password derived from the bearer token)
-    Exactly what the client's launcher and kernel call: read ``K:video``, ``K:audio`` and ``K:fileout`` (``XREAD``,
+    Exactly what the client's launcher and kernel call: read ``K:video``, ``K:audio``, ``K:clip`` and ``K:fileout`` (``XREAD``,
     ``XREVRANGE``, ``XRANGE``), write ``K:input`` and ``K:files`` (``XADD``, write-only), refresh ``K:hb`` and
     ``K:act`` (``SET``, ``PEXPIRE``, write-only), read ``K`` and ``P settings`` (``HGET``,
     ``HMGET``, ``HGETALL``, read-only); plus ``PING``. Nothing else: not another session's
@@ -143,7 +143,7 @@ def session_rules(keys: Keys, sid: str) -> list[str]:
         "resetchannels",
         "-@all",
         "+ping",
-        f"(+xread +xrevrange +xrange %R~{K}:video %R~{K}:audio %R~{K}:fileout)",
+        f"(+xread +xrevrange +xrange %R~{K}:video %R~{K}:audio %R~{K}:clip %R~{K}:fileout)",
         f"(+xadd %W~{K}:input %W~{K}:files)",
         f"(+set +pexpire %W~{K}:hb %W~{K}:act)",
         f"(+hget +hmget +hgetall %R~{K} %R~{keys.settings})",

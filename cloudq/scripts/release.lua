@@ -30,6 +30,7 @@ local keep = 60000
 redis.call('PEXPIRE', s, 3600000)
 redis.call('PEXPIRE', k_video(sid), keep)
 redis.call('PEXPIRE', k_audio(sid), keep)
+redis.call('PEXPIRE', k_clip(sid), keep)
 redis.call('DEL', k_files(sid), k_fileout(sid))  -- transfers end with the session
 if reason == 'input_flood' then
   redis.call('DEL', k_input(sid))

@@ -4,7 +4,7 @@
 import { AudioPipe } from './audio.js';
 import { CLOSE_SESSION, CLOSE_UNAUTHORIZED, Connection, closeWords, rememberSid, sidQuery } from './connection.js';
 import { FilePanel } from './files.js';
-import { InputCapture } from './input.js';
+import { InputCapture, MAX_CLIPBOARD_BYTES } from './input.js';
 import { Stats, wallClock } from './stats.js';
 import { VideoPipe } from './video.js';
 
@@ -67,7 +67,12 @@ class Session {
     });
     this.audio = new AudioPipe({ stats });
     this.files = new FilePanel({ stage: el.stage, bar: el.logout.parentElement, before: el.logout, stats });
-    this.input = new InputCapture(this.canvas, (type, fields) => this.sendInput(type, fields));
+    this.input = new InputCapture(
+      this.canvas,
+      (type, fields) => this.sendInput(type, fields),
+      (text) => this.sendClipboard(text),
+    );
+    this.clip = null; // the clipboard text last sent or received (not sent again)
     this.conn = new Connection({
       onOpen: () => this.onOpen(),
       onBinary: (buf) => (new Uint8Array(buf, 0, 1)[0] === 2 ? this.audio.push(buf) : this.video.push(buf)),
@@ -127,6 +132,9 @@ class Session {
       case 'warning':
         this.warn(String(msg.text || msg.warning || '')); // the gateway words it (cloudq.sessionend)
         break;
+      case 'clipboard':
+        this.gotClipboard(String(msg.text || ''));
+        break;
       case 'keyframe': // the server lost packets on its side and resyncs us
         this.video.lost('server asked for a resync');
         break;
@@ -182,6 +190,40 @@ class Session {
     const ok = this.conn.send({ t: 'input', type, seq: this.seq++, ct, ...fields });
     if (ok) stats.onInputSent(ct);
     return ok;
+  }
+
+  /** The browser's clipboard text -> the remote CLIPBOARD and PRIMARY (at most 1 MiB of UTF-8). */
+  sendClipboard(text) {
+    if (!text || text === this.clip) return;
+    const c = stats.pub.clipboard;
+    if (new TextEncoder().encode(text).length > MAX_CLIPBOARD_BYTES) {
+      c.dropped++;
+      this.warn('clipboard text over 1 MiB: not sent');
+      return;
+    }
+    const ok = this.conn.send({ t: 'input', type: 'clipboard', seq: this.seq++, ct: wallClock(), text });
+    if (ok) {
+      this.clip = text;
+      c.sent++;
+    } else {
+      c.dropped++;
+    }
+  }
+
+  /** A program in the session set its clipboard: so does the browser (if permitted). */
+  gotClipboard(text) {
+    if (!text) return;
+    const c = stats.pub.clipboard;
+    c.received++;
+    this.clip = text;
+    if (!navigator.clipboard || !navigator.clipboard.writeText) {
+      c.errors++;
+      return;
+    }
+    navigator.clipboard.writeText(text).then(
+      () => { c.written++; },
+      () => { c.errors++; }, // no permission, or the page has no focus: the text is lost
+    );
   }
 
   /** Scale the canvas to the stage, keeping the aspect ratio. */

@@ -4,15 +4,20 @@ import { keysym } from './keys.js';
 
 const WHEEL_PIXELS_PER_STEP = 100; // Chromium: 100 px per notch with deltaMode 0
 const WHEEL_LINES_PER_STEP = 3;
+const PASTE_WAIT_MS = 100; // how long a paste shortcut's keys wait for the browser's paste event
+export const MAX_CLIPBOARD_BYTES = 1024 * 1024; // cloudq/wire.py MAX_CLIPBOARD_BYTES
 
 export class InputCapture {
   /**
    * @param {HTMLCanvasElement} canvas
    * @param {(type: string, fields: object) => boolean} send  false if the event was not sent
    */
-  constructor(canvas, send) {
+  constructor(canvas, send, onClipboard = null) {
     this.canvas = canvas;
     this.send = send;
+    this.onClipboard = onClipboard; // (text) => void: the browser's clipboard text, to the remote
+    this.held = null; // key events of a paste shortcut, sent after the paste event's text
+    this.heldTimer = null;
     this.keys = new Set(); // keysyms held down (released on blur)
     this.buttons = new Set();
     this.wheel = { x: 0, y: 0 };
@@ -31,11 +36,14 @@ export class InputCapture {
     this.on(c, 'pointercancel', (e) => this.pointerUp(e));
     this.on(c, 'wheel', (e) => this.onWheel(e), { passive: false });
     this.on(c, 'contextmenu', (e) => e.preventDefault());
+    this.on(document, 'paste', (e) => this.paste(e));
+    this.on(c, 'focus', () => this.readClipboard());
     this.on(c, 'blur', () => this.releaseAll());
     this.on(window, 'blur', () => this.releaseAll());
   }
 
   detach() {
+    this.flushHeld();
     this.releaseAll();
     for (const [target, type, fn, opts] of this.handlers) target.removeEventListener(type, fn, opts);
     this.handlers = [];
@@ -50,10 +58,42 @@ export class InputCapture {
     if (document.activeElement !== this.canvas || e.isComposing) return;
     const k = keysym(e);
     if (k === null) return;
-    e.preventDefault(); // no browser shortcuts, scrolling or focus moves while in the stream
+    const paste = type === 'key_down' && this.onClipboard && isPasteShortcut(e);
+    // a paste shortcut goes on to the browser (its paste event carries the text), the rest not
+    if (!paste) e.preventDefault(); // no browser shortcuts, scrolling or focus moves while in the stream
     if (type === 'key_down') this.keys.add(k);
     else if (!this.keys.delete(k)) return; // the press went elsewhere: do not send a lone release
-    this.send(type, { key: k });
+    if (paste && !this.held) {
+      this.held = [];
+      this.heldTimer = setTimeout(() => this.flushHeld(), PASTE_WAIT_MS);
+    }
+    if (this.held) this.held.push([type, { key: k }]);
+    else this.send(type, { key: k });
+  }
+
+  flushHeld() {
+    clearTimeout(this.heldTimer);
+    const held = this.held || [];
+    this.held = null;
+    for (const [type, fields] of held) this.send(type, fields);
+  }
+
+  /** The browser's paste (Ctrl+V, a menu): its text becomes the remote clipboard first. */
+  paste(e) {
+    if (document.activeElement !== this.canvas || !this.onClipboard) return;
+    const text = e.clipboardData ? e.clipboardData.getData('text/plain') : '';
+    e.preventDefault();
+    if (text) this.onClipboard(text);
+    this.flushHeld();
+  }
+
+  /** Back on the canvas: the browser's clipboard may have changed (needs the read permission). */
+  readClipboard() {
+    if (!this.onClipboard || !navigator.clipboard || !navigator.clipboard.readText) return;
+    navigator.clipboard.readText().then(
+      (text) => { if (text) this.onClipboard(text); },
+      () => {}, // not permitted: the paste event still works
+    );
   }
 
   /** Client coordinates -> stream pixels (the canvas is CSS-scaled to fit the window). */
@@ -111,6 +151,11 @@ export class InputCapture {
     for (const b of this.buttons) this.send('mouse_up', { ...(this.lastPos || { x: 0, y: 0 }), button: b });
     this.buttons.clear();
   }
+}
+
+function isPasteShortcut(e) {
+  const v = e.key === 'v' || e.key === 'V';
+  return ((e.ctrlKey || e.metaKey) && !e.altKey && v) || (e.shiftKey && e.key === 'Insert');
 }
 
 function clampSteps(n) {

@@ -23,6 +23,7 @@ export class Stats {
       user: null, sid: null, rights: null, closeReason: null, state: null,
       frames: 0, keyframes: 0, packets: 0, bytes: 0, gaps: 0, decodeErrors: 0,
       keyframeRequests: 0, dropped: 0, connects: 0, disconnects: 0,
+      clipboard: { sent: 0, received: 0, written: 0, errors: 0, dropped: 0 },
       fps: 0, bitrate: 0, codec: null, width: 0, height: 0,
       // input -> decoded frame (ms), measured like the Python client
       latency: { p50: null, p99: null, n: 0, last: null, unanswered: 0 },

@@ -23,6 +23,7 @@ from Xlib.ext import damage as xdamage
 from ..base import App
 from .audio import AudioMixin, PulseServer
 from .capture import SETTLE_QUIET, Box, CaptureMixin
+from .clipboard import ClipboardMixin
 from .display import DisplayManager
 from .errors import DisplayError, LaunchError, X11Error
 from .input import InputMixin
@@ -44,7 +45,7 @@ def _cleanup(what: str, step: Callable[[], object]) -> None:
         logger.debug("%s on close failed: %s", what, e)
 
 
-class X11App(CaptureMixin, InputMixin, ProcessMixin, AudioMixin, App):
+class X11App(ClipboardMixin, CaptureMixin, InputMixin, ProcessMixin, AudioMixin, App):
     """An X11 program as a cloudq app.
 
     ``command`` is a command line (shlex-split) or an argv. ``display`` is a :class:`DisplayManager`
@@ -54,7 +55,8 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, AudioMixin, App):
     Input event types: ``key`` (press + release, ``ev.key`` as :func:`parse_key` reads it),
     ``key_down``/``key_up``, ``text`` (``ev.text``, or ``ev.key`` if that is None), ``mouse_move``,
     ``mouse_down``/``mouse_up`` (``ev.button`` 1..3, default 1, at ``ev.x``, ``ev.y``) and ``wheel``
-    (``ev.dx``/``ev.dy`` in notches, positive is right/down; at ``ev.x``, ``ev.y`` if given).
+    (``ev.dx``/``ev.dy`` in notches, positive is right/down; at ``ev.x``, ``ev.y`` if given);
+    ``clipboard`` (``ev.text`` becomes CLIPBOARD and PRIMARY: :mod:`.clipboard`).
 
     ``sandbox`` (what :func:`~.sandbox.preflight` found) runs the program in a sandbox of its own
     (:mod:`.sandbox`); None runs it as this process's user, as a library caller may want.
@@ -120,6 +122,7 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, AudioMixin, App):
         self._remapped: dict[int, int] = {}  # keysym -> spare keycode, oldest first
         self._fit_budget: dict[int, int] = {}
         self._closed = False
+        self._init_clipboard()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -182,6 +185,7 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, AudioMixin, App):
         self._damage = self._root.damage_create(xdamage.DamageReportBoundingBox)
         d.set_input_focus(X.PointerRoot, X.RevertToPointerRoot, X.CurrentTime)
         self._init_keymap()
+        self._watch_clipboard()
         d.sync()
         self._sct = mss.MSS(display=name)
         self._full = True
@@ -198,6 +202,7 @@ class X11App(CaptureMixin, InputMixin, ProcessMixin, AudioMixin, App):
         if self._d is not None:
             _cleanup("releasing held keys and buttons", self._release_all)
         self._kill_program()
+        _cleanup("stopping the clipboard's owners", self._stop_clip_owners)
         _cleanup("stopping the sound server", self._stop_audio)
         if self._d is not None:
             try:

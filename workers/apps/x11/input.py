@@ -192,6 +192,8 @@ class InputMixin:
         elif kind == "text":
             text = getattr(ev, "text", None)
             self._type(self._need_str(text if text is not None else ev.key, "text"))
+        elif kind == "clipboard":
+            self._set_clipboard(ev)  # type: ignore[attr-defined]
         elif kind == "mouse_move":
             self._move(*check_point(ev.x, ev.y, self._screen_w, self._screen_h))
         elif kind == "mouse_down":

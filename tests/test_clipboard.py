@@ -1,0 +1,185 @@
+"""The clipboard of ``x11:`` sessions both ways, through real processes: a ``clipboard`` input
+event becomes the session's CLIPBOARD and PRIMARY (``xclip`` on the node); text a program there
+puts on CLIPBOARD goes out on ``session:{sid}:clip``, and the gateway hands it to the page.
+
+The node runs on a display this test process starts (``--display``), so ``xclip`` here can use it
+with the same cookie. Needs ``Xvfb``, ``xterm`` and ``xclip``; the browser test needs Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from helpers import Procs, missing_prerequisite, session_field, start_pool, wait_for
+
+from cloudq.client.launcher import Launcher
+from cloudq.keys import Keys
+from cloudq.wire import InputEvent
+
+MISSING = [p for p in ("Xvfb", "xterm", "xclip") if shutil.which(p) is None]
+W, H = 320, 240
+TEXT_IN = "héllo ✓"
+TEXT_OUT = "from the session ✓ ünïcode"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _programs() -> None:
+    if MISSING:
+        missing_prerequisite(f"clipboard tests need {', '.join(MISSING)} on PATH (apt: xvfb xterm xclip)")
+
+
+@pytest.fixture
+def display() -> Iterator[Any]:
+    from cloudq.workers.apps.x11 import DisplayManager
+
+    with DisplayManager(W, H) as dm:
+        yield dm
+
+
+def xclip_out(name: str, selection: str = "clipboard") -> str:
+    env = {**os.environ, "DISPLAY": name}
+    got = subprocess.run(
+        ["xclip", "-o", "-selection", selection], env=env, capture_output=True, timeout=5, check=False
+    )
+    return got.stdout.decode(errors="replace") if got.returncode == 0 else ""
+
+
+def xclip_in(name: str, text: str) -> subprocess.Popen[bytes]:
+    """Own CLIPBOARD on ``name`` with ``text`` (a program in the session copying it); kill it after."""
+    proc = subprocess.Popen(
+        ["xclip", "-quiet", "-selection", "clipboard", "-i"],
+        env={**os.environ, "DISPLAY": name},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(text.encode())
+    proc.stdin.close()
+    return proc
+
+
+def clip_texts(r: redis.Redis, keys: Keys, sid: str) -> list[str]:
+    return [f[b"text"].decode() for _, f in r.xrange(keys.clip(sid))]
+
+
+def pool(r: redis.Redis, keys: Keys, procs: Procs, dm: Any) -> None:
+    start_pool(
+        r,
+        keys,
+        procs,
+        1,
+        "x11:xterm",
+        ("--size", f"{W}x{H}", "--display", dm.name),
+        users=("alice",),
+        idle_timeout=30,
+        grace=30,
+    )
+
+
+def test_a_clipboard_event_sets_the_sessions_clipboard_and_a_programs_copy_comes_out(
+    r: redis.Redis, keys: Keys, procs: Procs, display: Any
+) -> None:
+    from test_x11 import Screen
+
+    pool(r, keys, procs, display)
+    launcher = Launcher(r, keys)
+    t = launcher.login("alice", "pw")
+    wait_for(lambda: session_field(r, keys, t.sid) == "active", 20, what="the session active")
+    with Screen(r, keys, t):  # a client: heartbeats, so the session stays awake
+        ev = InputEvent(type="clipboard", seq=1, client_time=time.time(), text=TEXT_IN)
+        launcher.sr.xadd(keys.input(t.sid), ev.pack())  # as the session's own Redis user
+        wait_for(lambda: xclip_out(display.name) == TEXT_IN, 10, what="the text on CLIPBOARD")
+        assert xclip_out(display.name, "primary") == TEXT_IN
+        time.sleep(1.5)  # the node polls once a second: its own paste is not echoed
+        assert clip_texts(r, keys, t.sid) == []
+
+        owner = xclip_in(display.name, TEXT_OUT)
+        try:
+            wait_for(lambda: TEXT_OUT in clip_texts(r, keys, t.sid), 10, what="the copy on the clip stream")
+            # the session user may read it (the gateway relays it as that user)
+            assert launcher.sr.xrevrange(keys.clip(t.sid), count=1)[0][1][b"text"].decode() == TEXT_OUT
+        finally:
+            owner.kill()
+            owner.wait(5)
+
+
+def test_the_page_gets_the_sessions_clipboard_and_sends_its_own(
+    r: redis.Redis, keys: Keys, procs: Procs, display: Any, tmp_path: Any
+) -> None:
+    from test_gateway_browser import HAVE_BROWSER, Gateway, login, new_driver, stats
+
+    if not HAVE_BROWSER:
+        missing_prerequisite("chromium and chromium-driver are not installed")
+    pool(r, keys, procs, display)
+    gw = Gateway(procs).start()
+    driver = new_driver(str(tmp_path / "profile"))
+    owner: subprocess.Popen[bytes] | None = None
+    try:
+        driver.execute_cdp_cmd(
+            "Browser.grantPermissions",
+            {"origin": gw.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+        )
+        login(driver, gw, "alice")
+        wait_for(lambda: (stats(driver) or {}).get("frames", 0) > 0, 20, what="the first decoded frame")
+
+        def clip() -> dict[str, int]:
+            return (stats(driver) or {}).get("clipboard") or {}
+
+        owner = xclip_in(display.name, TEXT_OUT)
+        wait_for(lambda: clip().get("received", 0) >= 1, 10, what="the clipboard at the page")
+        wait_for(lambda: clip().get("written", 0) + clip().get("errors", 0) >= 1, 5, what="writeText done")
+        got = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "navigator.clipboard.readText().then(done, (e) => done('error: ' + e));"
+        )
+        assert got == TEXT_OUT, (got, clip())
+        assert clip()["errors"] == 0
+
+        # the browser's paste: its text becomes the session's clipboard
+        driver.execute_script(
+            "const c = document.getElementById('screen'); c.focus();"
+            "const dt = new DataTransfer(); dt.setData('text/plain', arguments[0]);"
+            "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true}));",
+            TEXT_IN,
+        )
+        wait_for(lambda: xclip_out(display.name) == TEXT_IN, 10, what="the pasted text on CLIPBOARD")
+        assert clip()["sent"] >= 1
+    finally:
+        if owner is not None:
+            owner.kill()
+            owner.wait(5)
+        driver.quit()
+
+
+def test_an_honest_mebibyte_passes_the_wire_and_the_guard_and_more_does_not() -> None:
+    from collections import Counter
+
+    from cloudq.wire import MAX_CLIPBOARD_BYTES, MAX_INPUT_BYTES, BadMessage
+    from cloudq.workers.guard import InputGuard, InputLimits
+
+    text = "é" * (MAX_CLIPBOARD_BYTES // 2)  # 1 MiB of UTF-8
+    fields = InputEvent(type="clipboard", seq=1, client_time=1.0, text=text).pack()
+    assert InputEvent.unpack(fields).text == text
+    guard = InputGuard(InputLimits(), Counter())
+    assert guard.admit(len(fields["m"]) + 1) == ""
+    with pytest.raises(BadMessage):
+        InputEvent(type="clipboard", seq=1, client_time=1.0, text=text + "x")
+    with pytest.raises(BadMessage):
+        InputEvent(type="clipboard", seq=1, client_time=1.0, text="")
+    # only a clipboard event may be that big
+    import msgpack
+
+    big = msgpack.packb(
+        {"v": 1, "type": "key", "seq": 1, "ct": 1.0, "key": "a", "pad": "x" * MAX_INPUT_BYTES}
+    )
+    with pytest.raises(BadMessage):
+        InputEvent.unpack({"m": big})
+    assert guard.admit(InputLimits().clip_entry + 1) == "size"
