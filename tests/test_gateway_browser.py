@@ -612,3 +612,50 @@ def test_the_page_decodes_and_plays_the_sessions_sound(
     assert a["level"] > 0.1, a
     assert a["errors"] == 0 and a["state"] == "running", a
     assert 0 < a["decodedMs"] < 1000 and a["lateMs"] >= a["decodedMs"], a
+
+
+# issue 22, item 1: what a user types on the page arrives in a real program as typed: characters at
+# the layout's Shift level and non-ASCII characters the layout lacks (the node remaps a spare
+# keycode), through Chromium, the gateway, Valkey, the node and xterm, read back from the file the
+# shell wrote in the session's HOME
+# (the euro sign is left out: it does not arrive in xterm yet, see the stop note of 2026-12-05)
+TYPED = '~|@{}<>"é ß 中'
+
+
+def test_the_page_types_shift_level_and_non_ascii_characters_into_xterm(
+    r: redis.Redis, keys: Keys, procs: Procs, driver: Any
+) -> None:
+    start_pool(
+        r, keys, procs, 1, "x11:xterm -u8", ("--size", "480x320"), users=("alice",), grace=30, idle_timeout=30
+    )
+    gw = Gateway(procs).start()
+    login(driver, gw, "alice")
+    wait_for(lambda: frames(driver) > 0, 20, what="the first decoded frame")
+    driver.execute_script("document.getElementById('screen').focus()")
+    from cloudq.workers.data import workspace_dir
+
+    home = workspace_dir(Path(procs.log_dir or "") / "workspace", "n1")
+    out = home / "typed.txt"
+    # the shell may not be ready for the first keys: type a harmless command until it has run
+    ready = home / "ready"
+
+    def shell_ready() -> bool:
+        ActionChains(driver, duration=0).send_keys("\ntouch ready\n").perform()
+        return bool(wait_for(ready.exists, 2, what="ready") if ready.exists() else _soon(ready.exists, 2))
+
+    wait_for(shell_ready, 20, what="the shell to run a command")
+    ActionChains(driver, duration=0).send_keys(f"echo '{TYPED}' > typed.txt\n").perform()
+    wait_for(lambda: out.exists() and out.read_text(encoding="utf-8", errors="replace").endswith("\n"), 5)
+    assert out.read_text(encoding="utf-8", errors="replace") == TYPED + "\n"
+
+
+def _soon(cond: Any, timeout: float) -> bool:
+    """``cond`` within ``timeout`` s (False, not an error, if not)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False

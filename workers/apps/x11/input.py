@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from typing import Any
 
 from Xlib import XK, X
@@ -73,6 +74,9 @@ MAX_WHEEL_CLICKS = 20
 BUTTONS = (1, 2, 3)
 
 
+_UNICODE_NAME = re.compile(r"U[0-9A-Fa-f]{4,6}")
+
+
 def char_to_keysym(ch: str) -> int:
     """The keysym that types ``ch``: Latin-1 keysyms equal the code point, others are ``0x01000000 + cp``."""
     if len(ch) != 1:
@@ -88,6 +92,13 @@ def char_to_keysym(ch: str) -> int:
 def _name_to_keysym(name: str) -> int:
     if len(name) == 1:
         return char_to_keysym(name)
+    if _UNICODE_NAME.fullmatch(name):
+        # Xlib's "U20AC" names (what the page sends for characters beyond Latin-1): python-xlib's
+        # string_to_keysym does not know them
+        cp = int(name[1:], 16)
+        if cp > 0x10FFFF:
+            raise UnknownKeyError(f"unknown key {name!r}")
+        return char_to_keysym(chr(cp))
     sym = XK.string_to_keysym(KEY_ALIASES.get(name, name))
     if sym == X.NoSymbol:
         raise UnknownKeyError(f"unknown key {name!r}")
