@@ -647,6 +647,14 @@ def test_the_page_types_shift_level_and_non_ascii_characters_into_xterm(
     ActionChains(driver, duration=0).send_keys(f"echo '{TYPED}' > typed.txt\n").perform()
     wait_for(lambda: out.exists() and out.read_text(encoding="utf-8", errors="replace").endswith("\n"), 5)
     assert out.read_text(encoding="utf-8", errors="replace") == TYPED + "\n"
+    shot = os.environ.get("CLOUDQ_SCREENSHOT")  # README's picture: CLOUDQ_SCREENSHOT=docs/browser-session.png
+    if shot:
+        import time
+
+        ActionChains(driver, duration=0).send_keys("cat typed.txt; ls -la | head -5\n").perform()
+        wait_for(lambda: frames(driver) > 0, 2)
+        time.sleep(1.0)  # a picture for people: let the last frames arrive (not a synchronisation)
+        driver.save_screenshot(shot)
 
 
 def _soon(cond: Any, timeout: float) -> bool:
