@@ -157,12 +157,16 @@ class Kernel:
         sinks: Iterable[Sink] = (),
         on_input: Callable[[], object] | None = None,
         on_sent: Callable[[InputEvent], object] | None = None,
+        media: redis.Redis | None = None,
     ) -> None:
+        # heartbeats go to the control server (``r``); video and input to the session's media
+        # server (``media``, cloudq/media.py; None: the control server holds them too)
+        m = media if media is not None else r
         self.heartbeat = Heartbeat(r, keys, sid, settings)
-        self.input = InputSender(r, keys, sid, on_input=on_input)
+        self.input = InputSender(m, keys, sid, on_input=on_input)
         self.pump = InputPump(self.input, on_sent)
         # the client's pool hands each thread its own connection while the player's XREAD blocks
-        self.player = Player(r, keys, sid, sinks, request_keyframe=self.input.request_keyframe)
+        self.player = Player(m, keys, sid, sinks, request_keyframe=self.input.request_keyframe)
         self.stop = threading.Event()
         self._thread = threading.Thread(target=self.player.run, args=(self.stop,), name=f"player-{sid}")
 

@@ -23,6 +23,7 @@ import redis
 
 from cloudq import credentials, loginflow
 from cloudq.keys import Keys
+from cloudq.media import connect_like, session_media
 from cloudq.messages import BadMessage, Reply, Request, unpack_reply
 from cloudq.retry import Backoff
 from cloudq.sessionend import close_message
@@ -81,12 +82,24 @@ class Launcher:
         self.settings = Settings()
         self.creds = credentials.Credentials()
         self._sr: redis.Redis | None = None
+        self._media: tuple[str, redis.Redis] | None = None
         self.trusted = False  # the server gave no Redis user: ACLs are off
 
     @property
     def sr(self) -> redis.Redis:
         """The connection for everything but login/logout: the session's own Redis user."""
         return self._sr if self._sr is not None else self.r
+
+    def media(self, sid: str) -> redis.Redis:
+        """The connection for session ``sid``'s streams (video, input, files): its media server
+        (:mod:`cloudq.media`, named in the session hash) as the session's own user, or :attr:`sr`
+        when the control server holds them."""
+        url = session_media(self.sr, self.keys, sid)
+        if not url:
+            return self.sr
+        if self._media is None or self._media[0] != url:
+            self._media = (url, connect_like(url, self.sr))
+        return self._media[1]
 
     def use_identity(self, acl_user: str, token: str) -> None:
         """Authenticate :attr:`sr` as ``acl_user`` from now on (``""``: ACLs off, use the login

@@ -41,6 +41,7 @@ from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
 from cloudq.client.stats import StatsSink, write_json
 from cloudq.connection import connect
 from cloudq.keys import Keys
+from cloudq.media import LOST_FIELD
 from cloudq.retry import Backoff
 from cloudq.sessionend import close_message, session_end, warning_message
 from cloudq.state import CloseReason
@@ -102,6 +103,7 @@ class ClientSession:
         self.node = ""
         self.position: int | None = None
         self.warning = ""
+        self.media_lost = False  # the node said its media server is lost
         self.states: list[str] = []
         self.nodes: list[str] = []
         self.reconnects: list[dict[str, Any]] = []
@@ -182,6 +184,7 @@ class ClientSession:
             "nodes": list(self.nodes),
             "reconnects": list(self.reconnects),
             "warning": self.warning,
+            "media_lost": self.media_lost,
             "close_reason": self.close_reason,
             "ended": self.ended,
             "exit_code": self.exit_code,
@@ -255,6 +258,7 @@ class ClientSession:
             sinks,
             on_input=lambda: self.launcher.mark_activity(t.sid),
             on_sent=self.stats_sink.on_sent,
+            media=self.launcher.media(t.sid),
         ).start()
         if self.opt.script:
             self.script = ScriptPlayer(
@@ -289,12 +293,12 @@ class ClientSession:
 
         for f in self.opt.uploads:
             try:
-                self.say(f"uploaded {f} to ~/{upload(self.launcher.sr, self.keys, sid, f)}")
+                self.say(f"uploaded {f} to ~/{upload(self.launcher.media(sid), self.keys, sid, f)}")
             except (OSError, TransferError, BadTransfer) as exc:
                 self.say(f"upload of {f} failed: {exc}")
         for p in self.opt.downloads:
             try:
-                local, n = download(self.launcher.sr, self.keys, sid, p)
+                local, n = download(self.launcher.media(sid), self.keys, sid, p)
                 self.say(f"downloaded ~/{p} to {local} ({n} bytes)")
             except (OSError, TransferError, BadTransfer) as exc:
                 self.say(f"download of {p} failed: {exc}")
@@ -331,9 +335,22 @@ class ClientSession:
     def _check_session(self) -> None:
         assert self.ticket is not None
         raw = self.launcher.sr.hmget(
-            self.keys.session(self.ticket.sid), "state", "close_reason", "node", "warning", "token"
+            self.keys.session(self.ticket.sid),
+            "state",
+            "close_reason",
+            "node",
+            "warning",
+            "token",
+            LOST_FIELD,
         )
-        state, reason, node, warning, token = ((v or b"").decode() for v in raw)
+        state, reason, node, warning, token, media_lost = ((v or b"").decode() for v in raw)
+        if bool(media_lost) != self.media_lost:
+            self.media_lost = bool(media_lost)
+            self.say(
+                "media server lost: waiting for it (the session is kept)"
+                if media_lost
+                else "media server back"
+            )
         ended = session_end(state, reason, token, hash_token(self.ticket.token))
         if ended:
             self._ended(ended)

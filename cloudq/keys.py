@@ -98,7 +98,8 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "hash",
         "-",
         "scripts",
-        "user, node, state, gen, timestamps, reason; token (hash), acl (SHA-256 of the session user's password)",
+        "user, node, state, gen, timestamps, reason; token (hash), acl (SHA-256 of the session user's password); "
+        "media (the media server of its streams, '' = this server), media_lost (when its node lost that server)",
     ),
     ("session:{<sid>}:hb", "string", "heartbeat TTL", "client kernel", "heartbeat"),
     ("session:{<sid>}:act", "string", "idle timeout", "client launcher", "user activity"),
@@ -138,6 +139,20 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("closed", "sorted set", "1 h of closes", "scripts", "ids of sessions that closed, score = when"),
     ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
     ("sweeper", "hash", "-", "central", "last: server time of the last sweep; run_id: the server it ran on"),
+    (
+        "media:down",
+        "set",
+        "-",
+        "central",
+        "media servers (their public URLs) the central server cannot reach: new sessions go elsewhere",
+    ),
+    (
+        "media:mark",
+        "string",
+        "-",
+        "central",
+        "on each media server: set by the central server; missing = a new server (session users re-created)",
+    ),
     ("acl:expiry", "sorted set", "-", "central", "session/queue ACL users, score = when their token expires"),
 ]
 
@@ -208,6 +223,14 @@ class Keys:
     @property
     def sweeper(self) -> str:
         return self._k("sweeper")
+
+    @property
+    def media_down(self) -> str:
+        return self._k("media:down")
+
+    @property
+    def media_mark(self) -> str:
+        return self._k("media:mark")
 
     @property
     def acl_expiry(self) -> str:

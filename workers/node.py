@@ -39,12 +39,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
 
 from cloudq.keys import Keys
+from cloudq.media import FIELD as MEDIA_FIELD
 from cloudq.messages import BadMessage, unpack_control
 from cloudq.retry import Backoff, passing
 from cloudq.settings import Settings
@@ -55,7 +55,9 @@ from cloudq.workers import data
 from cloudq.workers.apps import app_factory
 from cloudq.workers.data import workspace_dir
 from cloudq.workers.guard import InputGuard, InputLimits
-from cloudq.workers.reader import MAX_BLOCK, OVERSIZE, Batch, ReadLimits, StreamReader
+from cloudq.workers.medialink import MediaLink, refreshing
+from cloudq.workers.reader import Batch, ReadLimits, StreamReader, stub_size
+from cloudq.workers.recovery import NodeFailed, NodeIdTaken, Recovery
 from cloudq.workers.streamer import MediaConfig, MediaObserver, Streamer, default_workspace
 
 log = logging.getLogger(__name__)
@@ -88,20 +90,6 @@ return 1
 """
 
 
-def _stub_size(fields: dict[bytes, bytes]) -> int | None:
-    """The size of the entry a bounded read's stub stands for (None: not a stub)."""
-    raw = fields.get(OVERSIZE) if len(fields) == 1 else None
-    return int(raw) if raw is not None and raw.isdigit() and len(raw) < 20 else None
-
-
-class NodeIdTaken(RuntimeError):
-    """Another live process already serves this node id."""
-
-
-class NodeFailed(RuntimeError):
-    """The node met an error it cannot survive (the message says which); the process ends."""
-
-
 @dataclass
 class NodeSession:
     sid: str
@@ -113,9 +101,10 @@ class NodeSession:
     ending: bool = False  # its app exited: a close was asked for
     closing: bool = False  # a close was requested for abuse
     unreported: str = ""  # an app error not yet recorded (app_error.lua): retried each step
+    link: MediaLink | None = None  # where its streams are (workers/medialink.py)
 
 
-class Node:
+class Node(Recovery):
     def __init__(
         self,
         r: redis.Redis,
@@ -156,6 +145,7 @@ class Node:
         self._published: dict[str, int] = {}
         self._lock = threading.Lock()  # the node's state, between the loop and the reader
         self.reader: StreamReader | None = None
+        self.media_reader: StreamReader | None = None  # the input stream, on a media server
         # readable when the reader hands a batch over or interrupt() is called
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -187,70 +177,12 @@ class Node:
         self._next_refresh = time.monotonic() + self.settings.node_refresh
         self.publish_stats()
 
-    def declared_offline(self) -> None:
-        """The central server judged this node dead (it stalled past its TTL) while it still runs.
-
-        The app's state is the newest copy of the user's work: take the session back if nobody
-        took it, otherwise save the workspace to the store (the normal save path, under the
-        user's save lock) before letting go, then register again.
-        """
-        sess = self.session
-        if sess is None:
-            log.warning("node %s was declared offline; registering again", self.id)
-            self.register()
-            return
-        status = self.sm.rejoin_node(self.id, self.instance, sess.sid)
-        if status not in ("taken", "gone", "not-owner"):
-            log.warning(
-                "node %s was declared offline; rejoined with session %s (%s)", self.id, sess.sid, status
-            )
-            self.sleep()
-            return
-        log.warning("node %s was declared offline; session %s %s: saving its work", self.id, sess.sid, status)
-        if status != "not-owner":
-            self.save_to_store(f"node {self.id} declared offline")
-        self.stop_session("declared offline", save=False)
-        if status == "not-owner":
-            raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
-        self.register()
-
-    def lost_by_server(self) -> None:
-        """The server restarted without our keys (no persistence): save the session's work (the
-        node knows whose workspace it mounted), record the session as closed, register again."""
-        sess = self.session
-        if sess is not None:
-            log.warning("node %s: the server lost its keys; saving session %s", self.id, sess.sid)
-            self.save_to_store(f"node {self.id}: server restarted without the session", require_marker=False)
-            self.sm.lost_session(sess.sid, sess.user, self.id)
-            self.stop_session("server restarted without it", save=False)
-        else:
-            log.warning("node %s: the server lost its keys; registering again", self.id)
-        self.register()
-
-    @contextlib.contextmanager
-    def keepalive(self) -> Iterator[None]:
+    def keepalive(self) -> contextlib.AbstractContextManager[None]:
         """Refresh the liveness key from a helper thread while the loop is busy in a slow app
         call (save, load) or a save to the store: a slow app never makes the node look dead."""
-        done = threading.Event()
         ttl_ms = int((self.settings.node_ttl or 3600) * 1000)
-
-        def run() -> None:
-            while not done.wait(self.settings.node_refresh):
-                try:
-                    self._refresh(
-                        keys=[self.keys.node_alive(self.id), self.keys.node(self.id)],
-                        args=[self.instance, ttl_ms],
-                    )
-                except redis.RedisError as exc:
-                    log.debug("node %s: keepalive refresh failed: %s", self.id, exc)
-
-        th = threading.Thread(target=run, name="keepalive", daemon=True)
-        th.start()
-        try:
-            yield
-        finally:
-            done.set()
-            th.join()
+        keys, args = [self.keys.node_alive(self.id), self.keys.node(self.id)], [self.instance, ttl_ms]
+        return refreshing(lambda: self._refresh(keys=keys, args=args), self.settings.node_refresh)
 
     def app_failed(self, where: str, exc: BaseException | str | None = None) -> None:
         """The app raised (or cannot go on): save what can be saved, drop the app, close the
@@ -344,15 +276,20 @@ class Node:
     # -- session ----------------------------------------------------------------------------
     def start_session(self, sid: str, gen: int) -> None:
         self._end_sleep()
-        last = self.r.xrevrange(self.keys.input(sid), count=1)
-        streamer = None
+        streamer = link = None
         if self.session and self.session.sid == sid and self.session.streamer:
             streamer = self.session.streamer  # the same session again: its app state is newer than disk
+            link = self.session.link
         elif self.session:
             self.stop_session("replaced", save=True)
-        user = (self.r.hget(self.keys.session(sid), "user") or b"").decode()
+        raw_user, url = self.r.hmget(self.keys.session(sid), "user", MEDIA_FIELD)
+        user = (raw_user or b"").decode()
+        link = link or MediaLink(self.r, self.keys, sid, (url or b"").decode(), self.counters)
+        last = link.r.xrevrange(self.keys.input(sid), count=1)
         if streamer is None:
-            self.session = NodeSession(sid, gen, user=user, input_id=last[0][0] if last else b"0-0")
+            self.session = NodeSession(
+                sid, gen, user=user, input_id=last[0][0] if last else b"0-0", link=link
+            )
             try:
                 app = self.factory()
                 self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -362,10 +299,10 @@ class Node:
                 self.app_failed("load", exc)
                 return
             streamer = Streamer(
-                self.r, self.keys, sid, app, self.media, self.counters, self.observer, home=self.data_dir
+                link.r, self.keys, sid, app, self.media, self.counters, self.observer, home=self.data_dir
             )
         self.session = NodeSession(
-            sid, gen, user=user, input_id=last[0][0] if last else b"0-0", streamer=streamer
+            sid, gen, user=user, input_id=last[0][0] if last else b"0-0", streamer=streamer, link=link
         )
         self.guard.reset()
         if self.sm.activate(self.id, sid, gen):
@@ -374,6 +311,7 @@ class Node:
         else:
             log.info("node %s: start of %s gen %s is stale", self.id, sid, gen)
             streamer.close()
+            self._drop_media()
             self.session = None
 
     def end_session(self, sid: str, gen: int, reason: str) -> None:
@@ -425,8 +363,17 @@ class Node:
                     with self.keepalive():
                         saved = st.save(self.data_dir)
                 st.close()
+            self._drop_media()
         self.session = None
         return saved
+
+    def _drop_media(self, keep_link: bool = False) -> None:
+        """Stop reading the session's media server (and let go of it unless ``keep_link``)."""
+        if self.media_reader is not None:
+            self.media_reader.close()
+            self.media_reader = None
+        if self.session and self.session.link and not keep_link:
+            self.session.link.close()
 
     def sleep(self) -> None:
         if self.session and not self.session.sleeping:
@@ -507,19 +454,19 @@ class Node:
     def discard_input(self) -> None:
         """Empty a flooding session's input stream. XTRIM, not DEL: the stream keeps its last id,
         so the client cannot restart it below the node's read position and out of its sight."""
-        if self.session:
-            self.r.xtrim(self.keys.input(self.session.sid), maxlen=0, approximate=False)
+        if self.session and self.session.link:
+            self.session.link.r.xtrim(self.keys.input(self.session.sid), maxlen=0, approximate=False)
 
     def check_input_stream(self) -> None:
         if self.session and self.session.closing:
             self.discard_input()
-        elif self.session:
-            why = self.guard.check_stream(self.r, self.keys.input(self.session.sid))
+        elif self.session and self.session.link:
+            why = self.guard.check_stream(self.session.link.r, self.keys.input(self.session.sid))
             if why:
                 self.close_for_abuse(why)
 
     def handle_input(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        size = _stub_size(fields)
+        size = stub_size(fields)
         if size is None:
             size = sum(len(k) + len(v) for k, v in fields.items())
         dropped = self.guard.admit(size)
@@ -558,68 +505,89 @@ class Node:
             due = min(due, frame)
         return max(0.0, due - time.monotonic())
 
-    def streams(self) -> dict[str, bytes]:
-        """What the reader blocks on: the control stream, and the session's input stream."""
+    def streams(self, media: bool = False) -> dict[str, bytes]:
+        """What the reader blocks on: the control stream, and the session's input stream; with
+        ``media``, what the media reader does (the input stream, when it is on a media server)."""
         with self._lock:
-            streams = {self.keys.node_control(self.id): self.control_id}
-            if self.session:
-                streams[self.keys.input(self.session.sid)] = self.session.input_id
+            sess = self.session
+            separate = bool(sess and sess.link and sess.link.separate)
+            streams = {} if media else {self.keys.node_control(self.id): self.control_id}
+            if sess and separate == media and not (media and sess.link.lost_at is not None):  # type: ignore[union-attr]
+                streams[self.keys.input(sess.sid)] = sess.input_id
             return streams
 
     def step(self) -> None:
-        """Wait (on the local clock) for a batch from the reader, the app's change descriptor or
+        """Wait (on the local clock) for a batch from a reader, the app's change descriptor or
         the next duty; then do what is due."""
+        control = self.keys.node_control(self.id)
+        limits = ReadLimits.for_input(self.guard.limits)
         if self.reader is None or not self.reader.is_alive():
-            sock_timeout = self.r.connection_pool.connection_kwargs.get("socket_timeout")
-            block = min(MAX_BLOCK, sock_timeout / 2) if sock_timeout else MAX_BLOCK
-            control = self.keys.node_control(self.id)
-            self.reader = StreamReader(
-                self.r,
-                self.streams,
-                block=block,
-                wake=self._wake_w,
-                limits=ReadLimits(
-                    max_entry=max(self.guard.limits.max_entry, self.guard.limits.clip_entry),
-                    # shorter, it cannot hold max_stream_bytes: its memory is not worth measuring
-                    measure_len=self.guard.limits.max_stream_bytes // self.guard.limits.max_entry,
-                ),
-                trim=lambda name: name != control,  # input: what the node read is of no more use
-            )
-            self.reader.start()
+            self.reader = StreamReader.for_node(self.r, self.streams, self._wake_w, limits, control)
+        link = self.session.link if self.session else None
+        if link is not None and link.separate and (up := link.ready()) is not None:
+            if not up and self.session and self.session.streamer:  # back: a keyframe first
+                self.session.streamer.key_requested = True
+            if self.media_reader is None or not self.media_reader.is_alive():
+                self.media_reader = StreamReader.for_node(
+                    link.r, lambda: self.streams(media=True), self._wake_w, limits, control
+                )
+        readers = [rd for rd in (self.reader, self.media_reader) if rd is not None]
         st = self.session.streamer if self.session else None
+        paused = link is not None and link.lost_at is not None
         # asleep, the app's descriptor is not watched (a program that is not frozen still draws)
-        fd = st.fileno() if st is not None and not st.sleeping else None
+        fd = st.fileno() if st is not None and not st.sleeping and not paused else None
         changed = False
-        if self.reader.batches.empty():
+        if all(rd.batches.empty() for rd in readers):
             waits = [self._wake_r] + ([fd] if fd is not None else [])
-            got, _, _ = select.select(waits, [], [], min(self.next_timeout(), MAX_WAIT))
+            timeout = min(self.next_timeout(), MAX_WAIT, 0.2 if paused else MAX_WAIT)
+            got, _, _ = select.select(waits, [], [], timeout)
             changed = fd is not None and fd in got
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
-        batch = self.reader.next(0)
-        if batch is not None:
-            try:
-                with self._lock:
-                    if isinstance(batch, Exception):
-                        # a read that keeps failing must not stop the liveness refresh too: that
-                        # took every node a flooding session was moved to offline (issue 20)
-                        if time.monotonic() >= self._next_refresh:
-                            with contextlib.suppress(redis.RedisError):
-                                self.refresh_liveness()
-                        raise batch
-                    self.handle_batch(batch)
-            finally:
-                self.reader.done.set()
+        for rd in readers:
+            self._take(rd, link)
         now = time.monotonic()
         with self._lock:
-            if changed and self.session and self.session.streamer:
-                self.session.streamer.on_change(now)
-            if self.session and self.session.streamer:
-                self.session.streamer.tick(now)
-            self.check_app()
-            if now >= self._next_refresh:
-                self.refresh_liveness()
-                self.check_input_stream()
+            try:
+                if self.session and self.session.streamer and not paused:
+                    if changed:
+                        self.session.streamer.on_change(now)
+                    self.session.streamer.tick(now)
+                self.check_app()
+                if now >= self._next_refresh:
+                    self.refresh_liveness()
+                    self.check_input_stream()
+            except Exception as exc:
+                if link is None or not link.owns(exc):
+                    raise
+                link.failed(exc)  # the media server's outage: the session's media pauses
+
+    def _take(self, rd: StreamReader, link: MediaLink | None) -> None:
+        """Handle the batch ``rd`` has ready, if any."""
+        batch = rd.next(0)
+        if batch is None:
+            return
+        try:
+            with self._lock:
+                if isinstance(batch, Exception) and rd is self.media_reader and link and link.owns(batch):
+                    link.failed(batch)
+                    self._drop_media(keep_link=True)  # a new reader once the server is back
+                    return
+                if isinstance(batch, Exception):
+                    # a read that keeps failing must not stop the liveness refresh too: that
+                    # took every node a flooding session was moved to offline (issue 20)
+                    if time.monotonic() >= self._next_refresh:
+                        with contextlib.suppress(redis.RedisError):
+                            self.refresh_liveness()
+                    raise batch
+                try:
+                    self.handle_batch(batch)
+                except Exception as exc:  # e.g. trimming a flooding client's input there
+                    if link is None or not link.owns(exc):
+                        raise
+                    link.failed(exc)
+        finally:
+            rd.done.set()
 
     def handle_batch(self, batch: Batch) -> None:
         control = self.keys.node_control(self.id)

@@ -62,6 +62,21 @@ class ReadLimits:
     """A stream longer than this after the read, or where the read met an oversized entry, has
     its memory measured (MEMORY USAGE)."""
 
+    @classmethod
+    def for_input(cls, guard: Any) -> ReadLimits:
+        """The limits that fit a node's :class:`~cloudq.workers.guard.InputLimits` ``guard``."""
+        return cls(
+            max_entry=max(guard.max_entry, guard.clip_entry),
+            # shorter, it cannot hold max_stream_bytes: its memory is not worth measuring
+            measure_len=guard.max_stream_bytes // guard.max_entry,
+        )
+
+
+def stub_size(fields: dict[bytes, bytes]) -> int | None:
+    """The size of the entry a bounded read's stub stands for (None: not a stub)."""
+    raw = fields.get(OVERSIZE) if len(fields) == 1 else None
+    return int(raw) if raw is not None and raw.isdigit() and len(raw) < 20 else None
+
 
 # KEYS: the streams; ARGV: their ids, then count, max_bytes, max_entry, measure_len, stub field,
 # then one flag per stream ('1': trim it). Each stream is read one entry at a time, so an
@@ -139,9 +154,30 @@ class StreamReader(threading.Thread):
         self.stop = threading.Event()
         self._bounded = r.register_script(BOUNDED_READ)
 
+    @classmethod
+    def for_node(
+        cls, r: redis.Redis, streams: Callable[[], dict[str, bytes]], wake: int, limits: ReadLimits, keep: str
+    ) -> StreamReader:
+        """A node's reader on ``r`` (started): it blocks below the client's socket timeout, and
+        every stream but ``keep`` (the control stream) loses what the node read."""
+        sock_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
+        reader = cls(
+            r,
+            streams,
+            block=min(MAX_BLOCK, sock_timeout / 2) if sock_timeout else MAX_BLOCK,
+            wake=wake,
+            limits=limits,
+            trim=lambda name: name != keep,  # input: what the node read is of no more use
+        )
+        reader.start()
+        return reader
+
     def read(self) -> Batch | None:
         """What is there now (bounded); else block for the next entries (one per stream)."""
         streams = self.streams()
+        if not streams:  # nothing to read (yet): do not spin
+            self.stop.wait(self.block_ms / 1000)
+            return None
         names = list(streams)
         lim = self.limits
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in streams.values()]

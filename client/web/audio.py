@@ -36,12 +36,13 @@ def pack_audio(ap: AudioPacket) -> bytes:
 
 async def audio_loop(sock: Socket) -> None:
     """XREAD the session's audio stream from its end and forward each valid packet."""
-    assert sock.sr is not None
+    r = sock.mr
+    assert r is not None
     key, counters = sock.keys.audio(sock.sid), sock.gw.counters
-    newest = await sock.sr.xrevrange(key, count=1)
+    newest = await r.xrevrange(key, count=1)
     last = newest[0][0] if newest else b"0-0"
     while True:
-        resp = await sock.sr.xread({key: last}, count=4 * AUDIO_BEHIND, block=1000)
+        resp = await r.xread({key: last}, count=4 * AUDIO_BEHIND, block=1000)
         if not resp:
             continue
         entries = resp[0][1]

@@ -21,12 +21,13 @@ CLIP_MESSAGE = 2 * MAX_CLIPBOARD_BYTES + 4096
 
 async def clip_loop(sock: Socket) -> None:
     """XREAD the session's clip stream from its end and forward each text to the page."""
-    assert sock.sr is not None
+    r = sock.mr
+    assert r is not None
     key, counters = sock.keys.clip(sock.sid), sock.gw.counters
-    newest = await sock.sr.xrevrange(key, count=1)
+    newest = await r.xrevrange(key, count=1)
     last = newest[0][0] if newest else b"0-0"
     while True:
-        resp = await sock.sr.xread({key: last}, count=4, block=1000)
+        resp = await r.xread({key: last}, count=4, block=1000)
         if not resp:
             continue
         entries = resp[0][1]

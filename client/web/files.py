@@ -28,7 +28,7 @@ from aiohttp import web
 from redis.exceptions import AuthenticationError, RedisError
 
 from cloudq import transfer as tx
-from cloudq.client.web.socket import open_session_redis
+from cloudq.client.web.socket import media_redis, open_session_redis
 
 if TYPE_CHECKING:
     from cloudq.client.web.http import Gateway
@@ -81,6 +81,10 @@ class Files:
             sr, _ = await open_session_redis(
                 self.gw.cfg.redis_url, who.sid, token, self.gw.cfg.session_rights
             )
+            mr = await media_redis(sr, self.gw.keys, who.sid)  # the file streams' server
+            if mr is not sr:
+                await sr.aclose()
+                sr = mr
         except AuthenticationError:
             return _error(401, "not logged in to a session")
         except RedisError:

@@ -11,17 +11,21 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cloudq import loginflow
 from cloudq.client.web.audio import audio_loop
 from cloudq.client.web.clipboard import CLIP_MESSAGE, clip_loop
 from cloudq.connection import aconnect, without_credentials
+from cloudq.media import FIELD as MEDIA_FIELD
+from cloudq.media import aconnect_like
 from cloudq.sessionend import close_message, session_end, warning_message
 from cloudq.settings import Settings
 from cloudq.streamread import Cursor, KeyframeScan
@@ -163,6 +167,17 @@ async def open_session_redis(
     return _redis(url), "gateway"
 
 
+async def media_redis(sr: aioredis.Redis, keys: Any, sid: str) -> aioredis.Redis:
+    """The connection for session ``sid``'s streams: its media server (:mod:`cloudq.media`) with
+    ``sr``'s credentials, or ``sr`` itself when the control server holds them."""
+    url = (await sr.hget(keys.session(sid), MEDIA_FIELD) or b"").decode()
+    return aconnect_like(url, sr) if url else sr
+
+
+MEDIA_RETRY = 0.5
+"""Seconds between two tries of a lost media server (the page is told it is lost meanwhile)."""
+
+
 async def _send_json(ws: web.WebSocketResponse, obj: dict[str, Any]) -> None:
     if not ws.closed:
         await ws.send_str(json.dumps(obj, separators=(",", ":")))
@@ -202,6 +217,8 @@ class Socket:
         self.bucket = TokenBucket(gw.cfg.rate, gw.cfg.burst)
         self.clip_bucket = TokenBucket(1.0, 4.0)  # clipboard messages (up to 1 MiB each)
         self.sr: aioredis.Redis | None = None
+        self.mr: aioredis.Redis | None = None  # the session's streams (its media server, or sr)
+        self.media_lost = False
         self.sid = ""
         self.user = ""
         self.settings = Settings()
@@ -275,6 +292,7 @@ class Socket:
                 await self.close(CLOSE_UNAUTHORIZED, "unauthorized", "session_user_refused")
                 return
             self.gw.rights[rights] += 1
+            self.mr = await media_redis(self.sr, self.keys, self.sid)
             if reader.done():
                 return
             node = (await self.sr.hget(self.keys.session(self.sid), "node") or b"").decode()
@@ -287,9 +305,9 @@ class Socket:
                 for c in (
                     self.heartbeat_loop(),
                     self.watch_loop(),
-                    self.video_loop(),
-                    audio_loop(self),
-                    clip_loop(self),
+                    self.on_media(self.video_loop),
+                    self.on_media(lambda: audio_loop(self)),
+                    self.on_media(lambda: clip_loop(self)),
                     self.ending.wait(),
                 )
             ]
@@ -319,8 +337,36 @@ class Socket:
             # whatever ended the socket (a bad message, a close, a reset, an error, this task
             # cancelled): no loop of it outlives it, and its connection is closed
             await stop_tasks(tasks)
+            if self.mr is not None and self.mr is not self.sr:
+                await self.mr.aclose()
             if self.sr is not None:
                 await self.sr.aclose()
+
+    async def on_media(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run ``loop`` (it reads one of the session's streams). When they live on a media server
+        and it stops answering, tell the page (``{"t": "media", "state": "lost"}``), wait for it
+        (the session is kept: the heartbeats go to the control server), say it is back and run
+        ``loop`` again, from the stream's newest keyframe."""
+        while True:
+            try:
+                return await loop()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if self.mr is self.sr or self.mr is None:
+                    raise
+                if not self.media_lost:
+                    self.media_lost = True
+                    self.gw.counters["media_lost"] += 1
+                    log.warning("ws %s: media server lost: %s", self.sid, exc)
+                    await _send_json(self.ws, {"t": "media", "state": "lost"})
+            while self.media_lost:
+                await asyncio.sleep(MEDIA_RETRY)
+                try:
+                    await self.mr.ping()
+                except (RedisConnectionError, RedisTimeoutError):
+                    continue
+                if self.media_lost:
+                    self.media_lost = False
+                    await _send_json(self.ws, {"t": "media", "state": "ok"})
 
     # -- queue --------------------------------------------------------------------------------
     async def wait_in_queue(self) -> loginflow.QueueStep:
@@ -390,7 +436,8 @@ class Socket:
         """Look for the newest keyframe entry newer than ``after`` (back from the stream's end)."""
         assert self.sr is not None
         scan = KeyframeScan(after)
-        while not scan.feed(await self.sr.xrevrange(self.keys.video(self.sid), **scan.page())):
+        assert self.mr is not None
+        while not scan.feed(await self.mr.xrevrange(self.keys.video(self.sid), **scan.page())):
             pass
         return scan
 
@@ -404,7 +451,7 @@ class Socket:
             await self.request_keyframe()
         while True:
             assert cursor.last is not None
-            resp = await self.sr.xread({key: cursor.last}, count=cursor.batch, block=1000)
+            resp = await self.mr.xread({key: cursor.last}, count=cursor.batch, block=1000)  # type: ignore[union-attr]
             if not resp:
                 continue
             entries = resp[0][1]
@@ -438,13 +485,25 @@ class Socket:
     async def send_input(self, ev: InputEvent, activity: bool = False) -> None:
         """XADD ``ev`` to the input stream; with ``activity`` also refresh the activity key (real
         input, at most every quarter second), in the same round trip."""
-        if self.sr is None:
+        if self.sr is None or self.mr is None:
             return
         idle, now = self.settings.idle_timeout, time.monotonic()
-        if not (activity and idle and now - self.last_activity >= min(0.25, idle / 10)):
+        fresh = activity and idle and now - self.last_activity >= min(0.25, idle / 10)
+        if fresh:
+            self.last_activity = now
+        if self.mr is not self.sr:  # two servers: the input to the media one, activity to this one
+            if fresh:
+                await self.sr.set(self.keys.activity(self.sid), "1", px=int(idle * 1000))
+            try:
+                await self.mr.xadd(
+                    self.keys.input(self.sid), ev.pack(), maxlen=INPUT_MAXLEN, approximate=True
+                )
+            except (RedisConnectionError, RedisTimeoutError):
+                self.gw.counters["input_media_lost"] += 1  # the node cannot read it either
+            return
+        if not fresh:
             await self.sr.xadd(self.keys.input(self.sid), ev.pack(), maxlen=INPUT_MAXLEN, approximate=True)
             return
-        self.last_activity = now
         pipe = self.sr.pipeline(transaction=False)
         pipe.xadd(self.keys.input(self.sid), ev.pack(), maxlen=INPUT_MAXLEN, approximate=True)
         pipe.set(self.keys.activity(self.sid), "1", px=int(idle * 1000))

@@ -71,10 +71,11 @@ import logging
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
 
+from cloudq.central.media import MediaServers
 from cloudq.credentials import LOGIN_PASSWORD, LOGIN_USER, TRUSTED_WARNING
 from cloudq.keys import Keys
 from cloudq.tokens import SESSION_ACL_PREFIX, hash_token, session_acl_password, session_acl_user
@@ -242,6 +243,12 @@ def with_user(url: str, user: str, password: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def passwords_of(urls: dict[str, str]) -> Passwords:
+    """The role passwords that :func:`role_urls` put in ``urls`` (to create the same role users
+    on another server of the deployment: a media server)."""
+    return Passwords({k: unquote(urlsplit(u).password or "") for k, u in urls.items() if k in ROLES})
+
+
 def role_urls(url: str, passwords: Passwords) -> dict[str, str]:
     """Each role's ``CLOUDQ_REDIS_URL``; ``login`` is the public one clients use."""
     urls = {role: with_user(url, role_user(role), passwords[role]) for role in ROLES}
@@ -309,6 +316,8 @@ class SessionUsers:
         self.expiry_key = keys.acl_expiry
         self.closed_upto = float("-inf")
         """Closes up to this server time are done (the ``closed`` sorted set's score)."""
+        self.media: MediaServers | None = None
+        """The media servers, where each session's user exists too (:mod:`cloudq.central.media`)."""
 
     def _expire_at(self, name: str) -> None:
         if self.token_ttl:
@@ -319,6 +328,8 @@ class SessionUsers:
         """Create (or reset, with a new password) the session's user; cut old holders."""
         name = session_acl_user(sid)
         _setuser(self.r, name, pw_hash, session_rules(self.keys, sid))
+        if self.media is not None:
+            self.media.session_user(name, pw_hash, sid)
         if kill:
             kill_connections(self.r, name)  # a previous token's holder (online reconnection)
         self._expire_at(name)
@@ -339,6 +350,13 @@ class SessionUsers:
     def drop(self, name: str) -> None:
         drop_user(self.r, name)
         self.r.zrem(self.expiry_key, name)
+        if self.media is not None and name.startswith(SESSION_ACL_PREFIX):
+            self.media.drop(name)
+
+    def setuser_on(self, r: redis.Redis, name: str, pw_hash: str, sid: str) -> None:
+        """Create the session user ``name`` on another server (a media server)."""
+        _setuser(r, name, pw_hash, session_rules(self.keys, sid))
+        kill_connections(r, name)
 
     def revoke_session(self, sid: str) -> None:
         """The session's token is no longer valid: its user goes and is not re-created."""

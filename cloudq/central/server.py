@@ -20,11 +20,13 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 import redis
 
 from cloudq import credentials, jobs
 from cloudq.central import acl, auth, intake
+from cloudq.central.media import CHECK_EVERY, MediaServers
 from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_request
 from cloudq.retry import Backoff, passing
@@ -67,6 +69,8 @@ class Central:
         bcrypt_waiting: int = 32,
         acl_full_every: float = 60.0,
         replica_wait: float = 1.0,
+        media_urls: Sequence[str] = (),
+        media_check: float = CHECK_EVERY,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -99,6 +103,12 @@ class Central:
         self._backoffs: dict[str, Backoff] = {}
         self._threads: list[threading.Thread] = []
         self._run_id = ""
+        self.media_check = media_check
+        self.media = (
+            MediaServers(list(media_urls), keys, r, lambda *a: self.acl and self.acl.setuser_on(*a))
+            if media_urls
+            else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -107,12 +117,18 @@ class Central:
             log.warning("the Redis server has no ACL command")
             self.use_acl = False
         self.acl = acl.SessionUsers(self.r, self.keys, self.settings.token_ttl) if self.use_acl else None
+        if self.media is not None:
+            self.media.publish()  # before any login: new sessions are placed on these
+            if self.acl is not None:
+                self.acl.media = self.media
         acl.announce(self.r, self.keys, self.use_acl)
         self.intake.setup()
 
     def start(self) -> None:
         self.setup()
         targets = [self._requests_loop, self._sweep_loop, self._notification_loop]
+        if self.media is not None:
+            targets.append(self._media_loop)
         for t in targets:
             th = threading.Thread(target=self._guard(t), name=t.__name__, daemon=True)
             th.start()
@@ -434,6 +450,12 @@ class Central:
             self._ran("sweep")
             self.wakeup.wait(wait)
             self.wakeup.clear()
+
+    def _media_loop(self) -> None:
+        """The media servers: their session users and whether they answer (its own thread: a
+        media server that hangs holds neither logins' sweeps nor the control plane)."""
+        assert self.media is not None
+        self.media.watch(self.stop, self.media_check)
 
     def _notification_loop(self) -> None:
         """Wake the sweeper early: when a worker freed a node (``wake``: dispatch now), and, with

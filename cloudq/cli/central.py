@@ -72,6 +72,26 @@ from cloudq.retry import Backoff, passing
     help="With replicas: a login, resume or logout is answered once a replica has it (WAIT 1), "
     "waiting at most this long (s); 0 = answer at once.",
 )
+@click.option(
+    "--media-url",
+    "media_urls",
+    multiple=True,
+    envvar="CLOUDQ_MEDIA_URLS",
+    show_envvar=True,
+    help="A media server for sessions' streams (repeat for several; redis:// or redis+sentinel://, "
+    "with this central server's ACL user): sessions are spread over them, the rest stays on "
+    "--redis-url. None: everything on --redis-url. The env var takes URLs separated by spaces.",
+)
+@click.option(
+    "--media-check",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    envvar="CLOUDQ_MEDIA_CHECK",
+    show_envvar=True,
+    help="Seconds between looks at each media server (down: no new sessions there; back or "
+    "restarted: its session users re-created); 0 = once at start.",
+)
 @metrics_options
 def central(
     redis_url: str | None,
@@ -83,6 +103,8 @@ def central(
     bcrypt_waiting: int,
     acl_full_every: float,
     replica_wait: float,
+    media_urls: tuple[str, ...],
+    media_check: float,
     metrics_port: int,
     metrics_addr: str,
     **kw: Any,
@@ -104,6 +126,8 @@ def central(
         bcrypt_waiting=bcrypt_waiting,
         acl_full_every=acl_full_every,
         replica_wait=replica_wait,
+        media_urls=media_urls,
+        media_check=media_check,
     )
     _serve_metrics(metrics_port, metrics_addr, CentralMetrics(r, Keys(prefix), c.counters).registry)
     done = threading.Event()

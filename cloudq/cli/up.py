@@ -76,6 +76,14 @@ from cloudq.cli.common import (
     "starts (shorter than 1000 is no faster and makes the Sentinels misjudge the new primary).",
 )
 @click.option(
+    "--media-servers",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="Embedded media servers: sessions' streams (video, input, audio, files) are spread over "
+    "them, the control plane stays on the main server (README 'Media servers').",
+)
+@click.option(
     "--no-acl",
     is_flag=True,
     envvar="CLOUDQ_NO_ACL",
@@ -96,6 +104,7 @@ def up(
     replicas: int,
     sentinels: int,
     sentinel_down_after: int,
+    media_servers: int,
     **kw: Any,
 ) -> None:
     """Run everything on this machine: embedded Redis (unless --redis-url), central, nodes, workers."""
@@ -131,6 +140,7 @@ def up(
         replicas=replicas,
         sentinels=sentinels,
         sentinel_down_after_ms=sentinel_down_after,
+        media_servers=media_servers,
     )
     with cluster as cl:
         click.echo(f"cloudq is up: CLOUDQ_REDIS_URL={cl.redis_url}")
@@ -146,6 +156,8 @@ def up(
                 f"  {replicas} replica(s) and {sentinels} Sentinel(s): kill the primary (pid "
                 f"{cl.ha.primary.proc.pid if cl.ha.primary and cl.ha.primary.proc else '?'}) and everything fails over"
             )
+        for m in cl.media:
+            click.echo(f"  media server {m.url} (pid {m.proc.pid if m.proc else '?'})")
         if cl.server is not None and cl.maxmemory:
             click.echo(f"  server memory limit: {cl.maxmemory / 2**20:.0f} MiB (--maxmemory)")
         if cl.ha is None:

@@ -72,8 +72,12 @@ class Cluster:
         replicas: int = 0,
         sentinels: int = 0,
         sentinel_down_after_ms: int = 1000,
+        media_servers: int = 0,
     ) -> None:
         self.server: EmbeddedServer | None = None
+        self.n_media = media_servers
+        self.media: list[EmbeddedServer] = []
+        """Embedded media servers (``cloudq.media``): sessions' streams, spread over them."""
         self.ha: EmbeddedHA | None = None
         """With ``replicas`` and ``sentinels``: the primary, its replicas and the Sentinels."""
         self.replicas, self.sentinels = replicas, sentinels
@@ -155,6 +159,12 @@ class Cluster:
                 self.group.urls = {"central": urls["central"], "node": urls["node"], "worker": urls["worker"]}
         if not self.use_acl:
             central_args.append("--no-acl")
+        for _ in range(self.n_media):
+            m = EmbeddedServer(maxmemory=self.maxmemory).start()
+            self.media.append(m)
+            if self.urls:  # the same role users (and passwords) as the main server: a shared ACL file
+                setup_acl(m.url, Keys(self.prefix), acl.passwords_of(self.urls))
+            central_args += ["--media-url", m.url]
         self.group.redis_url, self.group.prefix = self.redis_url, self.prefix
         self.spawn("central", "central", *central_args, *_clock_args(self.settings))
         # nodes read the published settings: wait for the central server to publish them
@@ -180,6 +190,9 @@ class Cluster:
         elif self.server:
             self.server.stop()
         self.server = None
+        for m in self.media:
+            m.stop()
+        self.media = []
         if self.run_dir and not self.data_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir = ""

@@ -46,11 +46,27 @@ end
 
 -- Give `node` to `user` as a new session; returns sid, gen. `acl_hash`: SHA-256 of the session
 -- ACL user's password (kept so the user can be re-created after a Redis restart).
+-- The media server of a new session (cloudq/media.py): the published ones in turn by session
+-- number, skipping those the central server cannot reach; '' = this server.
+local function place_media(n)
+  local servers = {}
+  for u in string.gmatch(redis.call('HGET', K_SETTINGS, 'media') or '', '%S+') do
+    table.insert(servers, u)
+  end
+  if #servers == 0 then return '' end
+  for i = 0, #servers - 1 do
+    local u = servers[(n + i) % #servers + 1]
+    if redis.call('SISMEMBER', K_MEDIA_DOWN, u) == 0 then return u end
+  end
+  return servers[n % #servers + 1]
+end
+
 local function create_session(user, node, token_hash, acl_hash)
-  local sid = 's' .. redis.call('INCR', K_SEQ)
+  local n = redis.call('INCR', K_SEQ)
+  local sid = 's' .. n
   local s = k_session(sid)
   redis.call('HSET', s, 'user', user, 'node', node, 'gen', 1, 'created', string.format('%.3f', NOW),
-    'token', token_hash or '', 'acl', acl_hash or '')
+    'token', token_hash or '', 'acl', acl_hash or '', 'media', place_media(n))
   session_state(sid, 'starting', 'assigned')
   redis.call('SADD', K_SESSIONS, sid)
   redis.call('HSET', k_user(user), 'session', sid, 'last_node', node)

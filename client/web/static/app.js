@@ -132,6 +132,10 @@ class Session {
       case 'warning':
         this.warn(String(msg.text || msg.warning || '')); // the gateway words it (cloudq.sessionend)
         break;
+      case 'media': // the session's media server stopped answering (the session is kept), or is back
+        stats.pub.media = String(msg.state || '');
+        this.note = msg.state === 'lost' ? 'media server lost: waiting for it (your session is kept)' : '';
+        break;
       case 'clipboard':
         this.gotClipboard(String(msg.text || ''));
         break;

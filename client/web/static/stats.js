@@ -20,7 +20,7 @@ const ROLLING = 200; // samples behind each rolling median
 export class Stats {
   constructor() {
     this.pub = {
-      user: null, sid: null, rights: null, closeReason: null, state: null,
+      user: null, sid: null, rights: null, closeReason: null, state: null, media: '',
       frames: 0, keyframes: 0, packets: 0, bytes: 0, gaps: 0, decodeErrors: 0,
       keyframeRequests: 0, dropped: 0, connects: 0, disconnects: 0,
       clipboard: { sent: 0, received: 0, written: 0, errors: 0, dropped: 0 },
