@@ -115,6 +115,12 @@ def test_sessions_spread_over_media_servers_and_losing_one_stops_only_its_sessio
             assert all(m.xlen(keys.video(sid)) for sid in here), f"{s.url} holds its sessions' video"
             m.close()
 
+        # on its media server a session user reaches its own streams only
+        (sid_a, _, kernel_a, _), (sid_b, *_) = [c for c in clients if placed[c[0]] == media_servers[0].url]
+        assert kernel_a.player.r.xrevrange(keys.video(sid_a), count=1)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            kernel_a.player.r.xrevrange(keys.video(sid_b), count=1)
+
         lost = media_servers[1]
         victims = [c for c in clients if placed[c[0]] == lost.url]
         others = [c for c in clients if placed[c[0]] != lost.url]

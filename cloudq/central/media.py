@@ -26,7 +26,7 @@ import redis
 from cloudq.connection import connect, without_credentials
 from cloudq.keys import Keys
 from cloudq.media import FIELD, connect_like
-from cloudq.tokens import session_acl_user
+from cloudq.tokens import SESSION_ACL_PREFIX, session_acl_user
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class MediaServers:
         r = self.clients.get(url)
         if r is None:
             return
+        if url in self.down:  # not now (a hung server would hold the login): when it is back
+            self.dirty.add(url)
+            return
         try:
             self.setuser(r, name, pw_hash, sid)
         except redis.RedisError as exc:  # the watch re-creates it when the server answers
@@ -78,6 +81,9 @@ class MediaServers:
         """Delete a user everywhere (best effort: a server that is down loses it on restart, or
         the next full pass of that server's users drops it)."""
         for url, r in self.clients.items():
+            if url in self.down:
+                self.dirty.add(url)  # its stale users go when it is back (_recreate)
+                continue
             try:
                 r.execute_command("ACL", "DELUSER", name)
                 r.execute_command("CLIENT", "KILL", "USER", name)
@@ -108,16 +114,23 @@ class MediaServers:
                     self.control.sadd(self.keys.media_down, url)
 
     def _recreate(self, url: str, r: redis.Redis) -> int:
+        """Make ``url``'s session users those of the live sessions placed there (re-created from
+        the ``acl`` hash; any other session user dropped); returns how many were created."""
         live = [s.decode() for s in self.control.smembers(self.keys.sessions)]
         pipe = self.control.pipeline(transaction=False)
         for sid in live:
             pipe.hmget(self.keys.session(sid), FIELD, "acl", "state")
-        n = 0
+        wanted = {}
         for sid, (media, pw_hash, state) in zip(live, pipe.execute(), strict=True):
             if media and media.decode() == url and pw_hash and state != b"closed":
-                self.setuser(r, session_acl_user(sid), pw_hash.decode(), sid)
-                n += 1
-        return n
+                wanted[session_acl_user(sid)] = (pw_hash.decode(), sid)
+        for raw in r.execute_command("ACL", "USERS"):
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if name.startswith(SESSION_ACL_PREFIX) and name not in wanted:
+                r.execute_command("ACL", "DELUSER", name)  # its session ended while the server was away
+        for name, (pw_hash, sid) in wanted.items():
+            self.setuser(r, name, pw_hash, sid)
+        return len(wanted)
 
     def watch(self, stop: threading.Event, every: float = CHECK_EVERY) -> None:
         """:meth:`check` every ``every`` s until ``stop`` (a thread's body; 0: once at start)."""
