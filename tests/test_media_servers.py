@@ -224,3 +224,21 @@ def test_a_browser_session_on_a_media_server_waits_out_its_loss_on_the_same_sock
     sid = r.smembers(keys.sessions).pop().decode()
     assert session_field(r, keys, sid, "media") == server.url
     assert session_field(r, keys, sid, "node") == "n1" and session_field(r, keys, sid) == "active"
+
+
+def test_bench_scale_measures_the_media_servers_cost_of_real_packet_sizes() -> None:
+    """``cloudq bench scale``'s measurement, tiny: real encodes give IDRs far larger than
+    P-frames; two active sessions on two servers are read back and cost each server CPU."""
+    from cloudq.bench import scale
+
+    keyframes, deltas = scale.desktop_packets(frames=20)
+    assert keyframes and deltas and min(keyframes) > 2 * max(deltas)
+    servers = [EmbeddedServer().start() for _ in range(2)]
+    try:
+        row = scale.measure(servers, 2, "active", (keyframes, deltas), window=1.0, generators=1, warmup=0.5)
+    finally:
+        for s in servers:
+            s.stop()
+    assert row["latency_ms"]["n"] >= 30, row  # 2 sessions x 30 fps, read back
+    assert len(row["per_server_cpu"]) == 2 and all(c > 0 for c in row["per_server_cpu"]), row
+    assert row["mem_per_session_kib"] > 0

@@ -67,6 +67,34 @@ def bench_failover(logins: int, as_json: bool, write_path: str | None) -> None:
     _emit(result, result["table"], as_json)
 
 
+@bench.command("scale")
+@click.option("--sessions", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Sessions per state row.")  # fmt: skip
+@click.option("--loads", default="20,60,120", show_default=True, help="Active session counts on one server.")
+@click.option(
+    "--window", type=click.FloatRange(min=1), default=8.0, show_default=True, help="Seconds measured per row."
+)
+@click.option(
+    "--generators", type=click.IntRange(min=1), default=2, show_default=True, help="Load processes."
+)
+@json_option
+@write_option
+def bench_scale(
+    sessions: int, loads: str, window: float, generators: int, as_json: bool, write_path: str | None
+) -> None:
+    """Media servers' CPU and memory per session (active, idle, asleep), split over 1-3 servers."""
+    from cloudq.bench import scale
+
+    try:
+        counts = tuple(int(x) for x in loads.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of numbers", param_hint="--loads") from None
+    result = scale.run(sessions=sessions, loads=counts, window=window, generators=generators)
+    if write_path:
+        scale.write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
+
+
 @bench.command("audio")
 @click.option("--seconds", type=click.FloatRange(min=2), default=10.0, show_default=True, help="Per phase.")
 @json_option
