@@ -15,6 +15,7 @@ from helpers import FAST, Procs, clock_args, publish, session_field, wait_for
 
 from cloudq.central import acl
 from cloudq.central.auth import Users
+from cloudq.central.metrics import CentralCollector
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import Sink
@@ -144,6 +145,10 @@ def test_sessions_spread_over_media_servers_and_losing_one_stops_only_its_sessio
             assert session_field(r, keys, sid) in ("active", "sleeping"), f"{sid} kept"
             assert session_field(r, keys, sid, "node") == node, f"{sid} not moved"
         assert r.sismember(keys.media_down, lost.url)
+        gauges = {m.name: m.samples[0].value for m in CentralCollector(r, keys, {}).collect() if m.samples}
+        assert gauges["cloudq_media_servers_down"] == 1 and gauges["cloudq_sessions_media_lost"] == len(
+            victims
+        )
 
         # back (empty: no persistence; the shared ACL file gives it the role users again)
         lost.start()

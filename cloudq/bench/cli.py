@@ -55,13 +55,21 @@ def bench_central(sessions: int, window: float, as_json: bool, write_path: str |
 @click.option(
     "--logins", type=click.IntRange(min=5), default=40, show_default=True, help="Per case and round."
 )
+@click.option(
+    "--frame-runs",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Failovers with two users watching: kill -9 of the primary -> each one's first new frame (0: skip).",
+)
 @json_option
 @write_option
-def bench_failover(logins: int, as_json: bool, write_path: str | None) -> None:
-    """Login latency with and without a replica's acknowledgement (WAIT 1); kill -9 of the primary → next login."""
+def bench_failover(logins: int, frame_runs: int, as_json: bool, write_path: str | None) -> None:
+    """Login latency with and without a replica's acknowledgement (WAIT 1); kill -9 of the primary →
+    next login, and → each watching user's first new frame."""
     from cloudq.bench import failover
 
-    result = failover.run(logins=logins)
+    result = failover.run(logins=logins, frame_runs=frame_runs)
     if write_path:
         failover.write_markdown(result, write_path)
     _emit(result, result["table"], as_json)

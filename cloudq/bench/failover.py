@@ -46,7 +46,7 @@ def _logins(url: str, names: list[str]) -> list[float]:
     return out
 
 
-def run(logins: int = 40, rounds: int = 2) -> dict[str, Any]:
+def run(logins: int = 40, rounds: int = 2, frame_runs: int = 0) -> dict[str, Any]:
     keys = Keys(PREFIX)
     ha = EmbeddedHA(replicas=1, sentinels=3, keys=keys, down_after_ms=300, failover_timeout_ms=2000).start()
     urls = ha.role_urls()
@@ -107,6 +107,10 @@ def run(logins: int = 40, rounds: int = 2) -> dict[str, Any]:
         "direct_p95": percentile(direct, 95),
         "downtime_s": downtime,
     }
+    if frame_runs:
+        from cloudq.bench import failover_frames
+
+        result["frames"] = failover_frames.run(frame_runs)
     result["table"] = format_table(result)
     return result
 
@@ -121,6 +125,18 @@ def format_table(m: dict[str, Any]) -> str:
             f"{m['wait_p50'] / m['direct_p50']:.2f} (p50) |",
             f"| `kill -9` of the primary → the next login answered | {m['downtime_s']:.2f} s | "
             "Sentinel down-after 300 ms | |",
+            *(
+                [
+                    f"| `kill -9` of the primary → each watching user's first new frame, p50 / max "
+                    f"({f['runs']} runs, 2 users each) | {f['frame_delay_p50_s']:.2f} / {f['frame_delay_max_s']:.2f} s "
+                    "| Sentinel down-after 1000 ms | |",
+                    f"| acknowledged logins lost by the failover (`WAIT 1`) | {f['lost_logins']} | | |",
+                    f"| events stream entries written before the kill and gone after (no `WAIT`), per run "
+                    f"| {', '.join(map(str, f['lost_events']))} | | |",
+                ]
+                if (f := m.get("frames"))
+                else []
+            ),
         ]
     )
 

@@ -259,6 +259,8 @@ def write_markdown(res: dict[str, Any], path: str) -> None:
     body = (
         f"Measured on {res['machine']} by `cloudq bench scale` (rerun: `cloudq bench scale --write "
         f"BENCHMARKS.md`). Generators and servers share this machine's 2 cores, so the figures are "
-        f"per-session costs, not a saturation point.\n\n{res['table']}\n"
+        f"per-session costs, not a saturation point: the servers' CPU is their own (from /proc), while "
+        f"the publish→read latency includes the Python generators' scheduling, whose p99 grows with "
+        f"the generators' load (and anything else running), not the servers'.\n\n{res['table']}\n"
     )
     write_section(SECTION, body, path)

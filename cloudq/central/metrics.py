@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from cloudq.keys import Keys
+from cloudq.media import LOST_FIELD
 from cloudq.state import NODE_STATES, SESSION_STATES
 
 log = logging.getLogger(__name__)
@@ -53,22 +54,31 @@ class CentralCollector:
         nodes = [n.decode() for n in self.r.smembers(k.nodes)]
         pipe = self.r.pipeline()
         for s in sids:
-            pipe.hget(k.session(s), "state")
+            pipe.hmget(k.session(s), "state", LOST_FIELD)
         for n in nodes:
             pipe.hmget(k.node(n), "state", "drained")
         pipe.llen(k.queue)
+        pipe.scard(k.media_down)
         pipe.zrange(k.deadlines, 0, 0, withscores=True)
         pipe.time()
         out: list[Any] = pipe.execute()
         s_states, n_rows = out[: len(sids)], out[len(sids) : len(sids) + len(nodes)]
-        qlen, first, (secs, usecs) = out[-3], out[-2], out[-1]
+        qlen, media_down, first, (secs, usecs) = out[-4], out[-3], out[-2], out[-1]
         sessions = GaugeMetricFamily(
             "cloudq_sessions", "Sessions not yet closed, by state.", labels=["state"]
         )
         for state in SESSION_STATES:
             if state != "closed":
-                sessions.add_metric([state], sum(1 for v in s_states if v and v.decode() == state))
+                sessions.add_metric([state], sum(1 for v, _ in s_states if v and v.decode() == state))
         yield sessions
+        yield GaugeMetricFamily(
+            "cloudq_sessions_media_lost",
+            "Sessions whose node cannot reach their media server (their streams pause; they are kept).",
+            value=sum(1 for _, lost in s_states if lost),
+        )
+        yield GaugeMetricFamily(
+            "cloudq_media_servers_down", "Media servers the central server cannot reach.", value=media_down
+        )
         by_node = GaugeMetricFamily("cloudq_nodes", "Nodes, by state.", labels=["state"])
         for state in NODE_STATES:
             by_node.add_metric([state], sum(1 for v, _ in n_rows if v and v.decode() == state))
