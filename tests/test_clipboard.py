@@ -183,3 +183,68 @@ def test_an_honest_mebibyte_passes_the_wire_and_the_guard_and_more_does_not() ->
     with pytest.raises(BadMessage):
         InputEvent.unpack({"m": big})
     assert guard.admit(InputLimits().clip_entry + 1) == "size"
+
+
+SILENT_OWNER = """
+import sys, time
+from Xlib import X, display
+d = display.Display(sys.argv[1])
+w = d.screen().root.create_window(0, 0, 1, 1, 0, X.CopyFromParent)
+w.set_selection_owner(d.intern_atom("CLIPBOARD"), X.CurrentTime)
+d.flush()
+print("owner", flush=True)
+time.sleep(60)  # owns CLIPBOARD and never answers a request for it
+"""
+
+
+def test_a_hostile_programs_clipboard_neither_stalls_nor_floods_the_node(
+    r: redis.Redis, keys: Keys, procs: Procs, display: Any
+) -> None:
+    """A program in the session that puts 3 MiB on CLIPBOARD, or owns it and never answers: the
+    node reads at most 1 MiB within 1 s, publishes nothing of either, keeps streaming, and the
+    next ordinary copy still goes out."""
+    import json
+    import sys
+
+    from test_x11 import Screen
+
+    pool(r, keys, procs, display)
+    t = Launcher(r, keys).login("alice", "pw")
+    wait_for(lambda: session_field(r, keys, t.sid) == "active", 20, what="the session active")
+
+    def app_stat(name: str) -> int:
+        raw = r.hget(keys.node(t.node), "stats")
+        return int(json.loads(raw).get(f"app.{name}", 0)) if raw else 0
+
+    def packets() -> int:
+        return r.xlen(keys.video(t.sid))
+
+    with Screen(r, keys, t):
+        huge = xclip_in(display.name, "x" * (3 * 2**20))
+        try:
+            wait_for(lambda: app_stat("clipboard_too_big") >= 1, 15, what="the 3 MiB clipboard refused")
+        finally:
+            huge.kill()
+            huge.wait(5)
+        silent = subprocess.Popen(
+            [sys.executable, "-c", SILENT_OWNER, display.name], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert silent.stdout is not None and silent.stdout.readline().strip() == "owner"
+            wait_for(
+                lambda: app_stat("clipboard_read_timeouts") >= 1, 15, what="the silent owner given up on"
+            )
+            before = packets()
+            ev = InputEvent(type="key_down", seq=1, client_time=time.time(), key="a")
+            r.xadd(keys.input(t.sid), ev.pack())  # the node still answers input while the owner sits
+            wait_for(lambda: packets() > before, 5, what="a frame after the silent owner")
+        finally:
+            silent.kill()
+            silent.wait(5)
+        assert clip_texts(r, keys, t.sid) == [], "nothing of either was published"
+        owner = xclip_in(display.name, TEXT_OUT)
+        try:
+            wait_for(lambda: TEXT_OUT in clip_texts(r, keys, t.sid), 10, what="an ordinary copy after them")
+        finally:
+            owner.kill()
+            owner.wait(5)
