@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from cloudq.client.web.relay import tail
 from cloudq.wire import AudioPacket
 from cloudq.wire import BadMessage as BadWire
 
@@ -36,17 +37,9 @@ def pack_audio(ap: AudioPacket) -> bytes:
 
 async def audio_loop(sock: Socket) -> None:
     """XREAD the session's audio stream from its end and forward each valid packet."""
-    r = sock.mr
-    assert r is not None
-    key, counters = sock.keys.audio(sock.sid), sock.gw.counters
-    newest = await r.xrevrange(key, count=1)
-    last = newest[0][0] if newest else b"0-0"
-    while True:
-        resp = await r.xread({key: last}, count=4 * AUDIO_BEHIND, block=1000)
-        if not resp:
-            continue
-        entries = resp[0][1]
-        last = entries[-1][0]
+    assert sock.mr is not None
+    counters = sock.gw.counters
+    async for entries in tail(sock.mr, sock.keys.audio(sock.sid), 4 * AUDIO_BEHIND):
         if len(entries) > AUDIO_BEHIND:
             counters["audio_skipped"] += len(entries) - AUDIO_BEHIND
             entries = entries[-AUDIO_BEHIND:]

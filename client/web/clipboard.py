@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from cloudq.client.web.relay import tail
 from cloudq.wire import MAX_CLIPBOARD_BYTES
 
 if TYPE_CHECKING:
@@ -21,17 +22,9 @@ CLIP_MESSAGE = 2 * MAX_CLIPBOARD_BYTES + 4096
 
 async def clip_loop(sock: Socket) -> None:
     """XREAD the session's clip stream from its end and forward each text to the page."""
-    r = sock.mr
-    assert r is not None
-    key, counters = sock.keys.clip(sock.sid), sock.gw.counters
-    newest = await r.xrevrange(key, count=1)
-    last = newest[0][0] if newest else b"0-0"
-    while True:
-        resp = await r.xread({key: last}, count=4, block=1000)
-        if not resp:
-            continue
-        entries = resp[0][1]
-        last = entries[-1][0]
+    assert sock.mr is not None
+    counters = sock.gw.counters
+    async for entries in tail(sock.mr, sock.keys.clip(sock.sid), 4):
         raw = entries[-1][1].get(b"text")  # only the newest matters
         if not isinstance(raw, bytes) or not raw or len(raw) > MAX_CLIPBOARD_BYTES:
             counters["bad_clip_entries"] += 1

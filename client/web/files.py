@@ -91,6 +91,22 @@ class Files:
             return _error(503, "the service is not answering; try again in a moment")
         return sr, who.sid
 
+    async def _open(self, request: web.Request) -> tuple[aioredis.Redis, str, str, _Replies] | web.Response:
+        """One transfer's start: the session's connection (as its user, on its media server), the
+        session id, a new transfer id and the reader of its replies (reading from now on)."""
+        got = await self._session(request)
+        if isinstance(got, web.Response):
+            return got
+        sr, sid = got
+        tid = tx.new_id()
+        replies = _Replies(sr, self.gw.keys.fileout(sid), tid)
+        try:
+            await replies.start()
+        except RedisError:
+            await sr.aclose()
+            return _error(503, "the service is not answering; try again in a moment")
+        return sr, sid, tid, replies
+
     async def _send(self, sr: aioredis.Redis, sid: str, **body: Any) -> None:
         await sr.xadd(self.gw.keys.files(sid), tx.pack(**body), maxlen=tx.STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
 
@@ -110,14 +126,11 @@ class Files:
             return _error(411, "Content-Length required")
         if size > limit:
             return _error(413, f"the file is larger than the service's limit of {limit} bytes")
-        got = await self._session(request)
+        got = await self._open(request)
         if isinstance(got, web.Response):
             return got
-        sr, sid = got
-        tid = tx.new_id()
-        replies = _Replies(sr, gw.keys.fileout(sid), tid)
+        sr, sid, tid, replies = got
         try:
-            await replies.start()
             await self._send(sr, sid, id=tid, op="put", name=name, size=size)
             acked, seq, sent = -2, 0, 0
             while True:
@@ -155,15 +168,12 @@ class Files:
             path = "/".join(tx.check_path(request.query.get("path", "")))
         except tx.BadTransfer as e:
             return _error(400, str(e))
-        got = await self._session(request)
+        got = await self._open(request)
         if isinstance(got, web.Response):
             return got
-        sr, sid = got
-        tid = tx.new_id()
-        replies = _Replies(sr, self.gw.keys.fileout(sid), tid)
+        sr, sid, tid, replies = got
         resp: web.StreamResponse | None = None
         try:
-            await replies.start()
             await self._send(sr, sid, id=tid, op="get", path=path)
             m = await replies.next()
             if m["op"] != "meta":
@@ -200,14 +210,11 @@ class Files:
             path = "/".join(tx.check_path(request.query.get("path", "Downloads")))
         except tx.BadTransfer as e:
             return _error(400, str(e))
-        got = await self._session(request)
+        got = await self._open(request)
         if isinstance(got, web.Response):
             return got
-        sr, sid = got
-        tid = tx.new_id()
-        replies = _Replies(sr, self.gw.keys.fileout(sid), tid)
+        sr, sid, tid, replies = got
         try:
-            await replies.start()
             await self._send(sr, sid, id=tid, op="list", path=path)
             m = await replies.next()
             if m["op"] != "listing":

@@ -65,6 +65,22 @@ class ClipboardMixin:
     def _clip_env(self) -> dict[str, str]:
         return {**os.environ, "DISPLAY": self.display_name}  # type: ignore[attr-defined]
 
+    def _xclip_run(self, xclip: str, *args: str, read: bool = False) -> subprocess.Popen[bytes] | None:
+        """``xclip ARGS`` on the session's display: text in on its stdin, or (``read``) out on its
+        stdout; None (logged) if it cannot start."""
+        try:
+            return subprocess.Popen(
+                [xclip, *args],
+                stdin=subprocess.DEVNULL if read else subprocess.PIPE,
+                stdout=subprocess.PIPE if read else subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=self._clip_env(),
+                close_fds=True,
+            )
+        except OSError as e:
+            logger.warning("cannot start xclip: %s", e)
+            return None
+
     def _watch_clipboard(self) -> None:
         """Ask XFixes to report CLIPBOARD owner changes (after connecting)."""
         d = self._d
@@ -101,17 +117,8 @@ class ClipboardMixin:
         self._stop_clip_owners()
         self._clip_set = data
         for sel in SELECTIONS:
-            try:
-                proc = subprocess.Popen(
-                    [xclip, "-quiet", "-selection", sel, "-i"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    env=self._clip_env(),
-                    close_fds=True,
-                )
-            except OSError as e:
-                logger.warning("cannot start xclip: %s", e)
+            proc = self._xclip_run(xclip, "-quiet", "-selection", sel, "-i")
+            if proc is None:
                 self.counters["clipboard_dropped"] += 1
                 return
             self._clip_owners.append(proc)
@@ -147,17 +154,8 @@ class ClipboardMixin:
         return data.decode(errors="replace")
 
     def _read_clipboard(self, xclip: str) -> bytes | None:
-        try:
-            proc = subprocess.Popen(
-                [xclip, "-o", "-selection", "clipboard"],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                env=self._clip_env(),
-                close_fds=True,
-            )
-        except OSError as e:
-            logger.warning("cannot start xclip: %s", e)
+        proc = self._xclip_run(xclip, "-o", "-selection", "clipboard", read=True)
+        if proc is None:
             return None
         assert proc.stdout is not None
         out = bytearray()
