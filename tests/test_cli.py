@@ -135,3 +135,92 @@ def test_bench_json_is_strict_json_with_null_for_missing_figures(procs: Procs, t
     doc = json.loads(out.stdout, parse_constant=refuse)
     assert "null_means" in doc and doc["sizes"]
     assert not (tmp_path / "BENCHMARKS.md").exists() and not os.path.exists("BENCHMARKS.md.tmp")
+
+
+def test_acl_print_writes_sentinel_urls_and_the_replication_and_sentinel_auth_files(
+    tmp_path, procs: Procs
+) -> None:
+    """What docker-compose.yml's `acl` service writes, used as the file uses it: a replica that
+    follows its primary under the ACL file by `include` of the replication file, a Sentinel that
+    monitors them with the auth file included after its `sentinel monitor`, and a role's
+    `redis+sentinel://` URL (from --server-url) that reaches the primary through the Sentinel."""
+    import stat
+    import time
+
+    from cloudq.connection import connect
+    from cloudq.embedded import EmbeddedServer, server_binary
+    from cloudq.procs import die_with_parent
+    from cloudq.secretfile import read_secret
+
+    sport = free_port()
+    server_url = f"redis+sentinel://127.0.0.1:{sport},127.0.0.1:{free_port()}/cloudq/0"
+    pw = {"admin": 'adm/n@1 "q" é\\', "central": "c", "node": "n0de", "worker": "w", "gateway": "g"}
+    env = {f"CLOUDQ_ACL_{k.upper()}_PASSWORD": v for k, v in pw.items()}
+    files = {name: str(tmp_path / name) for name in ("users.acl", "replication.conf", "sentinel-auth.conf")}
+    out = subprocess.run(
+        [*cloudq_command(), "acl", "print", "--out", files["users.acl"], "--url-dir", str(tmp_path / "urls"),
+         "--server-url", server_url, "--replication-conf", files["replication.conf"],
+         "--sentinel-conf", files["sentinel-auth.conf"]],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for path in (*files.values(), str(tmp_path / "urls" / "node" / "redis.url")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    node_url = read_secret(str(tmp_path / "urls" / "node" / "redis.url"))
+    assert node_url.startswith("redis+sentinel://cloudq-node:n0de@127.0.0.1:") and node_url.endswith(
+        "/cloudq/0"
+    )
+    assert server_url.split("//")[1] in node_url  # every Sentinel, in order
+    assert "masteruser cloudq-admin" in (tmp_path / "replication.conf").read_text()
+    assert "sentinel auth-user cloudq cloudq-admin" in (tmp_path / "sentinel-auth.conf").read_text()
+
+    aclfile = ["--aclfile", files["users.acl"]]
+    primary = EmbeddedServer(extra_args=[*aclfile, "--include", files["replication.conf"]]).start()
+    replica = EmbeddedServer(
+        extra_args=[
+            *aclfile,
+            "--include",
+            files["replication.conf"],
+            "--replicaof",
+            "127.0.0.1",
+            str(primary.port),
+        ]
+    ).start()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sport}\nbind 127.0.0.1\ndir {tmp_path}\nsentinel resolve-hostnames yes\n"
+        "sentinel announce-hostnames yes\n"
+        f"sentinel monitor cloudq 127.0.0.1 {primary.port} 1\n"
+        "sentinel down-after-milliseconds cloudq 1000\n"
+        f"include {files['sentinel-auth.conf']}\n"
+    )
+    sentinel = subprocess.Popen(
+        [str(server_binary()), str(conf), "--sentinel"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(),
+    )  # fmt: skip
+    try:
+        admin = redis.Redis(port=replica.port, username="cloudq-admin", password=pw["admin"])
+        wait_for(lambda: admin.info("replication").get("master_link_status") == "up", 15, what="replication")
+        s = redis.Redis(port=sport, decode_responses=True)
+
+        def sentinel_sees_both() -> bool:
+            try:
+                master = s.execute_command("SENTINEL", "MASTER", "cloudq")
+                reps = s.execute_command("SENTINEL", "REPLICAS", "cloudq")
+            except redis.ConnectionError:
+                return False
+            return master["flags"] == "master" and len(reps) == 1 and "disconnected" not in reps[0]["flags"]
+
+        wait_for(sentinel_sees_both, 15, what="the Sentinel logged in to the primary and found the replica")
+        node = connect(node_url)  # one Sentinel of the two answers: enough to find the primary
+        node.hset("cloudq:node:x", "state", "free")
+        deadline = time.monotonic() + 10
+        while admin.hget("cloudq:node:x", "state") != b"free":
+            assert time.monotonic() < deadline, "the write through the Sentinel URL did not replicate"
+            time.sleep(0.05)
+        node.close()
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+        replica.stop()
+        primary.stop()

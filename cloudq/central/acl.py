@@ -232,14 +232,11 @@ def apply_static(r: redis.Redis, keys: Keys, passwords: Passwords) -> None:
 
 
 def with_user(url: str, user: str, password: str) -> str:
-    """``url`` with its user and password replaced."""
+    """``url`` with its user and password replaced. The address part is kept as it is, so a
+    ``redis+sentinel://`` URL keeps its list of Sentinels (``host:port,host:port``)."""
     parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (
-        f":{parts.port}" if parts.port else ""
-    )
+    hosts = parts.netloc.rpartition("@")[2] or "127.0.0.1"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{hosts}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -254,6 +251,29 @@ def role_urls(url: str, passwords: Passwords) -> dict[str, str]:
     urls = {role: with_user(url, role_user(role), passwords[role]) for role in ROLES}
     urls["login"] = with_user(url, LOGIN_USER, LOGIN_PASSWORD)
     return urls
+
+
+def conf_quote(value: str) -> str:
+    """``value`` as one argument of a Redis config line: double quotes, every byte that is not
+    printable ASCII (or is a quote or backslash) as ``\\xHH``."""
+    body = "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}" for b in value.encode())
+    return f'"{body}"'
+
+
+def replication_conf(passwords: Passwords) -> str:
+    """A server config include for a replica (or a primary that Sentinel may turn into one):
+    it follows its primary as ``cloudq-admin``, the only role user allowed ``PSYNC``."""
+    return f"masteruser {role_user('admin')}\nmasterauth {conf_quote(passwords['admin'])}\n"
+
+
+def sentinel_auth_conf(service: str, passwords: Passwords) -> str:
+    """Sentinel config lines (after its ``sentinel monitor SERVICE ...``): Sentinel logs in to
+    the data servers as ``cloudq-admin`` (it needs ``INFO``, ``PUBLISH``/``SUBSCRIBE`` on
+    ``__sentinel__:hello``, ``REPLICAOF``, ``CONFIG REWRITE``, ``CLIENT KILL``; no other role has them)."""
+    return (
+        f"sentinel auth-user {service} {role_user('admin')}\n"
+        f"sentinel auth-pass {service} {conf_quote(passwords['admin'])}\n"
+    )
 
 
 # -- the trusted-clients warning ---------------------------------------------------------------

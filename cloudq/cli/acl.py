@@ -48,12 +48,37 @@ def _role_password_options(f: Callable[..., Any]) -> Callable[..., Any]:
     "--server-url",
     default="redis://127.0.0.1:6379/0",
     show_default=True,
-    help="The server the URLs of --url-dir point at (without credentials).",
+    help="The server the URLs of --url-dir point at (without credentials); a redis+sentinel:// URL "
+    "(host:port,host:port/SERVICE/DB) gives Sentinel URLs.",
+)
+@click.option(
+    "--replication-conf",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also write a server config include (masteruser/masterauth as cloudq-admin, mode 0600) "
+    "for data servers that replicate.",
+)
+@click.option(
+    "--sentinel-conf",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Also write Sentinel config lines (sentinel auth-user/auth-pass as cloudq-admin, mode 0600) "
+    "for the service --server-url names (its SERVICE if a Sentinel URL, else 'cloudq').",
 )
 @_role_password_options
-def acl_print(prefix: str, out: str | None, url_dir: str | None, server_url: str, **pw: str | None) -> None:
+def acl_print(
+    prefix: str,
+    out: str | None,
+    url_dir: str | None,
+    server_url: str,
+    replication_conf: str | None,
+    sentinel_conf: str | None,
+    **pw: str | None,
+) -> None:
     """Write the ACL file for this prefix (role users, login user, default user)."""
+    from cloudq.central import acl as acl_mod
     from cloudq.central.acl import ROLES, Passwords, acl_file, role_urls
+    from cloudq.connection import is_sentinel, parse_sentinel
     from cloudq.secretfile import write_secret
 
     for role in ROLES:  # read: no child of this process inherits them
@@ -71,6 +96,13 @@ def acl_print(prefix: str, out: str | None, url_dir: str | None, server_url: str
         click.echo(f"wrote {out}", err=True)
     else:
         click.echo(text, nl=False)
+    if replication_conf:
+        write_secret(replication_conf, acl_mod.replication_conf(passwords).rstrip("\n"))
+        click.echo(f"wrote {replication_conf}", err=True)
+    if sentinel_conf:
+        service = parse_sentinel(server_url).service if is_sentinel(server_url) else "cloudq"
+        write_secret(sentinel_conf, acl_mod.sentinel_auth_conf(service, passwords).rstrip("\n"))
+        click.echo(f"wrote {sentinel_conf}", err=True)
     if url_dir:
         urls = role_urls(server_url, passwords)
         for role in ROLES:
