@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 import redis
 
+from cloudq.client.clipboard import Clipboard
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import ClientError, Launcher, SessionOver, Ticket
 from cloudq.client.script import ScriptEvent, ScriptPlayer
@@ -96,6 +97,9 @@ class ClientSession:
         self.launcher = Launcher(r, keys)
         self.stats_sink = StatsSink()
         self.kernel: Kernel | None = None
+        self.clipboard: Clipboard | None = None
+        self.clipboard_listeners: list[Callable[[str], None]] = []
+        """Called (on the clipboard's thread) with each text a program in the session copies."""
         self.ticket: Ticket | None = None
         self.script: ScriptPlayer | None = None
         # what the status line and the stats show
@@ -118,6 +122,11 @@ class ClientSession:
         if self.kernel is not None:
             self.last_input = time.monotonic()
             self.kernel.pump.put(type, **kw)
+
+    def send_clipboard(self, text: str) -> bool:
+        """The user's clipboard holds ``text`` (pasting, or the window focused): make it the
+        session's clipboard unless it has it already or it is too big; True if sent."""
+        return self.clipboard is not None and self.clipboard.offer(text)
 
     def idle_warning(self) -> str:
         """While the session sleeps (no input for ``idle_timeout``), how long until it closes.
@@ -185,6 +194,7 @@ class ClientSession:
             "reconnects": list(self.reconnects),
             "warning": self.warning,
             "media_lost": self.media_lost,
+            "clipboard": dict(self.clipboard.counts) if self.clipboard else {},
             "close_reason": self.close_reason,
             "ended": self.ended,
             "exit_code": self.exit_code,
@@ -260,6 +270,11 @@ class ClientSession:
             on_sent=self.stats_sink.on_sent,
             media=self.launcher.media(t.sid),
         ).start()
+        self.clipboard = Clipboard(
+            self.launcher.media(t.sid), self.keys, t.sid, lambda text: self.send_input("clipboard", text=text)
+        )
+        self.clipboard.listeners += self.clipboard_listeners
+        self.clipboard.start()
         if self.opt.script:
             self.script = ScriptPlayer(
                 self.opt.script, self.send_input, self.stats_sink.first_frame, self.stop, time.monotonic
@@ -276,6 +291,7 @@ class ClientSession:
             raise
         finally:
             self.kernel.close()
+            self.clipboard.close()
             counts = self.kernel.player.counters
             log.info("video: %s", dict(counts))
             if counts["bad_entries"] or counts["decode_errors"] or counts["gaps"]:

@@ -36,6 +36,8 @@ TICK_MS = 15
 STATUS_MS = 250
 WHEEL_BUTTONS = {4: (0, -1), 5: (0, 1), 6: (-1, 0), 7: (1, 0)}
 """X11 Tk reports the wheel as buttons 4-7: (dx, dy) steps of each."""
+SHIFT, CONTROL = 0x1, 0x4
+"""Tk event state bits."""
 
 
 class NoWindow(Exception):
@@ -102,13 +104,19 @@ class Viewer:
         self.error: BaseException | None = None
         self.result = ""
         self.pressed: int | None = None
+        self._clip_mail: str | None = None  # the session's newest clipboard text, for the Tk thread
         session.opt.sinks.append(CallbackSink(self._on_frame))
+        session.clipboard_listeners.append(self._on_clipboard)
 
     # -- player thread -----------------------------------------------------------------------
     def _on_frame(self, frame: av.VideoFrame, vp: VideoPacket) -> None:
         rgb = frame.to_ndarray(format="rgb24")
         with self._mail_lock:
             self._mail = rgb
+
+    def _on_clipboard(self, text: str) -> None:  # the clipboard's thread
+        with self._mail_lock:
+            self._clip_mail = text
 
     # -- session thread ----------------------------------------------------------------------
     def _session_main(self) -> None:
@@ -139,6 +147,7 @@ class Viewer:
         root.protocol("WM_DELETE_WINDOW", self.session.stop.set)
         root.bind("<KeyPress>", lambda e: self._key("key_down", e))
         root.bind("<KeyRelease>", lambda e: self._key("key_up", e))
+        root.bind("<FocusIn>", lambda e: self._offer_clipboard())
         self.canvas.bind("<MouseWheel>", self._wheel)
         self.canvas.bind("<ButtonPress>", lambda e: self._mouse("mouse_down", e))
         self.canvas.bind("<Motion>", lambda e: self._mouse("mouse_move", e))
@@ -165,8 +174,12 @@ class Viewer:
             return
         with self._mail_lock:
             rgb, self._mail = self._mail, None
+            clip, self._clip_mail = self._clip_mail, None
         if rgb is not None:
             self._show(rgb)
+        if clip is not None:  # a program in the session copied it: the local clipboard too
+            self.root.clipboard_clear()
+            self.root.clipboard_append(clip)
         self.root.after(TICK_MS, self._tick, thread)
 
     def _show(self, rgb: np.ndarray) -> None:
@@ -202,8 +215,24 @@ class Viewer:
             return sx, sy
         return None
 
+    def _offer_clipboard(self) -> None:
+        """Send the local clipboard's text to the session (before a paste reaches it, and when
+        the window gets the focus); the session's clipboard decides if it is new."""
+        import tkinter as tk
+
+        try:
+            text = self.root.clipboard_get()
+        except tk.TclError:  # empty, or not text
+            return
+        self.session.send_clipboard(text)
+
     def _key(self, kind: str, event: Any) -> None:
-        key = key_name(event.char or "", event.keysym or "")
+        state, keysym = int(getattr(event, "state", 0) or 0), event.keysym or ""
+        if kind == "key_down" and (
+            (state & CONTROL and keysym in ("v", "V")) or (state & SHIFT and keysym == "Insert")
+        ):
+            self._offer_clipboard()  # queued before the keys: the program pastes the new text
+        key = key_name(event.char or "", keysym)
         if key:
             self.session.send_input(kind, key=key)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -176,3 +177,30 @@ def assert_no_secret_in_proc(root: int, url_dir: str, roles: tuple[str, ...]) ->
             for role, password in secrets.items():
                 shown = text.replace(password, b"<password>")[:160]  # the failure does not print it
                 assert password not in text, f"{role}'s password in /proc/{pid}/{what}: {shown!r}"
+
+
+@contextlib.contextmanager
+def desktop(size: str = "640x480") -> Iterator[str]:
+    """A virtual X display (Xvfb) standing for the user's desktop; yields its name (``:N``)."""
+    rfd, wfd = os.pipe()
+    xvfb = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(wfd), "-screen", "0", f"{size}x24", "-nolisten", "tcp"],
+        pass_fds=(wfd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    os.close(wfd)
+    try:
+        with os.fdopen(rfd) as fh:
+            number = fh.readline().strip()  # Xvfb writes its display number once it is ready
+        if not number:
+            missing_prerequisite("Xvfb could not start a display")
+        yield f":{number}"
+    finally:
+        xvfb.terminate()
+        try:
+            xvfb.wait(10)
+        except subprocess.TimeoutExpired:
+            xvfb.kill()
+            xvfb.wait(10)

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import pytest
 import redis
-from helpers import Procs, missing_prerequisite, wait_for
+from helpers import Procs, desktop, missing_prerequisite, wait_for
 from test_client_headless import BLUE, pool, share, stats
 
 from cloudq.client.viewer import fit, key_name, resize, show_status
@@ -49,28 +49,8 @@ def test_window_pixels_map_to_stream_pixels_and_keys_map_to_names() -> None:
 
 @pytest.fixture
 def display() -> Iterator[str]:
-    rfd, wfd = os.pipe()
-    xvfb = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(wfd), "-screen", "0", "640x480x24", "-nolisten", "tcp"],
-        pass_fds=(wfd,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    os.close(wfd)
-    try:
-        with os.fdopen(rfd) as fh:
-            number = fh.readline().strip()  # Xvfb writes its display number once it is ready
-        if not number:
-            missing_prerequisite("Xvfb could not start a display")
-        yield f":{number}"
-    finally:
-        xvfb.terminate()
-        try:
-            xvfb.wait(10)
-        except subprocess.TimeoutExpired:
-            xvfb.kill()
-            xvfb.wait(10)
+    with desktop() as name:
+        yield name
 
 
 def screen(disp: str) -> np.ndarray:

@@ -8,6 +8,7 @@ with the same cookie. Needs ``Xvfb``, ``xterm`` and ``xclip``; the browser test 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import Procs, missing_prerequisite, session_field, start_pool, wait_for
+from helpers import Procs, desktop, missing_prerequisite, session_field, start_pool, wait_for
 
 from cloudq.client.launcher import Launcher
 from cloudq.keys import Keys
@@ -248,3 +249,50 @@ def test_a_hostile_programs_clipboard_neither_stalls_nor_floods_the_node(
         finally:
             owner.kill()
             owner.wait(5)
+
+
+def test_the_python_viewer_shares_the_clipboard_both_ways(
+    r: redis.Redis, keys: Keys, procs: Procs, display: Any, tmp_path: Any
+) -> None:
+    """The viewer window on its own display (the user's desktop): a program's copy in the
+    session lands on that desktop's clipboard; text copied on the desktop reaches the session's
+    CLIPBOARD when the user presses Ctrl+V in the window."""
+    import json
+
+    if shutil.which("xdotool") is None:
+        missing_prerequisite("the viewer test needs xdotool (apt: xdotool)")
+    pool(r, keys, procs, display)
+    stack = contextlib.ExitStack()
+    desk = stack.enter_context(desktop())
+    js = tmp_path / "stats.json"
+    client = procs.start(
+        "connect", "--user", "alice", "--password-stdin", "--stats-json", str(js),
+        stdin=b"pw\n", DISPLAY=desk, CLOUDQ_HEADLESS="0",
+    )  # fmt: skip
+    owners: list[subprocess.Popen[bytes]] = []
+    try:
+
+        def clip_stats() -> dict[str, int]:
+            try:
+                return json.loads(js.read_text()).get("clipboard", {})
+            except (OSError, ValueError):
+                return {}
+
+        wait_for(lambda: json.loads(js.read_text()).get("frames", 0) >= 1 if js.exists() else False, 30,
+                 what="the viewer showing frames")  # fmt: skip
+        owners.append(xclip_in(display.name, TEXT_OUT))  # a program in the session copies
+        wait_for(lambda: xclip_out(desk) == TEXT_OUT, 10, what="the copy on the desktop's clipboard")
+
+        owners.append(xclip_in(desk, TEXT_IN))  # the user copies something on the desktop
+        env = {**os.environ, "DISPLAY": desk}
+        subprocess.run(["xdotool", "mousemove", "100", "100"], env=env, check=True, timeout=10)
+        subprocess.run(["xdotool", "key", "ctrl+v"], env=env, check=True, timeout=10)
+        wait_for(lambda: xclip_out(display.name) == TEXT_IN, 10, what="the desktop's text in the session")
+        wait_for(lambda: clip_stats().get("sent", 0) >= 1 and clip_stats().get("received", 0) >= 1, 5,
+                 what="both counted in the client's stats")  # fmt: skip
+    finally:
+        for o in owners:
+            o.kill()
+            o.wait(5)
+        Procs.kill(client)
+        stack.close()
