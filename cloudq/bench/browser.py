@@ -102,7 +102,7 @@ class PythonClient:
 
 
 class Browser:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, permissions: tuple[str, ...] = ()) -> None:
         try:
             from selenium import webdriver
             from selenium.webdriver.chrome.service import Service
@@ -123,6 +123,10 @@ class Browser:
             opts.add_argument(a)
         self.d = webdriver.Chrome(service=Service(driver), options=opts)
         self.d.set_script_timeout(600)
+        if permissions:  # what a user would grant when the page asks (e.g. clipboard access)
+            self.d.execute_cdp_cmd(
+                "Browser.grantPermissions", {"origin": url, "permissions": list(permissions)}
+            )
         self.d.get(url + "/")
         _wait(lambda: self.d.find_element(By.ID, "login").is_displayed(), 20, "the login form")
         self.d.find_element(By.NAME, "user").send_keys("web")
@@ -145,7 +149,26 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def run(samples: int = 300, blocks: int = 6) -> dict[str, Any]:
+def run(
+    samples: int = 300, blocks: int = 6, clipboard_samples: int = 20, audio_seconds: float = 8.0
+) -> dict[str, Any]:
+    """Input latency (Python client vs page), then the clipboard rows (``clipboard_samples``, 0 =
+    skip: :mod:`cloudq.bench.browserclip`) and the sound rows (``audio_seconds`` of
+    :mod:`cloudq.bench.audio`, 0 = skip), each in its own run."""
+    result = _input_latency(samples, blocks)
+    if clipboard_samples:
+        from cloudq.bench import browserclip
+
+        result["clipboard"] = browserclip.run(clipboard_samples)
+    if audio_seconds:
+        from cloudq.bench import audio
+
+        result["audio"] = {k: v for k, v in audio.run(audio_seconds).items() if k != "table"}
+    result["table"] = table(result)
+    return result
+
+
+def _input_latency(samples: int, blocks: int) -> dict[str, Any]:
     w, h = SIZE
     result: dict[str, Any] = {"machine": machine(), "size": f"{w}x{h}", "samples": samples}
     rig = Rig()
@@ -207,7 +230,6 @@ def run(samples: int = 300, blocks: int = 6) -> dict[str, Any]:
         if py is not None:
             py.close()
         rig.close()
-    result["table"] = table(result)
     return result
 
 
@@ -228,6 +250,19 @@ def table(x: dict[str, Any]) -> str:
         f"| browser (headless Chromium, WebCodecs, via `cloudq gateway`) | {br['p50']:.1f} ms | {br['p99']:.1f} ms | {br['n']} |",
         f"| browser minus Python, p50 (target ≤ +5 ms) | {x['p50_difference_ms']:+.1f} ms | | |",
     ]
+    for key, label in (
+        ("paste_to_selection_ms", "paste in the page → the session's CLIPBOARD (xclip -o there)"),
+        ("copy_to_page_ms", "a program's copy → the page has it (node polls once a second)"),
+    ):
+        c = (x.get("clipboard") or {}).get(key) or {}
+        if c.get("n"):
+            rows.append(f"| {label} | {c['p50']:.1f} ms | {c['p99']:.1f} ms | {c['n']} |")
+    a = x.get("audio") or {}
+    for key, label in (("to_page", "a program's sound → decoded in the page"),
+                       ("to_output", "a program's sound → the speakers (page's estimate)")):  # fmt: skip
+        v = a.get(key) or {}
+        if v.get("n"):
+            rows.append(f"| {label} | {v['p50']:.1f} ms | {v['p99']:.1f} ms | {v['n']} |")
     return "\n".join(rows)
 
 

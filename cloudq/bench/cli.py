@@ -208,12 +208,26 @@ def bench_jobs(n: int, rounds: int, as_json: bool, write_path: str | None) -> No
 @click.option(
     "--blocks", type=click.IntRange(min=2), default=6, show_default=True, help="Alternating blocks."
 )
-def bench_browser(as_json: bool, write_path: str | None, samples: int, blocks: int) -> None:
-    """Input→decoded frame in headless Chromium via `cloudq gateway`, next to the Python client."""
+@click.option("--clipboard-samples", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Pastes and copies timed through an x11:xterm session (0 = skip).")  # fmt: skip
+@click.option("--audio-seconds", type=click.FloatRange(min=0), default=8.0, show_default=True,
+              help="Seconds of sound bursts timed to the page (`bench audio`; 0 = skip).")  # fmt: skip
+def bench_browser(
+    as_json: bool,
+    write_path: str | None,
+    samples: int,
+    blocks: int,
+    clipboard_samples: int,
+    audio_seconds: float,
+) -> None:
+    """Input→decoded frame in headless Chromium via `cloudq gateway`, next to the Python client;
+    paste→remote selection, copy→page and sound→page."""
     from cloudq.bench.browser import run, write_markdown
 
     try:
-        result = run(samples=samples, blocks=blocks)
+        result = run(
+            samples=samples, blocks=blocks, clipboard_samples=clipboard_samples, audio_seconds=audio_seconds
+        )
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     if write_path:
