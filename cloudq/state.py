@@ -33,6 +33,7 @@ _NAMES = [
     "wake",
     "close_begin",
     "release",
+    "release_streams",
     "drain",
     "admin_close",
     "user_disable",
@@ -254,6 +255,12 @@ class StateMachine:
 
     def release(self, sid: str, gen: int) -> str:
         return _s(self._run("release", sid, gen))
+
+    def release_streams(self, sid: str, reason: str) -> None:
+        """A closed session's streams (on the server this machine talks to: its media server,
+        or the control server): video kept a minute for a late reader, input emptied, transfers
+        gone (``release_streams.lua``)."""
+        self._run("release_streams", sid, reason)
 
     def drain(self, node: str, on: bool, who: str, why: str = "") -> bool:
         """Take a node out of rotation (it finishes its session) or put it back; False if unknown."""

@@ -247,3 +247,31 @@ def test_bench_scale_measures_the_media_servers_cost_of_real_packet_sizes() -> N
     assert row["latency_ms"]["n"] >= 30, row  # 2 sessions x 30 fps, read back
     assert len(row["per_server_cpu"]) == 2 and all(c > 0 for c in row["per_server_cpu"]), row
     assert row["mem_per_session_kib"] > 0
+
+
+def test_a_closed_sessions_streams_are_released_on_its_media_server(
+    r: redis.Redis,
+    keys: Keys,
+    procs: Procs,
+    role_urls: dict[str, str],
+    media_servers: list[EmbeddedServer],
+) -> None:
+    """The close job releases the streams where they are: on the media server the video is kept
+    a minute (a late reader learns why it ended), the input goes at once; nothing is left to
+    grow there for good."""
+    server = media_servers[0]
+    deploy(r, keys, procs, [server], 1)
+    Users(r, keys).add("alice", "pw", cost=4)
+    launcher = Launcher(redis.Redis.from_url(role_urls["login"]), keys)
+    t = launcher.login("alice", "pw")
+    m = redis.Redis.from_url(acl.role_urls(server.url, _passwords(role_urls))["admin"])
+    try:
+        wait_for(lambda: m.xlen(keys.video(t.sid)) > 0, 20, what="video on the media server")
+        m.xadd(keys.input(t.sid), {"x": "1"})  # something for the release to empty
+        assert m.ttl(keys.video(t.sid)) == -1
+        launcher.logout(t.token)
+        wait_for(lambda: session_field(r, keys, t.sid) == "closed", 20, what="the session closed")
+        wait_for(lambda: 0 < m.ttl(keys.video(t.sid)) <= 60, 5, what="the video expiring")
+        assert m.ttl(keys.input(t.sid)) <= 2 and not m.xlen(keys.input(t.sid))
+    finally:
+        m.close()

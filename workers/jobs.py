@@ -13,6 +13,8 @@ import redis
 from rq import get_current_job
 
 from cloudq.keys import Keys
+from cloudq.media import FIELD as MEDIA_FIELD
+from cloudq.media import connect_like
 from cloudq.messages import Control, pack_control
 from cloudq.state import CloseReason, JobResult, StateMachine, with_detail
 from cloudq.workers import data
@@ -52,6 +54,8 @@ def close_job(prefix: str, sid: str, gen: int, reason: str) -> str:
     status, node = sm.close_begin(sid, gen, reason)
     if status != "ok":
         log.info("close %s gen %s (%s): %s, nothing to do", sid, gen, reason, status)
+        if status == "gone" and r.hget(keys.session(sid), "state") == b"closed":
+            release_streams(r, keys, sid)  # a retry of a close cut off after its release: idempotent
         return status
     user = (r.hget(keys.session(sid), "user") or b"").decode()
     try:
@@ -60,6 +64,7 @@ def close_job(prefix: str, sid: str, gen: int, reason: str) -> str:
         saved = str(exc)  # recorded as an event; the last good version stands
     log.info("close %s: final save: %s", sid, saved)
     freed = sm.release(sid, gen)
+    release_streams(r, keys, sid)
     data.unmount(r, keys, user, sid)
     log.info("closed session %s (%s); node %s freed", sid, reason, freed or "-")
     replicated(r)
@@ -73,9 +78,28 @@ def fail_session(r: redis.Redis, keys: Keys, sid: str, gen: int, reason: str) ->
     status, _ = sm.close_begin(sid, gen, reason)
     if status == "ok":
         sm.release(sid, gen)
+        release_streams(r, keys, sid)
         user = (r.hget(keys.session(sid), "user") or b"").decode()
         data.unmount(r, keys, user, sid)
         wake_central(r, keys)
+
+
+def release_streams(r: redis.Redis, keys: Keys, sid: str) -> None:
+    """After ``release``: the closed session's streams, where they are (its media server, as this
+    worker's own user, or this server). A media server that is down keeps them until the central
+    server sees it again (:meth:`cloudq.central.media.MediaServers.check` expires what it finds
+    of closed sessions)."""
+    url, reason = (v.decode() if v else "" for v in r.hmget(keys.session(sid), MEDIA_FIELD, "close_reason"))
+    m = connect_like(url, r) if url else r
+    try:
+        StateMachine(m, keys).release_streams(sid, reason)
+    except redis.RedisError as exc:
+        if m is r:
+            raise
+        log.warning("session %s: its streams on %s not released now: %s", sid, url, exc)
+    finally:
+        if m is not r:
+            m.close()
 
 
 def replicated(r: redis.Redis, timeout_ms: int = 1000) -> None:
