@@ -240,11 +240,11 @@ def test_bench_scale_measures_the_media_servers_cost_of_real_packet_sizes() -> N
     assert keyframes and deltas and min(keyframes) > 2 * max(deltas)
     servers = [EmbeddedServer().start() for _ in range(2)]
     try:
-        row = scale.measure(servers, 2, "active", (keyframes, deltas), window=1.0, generators=1, warmup=0.5)
+        row = scale.measure(servers, 2, "active", (keyframes, deltas), window=0.6, generators=1, warmup=0.3)
     finally:
         for s in servers:
             s.stop()
-    assert row["latency_ms"]["n"] >= 30, row  # 2 sessions x 30 fps, read back
+    assert row["latency_ms"]["n"] >= 20, row  # 2 sessions x 30 fps, read back
     assert len(row["per_server_cpu"]) == 2 and all(c > 0 for c in row["per_server_cpu"]), row
     assert row["mem_per_session_kib"] > 0
 
