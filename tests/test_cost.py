@@ -137,3 +137,43 @@ def test_node_states_show_what_the_method_saves_and_where_it_cannot() -> None:
     assert nodecost.ceiling(x, 0.1) > nodecost.ceiling(x, 0.3) > 1.0
     a3 = nodecost.break_even(x, 3.0)
     assert nodecost.ceiling(x, a3) == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_each_session_event_is_timed_alone_on_the_control_plane() -> None:
+    """Each event costs the control plane something, a wake (one script) far less than a login
+    (bcrypt, a job, an ACL user) or a sleep with its save job."""
+    from cloudq.bench import events
+
+    x = events.measure(PopulationConfig(), repeats=1)
+    assert set(x["ms"]) == set(events.EVENTS) and all(len(v) >= 1 for v in x["samples_ms"].values())
+    assert all(v >= 0 for v in x["ms"].values()) and x["idle_ms_per_s"] > 0
+    assert x["ms"]["wake"] < x["ms"]["login"] and x["ms"]["wake"] < x["ms"]["sleep (saved)"]
+
+
+def test_the_projection_puts_each_measured_cost_at_its_real_rate() -> None:
+    """The arithmetic of the 100-node projection, on made-up costs: every node-second of a
+    user-hour is in one state, events come at the habits' real rates, and the totals are the
+    rows' sums."""
+    from cloudq.bench import projection
+
+    h = Habits(activity=0.3)
+    r = projection.rates(h)
+    on, off = r["on"], r["off"]
+    assert on["drawing_s"] == off["drawing_s"] == pytest.approx(0.3 * 3600)
+    assert on["drawing_s"] + on["awake idle_s"] + on["asleep_s"] <= 3600 + 1e-6
+    assert off["drawing_s"] + off["awake idle_s"] == pytest.approx(3600)
+    assert on["sleep (saved)"] > 1 and on["login"] >= off["login"] >= on["close"] - 1e-9 > 0
+    ev = {"idle_ms_per_s": 5.0, "ms": {"login": 20.0, "sleep (saved)": 30.0, "wake": 1.0, "close": 30.0}}
+    st = {
+        "on": {"drawing": {"node": 30.0}, "awake idle": {"node": 1.0}, "asleep": {"node": 0.1}},
+        "off": {"drawing": {"node": 30.0}, "awake idle": {"node": 25.0}},
+    }
+    p = projection.project(h, ev, st)
+    for mode in ("on", "off"):
+        assert p["total"][mode] == pytest.approx(sum(p["rows"][mode].values()))
+    assert p["cpu_ratio"] == pytest.approx(p["total"]["off"] / p["total"]["on"]) and p["cpu_ratio"] > 1
+    assert 0 < p["control_plane_share"] < 1
+    # the less the users draw, the more the method saves
+    assert projection.project(Habits(activity=0.1), ev, st)["cpu_ratio"] > p["cpu_ratio"]

@@ -284,6 +284,19 @@ def _activities(value: str) -> list[float]:
     show_default=True,
     help="Seconds one node is held in each state for the per-state table (0 = skip it).",
 )
+@click.option(
+    "--event-repeats",
+    type=click.IntRange(min=0),
+    default=6,
+    show_default=True,
+    help="Each session event timed this often for the projection at real rates (0 = skip both).",
+)
+@click.option(
+    "--app",
+    default="paint",
+    show_default=True,
+    help="The nodes' app, e.g. 'x11:xclock -update 1' (an x11: program runs with --freeze, method on).",
+)
 @json_option
 @write_option
 def bench_cost(
@@ -294,10 +307,13 @@ def bench_cost(
     seed: int,
     time_scale: float,
     state_seconds: float,
+    event_repeats: int,
+    app: str,
     as_json: bool,
     write_path: str | None,
 ) -> None:
-    """CPU per user-hour with the method on vs off, users per node, queue wait, sleep share."""
+    """CPU per user-hour with the method on vs off, users per node, queue wait, sleep share; the
+    control plane's cost per event and the projection for 100 nodes at real event rates."""
     import signal
     import sys
 
@@ -311,7 +327,8 @@ def bench_cost(
         except ImportError:
             raise click.UsageError("--write draws a plot: pip install 'cloudq[bench]' (matplotlib)") from None
     result, *others = (
-        cost.run(cost.config(users, nodes, duration, a, seed, time_scale), state_seconds) for a in activity
+        cost.run(cost.config(users, nodes, duration, a, seed, time_scale, app), state_seconds, event_repeats)
+        for a in activity
     )
     if others:
         result["by_activity"] = [

@@ -150,6 +150,8 @@ class PopulationConfig:
     size: tuple[int, int] = (320, 240)
     fps: float = 30.0
     app: str = "paint"
+    freeze: bool = False
+    """Method on: nodes run with ``--freeze`` (an ``x11:`` program is stopped while asleep)."""
     habits: Habits = field(default_factory=Habits)
     user_habits: dict[str, Habits] = field(default_factory=dict)
     """Habits of particular users (``u1``, ``u2``...), e.g. the demo's scripted three; others get ``habits``."""
@@ -458,7 +460,7 @@ class Rig:
             self.central = self.group.start("central", *clocks)
             self.worker = self.group.start("worker", "--host", "bench")
             w, h = cfg.size
-            extra = ["--always-encode"] if mode.always_encode else []
+            extra = ["--always-encode"] if mode.always_encode else (["--freeze"] if cfg.freeze else [])
             self.nodes = {
                 f"n{i + 1}": self.group.start(
                     "node", "--id", f"n{i + 1}", "--host", "bench", "--app", cfg.app,
