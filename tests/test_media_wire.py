@@ -279,3 +279,20 @@ def test_constructing_an_invalid_message_fails_early():
         InputEvent("mouse_move", seq=1, client_time=0.0)
     with pytest.raises(BadMessage):
         VideoPacket(seq=0, pts=0, keyframe=1, capture_time=0.0, data=b"x")  # type: ignore[arg-type]
+
+
+def test_resize_events_carry_a_bounded_width_and_height():
+    ev = InputEvent("resize", seq=1, client_time=0.0, width=1000, height=628)
+    back = InputEvent.unpack(ev.pack())
+    assert (back.type, back.width, back.height) == ("resize", 1000, 628)
+    for bad in (
+        {},
+        {"width": 100},
+        {"width": 0, "height": 10},
+        {"width": 16385, "height": 10},
+        {"width": True, "height": 10},
+        {"width": 10.5, "height": 10},
+        {"width": -2, "height": 10},
+    ):
+        with pytest.raises(BadMessage):
+            InputEvent("resize", seq=1, client_time=0.0, **bad)
