@@ -647,6 +647,20 @@ def test_the_page_types_shift_level_and_non_ascii_characters_into_xterm(
     ActionChains(driver, duration=0).send_keys(f"echo '{TYPED}' > typed.txt\n").perform()
     wait_for(lambda: out.exists() and out.read_text(encoding="utf-8", errors="replace").endswith("\n"), 5)
     assert out.read_text(encoding="utf-8", errors="replace") == TYPED + "\n"
+    # issue 22, item 1: an IME's composition (CDP Input.imeSetComposition; Input.insertText commits
+    # it: compositionend) and text inserted without a key (beforeinput insertText: on-screen
+    # keyboards, dictation) arrive as text, once each, into the hidden textarea over the canvas
+    ime = home / "ime.txt"
+    ActionChains(driver, duration=0).send_keys("echo '").perform()
+    for text in ("に", "にほ", "日本"):
+        driver.execute_cdp_cmd(
+            "Input.imeSetComposition", {"text": text, "selectionStart": len(text), "selectionEnd": len(text)}
+        )
+    driver.execute_cdp_cmd("Input.insertText", {"text": "日本"})
+    driver.execute_cdp_cmd("Input.insertText", {"text": "ñ語"})
+    ActionChains(driver, duration=0).send_keys("' > ime.txt\n").perform()
+    wait_for(lambda: ime.exists() and ime.read_text(encoding="utf-8", errors="replace").endswith("\n"), 5)
+    assert ime.read_text(encoding="utf-8", errors="replace") == "日本ñ語\n"
     shot = os.environ.get("CLOUDQ_SCREENSHOT")  # README's picture: CLOUDQ_SCREENSHOT=docs/browser-session.png
     if shot:
         import time
