@@ -352,6 +352,7 @@ def test_key_names_and_points_are_validated_before_anything_reaches_the_display(
     assert sym == 0xFF09 and len(mods) == 1
     assert parse_key("Enter") == parse_key("Return")
     assert parse_key("é")[1] == 0xE9 and parse_key("€")[1] == 0x010020AC
+    assert parse_key("EuroSign")[1] == 0x20AC and parse_key("U20AC")[1] == 0x010020AC  # what the page sends
     for bad in ("NoSuchKey", "hyper+a", "ctrl+", "", "a" * 65):
         with pytest.raises(UnknownKeyError):
             parse_key(bad)
