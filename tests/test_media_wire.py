@@ -13,6 +13,7 @@ from cloudq.wire import (
     FIELD,
     INPUT_TYPES,
     MAX_INPUT_BYTES,
+    MAX_SCREEN,
     BadMessage,
     InputEvent,
     VideoPacket,
@@ -56,6 +57,8 @@ def input_events(draw: st.DrawFn) -> InputEvent:
         text=draw(st.text(min_size=1, max_size=100)) if kind in ("text", "clipboard") else None,
         dx=draw(st.integers(-100, 100)) if kind == "wheel" else None,
         dy=draw(st.integers(1, 100)) if kind == "wheel" else None,
+        width=draw(st.integers(1, MAX_SCREEN)) if kind == "resize" else None,
+        height=draw(st.integers(1, MAX_SCREEN)) if kind == "resize" else None,
     )
 
 
@@ -71,6 +74,8 @@ keys = st.sampled_from(
         "codec",
         "w",
         "h",
+        "width",
+        "height",
         "fps",
         "type",
         "button",
