@@ -89,7 +89,7 @@ class InputSender:
             self.seq += 1
         self.r.xadd(self.key, ev.pack(), maxlen=INPUT_MAXLEN, approximate=True)
         self.counters[type] += 1
-        if self.on_input and type != "keyframe_request":
+        if self.on_input and type not in ("keyframe_request", "resize"):  # no user act
             self.on_input()
         return ev
 

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_CLIPBOARD_INPUT_BYTES",
     "MAX_INPUT_BYTES",
     "MAX_KEY_CHARS",
+    "MAX_SCREEN",
     "MAX_TEXT_CHARS",
     "MAX_VIDEO_BYTES",
     "VERSION",
@@ -59,11 +60,14 @@ INPUT_TYPES = frozenset(
         "wheel",  # scroll by ``dx``, ``dy`` steps (positive dy = down)
         "keyframe_request",
         "clipboard",  # set the remote clipboard to ``text`` (1..MAX_CLIPBOARD_BYTES UTF-8 bytes)
+        "resize",  # the client's view is ``width`` x ``height`` pixels (1..MAX_SCREEN each)
     }
 )
 MAX_KEY_CHARS = 64
 MAX_TEXT_CHARS = 1024
 MAX_WHEEL_STEPS = 100
+MAX_SCREEN = 16384
+"""Largest ``width`` or ``height`` a ``resize`` event may ask for (the node clamps to its maximum)."""
 _INT64 = 2**63
 _COORD = 2**31
 
@@ -293,6 +297,8 @@ class InputEvent:
     built-in apps also accept the character itself (``"+"``). ``text`` carries ``text`` (a string
     to type). Mouse events carry ``x``, ``y`` (frame pixels) and optionally ``button`` (1-3);
     ``wheel`` carries ``dx``, ``dy`` (steps; positive ``dy`` scrolls down) and optionally ``x``, ``y``.
+    ``resize`` carries ``width``, ``height``: the size in device pixels the client would like the
+    picture to be (its window); the node clamps it to what it allows, or ignores it.
     """
 
     type: str
@@ -305,6 +311,8 @@ class InputEvent:
     text: str | None = None
     dx: int | None = None
     dy: int | None = None
+    width: int | None = None
+    height: int | None = None
 
     MAX_BYTES: ClassVar[int] = MAX_INPUT_BYTES
 
@@ -333,6 +341,10 @@ class InputEvent:
             raise BadMessage(f"text must be a string of 1..{MAX_TEXT_CHARS} characters")
         _opt_int("dx", self.dx, -MAX_WHEEL_STEPS, MAX_WHEEL_STEPS)
         _opt_int("dy", self.dy, -MAX_WHEEL_STEPS, MAX_WHEEL_STEPS)
+        _opt_int("width", self.width, 1, MAX_SCREEN)
+        _opt_int("height", self.height, 1, MAX_SCREEN)
+        if self.type == "resize" and (self.width is None or self.height is None):
+            raise BadMessage("resize event without width and height")
         if self.type in ("key", "key_down", "key_up") and self.key is None:
             raise BadMessage(f"{self.type} event without key")
         if self.type == "text" and self.text is None:
@@ -344,7 +356,7 @@ class InputEvent:
 
     def pack(self, max_bytes: int | None = None) -> dict[str, bytes]:
         body: dict[str, Any] = {"v": VERSION, "type": self.type, "seq": self.seq, "ct": self.client_time}
-        for name in ("key", "button", "x", "y", "text", "dx", "dy"):
+        for name in ("key", "button", "x", "y", "text", "dx", "dy", "width", "height"):
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
@@ -372,6 +384,8 @@ class InputEvent:
                 text=body.get("text"),
                 dx=body.get("dx"),
                 dy=body.get("dy"),
+                width=body.get("width"),
+                height=body.get("height"),
             )
         except BadMessage:
             raise

@@ -13,6 +13,7 @@ from cloudq.wire import (
     FIELD,
     INPUT_TYPES,
     MAX_INPUT_BYTES,
+    MAX_SCREEN,
     BadMessage,
     InputEvent,
     VideoPacket,
@@ -56,6 +57,8 @@ def input_events(draw: st.DrawFn) -> InputEvent:
         text=draw(st.text(min_size=1, max_size=100)) if kind in ("text", "clipboard") else None,
         dx=draw(st.integers(-100, 100)) if kind == "wheel" else None,
         dy=draw(st.integers(1, 100)) if kind == "wheel" else None,
+        width=draw(st.integers(1, MAX_SCREEN)) if kind == "resize" else None,
+        height=draw(st.integers(1, MAX_SCREEN)) if kind == "resize" else None,
     )
 
 
@@ -71,6 +74,8 @@ keys = st.sampled_from(
         "codec",
         "w",
         "h",
+        "width",
+        "height",
         "fps",
         "type",
         "button",
@@ -279,3 +284,20 @@ def test_constructing_an_invalid_message_fails_early():
         InputEvent("mouse_move", seq=1, client_time=0.0)
     with pytest.raises(BadMessage):
         VideoPacket(seq=0, pts=0, keyframe=1, capture_time=0.0, data=b"x")  # type: ignore[arg-type]
+
+
+def test_resize_events_carry_a_bounded_width_and_height():
+    ev = InputEvent("resize", seq=1, client_time=0.0, width=1000, height=628)
+    back = InputEvent.unpack(ev.pack())
+    assert (back.type, back.width, back.height) == ("resize", 1000, 628)
+    for bad in (
+        {},
+        {"width": 100},
+        {"width": 0, "height": 10},
+        {"width": 16385, "height": 10},
+        {"width": True, "height": 10},
+        {"width": 10.5, "height": 10},
+        {"width": -2, "height": 10},
+    ):
+        with pytest.raises(BadMessage):
+            InputEvent("resize", seq=1, client_time=0.0, **bad)

@@ -268,3 +268,29 @@ def test_fuzz_player_never_raises(
     fields = {b"m": data if raw else VideoPacket(seq, seq, key, 1.0, data or b"\x00").pack()["m"]}
     p.handle(b"1-0", fields)
     assert p.counters["entries"] == 1
+
+
+def test_a_resize_is_ignored_by_an_app_that_cannot_resize_and_the_stream_goes_on(
+    r: redis.Redis, keys: Keys, tmp_path
+) -> None:
+    """The built-in apps have no ``resize``: the event is counted ``resize_ignored``, the picture
+    keeps its size, no keyframe is forced and input still works."""
+    counters: Counter[str] = Counter()
+    s = Streamer(r, keys, "s1", PaintApp(W, H), media(tmp_path), counters)
+    run_ticks(s, 0.1)
+    s.on_input(InputEvent("resize", 1, time.time(), width=1000, height=700))
+    run_ticks(s, 0.4)
+    s.on_input(InputEvent("mouse_down", 2, time.time(), x=50, y=50))
+    run_ticks(s, 0.05)
+    pkts = video(r, keys, "s1")
+    assert counters["resize_ignored"] == 1 and counters["resizes"] == 0
+    assert [p.keyframe for p in pkts] == [True, False]
+    assert s.encoder_size == (W, H)
+
+
+def test_media_config_clamps_a_wanted_size_to_its_maximum_and_makes_it_even() -> None:
+    cfg = MediaConfig(width=640, height=480, max_width=1920, max_height=1200)
+    assert cfg.fit(1001, 629) == (1000, 628)
+    assert cfg.fit(16384, 16384) == (1920, 1200)
+    assert cfg.fit(1, 1) == (64, 64)
+    assert MediaConfig(width=640, height=480).max_size == (640, 480)  # no maximum: the size

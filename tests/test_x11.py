@@ -352,6 +352,7 @@ def test_key_names_and_points_are_validated_before_anything_reaches_the_display(
     assert sym == 0xFF09 and len(mods) == 1
     assert parse_key("Enter") == parse_key("Return")
     assert parse_key("é")[1] == 0xE9 and parse_key("€")[1] == 0x010020AC
+    assert parse_key("EuroSign")[1] == 0x20AC and parse_key("U20AC")[1] == 0x010020AC  # what the page sends
     for bad in ("NoSuchKey", "hyper+a", "ctrl+", "", "a" * 65):
         with pytest.raises(UnknownKeyError):
             parse_key(bad)
@@ -434,3 +435,83 @@ def test_the_client_explains_app_exit_reasons() -> None:
     assert close_message("app_error: load: LaunchError: command not found: 'x'").endswith(
         "failed (your data was saved if it could be) (load: LaunchError: command not found: 'x')"
     )
+
+
+# issue 22, item 4: the screen follows the client's window
+
+
+def video_after(r: redis.Redis, keys: Keys, sid: str, after: bytes) -> list[VideoPacket]:
+    return [VideoPacket.unpack(f) for _, f in r.xrange(keys.video(sid), b"(" + after, b"+")]
+
+
+def last_video_id(r: redis.Redis, keys: Keys, sid: str) -> bytes:
+    last = r.xrevrange(keys.video(sid), count=1)
+    return last[0][0] if last else b"0-0"
+
+
+def test_a_resize_input_resizes_the_display_and_the_stream_restarts_at_the_new_size_with_a_keyframe(
+    r: redis.Redis, keys: Keys, procs: Procs
+) -> None:
+    """A ``resize`` input (what the page sends when its window changes): the node resizes its Xvfb
+    with RandR, xterm is refitted to the new screen and sees it (xdpyinfo, run in the session), the
+    next packets are a keyframe at the new size and what follows it; a size beyond the node's
+    --max-size is clamped to it (made even); a flood of resizes is coalesced (a few a second) and
+    harms nothing."""
+    start_pool(
+        r,
+        keys,
+        procs,
+        1,
+        "x11:xterm",
+        (*SIZE, "--max-size", "800x600"),
+        users=("alice",),
+        idle_timeout=30,
+        grace=30,
+    )
+    t, node = login(r, keys)
+    home = workspace_dir(Path(procs.log_dir) / "workspace", node)
+    with Screen(r, keys, t) as s:
+        wait_for(lambda: prompt_shown(s), 15, what="xterm and its prompt on screen")
+        assert s.last() is not None and s.last().shape == (320, 480, 3)
+
+        def resize_to(w: int, h: int, want: tuple[int, int]) -> None:
+            before = last_video_id(r, keys, t.sid)
+            s.send("resize", width=w, height=h)
+            wait_for(
+                lambda: (f := s.last()) is not None and f.shape[:2] == (want[1], want[0]),
+                5,
+                what=f"a decoded frame of {want[0]}x{want[1]}",
+            )
+            pkts = video_after(r, keys, t.sid, before)
+            first = next(i for i, p in enumerate(pkts) if p.has_params and (p.width, p.height) == want)
+            assert pkts[first].keyframe, "the first packet at the new size is a keyframe"
+            # nothing after it comes at another size
+            assert all((p.width, p.height) == want for p in pkts[first:] if p.has_params)
+            wait_for(lambda: xterm_shown(s), 5, what="xterm refitted to the new screen (mostly white)")
+
+        resize_to(640, 400, (640, 400))
+        # the program sees the screen's size (a command run in the session, on its display)
+        type_line(s, "xdpyinfo | grep dimensions > dims.txt")
+        dims = home / "dims.txt"
+        wait_for(lambda: dims.exists() and dims.read_text().strip(), 5, what="dims.txt")
+        assert "640x400 pixels" in dims.read_text(), dims.read_text()
+        # beyond the node's maximum: clamped; odd sizes made even
+        resize_to(5000, 9999, (800, 600))
+        resize_to(501, 333, (500, 332))
+        # a flood: 60 sizes at once; the node applies a few a second, ends at the last one
+        t0 = time.monotonic()
+        st0 = node_stats(r, keys, node)
+        for i in range(60):
+            s.send("resize", width=300 + 2 * i, height=16384)
+        resize_to(700, 500, (700, 500))
+        elapsed = time.monotonic() - t0
+        wait_for(
+            lambda: node_stats(r, keys, node).get("resize_requests", 0) >= st0.get("resize_requests", 0) + 61,
+            10,
+            what="the node's counters after the flood",
+        )
+        applied = node_stats(r, keys, node)["resizes"] - st0.get("resizes", 0)
+        assert applied <= elapsed / 0.25 + 3, (applied, elapsed)
+        assert node_state(r, keys, node) == "active"
+        type_line(s, "echo still-alive > alive.txt")
+        wait_for((home / "alive.txt").exists, 5, what="xterm still takes input")

@@ -128,7 +128,7 @@ class Node(Recovery):
         self.media = media or MediaConfig()
         # a bad --app fails now, not at login; the factory owns what apps share (an X display)
         self.factory = app_factory(
-            app, self.media.width, self.media.height, display=display, sandbox=sandbox
+            app, self.media.width, self.media.height, display, sandbox, self.media.max_size
         )  # sandbox: x11 programs' confinement (x11/sandbox.py SandboxConfig; None: the default)
         self.freeze = freeze
         self.data_dir = workspace_dir(self.media.workspace, node_id)
@@ -488,8 +488,8 @@ class Node(Recovery):
         self.counters["input"] += 1
         if not self.session or not self.session.streamer:
             return
-        if self.session.sleeping and ev.type != "keyframe_request":
-            self.wake()  # a keyframe request alone (a client catching up) does not wake the node
+        if self.session.sleeping and ev.type not in ("keyframe_request", "resize"):
+            self.wake()  # a client catching up (keyframe, its window size) does not wake the node
         try:
             self.session.streamer.on_input(ev)
         except redis.RedisError:

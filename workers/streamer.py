@@ -37,6 +37,11 @@ CLIP_POLL = 1.0
 """At most this often (seconds, while awake) the node asks its app for new clipboard text."""
 CLIP_MAXLEN = 4
 """Entries kept in a session's clip stream (exact trim: each may hold 1 MiB)."""
+RESIZE_GAP = 0.25
+"""Seconds between two resizes of the app's screen: a client sending many gets the last one it sent
+at most four times a second (each one costs the program a redraw and the encoder a restart)."""
+MIN_SIDE = 64
+"""Smallest width or height a resize asks the app for."""
 
 
 def default_workspace() -> str:
@@ -58,6 +63,9 @@ class MediaConfig:
     always_encode: bool = False
     """Encode every frame tick even when the app says nothing changed (a conventional streamer
     without the method; ``cloudq bench cost`` measures against it)."""
+    max_width: int = 0
+    """Largest picture a client's ``resize`` may ask for (``--max-size``; 0: the size)."""
+    max_height: int = 0
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
@@ -66,6 +74,20 @@ class MediaConfig:
             raise ValueError(f"fps must be in (0, 240], got {self.fps}")
         if self.bitrate <= 0 or self.gop <= 0:
             raise ValueError("bitrate and gop must be positive")
+        if self.max_width < 0 or self.max_height < 0 or self.max_width % 2 or self.max_height % 2:
+            raise ValueError(f"max size must be even, got {self.max_width}x{self.max_height}")
+
+    @property
+    def max_size(self) -> tuple[int, int]:
+        """The largest picture a session may have: ``max_width`` x ``max_height``, at least the size."""
+        return max(self.width, self.max_width), max(self.height, self.max_height)
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """A size a client asked for, clamped to [:data:`MIN_SIDE`, :attr:`max_size`] and even."""
+        max_w, max_h = self.max_size
+        w = min(max(width, MIN_SIDE), max_w)
+        h = min(max(height, MIN_SIDE), max_h)
+        return w - w % 2, h - h % 2
 
     @property
     def period(self) -> float:
@@ -82,11 +104,12 @@ class MediaConfig:
         so the newest keyframe and every packet after it are always still in the stream."""
         return 2 * math.ceil(2 * self.fps * self.gop) + 64
 
-    def encoder(self) -> Encoder:
+    def encoder(self, width: int | None = None, height: int | None = None) -> Encoder:
+        """An encoder for pictures of ``width`` x ``height`` (default: the configured size)."""
         return get_encoder(
             self.codec,
-            self.width,
-            self.height,
+            width or self.width,
+            height or self.height,
             self.fps,
             bitrate=self.bitrate,
             preset=self.preset,
@@ -126,6 +149,9 @@ class Streamer:
         self.cfg = cfg
         self.counters = counters
         self.encoder: Encoder | None = None
+        self.encoder_size: tuple[int, int] | None = None  # the pictures it takes
+        self.size_wanted: tuple[int, int] | None = None  # the client's last resize, not yet applied
+        self.last_resize = -math.inf
         self.sleeping = False
         self.seq = self._next_seq()
         self.t0 = time.monotonic()
@@ -169,6 +195,9 @@ class Streamer:
             self.counters["keyframe_requests"] += 1
             self.key_requested = True
             return
+        if ev.type == "resize":
+            self._want_size(ev)
+            return
         self.app.handle_input(ev)  # raising ends the session (the node's handler), never the node
         self.unsaved_input = True
         self.last_input = time.monotonic()
@@ -178,9 +207,38 @@ class Streamer:
         due = max(time.monotonic(), self.last_input_render + self.cfg.min_gap)
         self.next_frame = min(self.next_frame, due)
 
+    def _want_size(self, ev: InputEvent) -> None:
+        """A client's window size: kept (the last one wins) and applied by :meth:`tick` at most once
+        a :data:`RESIZE_GAP`, clamped to the node's maximum. An app without ``resize`` (the built-in
+        ones) keeps its size: counted ``resize_ignored``, nothing else happens."""
+        self.counters["resize_requests"] += 1
+        if not callable(getattr(self.app, "resize", None)):
+            self.counters["resize_ignored"] += 1
+            return
+        assert ev.width is not None and ev.height is not None  # the wire format checked
+        self.size_wanted = self.cfg.fit(ev.width, ev.height)
+        self.next_frame = min(self.next_frame, self.last_resize + RESIZE_GAP)
+
+    def _resize(self, now: float) -> None:
+        """Apply the wanted size; the next frame (a keyframe from a new encoder) has it."""
+        assert self.size_wanted is not None
+        (w, h), self.size_wanted, self.last_resize = self.size_wanted, None, now
+        if (w, h) == (getattr(self.app, "width", None), getattr(self.app, "height", None)):
+            return
+        try:
+            got = self.app.resize(w, h)  # type: ignore[attr-defined]
+        except Exception as exc:  # the display refused: the session goes on at its size
+            self.counters["resize_failed"] += 1
+            log.warning("resize to %dx%d failed: %s", w, h, exc)
+            return
+        self.counters["resizes"] += 1
+        log.info("session picture resized to %s (asked %dx%d)", got, w, h)
+
     def tick(self, now: float) -> None:
         if self.sleeping or now < self.next_frame:
             return
+        if self.size_wanted is not None and now - self.last_resize >= RESIZE_GAP:
+            self._resize(now)
         force = False
         if self.key_requested and now - self.last_forced >= KEYFRAME_REQUEST_GAP:
             force, self.key_requested, self.last_forced = True, False, now
@@ -204,6 +262,8 @@ class Streamer:
             if now - self.next_frame > self.cfg.period:
                 self.counters["late_frames"] += 1
             nxt = now + self.cfg.period
+        if self.size_wanted is not None:  # a resize held back by RESIZE_GAP
+            nxt = min(nxt, max(now, self.last_resize + RESIZE_GAP))
         self.next_frame = nxt
 
     def _clipboard(self) -> None:
@@ -224,9 +284,16 @@ class Streamer:
     def _frame(self, now: float, keyframe: bool) -> None:
         rgb = self.app.render(now - self.t0)
         capture = time.time()
+        size = (rgb.shape[1], rgb.shape[0])
+        if self.encoder is not None and size != self.encoder_size:  # resized: a new stream of IDR
+            self.encoder.close()
+            self.encoder = None
+            self.counters["encoders_resized"] += 1
         if self.encoder is None:
-            self.encoder = self.cfg.encoder()
+            self.encoder = self.cfg.encoder(*size)
+            self.encoder_size = size
             self.counters["encoders_opened"] += 1
+            keyframe = True
         pts = max(self.last_pts + 1, int((now - self.t0) * 1000))
         self.last_pts = pts
         t_enc = time.perf_counter()
@@ -268,6 +335,7 @@ class Streamer:
         if self.encoder is not None:
             self.encoder.close()
             self.encoder = None
+            self.encoder_size = None
 
     def wake(self) -> None:
         """Render at once; the new encoder starts with an IDR."""

@@ -48,9 +48,9 @@ BURST = 480.0
 KEYFRAME_GAP = 0.25
 INPUT_MAXLEN = 1000
 PAGE_INPUT_TYPES = frozenset(
-    {"key_down", "key_up", "text", "mouse_down", "mouse_move", "mouse_up", "wheel", "clipboard"}
+    {"key_down", "key_up", "text", "mouse_down", "mouse_move", "mouse_up", "wheel", "clipboard", "resize"}
 )
-INPUT_FIELDS = ("key", "button", "x", "y", "text", "dx", "dy")
+INPUT_FIELDS = ("key", "button", "x", "y", "text", "dx", "dy", "width", "height")
 
 CLOSE_SESSION = 4001
 CLOSE_UNAUTHORIZED = 4401
@@ -547,7 +547,7 @@ class Socket:
                     await self.request_keyframe()
                 else:
                     assert isinstance(got, InputEvent)
-                    await self.send_input(got, activity=True)
+                    await self.send_input(got, activity=got.type != "resize")  # a window, not a user
                     self.gw.counters["inputs"] += 1
                     self.gw.input_lag.append((received - got.client_time, time.time() - received))
             elif msg.type == WSMsgType.BINARY:

@@ -10,6 +10,11 @@ the frame is drawn on the canvas. Inputs go one at a time (the next after the pr
 answered, then a random 30-70 ms pause, so inputs land at random phases of the frame clock), in
 alternating blocks (Python, browser, Python, browser, ...) so a busy moment of the machine does not
 land on one side only; each block starts with a few unmeasured inputs that wake its node.
+
+Then a resize row: a third node runs ``x11:xterm``; user ``rs`` logs in with a second page and its
+window is set to alternating sizes (CDP device metrics); each time, the page's own figure
+(``cloudqStats.resize.lastMs``: from sending the new size to decoding the first frame of that
+size; the page's 300 ms debounce comes before it) is taken.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ from cloudq.settings import Settings
 
 SIZE = (1280, 720)
 WARMUP = 5
+RESIZES = 20
+WAKE = r"""
+const c = document.getElementById('screen'), r = c.getBoundingClientRect();
+c.dispatchEvent(new PointerEvent('pointermove', {clientX: r.left + 10, clientY: r.top + 10, bubbles: true}));
+"""
+WINDOWS = ((900, 600), (1200, 800))  # CSS pixels, device pixel ratio 1
 
 # Runs in the page: ``n`` pointer moves over the canvas, each after the previous one was answered
 # (the page's latency sample count went up) and a random pause; returns the page's samples.
@@ -102,7 +113,7 @@ class PythonClient:
 
 
 class Browser:
-    def __init__(self, url: str, permissions: tuple[str, ...] = ()) -> None:
+    def __init__(self, url: str, user: str = "web", permissions: tuple[str, ...] = ()) -> None:
         try:
             from selenium import webdriver
             from selenium.webdriver.chrome.service import Service
@@ -129,7 +140,7 @@ class Browser:
             )
         self.d.get(url + "/")
         _wait(lambda: self.d.find_element(By.ID, "login").is_displayed(), 20, "the login form")
-        self.d.find_element(By.NAME, "user").send_keys("web")
+        self.d.find_element(By.NAME, "user").send_keys(user)
         self.d.find_element(By.NAME, "password").send_keys("pw")
         self.d.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
         _wait(lambda: self.stats()["frames"] > 0, 30, "the page's first frame")
@@ -143,6 +154,24 @@ class Browser:
         if "error" in got:
             raise RuntimeError(f"page loop failed: {got['error']}")
         return [float(v) for v in got["samples"]]
+
+    def resizes(self, n: int) -> list[float]:
+        """Set the window to each of :data:`WINDOWS` in turn, ``n`` times; ms from the page sending
+        each size to its first decoded frame of that size."""
+        out = []
+        for i in range(n):
+            w, h = WINDOWS[i % len(WINDOWS)]
+            # a resize does not wake a sleeping session (a user's input does): the pointer over it
+            self.d.execute_script(WAKE)
+            _wait(lambda: self.stats()["state"] == "active", 10, "the session awake")
+            before = self.stats()["resize"]["applied"]
+            self.d.execute_cdp_cmd(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False},
+            )
+            _wait(lambda b=before: self.stats()["resize"]["applied"] > b, 10, "a frame at the new size")
+            out.append(float(self.stats()["resize"]["lastMs"]))
+        return out
 
     def close(self) -> None:
         self.d.quit()
@@ -175,7 +204,7 @@ def _input_latency(samples: int, blocks: int) -> dict[str, Any]:
     from cloudq.central.auth import Users
 
     users = Users(rig.r, rig.keys)
-    for u in ("py", "web"):
+    for u in ("py", "web", "rs"):
         users.add(u, "pw", cost=4)
     browser = py = None
     try:
@@ -224,6 +253,7 @@ def _input_latency(samples: int, blocks: int) -> dict[str, Any]:
         for name, v in lat.items():
             result[name] = {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
         result["p50_difference_ms"] = result["browser"]["p50"] - result["python"]["p50"]
+        result["resize"] = _resize_run(rig, url)
     finally:
         if browser is not None:
             browser.close()
@@ -231,6 +261,21 @@ def _input_latency(samples: int, blocks: int) -> dict[str, Any]:
             py.close()
         rig.close()
     return result
+
+
+def _resize_run(rig: Rig, url: str) -> dict[str, Any]:
+    """The resize row: an x11:xterm node, user ``rs`` in a second page, :data:`RESIZES` resizes."""
+    w, h = SIZE
+    rig.spawn("node", "--id", "xterm", "--host", "bench", "--app", "x11:xterm", "--size", f"{w}x{h}",
+              "--max-size", "1920x1200", "--fps", "30")  # fmt: skip
+    _wait(lambda: b"xterm" in rig.r.zrange(rig.keys.pool, 0, -1), 30, "the xterm node registered")
+    page = Browser(url, "rs")
+    try:
+        _wait(lambda: page.stats()["resize"]["applied"] >= 1, 20, "the page's first size applied")
+        ms = page.resizes(RESIZES)
+    finally:
+        page.close()
+    return {"p50": percentile(ms, 50), "max": max(ms), "n": len(ms)}
 
 
 def _healthy(url: str) -> bool:
@@ -250,6 +295,14 @@ def table(x: dict[str, Any]) -> str:
         f"| browser (headless Chromium, WebCodecs, via `cloudq gateway`) | {br['p50']:.1f} ms | {br['p99']:.1f} ms | {br['n']} |",
         f"| browser minus Python, p50 (target ≤ +5 ms) | {x['p50_difference_ms']:+.1f} ms | | |",
     ]
+    rs = x.get("resize")
+    if rs:
+        rows += [
+            "",
+            "| page resize → first decoded frame at the new size, x11:xterm | p50 | max | n |",
+            "|---|---|---|---|",
+            f"| size sent (after the 300 ms debounce) → frame of that size | {rs['p50']:.0f} ms | {rs['max']:.0f} ms | {rs['n']} |",
+        ]
     for key, label in (
         ("paste_to_selection_ms", "paste in the page → the session's CLIPBOARD (xclip -o there)"),
         ("copy_to_page_ms", "a program's copy → the page has it (node polls once a second)"),
@@ -275,6 +328,10 @@ benchmark process; user `web` logs in through the gateway's page in headless Chr
 itself: from sending an input (wall clock) to decoding the first frame rendered after it (in the
 page: the WebCodecs output callback, before drawing to the canvas). One input at a time, 30-70 ms
 apart, in alternating blocks (Python, browser, ...), each block after a few unmeasured inputs.
+The resize row: a third node runs `x11:xterm`, a second page (user `rs`) is set to {WINDOWS[0][0]}x{WINDOWS[0][1]}
+and {WINDOWS[1][0]}x{WINDOWS[1][1]} in turn (CDP device metrics); the page times each from sending the size to
+its first decoded frame of that size (RandR on the node's Xvfb, xterm refitted and redrawn, a
+new encoder's IDR); the node applies at most one resize per 0.25 s.
 
 {result["table"]}
 

@@ -67,6 +67,15 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
 @click.option(
     "--size", envvar="CLOUDQ_SIZE", default="1280x720", show_default=True, callback=_size, help="WxH."
 )
+@click.option(
+    "--max-size",
+    envvar="CLOUDQ_MAX_SIZE",
+    default="1920x1200",
+    show_default=True,
+    callback=_size,
+    help="WxH: x11 apps: the largest a client's window may make the picture (the display is "
+    "resized with RandR, clamped to this; at least --size). Built-in apps keep --size.",
+)
 @click.option("--fps", envvar="CLOUDQ_FPS", type=click.FloatRange(1, 240), default=30.0, show_default=True)
 @click.option(
     "--bitrate",
@@ -163,6 +172,7 @@ def node(
     display: str | None,
     freeze: bool,
     size: tuple[int, int],
+    max_size: tuple[int, int],
     fps: float,
     bitrate: int,
     preset: str,
@@ -213,6 +223,8 @@ def node(
             gop=gop,
             workspace=workspace or default_workspace(),
             always_encode=always_encode,
+            max_width=max(size[0], max_size[0] - max_size[0] % 2),
+            max_height=max(size[1], max_size[1] - max_size[1] % 2),
         )
         metrics = NodeMetrics(node_id)
         r = _connect(redis_url)

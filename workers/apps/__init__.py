@@ -52,11 +52,17 @@ class AppFactory:
 
 
 def app_factory(
-    spec: str, width: int, height: int, display: str | None = None, sandbox: Any = None
+    spec: str,
+    width: int,
+    height: int,
+    display: str | None = None,
+    sandbox: Any = None,
+    max_size: tuple[int, int] | None = None,
 ) -> AppFactory:
     """The factory of a node's ``--app`` (``display``: an existing X display for ``x11:`` apps;
     ``sandbox``: how their programs are confined, a :class:`~.x11.sandbox.SandboxConfig`, None for
-    the default sandbox).
+    the default sandbox; ``max_size``: the largest size an ``x11:`` session's display may be
+    resized to, see :mod:`.x11.screen`; the built-in apps keep their size).
 
     Raises ``ValueError`` saying what is wrong (unknown spec, command not found, no Xvfb...).
     """
@@ -64,7 +70,14 @@ def app_factory(
         from .x11 import X11Error, X11Factory  # python-xlib and mss only for real programs
 
         try:
-            f = X11Factory(spec.strip()[len(X11_PREFIX) :], width, height, display=display, sandbox=sandbox)
+            f = X11Factory(
+                spec.strip()[len(X11_PREFIX) :],
+                width,
+                height,
+                display=display,
+                sandbox=sandbox,
+                max_size=max_size,
+            )
         except X11Error as e:
             raise ValueError(f"app {spec!r}: {e}") from None
         return AppFactory(f, f.close)

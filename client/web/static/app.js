@@ -9,6 +9,7 @@ import { Stats, wallClock } from './stats.js';
 import { VideoPipe } from './video.js';
 
 const STATUS_EVERY_MS = 500;
+const RESIZE_DEBOUNCE_MS = 300; // a window being dragged sends its size once it rests
 
 const STATE_WORDS = {
   connecting: 'connecting',
@@ -61,7 +62,7 @@ class Session {
       stats,
       requestKeyframe: () => this.conn.send({ t: 'keyframe' }),
       onWarning: (w) => this.warn(w),
-      onResize: () => this.fit(),
+      onResize: (w, h) => this.frameResized(w, h),
       codec: params.get('codec') || undefined,
       readback: params.has('readback'),
     });
@@ -80,8 +81,10 @@ class Session {
       onDown: (d) => this.onDown(d),
       onEnd: (d) => this.onEnd(d),
     });
-    this.resizer = new ResizeObserver(() => this.fit());
+    this.resizer = new ResizeObserver(() => { this.fit(); this.sizeChanged(); });
     this.timer = null;
+    this.resizeTimer = null;
+    this.wanted = null; // [w, h, sent at (ms)]: the size last asked of the node
   }
 
   start() {
@@ -97,6 +100,7 @@ class Session {
 
   stop() {
     clearInterval(this.timer);
+    clearTimeout(this.resizeTimer);
     this.resizer.disconnect();
     this.input.detach();
     this.files.detach();
@@ -124,11 +128,16 @@ class Session {
         rememberSid(stats.pub.sid);
         stats.pub.rights = String(msg.rights || '');
         this.node = String(msg.node || '');
+        this.sendSize(true); // a new connection (a reconnect too): the node learns our size again
         break;
-      case 'state':
+      case 'state': {
         if (msg.node !== undefined) this.node = String(msg.node || '');
+        const was = this.state;
         this.setState(String(msg.state), msg.position);
+        // the node reads input from when it started the session: a size sent before that is lost
+        if (this.state === 'active' && was !== 'active') this.sendSize(true);
         break;
+      }
       case 'warning':
         this.warn(String(msg.text || msg.warning || '')); // the gateway words it (cloudq.sessionend)
         break;
@@ -228,6 +237,40 @@ class Session {
       () => { c.written++; },
       () => { c.errors++; }, // no permission, or the page has no focus: the text is lost
     );
+  }
+
+  /** The stage changed size: tell the node once it has rested for RESIZE_DEBOUNCE_MS. */
+  sizeChanged() {
+    clearTimeout(this.resizeTimer);
+    this.resizeTimer = setTimeout(() => this.sendSize(false), RESIZE_DEBOUNCE_MS);
+  }
+
+  /** Ask the node for a picture of the stage's size in device pixels (it clamps to its maximum;
+   * an app that cannot resize ignores it). ``always``: even if that size was asked already. */
+  sendSize(always) {
+    const dpr = window.devicePixelRatio || 1;
+    const width = Math.round(el.stage.clientWidth * dpr);
+    const height = Math.round(el.stage.clientHeight * dpr);
+    if (!width || !height) return;
+    if (!always && this.wanted && this.wanted[0] === width && this.wanted[1] === height) return;
+    const ok = this.conn.send({ t: 'input', type: 'resize', seq: this.seq++, ct: wallClock(), width, height });
+    if (!ok) return;
+    this.wanted = [width, height, performance.now()];
+    const r = stats.pub.resize;
+    r.sent++;
+    r.wantWidth = width;
+    r.wantHeight = height;
+  }
+
+  /** A frame of a new size was decoded: fit it; if it is the size asked for, time the resize. */
+  frameResized(w, h) {
+    this.fit();
+    const want = this.wanted;
+    if (want && want[2] !== null && Math.abs(want[0] - w) <= 2 && Math.abs(want[1] - h) <= 2) {
+      stats.pub.resize.applied++;
+      stats.pub.resize.lastMs = performance.now() - want[2];
+      want[2] = null;
+    }
   }
 
   /** Scale the canvas to the stage, keeping the aspect ratio. */

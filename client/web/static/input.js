@@ -5,6 +5,7 @@ import { keysym } from './keys.js';
 const WHEEL_PIXELS_PER_STEP = 100; // Chromium: 100 px per notch with deltaMode 0
 const WHEEL_LINES_PER_STEP = 3;
 const PASTE_WAIT_MS = 100; // how long a paste shortcut's keys wait for the browser's paste event
+const ECHO_MS = 50; // an insertText right after a composition ended with the same text is its echo
 export const MAX_CLIPBOARD_BYTES = 1024 * 1024; // cloudq/wire.py MAX_CLIPBOARD_BYTES
 
 export class InputCapture {
@@ -23,11 +24,38 @@ export class InputCapture {
     this.wheel = { x: 0, y: 0 };
     this.lastPos = null;
     this.handlers = [];
+    // Text that comes without a key we forward (an IME's composition, dead keys, an on-screen
+    // keyboard, dictation) needs an editable element with the focus: a transparent textarea over
+    // the canvas takes it whenever the canvas would. Keys we forward are prevented on keydown, so
+    // the textarea never sees them as text; what does reach it is sent as text and cleared.
+    this.ime = document.createElement('textarea');
+    this.ime.id = 'ime';
+    for (const [k, v] of [['autocomplete', 'off'], ['autocorrect', 'off'], ['autocapitalize', 'off'],
+      ['spellcheck', 'false'], ['aria-label', 'keyboard input for the remote screen']]) this.ime.setAttribute(k, v);
+    this.composing = false;
+    this.composed = null; // [text, time] of the last composition sent
+  }
+
+  /** Whether keys typed now are meant for the remote screen. */
+  focused() {
+    const a = document.activeElement;
+    return a === this.canvas || a === this.ime;
   }
 
   attach() {
     const c = this.canvas;
     c.tabIndex = 0;
+    if (c.parentElement && !this.ime.isConnected) c.after(this.ime);
+    this.on(c, 'focus', (e) => {
+      this.ime.focus({ preventScroll: true });
+      if (e.relatedTarget !== this.ime) this.readClipboard(); // back from elsewhere
+    });
+    this.on(this.ime, 'compositionstart', () => { this.composing = true; });
+    this.on(this.ime, 'compositionend', (e) => this.compositionEnd(e));
+    this.on(this.ime, 'beforeinput', (e) => this.beforeInput(e));
+    this.on(this.ime, 'input', () => { if (!this.composing) this.ime.value = ''; });
+    // focus moving between the canvas and the textarea is no focus change for the remote screen
+    this.on(this.ime, 'blur', (e) => { if (e.relatedTarget !== c) this.releaseAll(); });
     this.on(document, 'keydown', (e) => this.key(e, 'key_down'));
     this.on(document, 'keyup', (e) => this.key(e, 'key_up'));
     this.on(c, 'pointerdown', (e) => this.pointerDown(e));
@@ -37,8 +65,7 @@ export class InputCapture {
     this.on(c, 'wheel', (e) => this.onWheel(e), { passive: false });
     this.on(c, 'contextmenu', (e) => e.preventDefault());
     this.on(document, 'paste', (e) => this.paste(e));
-    this.on(c, 'focus', () => this.readClipboard());
-    this.on(c, 'blur', () => this.releaseAll());
+    this.on(this.ime, 'focus', (e) => { if (e.relatedTarget !== c) this.readClipboard(); });
     this.on(window, 'blur', () => this.releaseAll());
   }
 
@@ -47,6 +74,31 @@ export class InputCapture {
     this.releaseAll();
     for (const [target, type, fn, opts] of this.handlers) target.removeEventListener(type, fn, opts);
     this.handlers = [];
+    this.ime.remove();
+  }
+
+  /** An IME (or a dead key) finished composing: its text goes as text. */
+  compositionEnd(e) {
+    this.composing = false;
+    const text = e.data || '';
+    this.ime.value = '';
+    if (!text) return;
+    this.composed = [text, performance.now()];
+    this.sendText(text);
+  }
+
+  /** Text inserted without a composition (on-screen keyboards, dictation, CDP insertText). */
+  beforeInput(e) {
+    if (e.isComposing || this.composing || e.inputType === 'insertCompositionText') return;
+    e.preventDefault(); // the textarea stays empty; nothing but text is forwarded from here
+    if (e.inputType !== 'insertText' || !e.data) return;
+    const echo = this.composed && this.composed[0] === e.data && performance.now() - this.composed[1] < ECHO_MS;
+    this.composed = null;
+    if (!echo) this.sendText(e.data);
+  }
+
+  sendText(text) {
+    for (let i = 0; i < text.length; i += 1000) this.send('text', { text: text.slice(i, i + 1000) });
   }
 
   on(target, type, fn, opts = undefined) {
@@ -55,7 +107,7 @@ export class InputCapture {
   }
 
   key(e, type) {
-    if (document.activeElement !== this.canvas || e.isComposing) return;
+    if (!this.focused() || e.isComposing) return;
     const k = keysym(e);
     if (k === null) return;
     const paste = type === 'key_down' && this.onClipboard && isPasteShortcut(e);
@@ -80,7 +132,7 @@ export class InputCapture {
 
   /** The browser's paste (Ctrl+V, a menu): its text becomes the remote clipboard first. */
   paste(e) {
-    if (document.activeElement !== this.canvas || !this.onClipboard) return;
+    if (!this.focused() || !this.onClipboard) return;
     const text = e.clipboardData ? e.clipboardData.getData('text/plain') : '';
     e.preventDefault();
     if (text) this.onClipboard(text);
@@ -110,7 +162,7 @@ export class InputCapture {
   pointerDown(e) {
     if (e.button < 0 || e.button > 2) return;
     e.preventDefault();
-    this.canvas.focus({ preventScroll: true });
+    if (!this.focused()) this.ime.focus({ preventScroll: true });
     try { this.canvas.setPointerCapture(e.pointerId); } catch { /* synthetic event */ }
     const p = this.position(e);
     if (!p) return;

@@ -24,6 +24,8 @@ export class Stats {
       frames: 0, keyframes: 0, packets: 0, bytes: 0, gaps: 0, decodeErrors: 0,
       keyframeRequests: 0, dropped: 0, connects: 0, disconnects: 0,
       clipboard: { sent: 0, received: 0, written: 0, errors: 0, dropped: 0 },
+      // the window's size (device pixels) sent to the node, and how long until a frame had it
+      resize: { sent: 0, wantWidth: 0, wantHeight: 0, applied: 0, lastMs: null },
       fps: 0, bitrate: 0, codec: null, width: 0, height: 0,
       // input -> decoded frame (ms), measured like the Python client
       latency: { p50: null, p99: null, n: 0, last: null, unanswered: 0 },

@@ -29,6 +29,7 @@ from .errors import DisplayError, LaunchError, X11Error
 from .input import InputMixin
 from .process import ProcessMixin
 from .sandbox import Sandbox, SandboxConfig, SandboxHost, preflight
+from .screen import ScreenMixin, set_screen_size
 
 logger = logging.getLogger(__package__)  # cloudq.workers.apps.x11, as before the split
 
@@ -45,7 +46,7 @@ def _cleanup(what: str, step: Callable[[], object]) -> None:
         logger.debug("%s on close failed: %s", what, e)
 
 
-class X11App(ClipboardMixin, CaptureMixin, InputMixin, ProcessMixin, AudioMixin, App):
+class X11App(ClipboardMixin, CaptureMixin, InputMixin, ProcessMixin, AudioMixin, ScreenMixin, App):
     """An X11 program as a cloudq app.
 
     ``command`` is a command line (shlex-split) or an argv. ``display`` is a :class:`DisplayManager`
@@ -56,7 +57,9 @@ class X11App(ClipboardMixin, CaptureMixin, InputMixin, ProcessMixin, AudioMixin,
     ``key_down``/``key_up``, ``text`` (``ev.text``, or ``ev.key`` if that is None), ``mouse_move``,
     ``mouse_down``/``mouse_up`` (``ev.button`` 1..3, default 1, at ``ev.x``, ``ev.y``) and ``wheel``
     (``ev.dx``/``ev.dy`` in notches, positive is right/down; at ``ev.x``, ``ev.y`` if given);
-    ``clipboard`` (``ev.text`` becomes CLIPBOARD and PRIMARY: :mod:`.clipboard`).
+    ``clipboard`` (``ev.text`` becomes CLIPBOARD and PRIMARY: :mod:`.clipboard`). :meth:`resize`
+    changes the size of a display it started (:mod:`.screen`); each session starts at
+    ``width`` x ``height``.
 
     ``sandbox`` (what :func:`~.sandbox.preflight` found) runs the program in a sandbox of its own
     (:mod:`.sandbox`); None runs it as this process's user, as a library caller may want.
@@ -172,6 +175,11 @@ class X11App(ClipboardMixin, CaptureMixin, InputMixin, ProcessMixin, AudioMixin,
         screen = d.screen()
         self._root = screen.root
         self._screen_w, self._screen_h = screen.width_in_pixels, screen.height_in_pixels
+        if self.resizable and (self._screen_w, self._screen_h) != (self.width, self.height):
+            try:  # a session starts at the node's size, whatever the last one left
+                self._screen_w, self._screen_h = set_screen_size(d, self._root, self.width, self.height)
+            except (xerror.XError, DisplayError) as e:
+                logger.warning("cannot set display %s to %dx%d: %s", name, self.width, self.height, e)
         if (self._screen_w, self._screen_h) != (self.width, self.height):
             logger.warning(
                 "display %s is %dx%d, frames are %dx%d: cropping/padding",
@@ -247,6 +255,7 @@ class X11Factory:
 
     The display is an Xvfb of the node's size started here (it dies with the node: PDEATHSIG), or
     the existing display ``display`` (e.g. ``":0"``; its clients other than ours are left alone).
+    ``max_size`` is the largest size a session may resize the display to (default: the size).
     Everything that can be checked before a session is checked here, so a node with a command that
     does not exist or no Xvfb refuses to start with a clear message (:class:`X11Error`).
     """
@@ -258,6 +267,7 @@ class X11Factory:
         height: int,
         display: str | None = None,
         sandbox: SandboxConfig | None = None,
+        max_size: tuple[int, int] | None = None,
     ) -> None:
         try:
             self.argv = shlex.split(command)
@@ -277,7 +287,10 @@ class X11Factory:
                 "--program-network host: the programs share the host's network: they can reach "
                 "Redis and every service listening on this host"
             )
-        self.display = DisplayManager.existing(display) if display else DisplayManager(width, height)
+        # our Xvfb is as big as a session may make it (RandR sizes down from there: .screen)
+        max_w, max_h = max_size or (width, height)
+        max_w, max_h = max(max_w, width), max(max_h, height)
+        self.display = DisplayManager.existing(display) if display else DisplayManager(max_w, max_h)
         self.display.start()  # raises DisplayError: no Xvfb, or the display does not answer
 
     def __call__(self) -> X11App:

@@ -75,6 +75,9 @@ BUTTONS = (1, 2, 3)
 
 
 _UNICODE_NAME = re.compile(r"U[0-9A-Fa-f]{4,6}")
+_MISSING_KEYSYMS = {"EuroSign": 0x20AC}
+"""Keysyms of X's keysymdef.h that python-xlib's tables lack (its ``XK`` has no currency group):
+the page sends ``EuroSign`` for the euro sign, which was dropped as an unknown key."""
 
 
 def char_to_keysym(ch: str) -> int:
@@ -99,6 +102,8 @@ def _name_to_keysym(name: str) -> int:
         if cp > 0x10FFFF:
             raise UnknownKeyError(f"unknown key {name!r}")
         return char_to_keysym(chr(cp))
+    if name in _MISSING_KEYSYMS:
+        return _MISSING_KEYSYMS[name]
     sym = XK.string_to_keysym(KEY_ALIASES.get(name, name))
     if sym == X.NoSymbol:
         raise UnknownKeyError(f"unknown key {name!r}")
