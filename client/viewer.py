@@ -36,6 +36,7 @@ TICK_MS = 15
 STATUS_MS = 250
 WHEEL_BUTTONS = {4: (0, -1), 5: (0, 1), 6: (-1, 0), 7: (1, 0)}
 """X11 Tk reports the wheel as buttons 4-7: (dx, dy) steps of each."""
+RESIZE_DEBOUNCE_MS = 300
 SHIFT, CONTROL = 0x1, 0x4
 """Tk event state bits."""
 
@@ -105,6 +106,8 @@ class Viewer:
         self.result = ""
         self.pressed: int | None = None
         self._clip_mail: str | None = None  # the session's newest clipboard text, for the Tk thread
+        self._resize_job: Any = None  # the pending (debounced) resize request
+        self._asked: tuple[int, int] | None = None  # the size last asked of the session
         session.opt.sinks.append(CallbackSink(self._on_frame))
         session.clipboard_listeners.append(self._on_clipboard)
 
@@ -148,6 +151,7 @@ class Viewer:
         root.bind("<KeyPress>", lambda e: self._key("key_down", e))
         root.bind("<KeyRelease>", lambda e: self._key("key_up", e))
         root.bind("<FocusIn>", lambda e: self._offer_clipboard())
+        self.canvas.bind("<Configure>", self._on_configure)
         self.canvas.bind("<MouseWheel>", self._wheel)
         self.canvas.bind("<ButtonPress>", lambda e: self._mouse("mouse_down", e))
         self.canvas.bind("<Motion>", lambda e: self._mouse("mouse_move", e))
@@ -199,6 +203,22 @@ class Viewer:
         self.canvas.coords(self.image_item, ox, oy)
         self.canvas.itemconfigure(self.image_item, image=self.photo)
         self.shown += 1
+
+    def _on_configure(self, event: Any) -> None:
+        """The window changed size: ask the session for a screen of the canvas's size, once it
+        settles (300 ms, as the page does); the node clamps it and apps that cannot resize ignore it."""
+        if self._resize_job is not None:
+            self.root.after_cancel(self._resize_job)
+        self._resize_job = self.root.after(
+            RESIZE_DEBOUNCE_MS, self._ask_size, int(event.width), int(event.height)
+        )
+
+    def _ask_size(self, w: int, h: int) -> None:
+        self._resize_job = None
+        if w < 64 or h < 64 or (w, h) in (self.size, self._asked):
+            return  # the picture's own size (the window fitted to it), or asked already
+        self._asked = (w, h)
+        self.session.send_input("resize", width=w, height=h)
 
     def _status(self) -> None:
         show_status(self.status, self.session.status_line(), self.canvas.winfo_width())

@@ -138,3 +138,43 @@ def test_viewer_sends_wheel_buttons_as_wheel_steps_at_the_pointer() -> None:
         ("wheel", {"dx": 0, "dy": -1}),
         ("key_down", {"key": "Shift_L"}),
     ]
+
+
+@needs_x
+def test_resizing_the_viewer_window_resizes_the_sessions_screen(
+    r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path, display: str
+) -> None:
+    """The viewer asks for a screen of its canvas's size once the window settles; an x11 session's
+    display follows (RandR) and the stream restarts at that size."""
+    from cloudq.wire import VideoPacket
+
+    if shutil.which("xterm") is None:
+        missing_prerequisite("the x11 viewer test needs xterm (apt: xterm)")
+    pool(r, keys, procs, app="x11:xterm")  # 320x240
+    js = tmp_path / "stats.json"
+    client = procs.start(
+        "connect", "--user", "alice", "--password-stdin", "--stats-json", str(js),
+        stdin=b"pw\n", DISPLAY=display, CLOUDQ_HEADLESS="0",
+    )  # fmt: skip
+    try:
+        wait_for(lambda: stats(js).get("frames", 0) >= 1, 30, what="a frame decoded")
+        sid = r.smembers(keys.sessions).pop().decode()
+
+        def newest_size() -> tuple[int, int] | None:
+            for _, f in r.xrevrange(keys.video(sid), count=200):
+                vp = VideoPacket.unpack(f)
+                if vp.keyframe and vp.width:
+                    return vp.width, vp.height
+            return None
+
+        assert newest_size() == (320, 240)
+        env = {**os.environ, "DISPLAY": display}
+        subprocess.run(
+            ["xdotool", "search", "--name", "cloudq", "windowsize", "%@", "500", "400"],
+            env=env, check=True, timeout=10,
+        )  # fmt: skip
+        wait_for(lambda: (newest_size() or (0, 0))[0] == 500, 15, what="a keyframe 500 wide")
+        w, h = newest_size() or (0, 0)
+        assert 300 <= h <= 400 and h % 2 == 0, (w, h)  # the canvas: the window minus the status line
+    finally:
+        Procs.kill(client, signal.SIGTERM)
