@@ -20,8 +20,8 @@ def test_after_a_reconnect_the_page_plays_sound_and_syncs_the_clipboard_again(
     r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path
 ) -> None:
     from test_audio import tone_app
-    from test_clipboard import TEXT_IN, TEXT_OUT, xclip_in, xclip_out
-    from test_gateway_browser import HAVE_BROWSER, Gateway, drag, login, new_driver, stats
+    from test_clipboard import TEXT_IN, TEXT_OUT, clipboard_page, xclip_in, xclip_out
+    from test_gateway_browser import HAVE_BROWSER, Gateway, drag, stats
 
     from cloudq.workers.apps.x11 import DisplayManager
 
@@ -34,14 +34,9 @@ def test_after_a_reconnect_the_page_plays_sound_and_syncs_the_clipboard_again(
         start_pool(r, keys, procs, 1, app, (*node_args, "--display", dm.name), users=("alice",),
                    grace=30, idle_timeout=30)  # fmt: skip
         gw = Gateway(procs).start()
-        driver = new_driver(str(tmp_path / "profile"))
+        driver = clipboard_page(gw, str(tmp_path / "profile"))
         owner: subprocess.Popen[bytes] | None = None
         try:
-            driver.execute_cdp_cmd(
-                "Browser.grantPermissions",
-                {"origin": gw.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
-            )
-            login(driver, gw, "alice")
 
             def st(name: str) -> dict[str, Any]:
                 return (stats(driver) or {}).get(name) or {}

@@ -67,6 +67,20 @@ def xclip_in(name: str, text: str) -> subprocess.Popen[bytes]:
     return proc
 
 
+def clipboard_page(gw: Any, profile: str) -> Any:
+    """Headless Chromium with the page's clipboard permissions granted (as a user would when
+    asked), logged in to the gateway as alice."""
+    from test_gateway_browser import login, new_driver
+
+    driver = new_driver(profile)
+    driver.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {"origin": gw.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+    )
+    login(driver, gw, "alice")
+    return driver
+
+
 def clip_texts(r: redis.Redis, keys: Keys, sid: str) -> list[str]:
     return [f[b"text"].decode() for _, f in r.xrange(keys.clip(sid))]
 
@@ -116,20 +130,15 @@ def test_a_clipboard_event_sets_the_sessions_clipboard_and_a_programs_copy_comes
 def test_the_page_gets_the_sessions_clipboard_and_sends_its_own(
     r: redis.Redis, keys: Keys, procs: Procs, display: Any, tmp_path: Any
 ) -> None:
-    from test_gateway_browser import HAVE_BROWSER, Gateway, login, new_driver, stats
+    from test_gateway_browser import HAVE_BROWSER, Gateway, stats
 
     if not HAVE_BROWSER:
         missing_prerequisite("chromium and chromium-driver are not installed")
     pool(r, keys, procs, display)
     gw = Gateway(procs).start()
-    driver = new_driver(str(tmp_path / "profile"))
+    driver = clipboard_page(gw, str(tmp_path / "profile"))
     owner: subprocess.Popen[bytes] | None = None
     try:
-        driver.execute_cdp_cmd(
-            "Browser.grantPermissions",
-            {"origin": gw.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
-        )
-        login(driver, gw, "alice")
         wait_for(lambda: (stats(driver) or {}).get("frames", 0) > 0, 20, what="the first decoded frame")
 
         def clip() -> dict[str, int]:
