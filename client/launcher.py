@@ -83,6 +83,7 @@ class Launcher:
         self.creds = credentials.Credentials()
         self._sr: redis.Redis | None = None
         self._media: tuple[str, redis.Redis] | None = None
+        self._activity_at = float("-inf")  # when the activity key was last refreshed
         self.trusted = False  # the server gave no Redis user: ACLs are off
 
     @property
@@ -243,6 +244,10 @@ class Launcher:
             log.warning("logout failed: %s", exc)
 
     def mark_activity(self, sid: str) -> None:
-        """The user gave input: refresh the session's activity key."""
-        if self.settings.idle_timeout:
+        """The user gave input: refresh the session's activity key (at most every
+        :attr:`Settings.activity_refresh`, as the gateway does: one SET per mouse move doubled
+        the server's commands while drawing)."""
+        now = time.monotonic()
+        if self.settings.idle_timeout and now - self._activity_at >= self.settings.activity_refresh:
             self.sr.set(self.keys.activity(sid), "1", px=int(self.settings.idle_timeout * 1000))
+            self._activity_at = now

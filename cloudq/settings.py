@@ -48,6 +48,13 @@ class Settings:
         """How often a node refreshes its liveness key."""
         return self.node_ttl / 3 if self.node_ttl else 1.0
 
+    @property
+    def activity_refresh(self) -> float:
+        """How often at most a client refreshes its activity key while the user gives input (a
+        mouse move is 30 events a second; the key's TTL is ``idle_timeout``, so this much
+        precision of the idle clock is all that is given up)."""
+        return min(0.25, self.idle_timeout / 10)
+
     def publish(self, r: redis.Redis, keys: Keys) -> None:
         r.hset(keys.settings, mapping={k: repr(v) for k, v in dataclasses.asdict(self).items()})
 

@@ -171,3 +171,27 @@ def test_clients_and_a_browser_that_lose_their_queue_place_without_a_notificatio
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_mouse_move_flood_refreshes_the_activity_key_a_few_times_a_second_not_once_per_event(
+    r: redis.Redis, keys: Keys
+) -> None:
+    """The Python client marks activity on every input event; at 30 mouse moves a second that was
+    one SET each, as many commands as the input itself. Now at most one per
+    ``Settings.activity_refresh`` (0.25 s), as the gateway does, and the key is still refreshed."""
+    from cloudq.client.launcher import Launcher
+
+    def sets() -> int:
+        return int(r.info("commandstats").get("cmdstat_set", {}).get("calls", 0))
+
+    launcher = Launcher(r, keys)
+    launcher.settings = Settings(idle_timeout=30.0)
+    before, t0 = sets(), time.monotonic()
+    for _ in range(30):  # one second of mouse moves, as fast as the client sends them
+        launcher.mark_activity("s1")
+    elapsed = time.monotonic() - t0
+    assert 0 < r.pttl(keys.activity("s1")) <= 30_000
+    assert sets() - before <= 1 + elapsed / Settings(idle_timeout=30.0).activity_refresh
+    time.sleep(0.3)  # past the refresh period (the point: time passing)
+    launcher.mark_activity("s1")
+    assert sets() - before >= 2, "refreshed again once the period passed"

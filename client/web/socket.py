@@ -488,7 +488,7 @@ class Socket:
         if self.sr is None or self.mr is None:
             return
         idle, now = self.settings.idle_timeout, time.monotonic()
-        fresh = activity and idle and now - self.last_activity >= min(0.25, idle / 10)
+        fresh = activity and idle and now - self.last_activity >= self.settings.activity_refresh
         if fresh:
             self.last_activity = now
         if self.mr is not self.sr:  # two servers: the input to the media one, activity to this one
