@@ -275,3 +275,31 @@ def test_a_closed_sessions_streams_are_released_on_its_media_server(
         assert m.ttl(keys.input(t.sid)) <= 2 and not m.xlen(keys.input(t.sid))
     finally:
         m.close()
+
+
+def test_a_session_starting_while_its_media_server_is_down_waits_for_it_on_a_live_node(
+    r: redis.Redis,
+    keys: Keys,
+    procs: Procs,
+    role_urls: dict[str, str],
+    media_servers: list[EmbeddedServer],
+) -> None:
+    """The node cannot open a session whose media server is down: it keeps retrying the start,
+    stays registered and alive (not declared offline, the session not moved), and the session
+    starts once the server is back."""
+    from helpers import node_state
+
+    server = media_servers[0]
+    deploy(r, keys, procs, [server], 1)
+    Users(r, keys).add("alice", "pw", cost=4)
+    server.kill()
+    wait_for(lambda: r.sismember(keys.media_down, server.url), 10, what="the server marked down")
+    r.srem(keys.media_down, server.url)  # the only server: placed there anyway (nothing else to take)
+    t = Launcher(redis.Redis.from_url(role_urls["login"]), keys).login("alice", "pw")
+    assert session_field(r, keys, t.sid, "media") == server.url
+    time.sleep(3 * CLOCKS["node_ttl"])  # several liveness periods (the point: time passing)
+    assert node_state(r, keys, "n1") != "offline", "the node kept its liveness while retrying"
+    assert session_field(r, keys, t.sid) == "starting" and session_field(r, keys, t.sid, "node") == "n1"
+    server.start()
+    setup_acl(server.url, keys, _passwords(role_urls))
+    wait_for(lambda: session_field(r, keys, t.sid) == "active", 20, what="the session active once it is back")

@@ -584,6 +584,11 @@ class Node(Recovery):
                     self.handle_batch(batch)
                 except Exception as exc:  # e.g. trimming a flooding client's input there
                     if link is None or not link.owns(exc):
+                        # e.g. a start whose media server is down: retried (the control entry
+                        # is read again), the node kept alive meanwhile
+                        if time.monotonic() >= self._next_refresh:
+                            with contextlib.suppress(redis.RedisError):
+                                self.refresh_liveness()
                         raise
                     link.failed(exc)
         finally:
