@@ -249,21 +249,36 @@ def test_bench_scale_measures_the_media_servers_cost_of_real_packet_sizes() -> N
     assert row["mem_per_session_kib"] > 0
 
 
-def test_a_closed_sessions_streams_are_released_on_its_media_server(
+def test_a_session_starting_while_its_media_server_is_down_waits_on_a_live_node_and_its_close_releases_its_streams(
     r: redis.Redis,
     keys: Keys,
     procs: Procs,
     role_urls: dict[str, str],
     media_servers: list[EmbeddedServer],
 ) -> None:
-    """The close job releases the streams where they are: on the media server the video is kept
-    a minute (a late reader learns why it ended), the input goes at once; nothing is left to
-    grow there for good."""
+    """The node cannot open a session whose media server is down: it keeps retrying the start,
+    stays registered and alive (not declared offline, the session not moved), and the session
+    starts once the server is back. Its close then releases its streams on that server."""
+    from helpers import node_state
+
     server = media_servers[0]
     deploy(r, keys, procs, [server], 1)
     Users(r, keys).add("alice", "pw", cost=4)
+    server.kill()
+    wait_for(lambda: r.sismember(keys.media_down, server.url), 10, what="the server marked down")
+    r.srem(keys.media_down, server.url)  # the only server: placed there anyway (nothing else to take)
     launcher = Launcher(redis.Redis.from_url(role_urls["login"]), keys)
     t = launcher.login("alice", "pw")
+    assert session_field(r, keys, t.sid, "media") == server.url
+    time.sleep(3 * CLOCKS["node_ttl"])  # several liveness periods (the point: time passing)
+    assert node_state(r, keys, "n1") != "offline", "the node kept its liveness while retrying"
+    assert session_field(r, keys, t.sid) == "starting" and session_field(r, keys, t.sid, "node") == "n1"
+    server.start()
+    setup_acl(server.url, keys, _passwords(role_urls))
+    wait_for(lambda: session_field(r, keys, t.sid) == "active", 20, what="the session active once it is back")
+
+    # and its close releases the streams where they are: the video kept a minute there (a late
+    # reader learns why it ended), the input emptied; nothing is left to grow there for good
     m = redis.Redis.from_url(acl.role_urls(server.url, _passwords(role_urls))["admin"])
     try:
         wait_for(lambda: m.xlen(keys.video(t.sid)) > 0, 20, what="video on the media server")
@@ -275,31 +290,3 @@ def test_a_closed_sessions_streams_are_released_on_its_media_server(
         assert m.ttl(keys.input(t.sid)) <= 2 and not m.xlen(keys.input(t.sid))
     finally:
         m.close()
-
-
-def test_a_session_starting_while_its_media_server_is_down_waits_for_it_on_a_live_node(
-    r: redis.Redis,
-    keys: Keys,
-    procs: Procs,
-    role_urls: dict[str, str],
-    media_servers: list[EmbeddedServer],
-) -> None:
-    """The node cannot open a session whose media server is down: it keeps retrying the start,
-    stays registered and alive (not declared offline, the session not moved), and the session
-    starts once the server is back."""
-    from helpers import node_state
-
-    server = media_servers[0]
-    deploy(r, keys, procs, [server], 1)
-    Users(r, keys).add("alice", "pw", cost=4)
-    server.kill()
-    wait_for(lambda: r.sismember(keys.media_down, server.url), 10, what="the server marked down")
-    r.srem(keys.media_down, server.url)  # the only server: placed there anyway (nothing else to take)
-    t = Launcher(redis.Redis.from_url(role_urls["login"]), keys).login("alice", "pw")
-    assert session_field(r, keys, t.sid, "media") == server.url
-    time.sleep(3 * CLOCKS["node_ttl"])  # several liveness periods (the point: time passing)
-    assert node_state(r, keys, "n1") != "offline", "the node kept its liveness while retrying"
-    assert session_field(r, keys, t.sid) == "starting" and session_field(r, keys, t.sid, "node") == "n1"
-    server.start()
-    setup_acl(server.url, keys, _passwords(role_urls))
-    wait_for(lambda: session_field(r, keys, t.sid) == "active", 20, what="the session active once it is back")
