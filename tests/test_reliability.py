@@ -148,7 +148,8 @@ def test_a_session_whose_keys_a_restart_lost_is_closed_with_a_reason_and_its_wor
         assert session_field(r, keys, a.sid, "close_reason") == "server_restarted"
         assert 30 in newest_rows(procs, "alice", tmp_path)
         wait_for(lambda: r.zcard(keys.pool) == 1, 15, what="node back in the pool")
-        assert r.exists(keys.settings)  # the central server published its clocks again
+        # the central server publishes its clocks again (on its next pass after it sees the new server)
+        wait_for(lambda: r.exists(keys.settings), 10, what="the settings published again")
         assert all(p.poll() is None for p in [pool.central, pool.worker, *pool.nodes])
     finally:
         procs.stop_all()
