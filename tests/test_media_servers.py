@@ -116,6 +116,25 @@ def test_sessions_spread_over_media_servers_and_losing_one_stops_only_its_sessio
             assert all(m.xlen(keys.video(sid)) for sid in here), f"{s.url} holds its sessions' video"
             m.close()
 
+        # a client flooding its input on a media server is closed there; its neighbour on the same
+        # server keeps streaming (the node's guard reads the media server like any other)
+        (sid_f, _, kernel_f, _), (sid_n, _, _, sink_n) = [
+            c for c in clients if placed[c[0]] == media_servers[2].url
+        ]
+        n0, t_flood = sink_n.count(), time.monotonic()
+        kernel_f.player.r.xadd(keys.input(sid_f), {"m": b"x" * (4 * 2**20)})  # past close_entry
+        wait_for(
+            lambda: session_field(r, keys, sid_f, "close_reason") == "input_flood",
+            15,
+            what="the flooder closed",
+        )
+        wait_for(lambda: sink_n.count() > n0 + 10, 10, what="the neighbour's frames")
+        assert (
+            sink_n.longest_gap(t_flood, time.monotonic()) < 1.5 and session_field(r, keys, sid_n) == "active"
+        )
+        clients = [c for c in clients if c[0] != sid_f]
+        kernel_f.close()
+
         # on its media server a session user reaches its own streams only
         (sid_a, _, kernel_a, _), (sid_b, *_) = [c for c in clients if placed[c[0]] == media_servers[0].url]
         assert kernel_a.player.r.xrevrange(keys.video(sid_a), count=1)

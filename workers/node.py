@@ -140,6 +140,7 @@ class Node(Recovery):
         self.stop = threading.Event()
         self.counters: Counter[str] = Counter()
         self.guard = InputGuard(InputLimits(), self.counters)
+        self.read_limits = ReadLimits.for_input(self.guard.limits)  # the readers' bounds (fixed)
         self._refresh = r.register_script(_REFRESH_ALIVE)
         self._next_refresh = 0.0
         self._published: dict[str, int] = {}
@@ -520,7 +521,7 @@ class Node(Recovery):
         """Wait (on the local clock) for a batch from a reader, the app's change descriptor or
         the next duty; then do what is due."""
         control = self.keys.node_control(self.id)
-        limits = ReadLimits.for_input(self.guard.limits)
+        limits = self.read_limits
         if self.reader is None or not self.reader.is_alive():
             self.reader = StreamReader.for_node(self.r, self.streams, self._wake_w, limits, control)
         link = self.session.link if self.session else None
