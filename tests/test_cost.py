@@ -150,6 +150,9 @@ def test_each_session_event_is_timed_alone_on_the_control_plane() -> None:
     assert set(x["ms"]) == set(events.EVENTS) and all(len(v) >= 1 for v in x["samples_ms"].values())
     assert all(v >= 0 for v in x["ms"].values()) and x["idle_ms_per_s"] > 0
     assert x["ms"]["wake"] < x["ms"]["login"] and x["ms"]["wake"] < x["ms"]["sleep (saved)"]
+    # apart: the node's part (a login starts the program, more than a wake's keyframe costs it)
+    assert all(set(roles) == set(events.ROLES) for roles in x["role_ms"].values())
+    assert x["role_ms"]["login"]["node"] > x["role_ms"]["wake"]["node"]
 
 
 def test_the_projection_puts_each_measured_cost_at_its_real_rate() -> None:
@@ -165,15 +168,32 @@ def test_the_projection_puts_each_measured_cost_at_its_real_rate() -> None:
     assert on["drawing_s"] + on["awake idle_s"] + on["asleep_s"] <= 3600 + 1e-6
     assert off["drawing_s"] + off["awake idle_s"] == pytest.approx(3600)
     assert on["sleep (saved)"] > 1 and on["login"] >= off["login"] >= on["close"] - 1e-9 > 0
-    ev = {"idle_ms_per_s": 5.0, "ms": {"login": 20.0, "sleep (saved)": 30.0, "wake": 1.0, "close": 30.0}}
+    ms = {"login": 20.0, "sleep (saved)": 30.0, "wake": 1.0, "close": 30.0}
+    node_ms = {"login": 200.0, "sleep (saved)": 5.0, "wake": 2.0, "close": 50.0}
+    ev = {"idle_ms_per_s": 5.0, "ms": ms, "role_ms": {e: {"node": v} for e, v in node_ms.items()}}
     st = {
-        "on": {"drawing": {"node": 30.0}, "awake idle": {"node": 1.0}, "asleep": {"node": 0.1}},
-        "off": {"drawing": {"node": 30.0}, "awake idle": {"node": 25.0}},
+        "on": {
+            "free": {"node": 0.1, "valkey": 0.2},
+            "drawing": {"node": 30.0, "valkey": 1.2},
+            "awake idle": {"node": 1.0, "valkey": 0.3},
+            "asleep": {"node": 0.1, "valkey": 0.2},
+        },
+        "off": {
+            "free": {"node": 0.1, "valkey": 0.2},
+            "drawing": {"node": 30.0, "valkey": 1.5},
+            "awake idle": {"node": 25.0, "valkey": 0.7},
+        },
     }
     p = projection.project(h, ev, st)
     for mode in ("on", "off"):
         assert p["total"][mode] == pytest.approx(sum(p["rows"][mode].values()))
     assert p["cpu_ratio"] == pytest.approx(p["total"]["off"] / p["total"]["on"]) and p["cpu_ratio"] > 1
-    assert 0 < p["control_plane_share"] < 1
+    assert 0 < p["control_plane_share"] < p["valkey_central_worker_share"] < 1
+    # the node's part of each event and Valkey's media traffic (above a free node's) are counted
+    rows = p["rows"]["on"]
+    assert rows[f"node login: {r['on']['login']:.2f}/h x 200.0 ms"] == pytest.approx(r["on"]["login"] * 0.2)
+    media = rows[f"media drawing (Valkey): {r['on']['drawing_s']:.0f} s/h x 1.00 %"]
+    assert media == pytest.approx(r["on"]["drawing_s"] * 0.01)
+    assert p["media_on"] == pytest.approx(sum(v for k, v in rows.items() if k.startswith("media ")))
     # the less the users draw, the more the method saves
     assert projection.project(Habits(activity=0.1), ev, st)["cpu_ratio"] > p["cpu_ratio"]

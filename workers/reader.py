@@ -124,6 +124,16 @@ def _entries(rows: list[Any]) -> Entries:
     return [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in rows]
 
 
+def _at_bound(batch: Batch, lim: ReadLimits) -> bool:
+    """Whether the bounded read that made ``batch`` stopped at one of ``lim``'s bounds."""
+    entries = [f for _, e in batch for _, f in e]
+    return (
+        len(entries) >= lim.count
+        or any(stub_size(f) is not None for f in entries)
+        or sum(len(k) + len(v) for f in entries for k, v in f.items()) >= lim.max_bytes
+    )
+
+
 class StreamReader(threading.Thread):
     """Reads the node's streams in a thread of its own and hands each batch to the node loop.
 
@@ -153,6 +163,7 @@ class StreamReader(threading.Thread):
         self.done = threading.Event()
         self.stop = threading.Event()
         self._bounded = r.register_script(BOUNDED_READ)
+        self._backlog = False  # the last read stopped at a bound: read on without blocking
 
     @classmethod
     def for_node(
@@ -173,7 +184,15 @@ class StreamReader(threading.Thread):
         return reader
 
     def read(self) -> Batch | None:
-        """What is there now (bounded); else block for the next entries (one per stream)."""
+        """The next entries, bounded; blocks (at most ``block``) while there are none.
+
+        One round trip: a blocking ``XREAD COUNT 1`` and the bounded read pipelined behind it.
+        The server runs the script once the XREAD returns (an entry came, or one was there, or
+        the block timed out), and only the script's entries are used: the XREAD is the wake-up.
+        (Reading first and blocking only when nothing was there cost two round trips per input
+        event, each a wake-up of the server's loop and of this node.) After a read that stopped
+        at a bound (a backlog), the next one is the script alone: a backlog is read in bounded
+        batches, never an unbounded entry at a time through the XREAD."""
         streams = self.streams()
         if not streams:  # nothing to read (yet): do not spin
             self.stop.wait(self.block_ms / 1000)
@@ -181,14 +200,23 @@ class StreamReader(threading.Thread):
         names = list(streams)
         lim = self.limits
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in streams.values()]
-        rows = self._bounded(
-            keys=names,
-            args=[
-                *ids,
-                *(lim.count, lim.max_bytes, lim.max_entry, lim.measure_len, OVERSIZE),
-                *("1" if self.trim(n) else "0" for n in names),
-            ],
-        )
+        args = [
+            *ids,
+            *(lim.count, lim.max_bytes, lim.max_entry, lim.measure_len, OVERSIZE),
+            *("1" if self.trim(n) else "0" for n in names),
+        ]
+        pipe = self.r.pipeline(transaction=False)
+        if not self._backlog:
+            pipe.xread(streams, count=1, block=self.block_ms)
+        # evalsha, not the Script object: a pipeline checks SCRIPT EXISTS on every execute
+        pipe.evalsha(self._bounded.sha, len(names), *names, *args)
+        *woken, rows = pipe.execute(raise_on_error=False)
+        woke = woken[0] if woken else None
+        if isinstance(rows, redis.exceptions.NoScriptError):  # a new server (restart, failover)
+            self.r.script_load(BOUNDED_READ)
+            return None  # read again
+        if isinstance(rows, Exception):
+            raise rows
         batch = Batch(measured={})
         for name, (got, length, mem, readable) in zip(names, rows, strict=True):
             key = name.encode()
@@ -197,10 +225,14 @@ class StreamReader(threading.Thread):
                 batch.append((key, _entries(got)))
             if not readable:
                 del streams[name]
-        if batch:
-            return batch
-        got = self.r.xread(streams, count=1, block=self.block_ms) if streams else None
-        return Batch(got, measured=batch.measured) if got else None
+        self._backlog = _at_bound(batch, lim)
+        if isinstance(woke, Exception):
+            if len(streams) == len(names):  # not explained by a stream of another type
+                raise woke
+            woke = None
+        # a stream read from its end ("$") is not read by the script: its wake-up entry is it
+        batch.extend((k, e) for k, e in woke or () if streams.get(k.decode(), b"") in ("$", b"$"))
+        return batch if batch else None
 
     def run(self) -> None:
         while not self.stop.is_set():

@@ -99,11 +99,17 @@ def run(cfg: PopulationConfig, state_seconds: float = 5.0, event_repeats: int = 
 
 def events_table(ev: dict[str, Any]) -> str:
     """The control plane's CPU per session event (medians of the repeats)."""
+    roles = ev.get("role_ms", {})
+
+    def split(e: str) -> str:
+        return " | ".join(f"{roles[e][r]:.1f}" if r in roles.get(e, {}) else "—" for r in events.ROLES)
+
     lines = [
-        "| session event (one at a time) | control plane CPU (Valkey + central + worker), median |",
-        "|---|---:|",
-        *(f"| {e} | {ms:.1f} ms |" for e, ms in ev["ms"].items()),
-        f"| idle, no session (per second) | {ev['idle_ms_per_s']:.1f} ms |",
+        "| session event (one at a time) | control plane CPU (Valkey + central + worker), median "
+        "| valkey | central | worker | node (not control plane) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {e} | {ms:.1f} ms | {split(e)} |" for e, ms in ev["ms"].items()),
+        f"| idle, no session (per second) | {ev['idle_ms_per_s']:.1f} ms | — | — | — | — |",
     ]
     return "\n".join(lines)
 
@@ -337,20 +343,23 @@ def projection_text(x: dict[str, Any]) -> str:
 **At real event rates (projection).** The run above scales human time {x["on"]["config"]["time_scale"]:g}x,
 so its logins, sleeps and closes come that much more often per hour than with real people. Each
 session event's control-plane CPU, measured alone in the same invocation ({ev["repeats"]} of each,
-medians; the idle rate subtracted):
+medians; the idle rate subtracted; the bench waits on the events stream, so its own waiting costs
+the server one read per event; the node's part apart, a login counting the program's start until
+{events.SETTLE:g} s after its first frame):
 
 {events_table(ev)}
 
 Put at the rates the same habits give with the real clocks (idle 30 s, grace 120 s, idle close
-15 min), with the node's per-state CPU above, for a pool of 100 nodes (`cloudq/bench/projection.py`
-shows the arithmetic):
+15 min), with the node's per-state CPU above and Valkey's media traffic in each state (its CPU
+above a free node's), for a pool of 100 nodes (`cloudq/bench/projection.py` shows the arithmetic):
 
 {projection.table(p)}
 
 Projected: off / on = **{_f(p["cpu_ratio"], ".2f")}x** (target ≥ {t["cpu_ratio_min"]:g}), the control
-plane **{100 * p["control_plane_share"]:.1f} %** of server CPU with the method (target ≤
-{100 * t["control_plane_share_max"]:.0f} %). The headline stays the measured run; the projection says
-what its event costs come to when they come at a human pace.
+plane **{100 * p["control_plane_share"]:.1f} %** of server CPU with the method, Valkey + central +
+worker with the media traffic **{100 * p.get("valkey_central_worker_share", float("nan")):.1f} %**
+(target ≤ {100 * t["control_plane_share_max"]:.0f} %). The headline stays the measured run; the
+projection says what its event costs come to when they come at a human pace.
 """
 
 

@@ -7,8 +7,9 @@ real client (launcher + kernel). First the control plane's idle rate (no session
 then, ``repeats`` times, each event alone, with the CPU of every control-plane process read from
 ``/proc`` just before and just after it, minus the idle rate over its duration:
 
-- **login**: login request → the first decoded frame (bcrypt check at the population's cost 4, the
-  session user, the mount job, the node's activation);
+- **login**: login request → the first decoded frame, and :data:`SETTLE` s more (bcrypt check at
+  the population's cost 4, the session user, the mount job, the node's activation, the program's
+  start);
 - **sleep**: the user's idle clock runs out after a stroke → the node asleep and its sleep save
   recorded (the sweep, the sleep command, the save job: the node flushes, the store writes);
 - **wake**: a stroke on the sleeping node → the node active again (``wake.lua``);
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -37,12 +38,19 @@ from cloudq.percentile import percentile
 from cloudq.procstat import children_map, tree_cpu
 
 CONTROL = ("valkey", "central", "worker")
+ROLES = (*CONTROL, "node")
+"""The node's CPU per event is measured too (a login starts the app, a close saves its state); it is
+not control plane, and the projection counts it apart."""
 EVENTS = ("login", "sleep (saved)", "sleep (unchanged)", "wake", "close")
 IDLE_TIMEOUT = 1.5
+SETTLE = 2.0
+"""A login is measured until this long after the first frame: a program (and its sound server)
+is still starting then; so is the node's awake-idle state in :mod:`cloudq.bench.nodecost`."""
 TIMEOUT = 30.0
 
 
 def _wait(cond: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> None:
+    """Wait for a condition of this process (no server round trip in it: it is polled)."""
     end = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > end:
@@ -50,29 +58,60 @@ def _wait(cond: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> None:
         time.sleep(0.01)
 
 
+class EventWatch:
+    """Waits for state changes by blocking on the events stream, one read per entry that comes.
+
+    The bench must not load the server it measures: polling a hash every 10 ms for the second a
+    sleep takes cost the server more than the sleep itself (each command a wake-up of its loop)."""
+
+    def __init__(self, r: Any, stream: str) -> None:
+        self.r, self.stream = r, stream
+        last = r.xrevrange(stream, count=1)
+        self.last = last[0][0] if last else b"0-0"
+
+    def until(self, obj: str, to: Iterable[str], what: str, timeout: float = TIMEOUT) -> None:
+        """Block until an event of ``obj`` going ``to`` one of ``to`` comes after the last one seen."""
+        want, end = {t.encode() for t in to}, time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            got = self.r.xread({self.stream: self.last}, count=100, block=max(1, int(min(left, 1.0) * 1000)))
+            for _, entries in got or ():
+                for eid, f in entries:
+                    self.last = eid
+                    if f.get(b"obj") == obj.encode() and f.get(b"to") in want:
+                        return
+        raise RuntimeError(f"bench events: timed out waiting for {what}")
+
+
 def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
-    """Control-plane CPU per event (ms: median and all samples), and the idle rate (ms/s)."""
+    """Control-plane CPU per event (ms: median and all samples; the median of each role apart), and
+    the idle rate (ms/s)."""
     base = PopulationMode.on(cfg.time_scale)
     settings = replace(base.settings, idle_timeout=IDLE_TIMEOUT, idle_close=0.0, grace=30.0, autosave=0.0)
     rig = Rig(replace(cfg, users=1, nodes=1), PopulationMode("on", settings, False))
+    watch = EventWatch(rig.r, rig.keys.events)
     samples: dict[str, list[float]] = {e: [] for e in EVENTS}
-    node = rig.keys.node("n1")
+    by_role: dict[str, dict[str, list[float]]] = {e: {r: [] for r in ROLES} for e in EVENTS}
 
-    def cpu() -> float:
+    def cpu() -> dict[str, float]:
         kids = children_map()
         roles = rig.roles()
-        return sum(tree_cpu(roles[r], kids) for r in CONTROL)
+        return {r: tree_cpu(roles["node:n1" if r == "node" else r], kids) for r in ROLES}
 
     try:
         c0, t0 = cpu(), time.monotonic()
         time.sleep(3.0)
-        idle_rate = (cpu() - c0) / (time.monotonic() - t0)
+        dt0 = time.monotonic() - t0
+        idle = {r: (v - c0[r]) / dt0 for r, v in cpu().items()}
+        idle_rate = sum(idle[r] for r in CONTROL)
 
         def timed(event: str, fn: Callable[[], None]) -> None:
             c, t = cpu(), time.monotonic()
             fn()
-            dt = time.monotonic() - t
-            samples[event].append(max(0.0, (cpu() - c - idle_rate * dt) * 1000))
+            dt, after = time.monotonic() - t, cpu()
+            for r in ROLES:
+                by_role[event][r].append(max(0.0, (after[r] - c[r] - idle[r] * dt) * 1000))
+            control = sum(after[r] - c[r] for r in CONTROL)
+            samples[event].append(max(0.0, (control - idle_rate * dt) * 1000))
 
         pen = random.Random(f"{cfg.seed}:events")
         for _ in range(repeats):
@@ -90,6 +129,7 @@ def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
                     on_input=lambda: launcher.mark_activity(t.sid),
                 ).start()  # fmt: skip
                 _wait(lambda: frames[0] > 0, "the first frame")
+                time.sleep(SETTLE)  # the program's start goes on after its first picture
 
             timed("login", login)
             kernel, sid = state["kernel"], state["ticket"].sid
@@ -98,37 +138,29 @@ def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
                 def draw(k: Kernel = kernel) -> None:
                     strokes(k.pump.put, cfg.size, pen, 0.5, cfg.habits.input_hz, _never())
 
-                def saved_count(sid: str = sid) -> int:
-                    return sum(
-                        1
-                        for _, f in rig.r.xrange(rig.keys.events)
-                        if f[b"obj"] == f"session:{sid}".encode() and f[b"to"] in (b"saved", b"unchanged")
-                    )
-
                 for event in ("sleep (saved)", "sleep (unchanged)"):
                     if event == "sleep (saved)":
                         draw()
-                    n = saved_count()
 
-                    def sleep(n: int = n) -> None:
-                        _wait(lambda: rig.r.hget(node, "state") == b"sleeping", "the node asleep")
-                        # the wake's pointer move counts as input: the second save runs too, and
-                        # the store finds the content unchanged (an "unchanged" event, no version)
-                        _wait(lambda: saved_count() > n, "the sleep save recorded")
+                    def sleep(sid: str = sid) -> None:
+                        # the node goes to sleep first, then its save is recorded; the wake's
+                        # pointer move counts as input: the second save runs too, and the store
+                        # finds the content unchanged (an "unchanged" event, no version)
+                        watch.until(f"session:{sid}", ("saved", "unchanged"), "the sleep save recorded")
 
                     timed(event, sleep)
 
                     def wake(k: Kernel = kernel) -> None:
                         k.pump.put("mouse_move", x=5, y=5)
-                        _wait(lambda: rig.r.hget(node, "state") == b"active", "the node awake")
+                        watch.until("node:n1", ("active",), "the node awake")
 
                     timed("wake", wake)
                 draw()
 
                 def close(launcher: Launcher = launcher, t: Any = state["ticket"]) -> None:
                     launcher.logout(t.token)
-                    _wait(lambda: rig.r.hget(rig.keys.session(t.sid), "state") == b"closed", "the close")
-                    _wait(lambda: rig.r.hget(node, "state") == b"free", "the node free")
+                    # the release frees the node and closes the session in one script
+                    watch.until("node:n1", ("free",), "the node free")
 
                 timed("close", close)
             finally:
@@ -138,6 +170,7 @@ def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
     return {
         "idle_ms_per_s": idle_rate * 1000,
         "ms": {e: percentile(v, 50) for e, v in samples.items()},
+        "role_ms": {e: {r: percentile(v, 50) for r, v in roles.items()} for e, roles in by_role.items()},
         "samples_ms": samples,
         "repeats": repeats,
     }

@@ -5,7 +5,8 @@ One embedded Valkey, central server, worker and one node per mode; one user (the
 launcher + kernel) walks the node through its states, each held for ``seconds`` while the CPU of
 every process is read from ``/proc``:
 
-- method on: ``free`` (no session), ``awake idle`` (a session, no input: paint encodes nothing),
+- method on: ``free`` (no session), ``awake idle`` (a session, no input: paint encodes nothing;
+  from ``SETTLE`` s after the first frame, once the program has started),
   ``drawing`` (mouse strokes at the population's input rate), ``asleep`` (the user's idle clock ran
   out);
 - method off (``--always-encode``): ``free``, ``awake idle`` (every tick encoded, unchanged canvas),
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from cloudq.bench.events import SETTLE
 from cloudq.bench.population import PASSWORD, PopulationConfig, Rig, strokes
 from cloudq.bench.population import Mode as PopulationMode
 from cloudq.client.kernel import Kernel
@@ -47,7 +49,9 @@ def measure_mode(cfg: PopulationConfig, on: bool, seconds: float = 5.0) -> dict[
     """CPU (% of one core) of every server role in each state of one node, for one mode."""
     base = PopulationMode.on(cfg.time_scale) if on else PopulationMode.off()
     # on: the idle clock outlasts the awake-idle window, then puts the node to sleep; nothing closes
-    settings = replace(base.settings, idle_timeout=seconds + 2.0, idle_close=0.0) if on else base.settings
+    settings = (
+        replace(base.settings, idle_timeout=SETTLE + seconds + 2.0, idle_close=0.0) if on else base.settings
+    )
     mode = PopulationMode(base.name, settings, base.always_encode)
     rig = Rig(replace(cfg, users=1, nodes=1), mode)
     out: dict[str, dict[str, float]] = {}
@@ -83,6 +87,7 @@ def measure_mode(cfg: PopulationConfig, on: bool, seconds: float = 5.0) -> dict[
         ).start()
         try:
             _wait(lambda: frames[0] > 0, "the first frame")
+            time.sleep(SETTLE)  # a program's start is the login's cost (bench events), not idling
             hold("awake idle")
             pen = random.Random(f"{cfg.seed}:calibration")
             hold(

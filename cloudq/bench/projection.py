@@ -8,11 +8,16 @@ while encoding costs the same per second. The projection puts each measured cost
 - **events per user-hour** from the population's habits with the real clocks (idle timeout 30 s,
   grace 120 s, idle close 15 min): logins and closes per visit, a sleep (and a wake) per gap longer
   than the idle timeout, a sleep per dropped connection, an idle close (and a new login) per long
-  break longer than the idle close; each times its control-plane CPU
-  (:mod:`cloudq.bench.events`);
+  break longer than the idle close; each times its control-plane CPU and, apart, the node's
+  (:mod:`cloudq.bench.events`: a login counts the program's start);
 - **node-seconds per user-hour** in each state (drawing, awake without input, asleep) times the
   node's CPU in that state (:mod:`cloudq.bench.nodecost`);
+- the **media traffic** in each state: Valkey's CPU in that state above its CPU with the node free
+  (frames written and read, input, heartbeats), times the same node-seconds;
 - the control plane's **idle rate** (measured with one node) shared by the pool's 100 users.
+
+``control_plane_share`` counts the events and the idle rate; ``valkey_central_worker_share`` adds
+the media traffic (the issue's definition for the measured run, where one Valkey carries both).
 
 A user-hour is an hour of a user's presence (login → logout), as in the measured run. The habits'
 distributions are used as they are defined (exponential gaps and visits, uniform long breaks).
@@ -85,17 +90,25 @@ def project(h: Habits, events: dict[str, Any], states: dict[str, Any]) -> dict[s
             if ev in r[mode]:
                 n, ms = r[mode][ev], events["ms"][ev]
                 rows[f"{ev}: {n:.2f}/h x {ms:.1f} ms"] = n * ms / 1000
+                node_ms = events.get("role_ms", {}).get(ev, {}).get("node")
+                if node_ms is not None:
+                    rows[f"node {ev}: {n:.2f}/h x {node_ms:.1f} ms"] = n * node_ms / 1000
+        free_valkey = states[mode]["free"]["valkey"]
         for st in ("drawing", "awake idle", "asleep"):
             if f"{st}_s" in r[mode]:
                 secs, pct = r[mode][f"{st}_s"], states[mode][st]["node"]
                 rows[f"node {st}: {secs:.0f} s/h x {pct:.2f} %"] = secs * pct / 100
+                media = max(0.0, states[mode][st]["valkey"] - free_valkey)
+                rows[f"media {st} (Valkey): {secs:.0f} s/h x {media:.2f} %"] = secs * media / 100
         rows[f"control plane idle, shared by {POOL} users"] = idle_share
         out["rows"][mode] = rows
         out["total"][mode] = sum(rows.values())
-        out[f"control_{mode}"] = sum(v for k, v in rows.items() if not k.startswith("node "))
+        out[f"control_{mode}"] = sum(v for k, v in rows.items() if not k.startswith(("node ", "media ")))
+        out[f"media_{mode}"] = sum(v for k, v in rows.items() if k.startswith("media "))
     on, off = out["total"]["on"], out["total"]["off"]
     out["cpu_ratio"] = off / on if on else math.nan
     out["control_plane_share"] = out["control_on"] / on if on else math.nan
+    out["valkey_central_worker_share"] = (out["control_on"] + out["media_on"]) / on if on else math.nan
     return out
 
 
@@ -110,4 +123,9 @@ def table(p: dict[str, Any]) -> str:
         lines.append(f"| **{label}: total** | **{p['total'][mode]:.1f}** |")
     lines.append(f"| **off / on** | **{p['cpu_ratio']:.2f}x** |")
     lines.append(f"| control plane share with the method | {100 * p['control_plane_share']:.1f} % |")
+    if "valkey_central_worker_share" in p:
+        lines.append(
+            "| Valkey + central + worker share with the method (media traffic included) "
+            f"| {100 * p['valkey_central_worker_share']:.1f} % |"
+        )
     return "\n".join(lines)
