@@ -83,6 +83,7 @@ class Launcher:
         self.creds = credentials.Credentials()
         self._sr: redis.Redis | None = None
         self._media: tuple[str, redis.Redis] | None = None
+        self._placed: tuple[str, str] | None = None  # (sid, its media URL): placed for its life
         self._activity_at = float("-inf")  # when the activity key was last refreshed
         self.trusted = False  # the server gave no Redis user: ACLs are off
 
@@ -94,8 +95,11 @@ class Launcher:
     def media(self, sid: str) -> redis.Redis:
         """The connection for session ``sid``'s streams (video, input, files): its media server
         (:mod:`cloudq.media`, named in the session hash) as the session's own user, or :attr:`sr`
-        when the control server holds them."""
-        url = session_media(self.sr, self.keys, sid)
+        when the control server holds them. A session keeps its media server for life, so its
+        URL is read once."""
+        if self._placed is None or self._placed[0] != sid:
+            self._placed = (sid, session_media(self.sr, self.keys, sid))
+        url = self._placed[1]
         if not url:
             return self.sr
         if self._media is None or self._media[0] != url:
