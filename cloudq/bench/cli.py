@@ -280,9 +280,10 @@ def _activities(value: str) -> list[float]:
 @click.option(
     "--state-seconds",
     type=click.FloatRange(min=0),
-    default=5.0,
+    default=15.0,
     show_default=True,
-    help="Seconds one node is held in each state for the per-state table (0 = skip it).",
+    help="Seconds one node is held in each state for the per-state table and the projection "
+    "(0 = skip both; 5-second windows moved the projection by a third between invocations).",
 )
 @click.option(
     "--event-repeats",

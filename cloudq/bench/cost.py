@@ -45,7 +45,7 @@ STATE_COLOURS = {
 }
 
 
-def run(cfg: PopulationConfig, state_seconds: float = 5.0, event_repeats: int = 6) -> dict[str, Any]:
+def run(cfg: PopulationConfig, state_seconds: float = 15.0, event_repeats: int = 6) -> dict[str, Any]:
     """Both modes, method on first, then one node's cost in each state (``state_seconds`` each,
     0 = skip) and the control plane's per event (``event_repeats`` of each, 0 = skip), and from
     those the projection at real event rates; the result holds all of it and the headline figures."""

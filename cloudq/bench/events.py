@@ -29,11 +29,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+from rq.registry import StartedJobRegistry
+
 from cloudq.bench.population import PASSWORD, PopulationConfig, Rig, strokes
 from cloudq.bench.population import Mode as PopulationMode
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import CallbackSink
+from cloudq.jobs import queue_for
 from cloudq.percentile import percentile
 from cloudq.procstat import children_map, tree_cpu
 
@@ -56,6 +59,16 @@ def _wait(cond: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> None:
         if time.monotonic() > end:
             raise RuntimeError(f"bench events: timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def _jobs_done(rig: Rig) -> Callable[[], bool]:
+    """Whether the worker has finished every job of the rig's host (its queue empty, none started):
+    a save or a close job goes on after the event the bench waits for (its bookkeeping, a close's
+    stream release and unmount), and that is part of the event's cost. Polled every 10 ms: a few
+    reads per event."""
+    queue = queue_for(rig.r, rig.keys, "bench")
+    started = StartedJobRegistry(queue=queue)
+    return lambda: queue.count == 0 and started.count == 0
 
 
 class EventWatch:
@@ -88,7 +101,7 @@ def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
     base = PopulationMode.on(cfg.time_scale)
     settings = replace(base.settings, idle_timeout=IDLE_TIMEOUT, idle_close=0.0, grace=30.0, autosave=0.0)
     rig = Rig(replace(cfg, users=1, nodes=1), PopulationMode("on", settings, False))
-    watch = EventWatch(rig.r, rig.keys.events)
+    watch, jobs_done = EventWatch(rig.r, rig.keys.events), _jobs_done(rig)
     samples: dict[str, list[float]] = {e: [] for e in EVENTS}
     by_role: dict[str, dict[str, list[float]]] = {e: {r: [] for r in ROLES} for e in EVENTS}
 
@@ -147,6 +160,7 @@ def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
                         # pointer move counts as input: the second save runs too, and the store
                         # finds the content unchanged (an "unchanged" event, no version)
                         watch.until(f"session:{sid}", ("saved", "unchanged"), "the sleep save recorded")
+                        _wait(jobs_done, "the save job finished")
 
                     timed(event, sleep)
 
@@ -161,6 +175,7 @@ def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
                     launcher.logout(t.token)
                     # the release frees the node and closes the session in one script
                     watch.until("node:n1", ("free",), "the node free")
+                    _wait(jobs_done, "the close job finished")
 
                 timed("close", close)
             finally:
