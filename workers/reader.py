@@ -5,13 +5,13 @@ Reads are bounded whatever a client wrote. A session user can XADD entries of an
 the server's ``proto-max-bulk-len``) to its own input stream, and one ``XREAD COUNT 100`` of
 those used to exceed the server's output limit for a client: the server cut the node's
 connection, the node retried the same read and was cut again, and the node went offline (issue
-20). So the reader first reads with :data:`BOUNDED_READ`, a script that returns at most ``count``
+20). So the reader reads with :data:`BOUNDED_READ`, a script that returns at most ``count``
 entries and about ``max_bytes`` bytes, replaces an entry over ``max_entry`` bytes by a stub
 (``{OVERSIZE: size}``; the read stops there), trims what the node already consumed and measures
-each stream (its length; its memory too when it is long). Only when nothing is left does it
-block, in an ``XREAD COUNT 1``: that wake-up carries at most one entry per stream, each bounded by
-the server's ``proto-max-bulk-len`` (README "Security"); the entries after it come through the
-bounded read again.
+each stream (its length; its memory too when it is long). The script is pipelined behind a
+blocking ``XREAD COUNT 1``, the wake-up (one round trip per read): that carries at most one entry
+per stream, each bounded by the server's ``proto-max-bulk-len`` (README "Security"), and only the
+script's entries are used. After a read that stopped at a bound, the script runs alone.
 """
 
 from __future__ import annotations
