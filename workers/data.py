@@ -141,10 +141,14 @@ def _ask_node(
         )
     end = time.monotonic() + ACK_TIMEOUT
     while time.monotonic() < end:
-        v = (r.hget(keys.node(node), field) or b"").decode()
+        pipe = r.pipeline(transaction=False)  # one round trip per look, not three
+        pipe.hmget(keys.node(node), field, "state")
+        pipe.exists(keys.node_alive(node))
+        (raw, state), alive = pipe.execute()
+        v = (raw or b"").decode()
         if v.split("|")[0] == want:
             return v
-        if r.hget(keys.node(node), "state") == b"offline" or not r.exists(keys.node_alive(node)):
+        if state == b"offline" or not alive:
             return ""  # the node is gone (offline, shut down, or its liveness lapsed): nobody will answer
         time.sleep(0.02)
     return ""
