@@ -114,7 +114,9 @@ for k = 1, n do
   local len, mem = 0, -1
   if readable then len = redis.call('XLEN', key) end
   if len > measure_len or big then mem = redis.call('MEMORY', 'USAGE', key, 'SAMPLES', '0') or -1 end
-  table.insert(out, {got, len, mem, readable and 1 or 0})
+  -- the read stopped at a bound (entries, bytes, an oversized entry): more may be waiting
+  local stopped = (count <= 0 or used >= budget) and 1 or 0
+  table.insert(out, {got, len, mem, readable and 1 or 0, stopped})
 end
 return out
 """
@@ -122,16 +124,6 @@ return out
 
 def _entries(rows: list[Any]) -> Entries:
     return [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in rows]
-
-
-def _at_bound(batch: Batch, lim: ReadLimits) -> bool:
-    """Whether the bounded read that made ``batch`` stopped at one of ``lim``'s bounds."""
-    entries = [f for _, e in batch for _, f in e]
-    return (
-        len(entries) >= lim.count
-        or any(stub_size(f) is not None for f in entries)
-        or sum(len(k) + len(v) for f in entries for k, v in f.items()) >= lim.max_bytes
-    )
 
 
 class StreamReader(threading.Thread):
@@ -218,14 +210,14 @@ class StreamReader(threading.Thread):
         if isinstance(rows, Exception):
             raise rows
         batch = Batch(measured={})
-        for name, (got, length, mem, readable) in zip(names, rows, strict=True):
+        self._backlog = any(int(row[4]) for row in rows)
+        for name, (got, length, mem, readable, _) in zip(names, rows, strict=True):
             key = name.encode()
             batch.measured[key] = (int(length), int(mem))
             if got:
                 batch.append((key, _entries(got)))
             if not readable:
                 del streams[name]
-        self._backlog = _at_bound(batch, lim)
         if isinstance(woke, Exception):
             if len(streams) == len(names):  # not explained by a stream of another type
                 raise woke
