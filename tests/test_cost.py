@@ -103,6 +103,8 @@ def test_bench_cost_refuses_bad_options_with_a_clear_message(procs: Procs) -> No
     assert out.returncode == 2 and "--activity" in out.stderr and "Traceback" not in out.stderr
     out = procs.run("bench", "cost", "--users", "0")
     assert out.returncode == 2 and "--users" in out.stderr and "Traceback" not in out.stderr
+    out = procs.run("bench", "cost", "--size", "720p")
+    assert out.returncode == 2 and "--size" in out.stderr and "Traceback" not in out.stderr
     out = procs.run("bench", "cost", "--help")
     assert out.returncode == 0
     for opt in (
@@ -113,6 +115,7 @@ def test_bench_cost_refuses_bad_options_with_a_clear_message(procs: Procs) -> No
         "--seed",
         "--time-scale",
         "--state-seconds",
+        "--size",
         "--json",
         "--write",
     ):

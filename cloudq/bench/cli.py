@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cloudq.bench.report import json_safe
-from cloudq.cli.common import redis_url_option
+from cloudq.cli.common import parse_wxh, redis_url_option
 
 write_option = click.option(
     "--write",
@@ -298,6 +298,13 @@ def _activities(value: str) -> list[float]:
     show_default=True,
     help="The nodes' app, e.g. 'x11:xclock -update 1' (an x11: program runs with --freeze, method on).",
 )
+@click.option(
+    "--size",
+    default="320x240",
+    show_default=True,
+    callback=parse_wxh,
+    help="WxH of every node's picture (a node's own default is 1280x720).",
+)
 @json_option
 @write_option
 def bench_cost(
@@ -310,6 +317,7 @@ def bench_cost(
     state_seconds: float,
     event_repeats: int,
     app: str,
+    size: tuple[int, int],
     as_json: bool,
     write_path: str | None,
 ) -> None:
@@ -328,7 +336,9 @@ def bench_cost(
         except ImportError:
             raise click.UsageError("--write draws a plot: pip install 'cloudq[bench]' (matplotlib)") from None
     result, *others = (
-        cost.run(cost.config(users, nodes, duration, a, seed, time_scale, app), state_seconds, event_repeats)
+        cost.run(
+            cost.config(users, nodes, duration, a, seed, time_scale, app, size), state_seconds, event_repeats
+        )
         for a in activity
     )
     if others:

@@ -410,7 +410,14 @@ more frequent than with real people.
 
 
 def config(
-    users: int, nodes: int, duration: float, activity: float, seed: int, time_scale: float, app: str = "paint"
+    users: int,
+    nodes: int,
+    duration: float,
+    activity: float,
+    seed: int,
+    time_scale: float,
+    app: str = "paint",
+    size: tuple[int, int] = (320, 240),
 ) -> PopulationConfig:
     """The population of one invocation; an ``x11:`` app runs with ``--freeze`` (method on)."""
     return PopulationConfig(
@@ -420,6 +427,7 @@ def config(
         seed=seed,
         time_scale=time_scale,
         app=app,
+        size=size,
         freeze=app.startswith("x11:"),
         habits=Habits(activity=activity),
     )

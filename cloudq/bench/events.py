@@ -64,11 +64,19 @@ def _wait(cond: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> None:
 def _jobs_done(rig: Rig) -> Callable[[], bool]:
     """Whether the worker has finished every job of the rig's host (its queue empty, none started):
     a save or a close job goes on after the event the bench waits for (its bookkeeping, a close's
-    stream release and unmount), and that is part of the event's cost. Polled every 10 ms: a few
-    reads per event."""
+    stream release and unmount), and that is part of the event's cost. Polled every 10 ms as one
+    round trip of two plain reads (``StartedJobRegistry.count`` would run RQ's registry cleanup,
+    a script, on every poll: load on the server being measured)."""
     queue = queue_for(rig.r, rig.keys, "bench")
     started = StartedJobRegistry(queue=queue)
-    return lambda: queue.count == 0 and started.count == 0
+
+    def done() -> bool:
+        pipe = rig.r.pipeline(transaction=False)
+        pipe.llen(queue.key)
+        pipe.zcard(started.key)
+        return not any(pipe.execute())
+
+    return done
 
 
 class EventWatch:

@@ -137,6 +137,15 @@ prefix_option = click.option(
 )
 
 
+def parse_wxh(ctx: Any, param: Any, value: str) -> tuple[int, int]:
+    """A click callback: ``WIDTHxHEIGHT`` as two ints."""
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT, got {value!r}") from None
+    return w, h
+
+
 def _read_password(stdin: bool, confirm: bool = True) -> str:
     if stdin:
         return sys.stdin.readline().rstrip("\r\n")

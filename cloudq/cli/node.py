@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
 
 import click
 import redis
@@ -19,19 +18,12 @@ from cloudq.cli.common import (
     _warn_if_trusted,
     metrics_options,
     operator,
+    parse_wxh,
     prefix_option,
     redis_url_option,
     why_option,
 )
 from cloudq.keys import Keys
-
-
-def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected WIDTHxHEIGHT, got {value!r}") from None
-    return w, h
 
 
 @click.group(invoke_without_command=True)
@@ -65,14 +57,14 @@ def _size(ctx: Any, param: Any, value: str) -> tuple[int, int]:
     help="Asleep, stop the app's program (its sandbox's cgroup freezer, else SIGSTOP; thawed on wake).",
 )
 @click.option(
-    "--size", envvar="CLOUDQ_SIZE", default="1280x720", show_default=True, callback=_size, help="WxH."
+    "--size", envvar="CLOUDQ_SIZE", default="1280x720", show_default=True, callback=parse_wxh, help="WxH."
 )
 @click.option(
     "--max-size",
     envvar="CLOUDQ_MAX_SIZE",
     default="1920x1200",
     show_default=True,
-    callback=_size,
+    callback=parse_wxh,
     help="WxH: x11 apps: the largest a client's window may make the picture (the display is "
     "resized with RandR, clamped to this; at least --size). Built-in apps keep --size.",
 )
