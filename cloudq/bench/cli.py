@@ -300,10 +300,10 @@ def _activities(value: str) -> list[float]:
 )
 @click.option(
     "--size",
-    default="320x240",
+    default="1280x720",
     show_default=True,
     callback=parse_wxh,
-    help="WxH of every node's picture (a node's own default is 1280x720).",
+    help="WxH of every node's picture (the default is a node's own).",
 )
 @json_option
 @write_option

@@ -34,6 +34,8 @@ from cloudq.bench.report import machine, write_section
 log = logging.getLogger(__name__)
 
 SECTION = "What the method saves: CPU per user-hour"
+DEFAULT_SIZE = (1280, 720)
+"""The picture ``bench cost`` measures by default: a node's own default (``cloudq node --size``)."""
 PLOT = "docs/bench-cost.png"
 STATE_COLOURS = {
     "active": "#d62728",
@@ -282,7 +284,7 @@ during a visit, bursts of mouse strokes ({h["input_hz"]:g} events/s) alternate w
 min, still logged in) with probability {h["p_break"]:g} and a dropped connection (back within the
 grace) with probability {h["p_drop"]:g}; bursts are sized for {100 * h["activity"]:.0f} % activity; first
 arrivals are spread uniformly over one mean time away (the run starts mid-day, not at opening time).
-CPU: utime + stime from `/proc` of every process (the worker with its forked work horses), over
+CPU: utime + stime from `/proc` of every process (the worker with its work horse), over
 the window in which users act; the clients (one process) apart. A user-hour is an hour of a
 user's presence (login request → logout, queue included). Queue wait: login request → node
 assigned, as each client measured it (a user still queued at the end counts with the time
@@ -300,15 +302,15 @@ control plane (Valkey + central + worker) **{100 * x["control_plane_share"]:.0f}
 Where the CPU goes: the nodes alone use {_f(node_ratio, ".2f")}x less with the method (active
 {100 * on["node_state_share"].get("active", 0.0):.0f} % and asleep {100 * on["sleep_share"]:.0f} % of node-time, against
 {100 * off["node_state_share"].get("active", 0.0):.0f} % active without it). The rest — Valkey, the
-central server and the worker, which does more with the method (a save job forked on every
+central server and the worker, which does more with the method (a save job on every
 sleep, a close and a mount per idle-closed session) — is {100 * fixed(on):.0f} % of the server CPU with the
 method and {100 * fixed(off):.0f} % without. The queue wait percentiles come from
 {on["queue_wait_s"]["n"]} and {off["queue_wait_s"]["n"]} logins: one long wait moves the p95. A wait for a
 free node lasts until another user leaves or an idle session closes, which are human times: they
 are scaled like the rest, so a wait of s seconds here stands for about {c["time_scale"]:g}·s seconds of a
 real day (the login and the dispatch themselves are not scaled: the p50 is that part alone).
-Time scaling makes the method look worse than it is: what it costs per event (a save job forked
-by the worker on every sleep, waking with a keyframe, closing and mounting) comes {c["time_scale"]:g}x
+Time scaling makes the method look worse than it is: what it costs per event (a save job
+run by the worker on every sleep, waking with a keyframe, closing and mounting) comes {c["time_scale"]:g}x
 more often per real hour than with real people, while encoding costs the same per second.
 {states_text(x)}{projection_text(x)}{others_text(x, others or [])}
 
@@ -317,20 +319,32 @@ more often per real hour than with real people, while encoding costs the same pe
 Machine: {x["machine"]}; shared with other work, so compare the ratio, not the absolute seconds.
 Rerun: `pip install '.[bench]' && cloudq bench cost --activity {",".join(_act(m) for m in [x, *(others or [])])}{_app_opt(x)} --write BENCHMARKS.md`
 (the first activity is the headline and the plot; options: `--users`, `--nodes`, `--duration`,
-`--activity`, `--seed`, `--time-scale`, `--state-seconds`, `--json`)."""
+`--activity`, `--seed`, `--time-scale`, `--state-seconds`, `--size`, `--json`)."""
     app = x["on"]["config"]["app"]
-    write_section(SECTION if app == "paint" else f"{SECTION}, with `{app}`", body, path)
+    title = SECTION if app == "paint" else f"{SECTION}, with `{app}`"
+    write_section(title + ("" if _default_size(x) else " at {}x{}".format(*_size(x))), body, path)
+
+
+def _size(x: dict[str, Any]) -> tuple[int, int]:
+    w, h = x["on"]["config"]["size"]
+    return int(w), int(h)
+
+
+def _default_size(x: dict[str, Any]) -> bool:
+    return _size(x) == DEFAULT_SIZE
 
 
 def _app_opt(x: dict[str, Any]) -> str:
     app = x["on"]["config"]["app"]
-    return "" if app == "paint" else f" --app '{app}'"
+    size = "" if _default_size(x) else " --size {}x{}".format(*_size(x))
+    return ("" if app == "paint" else f" --app '{app}'") + size
 
 
 def _plot(x: dict[str, Any]) -> str:
-    """The plot's path: one per app (``paint``'s is the README's)."""
+    """The plot's path: one per app and size (``paint``'s at the default size is the README's)."""
     app = x["on"]["config"]["app"]
-    return PLOT if app == "paint" else PLOT.replace(".png", "-" + app.split(":", 1)[-1].split()[0] + ".png")
+    path = PLOT if app == "paint" else PLOT.replace(".png", "-" + app.split(":", 1)[-1].split()[0] + ".png")
+    return path if _default_size(x) else path.replace(".png", "-{}x{}.png".format(*_size(x)))
 
 
 def projection_text(x: dict[str, Any]) -> str:
@@ -404,7 +418,7 @@ its own per-state table):
 
 The less the users give input, the more the nodes save, and the more of what is left is the
 control plane: Valkey and the central server cost about the same whatever the users do, and the
-worker forks a save job on every sleep, which time scaling makes {x["on"]["config"]["time_scale"]:g}x
+worker runs a save job on every sleep, which time scaling makes {x["on"]["config"]["time_scale"]:g}x
 more frequent than with real people.
 """
 
@@ -417,7 +431,7 @@ def config(
     seed: int,
     time_scale: float,
     app: str = "paint",
-    size: tuple[int, int] = (320, 240),
+    size: tuple[int, int] = DEFAULT_SIZE,
 ) -> PopulationConfig:
     """The population of one invocation; an ``x11:`` app runs with ``--freeze`` (method on)."""
     return PopulationConfig(
