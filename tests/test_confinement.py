@@ -118,7 +118,12 @@ def test_the_users_program_reaches_no_credential_file_display_network_or_later_s
             assert x["other"] != "0", "another display opened"
             assert x["nocookie"] != "0", "its own display opened without the cookie"
             assert (home / "r.net").read_text().strip() != "0", f"Redis port {port} reached"
-            assert by_cmdline(b"sleep 1000") and by_cmdline(b"sleep 1001"), "the detached sleeps run"
+            # the shell's "done" can come before its detached children have started: wait for them
+            wait_for(
+                lambda: by_cmdline(b"sleep 1000") and by_cmdline(b"sleep 1001"),
+                10,
+                what="the detached sleeps",
+            )
         logout_and_wait(r, keys, t)
         wait_for(lambda: node_state(r, keys, node) == "free", 10, what="node free")
         # nothing of the session outlives it: not the setsid'd, not the double-forked sleep
