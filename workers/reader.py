@@ -257,8 +257,8 @@ class StreamReader(threading.Thread):
         """The XREAD alone (a wake-up that carries at most one entry per stream, each bounded by
         the server's ``proto-max-bulk-len``): its entries are the read, an entry over
         ``max_entry`` becomes a stub as in the script. Anything unusual (an error, e.g. a stream
-        of another type; an entry, since more may be waiting) makes the next read come sooner
-        through the script, which also trims and measures. Sizes are counted on the fields as
+        of another type; an oversized entry) makes the next read the script, which also trims
+        and measures; entries that keep coming reach it after :data:`FAST_READS` reads. Sizes are counted on the fields as
         redis-py parsed them (a repeated field name counts once: what the node gets is no bigger);
         the server's memory of such an entry is the periodic stream check's business."""
         try:
