@@ -211,6 +211,11 @@ class StreamReader(threading.Thread):
         if not streams:  # nothing to read (yet): do not spin
             self.stop.wait(self.block_ms / 1000)
             return None
+        now = time.monotonic()
+        if not self._backlog and self._fast < self.max_fast and now - self._script_at < self.script_every:
+            return self._read_fast(streams)
+        self._script_at, self._fast = now, 0
+        self.script_reads += 1
         names = list(streams)
         lim = self.limits
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in streams.values()]
@@ -219,11 +224,6 @@ class StreamReader(threading.Thread):
             *(lim.count, lim.max_bytes, lim.max_entry, lim.measure_len, OVERSIZE),
             *("1" if self.trim(n) else "0" for n in names),
         ]
-        now = time.monotonic()
-        if not self._backlog and self._fast < self.max_fast and now - self._script_at < self.script_every:
-            return self._read_fast(streams)
-        self._script_at, self._fast = now, 0
-        self.script_reads += 1
         pipe = self.r.pipeline(transaction=False)
         if not self._backlog:
             pipe.xread(streams, count=1, block=self.block_ms)
@@ -258,9 +258,10 @@ class StreamReader(threading.Thread):
         the server's ``proto-max-bulk-len``): its entries are the read, an entry over
         ``max_entry`` becomes a stub as in the script. Anything unusual (an error, e.g. a stream
         of another type; an oversized entry) makes the next read the script, which also trims
-        and measures; entries that keep coming reach it after :data:`FAST_READS` reads. Sizes are counted on the fields as
-        redis-py parsed them (a repeated field name counts once: what the node gets is no bigger);
-        the server's memory of such an entry is the periodic stream check's business."""
+        and measures; entries that keep coming reach it after :data:`FAST_READS` reads. Sizes
+        are counted on the fields as redis-py parsed them (a repeated field name counts once:
+        what the node gets is no bigger); the server's memory of such an entry is the periodic
+        stream check's business."""
         try:
             woke = self.r.xread(streams, count=1, block=self.block_ms)
         except redis.ResponseError:
