@@ -92,13 +92,18 @@ def _process_clock(pid: int) -> int:
     return ((~pid) << 3) | 2
 
 
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds ``pid`` has run (its process CPU clock; OSError if it is not readable)."""
+    return time.clock_gettime_ns(_process_clock(pid))
+
+
 def _run_time(pid: int, st: ProcStat) -> float:
     """Seconds ``pid`` itself ran (every thread, live or ended), from its process CPU clock (ns);
     else from its live threads' schedstat, or ``stat``'s ticks when threads have ended (a 10 ms
     step each: a short window across a thread's end read a whole tick)."""
     ticks = (st.utime + st.stime) / CLK_TCK
     try:
-        return time.clock_gettime_ns(_process_clock(pid)) / 1e9
+        return cpu_ns(pid) / 1e9
     except OSError:
         pass
     try:

@@ -93,3 +93,14 @@ def test_an_oversized_entry_between_script_runs_is_a_stub_and_the_next_read_is_t
     assert stub_size(got[1]) == 5000 + len(b"big") and OVERSIZE in got[1]
     assert got[2] == {b"n": b"2"}
     assert scripts >= 1, "after an oversized entry the next read is the bounded script (trim, measure)"
+
+
+def test_bench_reader_reads_every_event_and_runs_the_script_per_read_only_when_asked() -> None:
+    from cloudq.bench import inputread
+
+    x = inputread.run(rate=30, seconds=1.0, rounds=1)
+    every, fast = x["script on every read"], x["fast reads (default)"]
+    assert every["read_all"] and fast["read_all"]
+    assert every["scripts_per_event"] >= 0.9 and fast["scripts_per_event"] < 0.5
+    assert fast["commands_per_event"] < every["commands_per_event"]
+    assert "| fast reads (default) |" in x["table"]

@@ -186,6 +186,29 @@ def bench_data(sizes: str, workdir: str | None, as_json: bool, write_path: str |
     _emit(result, data.format_table(result), as_json)
 
 
+@bench.command("reader")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=1, max=1000),
+    default=30.0,
+    show_default=True,
+    help="Input events a second.",
+)
+@click.option("--seconds", type=click.FloatRange(min=1), default=8.0, show_default=True, help="Per phase.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Per reader.")
+@json_option
+@write_option
+def bench_reader(rate: float, seconds: float, rounds: int, as_json: bool, write_path: str | None) -> None:
+    """Valkey's CPU per input event: the node's reader with its bounded script on every read vs
+    between script runs the XREAD alone (same server, alternating phases)."""
+    from cloudq.bench import inputread
+
+    result = inputread.run(rate=rate, seconds=seconds, rounds=rounds)
+    if write_path:
+        inputread.write_markdown(result, write_path)
+    _emit(result, result["table"], as_json)
+
+
 @bench.command("jobs")
 @click.option("--jobs", "n", type=click.IntRange(min=10), default=200, show_default=True, help="Per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True, help="Per mode.")
