@@ -98,7 +98,7 @@ def test_an_oversized_entry_between_script_runs_is_a_stub_and_the_next_read_is_t
 def test_bench_reader_reads_every_event_and_runs_the_script_per_read_only_when_asked() -> None:
     from cloudq.bench import inputread
 
-    x = inputread.run(rate=30, seconds=1.0, rounds=1)
+    x = inputread.run(rate=30, seconds=0.5, rounds=1)
     every, fast = x["script on every read"], x["fast reads (default)"]
     assert every["read_all"] and fast["read_all"]
     assert every["scripts_per_event"] >= 0.9 and fast["scripts_per_event"] < 0.5
