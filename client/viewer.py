@@ -215,6 +215,10 @@ class Viewer:
 
     def _ask_size(self, w: int, h: int) -> None:
         self._resize_job = None
+        if self.size is None:
+            # no picture yet: this is the window's first, default size (640x360), not a size
+            # anyone chose; the first frame fits the window to the session's own screen
+            return
         if w < 64 or h < 64 or (w, h) in (self.size, self._asked):
             return  # the picture's own size (the window fitted to it), or asked already
         self._asked = (w, h)

@@ -140,6 +140,27 @@ def test_viewer_sends_wheel_buttons_as_wheel_steps_at_the_pointer() -> None:
     ]
 
 
+def test_the_viewers_default_window_before_the_first_frame_asks_for_no_resize() -> None:
+    """The window opens at a default 640x360 and settles (300 ms) before a slow first frame
+    arrives: that size is nobody's choice and must not resize the session's screen (it did,
+    when the first frame came late on a loaded machine)."""
+    from types import SimpleNamespace
+
+    from cloudq.client.viewer import Viewer
+
+    sent: list[tuple[str, dict[str, object]]] = []
+    v = Viewer.__new__(Viewer)  # no window, no session: only the resize decision
+    v.session = SimpleNamespace(send_input=lambda kind, **kw: sent.append((kind, kw)))
+    v.size, v._asked, v._resize_job = None, None, None
+    v._ask_size(640, 360)  # the default window settled, no picture yet
+    assert sent == []
+    v.size = (320, 240)  # the first frame: the window fits it
+    v._ask_size(320, 240)
+    assert sent == []
+    v._ask_size(500, 376)  # the user resized the window
+    assert sent == [("resize", {"width": 500, "height": 376})]
+
+
 @needs_x
 def test_resizing_the_viewer_window_resizes_the_sessions_screen(
     r: redis.Redis, keys: Keys, procs: Procs, tmp_path: Path, display: str
