@@ -67,8 +67,9 @@ TABLE: list[tuple[str, str, str, str, str]] = [
         "wake",
         "channel",
         "-",
-        "worker",
-        "pub/sub: a close freed a node; the central servers hand it to the queue at once",
+        "worker, scripts",
+        "pub/sub: `free`: a close freed a node, the central servers hand it to the queue at once;"
+        " `deadline`: a script set a deadline due before the sweeper's next pass",
     ),
     ("reply:<request id>", "list", "30 s", "central", "the reply to one request"),
     ("nodes", "set", "-", "nodes", "all node ids"),
@@ -138,7 +139,14 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     ("sessions", "set", "-", "scripts", "ids of sessions not yet closed"),
     ("closed", "sorted set", "1 h of closes", "scripts", "ids of sessions that closed, score = when"),
     ("events", "stream", "MAXLEN ~10000", "scripts", "every state transition (t, obj, from, to, reason)"),
-    ("sweeper", "hash", "-", "central", "last: server time of the last sweep; run_id: the server it ran on"),
+    (
+        "sweeper",
+        "hash",
+        "-",
+        "central",
+        "last: server time of the last sweep; next: when the sweeper means to look again;"
+        " run_id: the server it ran on",
+    ),
     (
         "media:down",
         "set",

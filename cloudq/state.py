@@ -153,8 +153,31 @@ class Action:
     """How many times the sweep issued this job (re-issues get their own job id)."""
 
 
+@dataclass
+class Sweep:
+    """One sweep pass: the actions it decided, and what the sweeper plans its next pass from."""
+
+    actions: list[Action]
+    now: float
+    """Server time of the pass (s)."""
+    first_deadline: float | None
+    free: int
+    """Free nodes in the pool."""
+    queued: int
+    moves: int
+    """Sessions waiting for another node (theirs went offline)."""
+    acl_first: float | None = None
+    """The first token expiry of a Redis user (ACLs on)."""
+    closed_first: float | None = None
+    """The first close after the ACL pass's mark (ACLs on)."""
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _f(v: str) -> float | None:
+    return float(v) if v else None
 
 
 class StateMachine:
@@ -188,21 +211,43 @@ class StateMachine:
             for i in range(0, len(flat), 5)
         ]
 
-    def sweep(self, limit: int = 500, run_id: str = "") -> list[Action]:
-        """Claim due deadlines; ``run_id`` (the server's) lets the script see a restart."""
-        flat = [_s(x) for x in self._run("sweep", limit, run_id)]
-        return [
-            Action(
-                flat[i],
-                flat[i + 1],
-                int(flat[i + 2] or 0),
-                flat[i + 3],
-                flat[i + 4],
-                flat[i + 5],
-                int(flat[i + 6]),
-            )
-            for i in range(0, len(flat), 7)
-        ]
+    def sweep(
+        self,
+        limit: int = 500,
+        run_id: str = "",
+        longest: float = 1.0,
+        least: float = 0.0,
+        closed_upto: float | None = None,
+    ) -> Sweep:
+        """Claim due deadlines; ``run_id`` (the server's) lets the script see a restart. The
+        sweeper means to look again at the first deadline, at most ``longest`` and at least
+        ``least`` s from now (a script adding an earlier one wakes it); ``closed_upto`` (the ACL
+        pass's mark, None without ACLs) also reports the first ACL expiry and close after it."""
+        upto = "" if closed_upto is None else "-inf" if closed_upto == float("-inf") else repr(closed_upto)
+        when, flat = self._run("sweep", limit, run_id, repr(longest), repr(least), upto)
+        flat = [_s(x) for x in flat]
+        now, first, free, queued, moves, acl_first, closed_first = (_s(x) for x in when)
+        return Sweep(
+            [
+                Action(
+                    flat[i],
+                    flat[i + 1],
+                    int(flat[i + 2] or 0),
+                    flat[i + 3],
+                    flat[i + 4],
+                    flat[i + 5],
+                    int(flat[i + 6]),
+                )
+                for i in range(0, len(flat), 7)
+            ],
+            float(now),
+            _f(first),
+            int(free),
+            int(queued),
+            int(moves),
+            _f(acl_first),
+            _f(closed_first),
+        )
 
     def register_node(self, node: str, host: str, app: str, instance: str) -> bool:
         return _s(self._run("register_node", node, host, app, instance)) == "ok"

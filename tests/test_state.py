@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
+import pytest
 import redis
 from helpers import node_state, publish, session_field, wait_for
 
@@ -137,7 +139,7 @@ def test_concurrent_sweepers_claim_each_due_deadline_once(r: redis.Redis, keys: 
         mine = StateMachine(conn, keys)
         start.wait(5)
         while not stop.is_set():
-            claimed[i].extend(mine.sweep(limit=3))  # a few entries a call: the sweepers interleave
+            claimed[i].extend(mine.sweep(limit=3).actions)  # a few entries a call: the sweepers interleave
             calls[i] += 1
         conn.close()
 
@@ -183,8 +185,8 @@ def test_node_drops_garbage_control_messages_and_keeps_serving(r: redis.Redis, k
     ):
         r.xadd(keys.node_control("n1"), junk)
     r.xadd(keys.node_control("n1"), pack_control(Control("sleep", "s-unknown", 1)))  # not its session
-    for _ in range(3):
-        node.step()
+    # each step handles what the node's reader has handed over by then: step until all five are
+    wait_for(lambda: (node.step(), node.counters["bad_control"] + node.counters["stale_control"] >= 5)[1], 5)
     assert node.counters["bad_control"] == 4
     assert node.counters["stale_control"] == 1
     assert node_state(r, keys, "n1") == "free"
@@ -244,3 +246,62 @@ def test_resume_goes_back_into_the_tokens_session_or_says_why_it_cannot_and_neve
     assert sm.resume(sid, "t6", "t8")[0::4] == ("closed", "idle"), "and so does closed"
     assert r.get(keys.seq) == b"1" and r.lpos(keys.queue, "alice") is None, "no session, no queue"
     assert r.zcard(keys.pool) == 2 and not r.exists(keys.token("t7")) and not r.exists(keys.token("t8"))
+
+
+def _wake_messages(ps: redis.client.PubSub, within: float = 0.3) -> list[bytes]:
+    """What the wake channel carried (waits ``within`` s for the first message)."""
+    out, end = [], time.monotonic() + within
+    while time.monotonic() < end:
+        msg = ps.get_message(timeout=max(0.0, end - time.monotonic()))
+        if msg is not None:
+            out.append(msg["data"])
+    return out
+
+
+def test_a_deadline_sooner_than_the_sweepers_next_pass_wakes_it_and_a_later_one_does_not(
+    r: redis.Redis, keys: Keys, role_urls: dict[str, str]
+) -> None:
+    """The sweeper sleeps until its first deadline (at most ``longest``): a script that adds an
+    earlier one, run by a node's own Redis user, publishes on ``wake``; later ones, and the
+    deadlines a sweep sets itself, do not."""
+    publish(r, keys, heartbeat_ttl=3.0, idle_timeout=30.0, job_lease=60.0, node_ttl=30.0)
+    sm = StateMachine(r, keys)
+    as_node = StateMachine(redis.Redis.from_url(role_urls["node"]), keys)
+    for n in ("n1", "n2"):
+        assert as_node.register_node(n, "h", "paint", f"i-{n}")
+    _, sid, _, gen, _ = sm.login("alice", "t1")
+    swept = sm.sweep(longest=0.75, least=0.05)
+    planned = float(r.hget(keys.sweeper, "next"))
+    assert planned == pytest.approx(swept.now + 0.75, abs=0.01)  # the first deadline is 3 s away
+    assert swept.first_deadline is not None and swept.first_deadline > planned
+    ps = redis.Redis.from_url(role_urls["central"]).pubsub(ignore_subscribe_messages=True)
+    ps.subscribe(keys.wake)
+    ps.get_message(timeout=1.0)  # the subscription is live
+    sm.login("bob", "t2")  # its deadlines (heartbeat 3 s, idle 30 s, mount lease 60 s) are later
+    assert _wake_messages(ps) == []
+    assert as_node.request_close(sid, gen, "flood") == "ok"  # a close due now, asked by the node
+    assert _wake_messages(ps) == [b"deadline"]
+    swept = sm.sweep(longest=0.75, least=0.05)  # claims it, and re-arms the close's lease itself
+    assert [(a.action, a.sid) for a in swept.actions] == [("close", sid)]
+    assert _wake_messages(ps) == []
+    ps.close()
+
+
+def test_an_idle_central_passes_at_most_about_once_per_longest_sleep_with_short_clocks(
+    r: redis.Redis, keys: Keys, procs
+) -> None:
+    """With a 1 s idle clock the sweeper used to pass 4x a second with nothing due; now it
+    sleeps until its first deadline (the nodes' liveness, 1.5 s apart), at most 0.75 s."""
+    from helpers import start_pool
+
+    start_pool(r, keys, procs, nodes=2, idle_timeout=1.0, node_ttl=1.5, heartbeat_ttl=3.0)
+    # a pass is one script run (sweep.lua writes `last` on every pass)
+    wait_for(lambda: r.hget(keys.sweeper, "last"), 10, what="the sweeper's first pass")
+    lasts, end = set(), time.monotonic() + 3.0
+    while time.monotonic() < end:
+        lasts.add(r.hget(keys.sweeper, "last"))
+        time.sleep(0.01)
+    # 3 s at most one pass per 0.75 s is 4 (+1 at the edges), plus the nodes' liveness deadlines
+    # (2 nodes, each every ~1 s of their 1.5 s TTL): well under the 12 the old 0.25 s cap made
+    print("passes in 3 s:", len(lasts))
+    assert len(lasts) <= 10, sorted(lasts)

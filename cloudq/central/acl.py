@@ -184,7 +184,8 @@ def role_rules(role: str, keys: Keys) -> list[str]:
             "+config|get",
         ]
     if role == "node":
-        return [*base, f"~{P}*", "+config|get"]
+        # the channel: its scripts wake the sweeper for a deadline sooner than its next pass
+        return [*base, f"~{P}*", f"&{keys.wake}", "+config|get"]
     if role == "worker":
         return [*base, f"~{P}*", "~rq:*", "&rq:*", f"&{keys.wake}", "+info"]
     if role == "gateway":

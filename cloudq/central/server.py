@@ -4,8 +4,10 @@ Two loops, each on its own thread so a slow bcrypt check never delays a deadline
 - requests: login/logout requests from the ``requests`` stream, shared by every replica
   through one consumer group; a reply goes to ``reply:<request id>``.
 - sweeper: claims due deadlines atomically (``sweep.lua``), hands free nodes to waiting
-  users (``dispatch.lua``) and enqueues the resulting jobs. It sleeps until the next
-  deadline; keyspace notifications only wake it early (they are late and lossy).
+  users (``dispatch.lua``) and enqueues the resulting jobs, in one script per pass. It sleeps
+  until the next deadline (at most :data:`MAX_SWEEP_WAIT`): a script that adds an earlier one
+  and a worker that freed a node wake it (``PUBLISH`` on ``wake``); keyspace notifications of
+  expired keys wake it too (they are late and lossy).
 
 With ACLs on (the default where the server has them), every login creates the session's
 Redis user and every way a token stops being valid deletes it (:mod:`cloudq.central.acl`).
@@ -31,7 +33,7 @@ from cloudq.keys import Keys
 from cloudq.messages import BadMessage, Reply, Request, unpack_request
 from cloudq.retry import Backoff, passing
 from cloudq.settings import Settings
-from cloudq.state import Assignment, CloseReason, StateMachine
+from cloudq.state import Assignment, CloseReason, StateMachine, Sweep
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,8 @@ QUEUE_USER_KEEP = 2.0
 """How long a dispatched client's queue user outlives its notification (s): time to switch."""
 IDLE_BLOCK = 2.0
 """How long the requests and notification loops block on Redis when nothing comes (s)."""
-MAX_SWEEP_WAIT = 1.0
-"""The sweeper's longest sleep (s) with nothing due; shorter with short clocks (:meth:`Central.max_wait`)."""
+MAX_SWEEP_WAIT = 0.75
+"""The sweeper's longest sleep (s) with nothing due (:meth:`Central.max_wait`)."""
 ABANDONED_CHECK_EVERY = 3.0
 LOOP_BACKOFF_CAP = 1.0
 """A failed loop's longest wait before it runs again (s): a few central replicas, not a fleet."""
@@ -88,6 +90,7 @@ class Central:
         """Longest wait (s) for a replica's acknowledgement of a transition (0: do not wait)."""
         self.replicas = 0
         self._acl_due = 0.0  # monotonic time the incremental ACL pass has work (_next_wait)
+        self._swept: Sweep | None = None  # the last sweep pass (plans the next one)
         self._dispatch = threading.Event()  # free nodes may have takers: dispatch on the next pass
         self._dispatch.set()
         self._reconnected = threading.Event()
@@ -314,7 +317,8 @@ class Central:
 
     # -- deadlines ---------------------------------------------------------------------------
     def sweep_once(self) -> int:
-        """One pass: due deadlines, free nodes to waiting users; returns jobs enqueued."""
+        """One pass: due deadlines, free nodes to waiting users; returns jobs enqueued. The pass
+        (one script) also says when the next one is due (:meth:`_next_wait`)."""
         n = 0
         if self._reconnected.is_set():
             # a new connection may mean a new server: its run id, read once per reconnect
@@ -333,9 +337,19 @@ class Central:
                     log.warning("the Redis server restarted and lost cloudq's keys; setting up again")
                     self.setup()
                 self._run_id = run_id
-        for action in self.sm.sweep(run_id=self._run_id):
+        longest = self.max_wait()
+        swept = self.sm.sweep(
+            run_id=self._run_id,
+            longest=longest,
+            least=self.least_wait(longest),
+            closed_upto=self.acl.closed_upto if self.acl is not None else None,
+        )
+        self._swept = swept
+        for action in swept.actions:
             jobs.enqueue_action(self.r, self.keys, action)
             n += 1
+        if swept.free and (swept.queued or swept.moves):
+            self._dispatch.set()
         if self._dispatch.is_set():
             self._dispatch.clear()
             n += self._dispatch_free_nodes()
@@ -393,54 +407,53 @@ class Central:
             return ""
 
     def max_wait(self) -> float:
-        """The sweeper's longest sleep: :data:`MAX_SWEEP_WAIT`, or a quarter of the shortest
-        liveness clock, so a deadline that another process adds is never late by more."""
+        """The sweeper's longest sleep: :data:`MAX_SWEEP_WAIT`, below a beat (a longer gap
+        between two passes is a blind period, ``sweep.lua``). A deadline that another process
+        adds sooner than that wakes the sweeper (``_lib.lua``), so no clock shortens it."""
+        beat = max(1.0, self.settings.heartbeat_interval)
+        return min(MAX_SWEEP_WAIT, 0.75 * beat)
+
+    def least_wait(self, longest: float) -> float:
+        """The sweeper's shortest sleep, so a crowd of due deadlines is swept in batches: a
+        quarter of the longest, or of a quarter of the shortest liveness clock (as precise as
+        the clocks are short)."""
         clocks = [
             c for c in (self.settings.heartbeat_ttl, self.settings.node_ttl, self.settings.idle_timeout) if c
         ]
-        return max(0.02, min([MAX_SWEEP_WAIT, *(c / 4 for c in clocks)]))
+        return max(0.005, min([longest, *(c / 4 for c in clocks)]) / 4)
 
     def _next_wait(self, longest: float) -> float:
-        """How long the sweeper may sleep: until the first deadline, the first ACL expiry, or a
-        closed session's user is due to go (``CLOSED_KEEP`` after its close), at most ``longest``,
-        and at least a quarter of it, so a crowd of due deadlines is swept in batches. Also
-        whether free nodes wait for moved sessions or queued users (dispatch on the next pass)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zcard(self.keys.pool)
-        pipe.llen(self.keys.queue)
-        pipe.llen(self.keys.moves)
-        pipe.time()
-        pipe.zrange(self.keys.deadlines, 0, 0, withscores=True)
-        if self.acl is not None:
-            pipe.zrange(self.keys.acl_expiry, 0, 0, withscores=True)
-            upto = self.acl.closed_upto
-            lo = "-inf" if upto == float("-inf") else f"({upto}"
-            pipe.zrangebyscore(self.keys.closed, lo, "+inf", start=0, num=1, withscores=True)
-        free, queued, moves, (sec, usec), deadline, *acl_firsts = pipe.execute()
-        if free and (queued or moves):
-            self._dispatch.set()
-        now = sec + usec / 1e6
-        acl_due = [first[0][1] for first in acl_firsts[:1] if first]
-        if len(acl_firsts) == 2 and acl_firsts[1]:
-            acl_due.append(acl_firsts[1][0][1] + self.acl.CLOSED_KEEP)  # type: ignore[union-attr]
+        """How long the sweeper may sleep, from the last pass (no round trip): until the first
+        deadline, the first ACL expiry, or a closed session's user is due to go (``CLOSED_KEEP``
+        after its close), at most ``longest``, at least :meth:`least_wait`."""
+        w = self._swept
+        if w is None:
+            return self.least_wait(longest)
+        now = w.now
+        acl_due = [] if w.acl_first is None else [w.acl_first]
+        if w.closed_first is not None and self.acl is not None:
+            acl_due.append(w.closed_first + self.acl.CLOSED_KEEP)
         # when the incremental ACL pass has work (the sweeper skips it until then)
         self._acl_due = time.monotonic() + min(acl_due, default=now + 3600.0) - now
-        wait = min([longest, *(t - now for t in acl_due), *(d[0][1] - now for d in [deadline] if d)])
-        return max(longest / 4, wait)
+        due = [t - now for t in acl_due]
+        if w.first_deadline is not None:
+            due.append(w.first_deadline - now)
+        return max(self.least_wait(longest), min([longest, *due]))
 
     def _sweep_loop(self) -> None:
         last_abandoned = last_full = 0.0
         full_run_id = None  # the server the last full pass ran on
         while not self.stop.is_set():
+            if self.acl is not None and time.monotonic() >= self._acl_due:
+                # the incremental pass when it has work, before the sweep that plans the next
+                self.acl.reconcile(full=False)
             self.sweep_once()
             if self.acl is not None:
-                # the incremental pass when it has work; the full one (O(sessions)) at once on a new
-                # server, else every acl_full_every s (0: never)
+                # the full one (O(sessions)) at once on a new server, else every acl_full_every s
+                # (0: never)
                 every = self.acl_full_every
-                full = self._run_id != full_run_id or bool(every and time.monotonic() - last_full > every)
-                if full or time.monotonic() >= self._acl_due:
-                    self.acl.reconcile(full=full)
-                if full:
+                if self._run_id != full_run_id or bool(every and time.monotonic() - last_full > every):
+                    self.acl.reconcile(full=True)
                     last_full, full_run_id = time.monotonic(), self._run_id
                     self._count_replicas()
             if time.monotonic() - last_abandoned > ABANDONED_CHECK_EVERY:
@@ -478,7 +491,8 @@ class Central:
             while not self.stop.is_set():
                 msg = ps.get_message(timeout=IDLE_BLOCK)
                 if msg and msg.get("channel") == wake:
-                    self._dispatch.set()
+                    if msg.get("data") != b"deadline":  # a freed node ("free"): dispatch now
+                        self._dispatch.set()
                     self.wakeup.set()
                 elif msg and isinstance(msg.get("data"), bytes) and msg["data"].startswith(prefix):
                     self.wakeup.set()

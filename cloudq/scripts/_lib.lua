@@ -27,8 +27,18 @@ local function control(id, cmd, sid, gen)
   redis.call('XADD', k_node_control(id), 'MAXLEN', '~', 1000, '*',
     'cmd', cmd, 'sid', sid or '', 'gen', tostring(gen or 0))
 end
+-- A deadline due before the sweeper's next planned pass (``next`` in K_SWEEPER, written by
+-- sweep.lua) wakes it: it sleeps until its first deadline, so nothing else would (issue 23).
+-- Best effort (redis.pcall: a role user without the channel, nobody subscribed): the sweeper's
+-- longest sleep bounds how late such a deadline is then.
+local woke = false
 local function deadline(kind, id, after)
-  redis.call('ZADD', K_DEADLINES, NOW + after, kind .. '|' .. id)
+  local due = NOW + after
+  redis.call('ZADD', K_DEADLINES, due, kind .. '|' .. id)
+  if not woke and due < (tonumber(redis.call('HGET', K_SWEEPER, 'next') or '') or -1) then
+    woke = true
+    redis.pcall('PUBLISH', K_WAKE, 'deadline')
+  end
 end
 local function undeadline(kind, id)
   redis.call('ZREM', K_DEADLINES, kind .. '|' .. id)
