@@ -407,11 +407,11 @@ class Central:
             return ""
 
     def max_wait(self) -> float:
-        """The sweeper's longest sleep: :data:`MAX_SWEEP_WAIT`, below a beat (a longer gap
-        between two passes is a blind period, ``sweep.lua``). A deadline that another process
-        adds sooner than that wakes the sweeper (``_lib.lua``), so no clock shortens it."""
-        beat = max(1.0, self.settings.heartbeat_interval)
-        return min(MAX_SWEEP_WAIT, 0.75 * beat)
+        """The sweeper's longest sleep: :data:`MAX_SWEEP_WAIT`, below a beat (``sweep.lua`` takes
+        a gap of more than ``max(1 s, heartbeat_interval)`` between two passes for a blind
+        period). A deadline that another process adds sooner wakes the sweeper (``_lib.lua``),
+        so no clock shortens it."""
+        return MAX_SWEEP_WAIT
 
     def least_wait(self, longest: float) -> float:
         """The sweeper's shortest sleep, so a crowd of due deadlines is swept in batches: a
