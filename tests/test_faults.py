@@ -41,6 +41,9 @@ CLOCKS = {
 }
 
 
+DETECTED_WITHIN = CLOCKS["node_ttl"] + 1.5
+"""A killed node is declared offline (its session moved) within its liveness TTL plus the
+sweeper's and the move's own time: input sent to it meanwhile reaches no node."""
 SAVE_SLACK = 1.0
 """A save that ends this long after a stroke was sent holds it (the stroke reaches the node in
 milliseconds; a save's flush and store take a fraction of a second)."""
@@ -208,8 +211,16 @@ def test_faults_together_lose_nothing_and_leave_nothing_stuck(keys: Keys, tmp_pa
                     for t, n in node_deaths
                     if n == holder and t > drawn and not any(drawn + SAVE_SLACK <= s < t for s in saves)
                 ]
+                # or it was sent to its node after that node died, before the sweeper declared it
+                # offline and the session moved (a new node reads input from its own start: what
+                # was meant for the dead node's screen is not replayed on another one)
+                sent_to_dead = [
+                    (t, n) for t, n in node_deaths if n == holder and drawn - DETECTED_WITHIN <= t <= drawn
+                ]
                 if dead:
                     say(f"{user}: stroke lost with node {holder} (allowed within --autosave)")
+                elif sent_to_dead:
+                    say(f"{user}: stroke sent to node {holder} after it died, before the move (lost)")
                 else:
                     problems.append(
                         f"{user}: stroke at row {row(i)} (drawn on {holder or '?'} at {drawn:.2f}) not in"
