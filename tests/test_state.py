@@ -304,3 +304,41 @@ def test_an_idle_central_passes_at_most_about_once_per_longest_sleep_with_short_
     # 3 s at most one pass per 0.75 s is 4 (+1 at the edges), plus the nodes' liveness deadlines
     # (2 nodes, each every ~1 s of their 1.5 s TTL): well under the 12 the old 0.25 s cap made
     assert len(lasts) <= 10, f"{len(lasts)} passes in 3 s: {sorted(lasts)}"
+
+
+def test_a_node_refreshes_its_liveness_and_publishes_its_counters_in_one_round_trip(
+    keys: Keys, redis_url: str, tmp_path
+) -> None:
+    import json
+
+    from cloudq.workers.node import MediaConfig, Node
+
+    conn = redis.Redis.from_url(redis_url, single_connection_client=True)  # every command counted
+    publish(conn, keys)
+    node = Node(
+        conn,
+        keys,
+        "n1",
+        host="h",
+        app="paint",
+        media=MediaConfig(width=64, height=48, workspace=str(tmp_path)),
+    )
+    node.register()
+
+    node.refresh_liveness()  # the first one also loads the script
+    port = conn.client_info()["addr"].rpartition(":")[2]  # the node's connection, as the server sees it
+    watcher = redis.Redis.from_url(redis_url)
+    sent: list[str] = []
+    with watcher.monitor() as m:
+        node.refresh_liveness()
+        redis.Redis.from_url(redis_url).echo("refresh done")  # the end of what to look at
+        for c in m.listen():
+            if c["command"].startswith("ECHO"):
+                break
+            if c.get("client_type") != "lua" and str(c.get("client_port")) == port:
+                sent.append(c["command"].split()[0])
+    assert sent == ["EVALSHA"], sent  # one round trip: no separate HSET of the counters
+    stats = json.loads(conn.hget(keys.node("n1"), "stats"))
+    assert stats["at_ms"] > 0 and "cpu_ms" in stats
+    assert conn.pttl(keys.node_alive("n1")) > 0
+    conn.close()

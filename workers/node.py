@@ -86,8 +86,11 @@ if v and v ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], 'instance') ~= ARGV[1] then return -2 end
 if not v and redis.call('HGET', KEYS[2], 'state') == 'offline' then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] and ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'stats', ARGV[3]) end
 return 1
 """
+"""The node's liveness (``alive`` key, its instance, ``node_ttl``), and with ARGV[3] its counters
+(the node hash's ``stats``) in the same round trip."""
 
 
 @dataclass
@@ -143,7 +146,6 @@ class Node(Recovery):
         self.read_limits = ReadLimits.for_input(self.guard.limits)  # the readers' bounds (fixed)
         self._refresh = r.register_script(_REFRESH_ALIVE)
         self._next_refresh = 0.0
-        self._published: dict[str, int] = {}
         self._lock = threading.Lock()  # the node's state, between the loop and the reader
         self.reader: StreamReader | None = None
         self.media_reader: StreamReader | None = None  # the input stream, on a media server
@@ -165,9 +167,12 @@ class Node(Recovery):
         log.info("node %s registered (host %s, app %s)", self.id, self.host, self.app)
 
     def refresh_liveness(self) -> None:
+        """Refresh the liveness key and publish the counters (field ``stats``, JSON, for
+        ``cloudq status`` and tests), one script: one round trip a refresh."""
         ttl_ms = int((self.settings.node_ttl or 3600) * 1000)
+        stats = json.dumps(self.stats(), sort_keys=True)
         res = self._refresh(
-            keys=[self.keys.node_alive(self.id), self.keys.node(self.id)], args=[self.instance, ttl_ms]
+            keys=[self.keys.node_alive(self.id), self.keys.node(self.id)], args=[self.instance, ttl_ms, stats]
         )
         if res == 0:
             raise NodeIdTaken(f"node id {self.id!r} was taken over by another process")
@@ -176,7 +181,6 @@ class Node(Recovery):
         elif res == -2:
             self.lost_by_server()
         self._next_refresh = time.monotonic() + self.settings.node_refresh
-        self.publish_stats()
 
     def keepalive(self) -> contextlib.AbstractContextManager[None]:
         """Refresh the liveness key from a helper thread while the loop is busy in a slow app
@@ -251,13 +255,6 @@ class Node(Recovery):
             "cpu_ms": int((cpu.user + cpu.system) * 1000),
             "at_ms": int(time.time() * 1000),
         }
-
-    def publish_stats(self) -> None:
-        """Counters in the node hash (field ``stats``, JSON) for ``cloudq status`` and tests."""
-        s = self.stats()
-        if s != self._published:
-            self.r.hset(self.keys.node(self.id), "stats", json.dumps(s, sort_keys=True))
-            self._published = s
 
     def shutdown(self) -> None:
         if self.reader is not None:
