@@ -160,7 +160,8 @@ class Sweep:
     actions: list[Action]
     now: float
     """Server time of the pass (s)."""
-    first_deadline: float | None
+    wait: float
+    """Until the first deadline, within the ``longest`` and ``least`` the pass was given (s)."""
     free: int
     """Free nodes in the pool."""
     queued: int
@@ -217,16 +218,16 @@ class StateMachine:
         run_id: str = "",
         longest: float = 1.0,
         least: float = 0.0,
-        closed_upto: float | None = None,
+        closed_after: str = "",
     ) -> Sweep:
         """Claim due deadlines; ``run_id`` (the server's) lets the script see a restart. The
         sweeper means to look again at the first deadline, at most ``longest`` and at least
-        ``least`` s from now (a script adding an earlier one wakes it); ``closed_upto`` (the ACL
-        pass's mark, None without ACLs) also reports the first ACL expiry and close after it."""
-        upto = "" if closed_upto is None else "-inf" if closed_upto == float("-inf") else repr(closed_upto)
-        when, flat = self._run("sweep", limit, run_id, repr(longest), repr(least), upto)
+        ``least`` s from now (a script adding an earlier one wakes it); ``closed_after`` (the ACL
+        pass's lower bound of closes still to handle, '' without ACLs) also reports the first ACL
+        expiry and the first such close."""
+        when, flat = self._run("sweep", limit, run_id, repr(longest), repr(least), closed_after)
         flat = [_s(x) for x in flat]
-        now, first, free, queued, moves, acl_first, closed_first = (_s(x) for x in when)
+        now, wait, free, queued, moves, acl_first, closed_first = (_s(x) for x in when)
         return Sweep(
             [
                 Action(
@@ -241,7 +242,7 @@ class StateMachine:
                 for i in range(0, len(flat), 7)
             ],
             float(now),
-            _f(first),
+            float(wait),
             int(free),
             int(queued),
             int(moves),

@@ -340,6 +340,10 @@ class SessionUsers:
         self.media: MediaServers | None = None
         """The media servers, where each session's user exists too (:mod:`cloudq.central.media`)."""
 
+    def closed_after(self) -> str:
+        """The lower bound (``ZRANGEBYSCORE`` syntax) of the closes this pass has not handled."""
+        return "-inf" if self.closed_upto == float("-inf") else f"({self.closed_upto!r}"
+
     def _expire_at(self, name: str) -> None:
         if self.token_ttl:
             sec, usec = self.r.time()
@@ -390,8 +394,7 @@ class SessionUsers:
         sec, usec = self.r.time()
         now = sec + usec / 1e6
         upto = now - self.CLOSED_KEEP
-        lo = f"({self.closed_upto}" if self.closed_upto != float("-inf") else "-inf"
-        for raw in self.r.zrangebyscore(self.keys.closed, lo, upto):
+        for raw in self.r.zrangebyscore(self.keys.closed, self.closed_after(), upto):
             sid = raw.decode()
             if not self.r.sismember(self.keys.sessions, sid):  # not live again (ids are not reused)
                 self.drop(session_acl_user(sid))

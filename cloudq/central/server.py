@@ -342,7 +342,7 @@ class Central:
             run_id=self._run_id,
             longest=longest,
             least=self.least_wait(longest),
-            closed_upto=self.acl.closed_upto if self.acl is not None else None,
+            closed_after=self.acl.closed_after() if self.acl is not None else "",
         )
         self._swept = swept
         for action in swept.actions:
@@ -423,22 +423,19 @@ class Central:
         return max(0.005, min([longest, *(c / 4 for c in clocks)]) / 4)
 
     def _next_wait(self, longest: float) -> float:
-        """How long the sweeper may sleep, from the last pass (no round trip): until the first
-        deadline, the first ACL expiry, or a closed session's user is due to go (``CLOSED_KEEP``
-        after its close), at most ``longest``, at least :meth:`least_wait`."""
+        """How long the sweeper may sleep, from the last pass (no round trip): the wait the pass
+        planned (until the first deadline, within ``longest``), or less until the first ACL expiry
+        or a closed session's user is due to go (``CLOSED_KEEP`` after its close), at least
+        :meth:`least_wait`."""
         w = self._swept
         if w is None:
             return self.least_wait(longest)
-        now = w.now
-        acl_due = [] if w.acl_first is None else [w.acl_first]
+        acl_due = [] if w.acl_first is None else [w.acl_first - w.now]
         if w.closed_first is not None and self.acl is not None:
-            acl_due.append(w.closed_first + self.acl.CLOSED_KEEP)
+            acl_due.append(w.closed_first + self.acl.CLOSED_KEEP - w.now)
         # when the incremental ACL pass has work (the sweeper skips it until then)
-        self._acl_due = time.monotonic() + min(acl_due, default=now + 3600.0) - now
-        due = [t - now for t in acl_due]
-        if w.first_deadline is not None:
-            due.append(w.first_deadline - now)
-        return max(self.least_wait(longest), min([longest, *due]))
+        self._acl_due = time.monotonic() + min(acl_due, default=3600.0)
+        return max(self.least_wait(longest), min([w.wait, *acl_due]))
 
     def _sweep_loop(self) -> None:
         last_abandoned = last_full = 0.0

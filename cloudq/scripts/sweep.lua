@@ -1,8 +1,8 @@
--- sweep(P, limit, run_id, longest, least, closed_upto) -> {when, actions}: `actions` a flat list
+-- sweep(P, limit, run_id, longest, least, closed_after) -> {when, actions}: `actions` a flat list
 -- of {action, sid, gen, reason, node, host, issue} for the caller to enqueue; `when` what the
--- sweeper needs to plan its next pass without another round trip: {now, first deadline, free
--- nodes, queued users, moved sessions, first ACL expiry, first close after `closed_upto`}
--- ('' where none; the ACL ones only when `closed_upto` is given). The pass also records when
+-- sweeper needs to plan its next pass without another round trip: {now, the planned wait, free
+-- nodes, queued users, moved sessions, first ACL expiry, first close from `closed_after` on}
+-- ('' where none; the ACL ones only when `closed_after` is given). The pass also records when
 -- the sweeper means to look next (`next` in K_SWEEPER: the first deadline, at most `longest` s
 -- and at least `least` s from now): a script adding an earlier deadline wakes it (_lib.lua).
 -- Claims due deadlines atomically (two central replicas never both act on one entry) and
@@ -18,7 +18,7 @@
 local limit = tonumber(ARGV[2])
 local run_id = ARGV[3] or ''
 local longest, least = tonumber(ARGV[4] or '') or 1.0, tonumber(ARGV[5] or '') or 0
-local closed_upto = ARGV[6] or ''
+local closed_after = ARGV[6] or ''  -- the closes' lower bound (ZRANGEBYSCORE syntax), '' = no ACLs
 local D = K_DEADLINES
 local W = K_SWEEPER
 do
@@ -49,8 +49,12 @@ do
       blind, why, #inside / 2))
   end
   -- `next` = now while this pass runs: the deadlines it sets itself wake nobody
-  redis.call('HSET', W, 'last', string.format('%.6f', NOW), 'next', string.format('%.6f', NOW))
-  if run_id ~= '' then redis.call('HSET', W, 'run_id', run_id) end
+  local now = string.format('%.6f', NOW)
+  if run_id ~= '' then
+    redis.call('HSET', W, 'last', now, 'next', now, 'run_id', run_id)
+  else
+    redis.call('HSET', W, 'last', now, 'next', now)
+  end
 end
 local due = redis.call('ZRANGEBYSCORE', D, '-inf', NOW, 'WITHSCORES', 'LIMIT', 0, limit)
 local out = {}
@@ -230,19 +234,16 @@ for i = 1, #due, 2 do
   end
 end
 
-local function first(reply, i)
-  return reply[i] or ''
-end
+-- the next pass: at the first deadline, at most `longest` and at least `least` s from now
 local next_due = redis.call('ZRANGE', D, 0, 0, 'WITHSCORES')
 local wait = longest
 if next_due[2] then wait = math.min(wait, tonumber(next_due[2]) - NOW) end
-redis.call('HSET', W, 'next', string.format('%.6f', NOW + math.max(least, wait)))
-local when = {string.format('%.6f', NOW), first(next_due, 2), redis.call('ZCARD', K_POOL),
+wait = math.max(least, wait)
+redis.call('HSET', W, 'next', string.format('%.6f', NOW + wait))
+local when = {string.format('%.6f', NOW), string.format('%.6f', wait), redis.call('ZCARD', K_POOL),
   redis.call('LLEN', K_QUEUE), redis.call('LLEN', K_MOVES), '', ''}
-if closed_upto ~= '' then
-  when[6] = first(redis.call('ZRANGE', K_ACL_EXPIRY, 0, 0, 'WITHSCORES'), 2)
-  local lo = '(' .. closed_upto
-  if closed_upto == '-inf' then lo = '-inf' end
-  when[7] = first(redis.call('ZRANGEBYSCORE', K_CLOSED, lo, '+inf', 'WITHSCORES', 'LIMIT', 0, 1), 2)
+if closed_after ~= '' then
+  when[6] = redis.call('ZRANGE', K_ACL_EXPIRY, 0, 0, 'WITHSCORES')[2] or ''
+  when[7] = redis.call('ZRANGEBYSCORE', K_CLOSED, closed_after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)[2] or ''
 end
 return {when, out}
