@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -833,3 +834,111 @@ def test_a_file_whose_mtime_alone_changed_is_unchanged(
     os.utime(f)  # mtime now, content as it was
     f.write_bytes(f.read_bytes())  # and the same bytes written again
     assert store.matches_newest(USER, ws) == 1
+
+
+# ------------------------------------------------------------ the archive's digest, the hashing process
+
+
+def member_digest(archive: Path) -> str:
+    """The archive digest recomputed with ``tarfile`` (not the store's parser): sha256 of the
+    archive with each regular file's data replaced by that data's sha256."""
+    raw = archive.read_bytes()
+    tree = hashlib.sha256()
+    pos = 0
+    with tarfile.open(archive) as tf:
+        for ti in tf.getmembers():
+            if ti.isreg():
+                end = ti.offset_data + ti.size
+                tree.update(raw[pos : ti.offset_data])
+                tree.update(hashlib.sha256(raw[ti.offset_data : end]).digest())
+                pos = end
+    tree.update(raw[pos:])
+    return tree.hexdigest()
+
+
+def children() -> set[int]:
+    """This process's live child processes (every thread's)."""
+    out: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            out.update(int(p) for p in f.read().split())
+    return out
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_the_archive_digest_covers_every_byte_and_each_file_is_hashed_once(
+    tmp_path: Path, src: Path, process: bool
+) -> None:
+    (src / "empty").write_bytes(b"")
+    (src / "a" / "odd.bin").write_bytes(os.urandom(70_001))  # data ending inside a block
+    store = DirectoryStore(tmp_path / "store", chunk_size=64 * 1024, hash_process_bytes=1 if process else 0)
+    info = store.save(USER, src)
+    archive = store.user_dir(USER) / f"{info.version:08d}.tar"
+    m = store.show(USER)
+    assert m.format == 2
+    assert m.archive_sha256 == member_digest(archive)
+    for f in m.files:
+        assert f.sha256 == hashlib.sha256((src / f.path).read_bytes()).hexdigest()
+    assert store.verify(USER, info.version)
+    with tarfile.open(archive) as tf:
+        odd = tf.getmember("a/odd.bin")
+        empty = tf.getmember("empty")
+    size = archive.stat().st_size
+    good = archive.read_bytes()
+    # a header, an empty file's header, file data, the padding after it, the end blocks
+    for where in (
+        odd.offset + 3,
+        empty.offset + 1,
+        odd.offset_data + 50_000,
+        odd.offset_data + 70_002,
+        size - 1,
+    ):
+        bad = bytearray(good)
+        bad[where] ^= 0x01
+        archive.write_bytes(bad)
+        assert not store.verify(USER, info.version), where
+    archive.write_bytes(good)
+    assert store.verify(USER, info.version)
+    store.restore(USER, tmp_path / "ws")
+    assert snapshot(tmp_path / "ws") == snapshot(src)
+
+
+def test_a_process_hashed_save_equals_a_thread_hashed_one_and_leaves_no_process(
+    tmp_path: Path, src: Path
+) -> None:
+    before = children()
+    a = DirectoryStore(tmp_path / "a", hash_process_bytes=0).save(USER, src)
+    b = DirectoryStore(tmp_path / "b", hash_process_bytes=1).save(USER, src)
+    assert a.archive_sha256 == b.archive_sha256
+    assert (tmp_path / "a" / USER / "00000001.tar").read_bytes() == (
+        tmp_path / "b" / USER / "00000001.tar"
+    ).read_bytes()
+    assert DirectoryStore(tmp_path / "a").show(USER).files == DirectoryStore(tmp_path / "b").show(USER).files
+    assert children() <= before
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_hashing_process_that_dies_or_hangs_fails_the_save_and_keeps_the_old_version(
+    tmp_path: Path, src: Path, how: str
+) -> None:
+    store = DirectoryStore(tmp_path / "store", chunk_size=64 * 1024, hash_process_bytes=1, hash_timeout=0.5)
+    old = store.save(USER, src)
+    (src / "large.bin").write_bytes(os.urandom(2_000_000))
+    before = children()
+    hit: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if done and not hit:
+            (pid,) = children() - before
+            os.kill(pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+            hit.append(pid)
+
+    t0 = time.monotonic()
+    why = "hashing process died" if how == "killed" else "did not answer within 0.5 s"
+    with pytest.raises(StoreError, match=re.escape(why)):
+        store.save(USER, src, progress=progress)
+    assert hit and time.monotonic() - t0 < 10
+    assert children() <= before  # reaped (a stopped one killed first)
+    assert temp_files(store.user_dir(USER)) == []
+    assert [v.version for v in store.versions(USER)] == [old.version]
+    assert store.verify(USER, old.version)

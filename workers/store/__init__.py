@@ -9,13 +9,16 @@ Layout of a :class:`DirectoryStore`::
 
     <root>/<user>/00000007.tar    uncompressed tar of the user's directory (regular files + dirs)
     <root>/<user>/00000007.json   manifest: every file's relative path, size, sha256 and mode,
-                                  the directories, total size, creation time, archive size+sha256
+                                  the directories, total size, creation time, archive size and
+                                  digest (sha256 of the archive with each file's data replaced
+                                  by that data's sha256: MemberDigest)
     <root>/<user>/.tmp.*          in-flight temp files (ignored by readers, removed once stale)
 
 Crash safety. A save streams the archive into a temp file in the user's directory (hashing every
-file and the archive as it goes, so nothing is read twice), fsyncs it, publishes it under its final
-name with ``link()`` (fails with ``EEXIST`` instead of overwriting, so two racing writers fail
-loudly), fsyncs the directory, and then does the same with the manifest. The manifest appearing is
+file once as it goes: the archive's digest is built from the files' sha256s, so nothing is read or
+hashed twice; big saves hash in a forked process, which the GIL does not slow), fsyncs it,
+publishes it under its final name with ``link()`` (fails with ``EEXIST`` instead of overwriting,
+so two racing writers fail loudly), fsyncs the directory, and then does the same with the manifest. The manifest appearing is
 the commit point: a version exists for readers only when its manifest exists and parses completely.
 A crash at any moment leaves the previous versions untouched plus, at worst, a temp file or an
 archive without manifest; both are invisible and cleaned up later (temp files as soon as their
@@ -47,7 +50,8 @@ Safety rules.
   into place, so a failed restore leaves ``dest_dir`` as it was. ``dest_dir`` is *replaced*
   entirely; it must be a plain directory (not a mount point) whose parent is writable.
 * Restore verifies the data it writes (per-file sha256 + tar header checksums + exact member list);
-  :meth:`DirectoryStore.verify` additionally checks the sha256 of the whole archive file.
+  :meth:`DirectoryStore.verify` additionally checks the archive's digest (every byte of the
+  file; manifests of format 1 recorded the file's plain sha256, still verified as such).
 * Any ``OSError`` on the store side (not writable, ``ENOSPC``, ...) becomes :class:`StoreError` with a
   clear message, after removing this save's temp files; committed versions are never touched.
 

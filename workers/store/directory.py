@@ -14,7 +14,6 @@ import shutil
 import stat
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,8 +45,9 @@ from .manifest import (
     VersionNotFound,
     _check_user,
 )
-from .tarread import extract_verified
+from .tarread import ArchiveHasher, extract_verified
 from .tarwrite import (
+    HASH_TIMEOUT,
     _ArchiveWriter,
     _fsync_dir,
     _kind,
@@ -60,6 +60,11 @@ from .tarwrite import (
 )
 
 log = logging.getLogger(__name__)
+
+HASH_PROCESS_BYTES = 8 * 1024 * 1024
+"""A save of at least this many bytes hashes in a forked process rather than on a thread (see
+``tarwrite._ProcessHasher``); below, the fork costs more than it saves (break-even near 4 MiB
+here). 0 = never."""
 
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``; called with non-decreasing ``done_bytes`` per attempt."""
@@ -81,6 +86,8 @@ class DirectoryStore(Store):
         fsync_restore: bool = False,
         stale_seconds: float = DEFAULT_STALE_SECONDS,
         chunk_size: int = CHUNK_SIZE,
+        hash_process_bytes: int = HASH_PROCESS_BYTES,
+        hash_timeout: float = HASH_TIMEOUT,
     ) -> None:
         if keep < 1:
             raise ValueError("keep must be >= 1")
@@ -93,6 +100,8 @@ class DirectoryStore(Store):
         self.fsync_restore = fsync_restore
         self.stale_seconds = stale_seconds
         self.chunk_size = max(64 * 1024, chunk_size)
+        self.hash_process_bytes = hash_process_bytes
+        self.hash_timeout = hash_timeout
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.root)!r}, keep={self.keep}, quota_bytes={self.quota_bytes})"
@@ -163,26 +172,24 @@ class DirectoryStore(Store):
         udir = self.user_dir(user)
         m = self._load(udir, version)
         path = self._archive(udir, version)
+        where = f"{user} version {version}"
         try:
-            digest, size = self._hash_file(path)
+            with open(path, "rb", buffering=0) as f:
+                h = ArchiveHasher(f.fileno(), m, where)
+                buf = bytearray(self.chunk_size)
+                view = memoryview(buf)
+                while n := f.readinto(buf):
+                    h.update(view[:n])
         except OSError as e:
-            log.warning("%s version %d: cannot read archive %s: %s", user, version, path, e)
+            log.warning("%s: cannot read archive %s: %s", where, path, e)
             return False
-        ok = size == m.archive_size and digest == m.archive_sha256
+        except CorruptVersion as e:
+            log.warning("%s: archive %s is corrupt: %s", where, path, e)
+            return False
+        ok = h.size == m.archive_size and h.hexdigest() == m.archive_sha256
         if not ok:
-            log.warning("%s version %d: archive %s does not match its manifest", user, version, path)
+            log.warning("%s: archive %s does not match its manifest", where, path)
         return ok
-
-    def _hash_file(self, path: Path) -> tuple[str, int]:
-        h = hashlib.sha256()
-        buf = bytearray(self.chunk_size)
-        view = memoryview(buf)
-        size = 0
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-                size += n
-        return h.hexdigest(), size
 
     # ---- unchanged? ------------------------------------------------------------------------------
 
@@ -309,23 +316,27 @@ class DirectoryStore(Store):
     def _write_archive(
         self, fd: int, src: str, total: int, progress: Progress | None
     ) -> tuple[list[FileEntry], list[str], int, str]:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-hash")
+        process = 0 < self.hash_process_bytes <= total
         try:
-            return self._stream_archive(fd, src, total, progress, pool)
+            out = _ArchiveWriter(fd, self.chunk_size, process=process, timeout=self.hash_timeout)
+        except OSError as e:  # no fork (memory, a process limit): hash on a thread
+            log.warning("cannot fork a hashing process (%s); hashing on a thread", e)
+            out = _ArchiveWriter(fd, self.chunk_size, process=False)
+        try:
+            return self._stream_archive(out, src, total, progress)
         finally:
-            pool.shutdown(wait=True)
+            out.close()
 
     def _stream_archive(
-        self, fd: int, src: str, total: int, progress: Progress | None, pool: ThreadPoolExecutor
+        self, out: _ArchiveWriter, src: str, total: int, progress: Progress | None
     ) -> tuple[list[FileEntry], list[str], int, str]:
-        """One pass: every file is read straight into the archive writer's buffer and hashed there
-        (its sha256 for the manifest) while the helper hashes and writes the previous buffer."""
-        out = _ArchiveWriter(fd, self.chunk_size, pool)
-        files: list[FileEntry] = []
+        """One pass: every file is read straight into the archive writer's buffer, which the
+        helper hashes (each file's sha256, the archive's member digest) while this thread reads the
+        next files and writes the previous buffer."""
+        files: list[tuple[str, int, int]] = []  # path, size, mode: the sha256s come from the helper
         dirs: list[str] = []
         done = 0
         quota = self.quota_bytes
-        sha256 = hashlib.sha256
         if progress:
             progress(0, total)
         for e in _walk_source(src):
@@ -351,7 +362,7 @@ class DirectoryStore(Store):
                 if done + size > quota:
                     raise QuotaExceeded(f"{src} grew over the quota of {quota} bytes during save")
                 out.write(_tar_header(e.rel, is_dir=False, size=size, mode=st.st_mode, mtime=st.st_mtime))
-                fh = sha256()
+                out.begin_file()
                 remaining = size
                 while remaining:
                     space = out.space()
@@ -361,25 +372,26 @@ class DirectoryStore(Store):
                         raise SourceError(f"cannot read {src}/{e.rel}: {err.strerror}") from err
                     if n == 0:
                         raise SourceError(f"{src}/{e.rel} shrank during save; try again")
-                    fh.update(space[:n])
                     out.commit(n)
                     remaining -= n
                     done += n
                     if progress and remaining:
                         progress(done, max(total, done))
+                out.end_file()
             finally:
                 os.close(sfd)
             pad = -size % _BLOCK
             if pad:
                 out.write(_ZERO_BLOCKS[:pad])
-            files.append(FileEntry(e.rel, size, fh.hexdigest(), st.st_mode & 0o777))
+            files.append((e.rel, size, st.st_mode & 0o777))
             if progress:
                 progress(done, max(total, done))
         out.write(_ZERO_BLOCKS)
         out.flush()
         if progress:
             progress(done, max(total, done))
-        return files, dirs, out.size, out.hash.hexdigest()
+        entries = [FileEntry(p, n, h, mode) for (p, n, mode), h in zip(files, out.file_digests, strict=True)]
+        return entries, dirs, out.size, out.digest
 
     def _mktemp(self, udir: Path, kind: str, tmp_paths: list[Path]) -> tuple[Path, int]:
         path = udir / f".tmp.{_HOST_ID}.{os.getpid()}.{secrets.token_hex(6)}.{kind}"
@@ -519,8 +531,6 @@ class DirectoryStore(Store):
             self._cleanup_stale(udir)
             tmp, fd = self._mktemp(udir, "tar", tmp_paths)
             try:
-                h = hashlib.sha256()
-                size = 0
                 buf = bytearray(self.chunk_size)
                 view = memoryview(buf)
                 try:
@@ -528,13 +538,13 @@ class DirectoryStore(Store):
                 except FileNotFoundError:
                     raise CorruptVersion(f"{user} version {version}: archive is missing") from None
                 with f:
+                    h = ArchiveHasher(f.fileno(), src, f"{user} version {version}")
                     while n := f.readinto(buf):
                         h.update(view[:n])
                         _write_all(fd, view[:n])
-                        size += n
                         if progress:
-                            progress(size, src.archive_size)
-                if size != src.archive_size or h.hexdigest() != src.archive_sha256:
+                            progress(h.size, src.archive_size)
+                if h.size != src.archive_size or h.hexdigest() != src.archive_sha256:
                     raise CorruptVersion(f"{user} version {version}: archive does not match its manifest")
                 if self.fsync:
                     os.fsync(fd)

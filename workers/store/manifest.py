@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``; called with non-decreasing ``done_bytes`` per attempt."""
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+"""Format 2: ``archive_sha256`` is the archive's *member digest* (:class:`MemberDigest`); format 1
+(still read) held the sha256 of the archive file itself."""
+FORMATS = (1, 2)
 DEFAULT_KEEP = 5
 DEFAULT_QUOTA_BYTES = 100 * 1024 * 1024
 DEFAULT_STALE_SECONDS = 3600.0
@@ -38,6 +41,48 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _HOST_ID = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------
+# The archive's digest
+
+
+class MemberDigest:
+    """sha256 of an archive in which every regular file member's data is replaced by the 32-byte
+    sha256 of that data: headers, padding and end blocks are hashed as they are.
+
+    It commits to every byte of the archive as a plain sha256 of the file would, but a save hashes
+    each file's data once (its sha256 is the manifest's per-file checksum and the archive digest's
+    input), where a plain archive sha256 hashed all the data a second time. Feed it the archive in
+    order: :meth:`meta` for bytes outside file data, :meth:`begin_file`, :meth:`data` (as often as needed) and
+    :meth:`end_file` around each regular member's data (an empty file too).
+    """
+
+    __slots__ = ("_file", "_new", "_tree")
+
+    def __init__(self, new: Callable[[], Any] = hashlib.sha256) -> None:
+        self._new = new
+        self._tree = new()
+        self._file: Any = None
+
+    def meta(self, data: bytes | memoryview) -> None:
+        self._tree.update(data)
+
+    def begin_file(self) -> None:
+        self._file = self._new()
+
+    def data(self, data: bytes | memoryview) -> None:
+        self._file.update(data)
+
+    def end_file(self) -> str:
+        """The file's sha256 (hex); it goes into the archive digest."""
+        digest = self._file.digest()
+        self._file = None
+        self._tree.update(digest)
+        return digest.hex()
+
+    def hexdigest(self) -> str:
+        return self._tree.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,7 +206,11 @@ class Manifest:
         """Parse and validate a manifest; ``ValueError`` if it is incomplete or inconsistent."""
         try:
             doc = json.loads(data.decode("utf-8"))
-            if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            if (
+                not isinstance(doc, dict)
+                or type(doc.get("format")) is not int
+                or doc["format"] not in FORMATS
+            ):
                 raise ValueError("unknown manifest format")
             files = tuple(
                 FileEntry(_check_rel(p), _check_int(s), _check_hex(h), _check_int(m) & 0o777)
@@ -180,6 +229,7 @@ class Manifest:
                 archive_sha256=_check_hex(doc["archive_sha256"]),
                 promoted_from=None if promoted is None else _check_int(promoted),
                 started=None if doc.get("started") is None else str(doc["started"]),
+                format=doc["format"],
             )
         except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError, InvalidUserName) as e:
             raise ValueError(f"invalid manifest: {e}") from e

@@ -21,6 +21,7 @@ from .manifest import (
     _ZERO_BLOCKS,
     CorruptVersion,
     Manifest,
+    MemberDigest,
     UnsafeArchive,
     _check_rel,
 )
@@ -141,6 +142,70 @@ def extract_verified(
     if fsync:
         for rel in [*m.dirs, ""]:
             _fsync_dir(os.path.join(base, rel))
+
+
+class ArchiveHasher:
+    """The digest a manifest records for its archive, computed from the archive's bytes fed in
+    order with :meth:`update`: a plain sha256 for format 1, the :class:`MemberDigest` for format 2
+    (its member boundaries read first from the archive's headers, so a corrupt header raises
+    :class:`CorruptVersion` here)."""
+
+    def __init__(self, afd: int, m: Manifest, what: str) -> None:
+        self.size = 0
+        self._plain = hashlib.sha256() if m.format == 1 else None
+        self._digest = MemberDigest()
+        # (start, end) of every regular member's data, in order
+        self._regions = [
+            (ti.offset_data, ti.offset_data + ti.size)
+            for ti in (() if self._plain else _iter_tar(afd, what))
+            if ti.type in (tarfile.REGTYPE, tarfile.AREGTYPE)
+        ]
+        self._next = 0  # index of the first region not yet finished
+        self._in_file = False
+
+    def update(self, view: memoryview) -> None:
+        if self._plain is not None:
+            self._plain.update(view)
+            self.size += len(view)
+            return
+        d = self._digest
+        regions = self._regions
+        pos = self.size
+        i, n = 0, len(view)
+        while i < n or (self._next < len(regions) and regions[self._next][0] == pos and not self._in_file):
+            if self._in_file:
+                end = regions[self._next][1]
+                k = min(n - i, end - pos)
+                d.data(view[i : i + k])
+                i += k
+                pos += k
+                if pos == end:
+                    d.end_file()
+                    self._in_file = False
+                    self._next += 1
+                continue
+            start = regions[self._next][0] if self._next < len(regions) else None
+            if start == pos:
+                d.begin_file()
+                self._in_file = True
+                if regions[self._next][1] == pos:  # an empty file
+                    d.end_file()
+                    self._in_file = False
+                    self._next += 1
+                continue
+            k = n - i if start is None else min(n - i, start - pos)
+            d.meta(view[i : i + k])
+            i += k
+            pos += k
+        self.size = pos
+
+    def hexdigest(self) -> str | None:
+        """The digest, or None if the archive ended inside or before a member's data."""
+        if self._plain is not None:
+            return self._plain.hexdigest()
+        if self._in_file or self._next < len(self._regions):
+            return None
+        return self._digest.hexdigest()
 
 
 def _current_umask() -> int:
