@@ -157,3 +157,51 @@ def test_a_client_flooding_its_files_stream_is_cut_off_and_the_memory_comes_back
     wait_for(lambda: r.xlen(keys.files(t.sid)) <= tx.STREAM_MAXLEN, 5, what="the unread messages dropped")
     wait_for(lambda: int(r.info("memory")["used_memory"]) < before + 4 * tx.CHUNK, 5, what="the memory back")
     assert session_field(r, keys, t.sid) == "active"
+
+
+def test_an_idle_file_service_reads_rarely_stops_at_once_and_serves_nothing_after_its_stop(
+    r: redis.Redis, keys: Keys, redis_url: str, tmp_path: Path
+) -> None:
+    """With no transfer in progress the service's XREAD blocks IDLE_BLOCK (it polled three times a
+    second: every session, awake or asleep, woke the server and its node that often); stopping
+    does not wait for that read, and a message the read returns after the stop is not served."""
+    import threading
+    import time
+    from collections import Counter
+
+    from cloudq.workers.files import FileService
+
+    r.hset(keys.settings, "file_limit", LIMIT)
+    home = tmp_path / "home"
+    home.mkdir()
+    conn = redis.Redis.from_url(redis_url)
+    svc = FileService(conn, keys, "s1", home, Counter())
+    svc.start()
+    reads: list[str] = []
+    watcher = redis.Redis.from_url(redis_url)
+
+    def watch(m: Any, until: float) -> None:
+        for c in m.listen():
+            if c["command"].startswith("ECHO") or time.monotonic() > until:
+                return
+            if c["command"].startswith("XREAD") and keys.files("s1") in c["command"]:
+                reads.append(c["command"])
+
+    with watcher.monitor() as m:
+        th = threading.Thread(target=watch, args=(m, time.monotonic() + 10), daemon=True)
+        th.start()
+        time.sleep(2.5)  # the span observed: no condition to wait for, reads are what is counted
+        redis.Redis.from_url(redis_url).echo("done")
+        th.join(10)
+    assert len(reads) <= 1, reads  # 0.3 s blocks made 8 or 9
+    thread = svc.thread
+    assert thread is not None
+    t0 = time.monotonic()
+    svc.stop()
+    assert time.monotonic() - t0 < 0.5 and thread.is_alive()  # its read still blocked
+    r.xadd(keys.files("s1"), tx.pack(id="t1", op="put", name="late.txt", size=3))  # ends that read
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not (home / "Uploads").exists()
+    assert r.xlen(keys.fileout("s1")) == 0
+    conn.close()

@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 __all__ = ["FileService"]
 
 MAX_TRANSFERS = 4
+BUSY_BLOCK = 0.3
+"""Seconds the thread's ``XREAD`` blocks while a transfer is in progress (its idle timeout is checked
+between reads)."""
+IDLE_BLOCK = 5.0
+"""Seconds it blocks while none is (at most half the connection's socket timeout): a session, awake
+or asleep, costs the server and the node one read per ``IDLE_BLOCK``, not three a second."""
 MAX_LISTING = 1000
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -64,6 +70,8 @@ class FileService:
         self.gets: dict[str, _Transfer] = {}
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
+        sock_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
+        self.idle_block = min(IDLE_BLOCK, sock_timeout / 2) if sock_timeout else IDLE_BLOCK
         for name in ("uploads", "downloads", "refused", "bytes_in", "bytes_out", "flood"):
             counters[f"files_{name}"] += 0  # the thread adds no key: the node copies them meanwhile
 
@@ -75,21 +83,27 @@ class FileService:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop serving: at once when no transfer is in progress (a read still blocked ends within
+        :data:`IDLE_BLOCK` and handles nothing it got), else after the transfers are dropped (2 s at
+        most)."""
         self._stop.set()
         if self.thread is not None:
-            self.thread.join(2)
+            self.thread.join(2 if self.puts or self.gets else 0)
             self.thread = None
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, last: bytes) -> None:
         try:
             while not self._stop.is_set():
+                block = BUSY_BLOCK if self.puts or self.gets else self.idle_block
                 try:
-                    resp = self.r.xread({self.key_in: last}, count=16, block=300)
+                    resp = self.r.xread({self.key_in: last}, count=16, block=max(1, int(block * 1000)))
                 except redis.RedisError as e:
                     log.debug("files: redis: %s", e)
                     self._stop.wait(0.5)
                     continue
+                if self._stop.is_set():
+                    break  # stopped while the read was blocked: what it got is not served
                 if resp and self._flooded():
                     continue
                 for _, entries in resp or []:
