@@ -16,7 +16,6 @@ import select
 import signal
 import stat
 import tarfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -317,16 +316,17 @@ class _ProcessHasher:
         for fd in (self._cmd, self._ack):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        # the child exits on EOF; one that does not within a moment is killed
-        deadline = time.monotonic() + 1.0
-        while True:
+        # the child exits on EOF; one that does not within a second (stopped, stuck) is killed
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(self.pid)
             try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid or time.monotonic() > deadline:
-                break
-            time.sleep(0.001)
+                select.select([pidfd], [], [], 1.0)  # readable once the child has exited
+            finally:
+                os.close(pidfd)
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return
         if not pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
