@@ -197,6 +197,7 @@ class Kernel:
         """Stop both threads; sinks (recording, snapshot) are finished by the player thread."""
         self.heartbeat.stop.set()
         self.stop.set()
+        self.player.interrupt()  # its read may be blocked for seconds on a sleeping node
         self.pump.close()
         self._thread.join(timeout)
         self.heartbeat.join(2)

@@ -15,10 +15,12 @@ makes the same ones); this module does the reading and the decoding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import av
 import numpy as np
@@ -32,6 +34,11 @@ from cloudq.streamread import BATCH, MAX_LAG, Cursor, Entry, KeyframeScan
 from cloudq.wire import BadMessage, VideoPacket
 
 log = logging.getLogger(__name__)
+
+BLOCK = 5.0
+"""Seconds the player's ``XREAD`` blocks (at most half its connection's socket timeout). A sleeping
+node sends nothing: a shorter block only woke the server for an empty reply (a 0.25 s block, four
+times a second for every idle client). Stopping does not wait for it: :meth:`Player.interrupt`."""
 
 
 def thread_failed(what: str, exc: BaseException) -> str:
@@ -58,7 +65,7 @@ class Player:
         request_keyframe: Callable[[], object] | None = None,
         max_lag: float = MAX_LAG,
         batch: int = BATCH,
-        block: float = 0.25,
+        block: float = BLOCK,
         codec: str = "h264",
     ) -> None:
         self.r = r
@@ -66,7 +73,12 @@ class Player:
         self.sinks = list(sinks)
         self.request_keyframe = request_keyframe or (lambda: None)
         self.cursor = Cursor(max_lag, batch)
-        self.block = block
+        sock_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
+        self.block = min(block, sock_timeout / 2) if sock_timeout else block
+        # the blocking read's own connection, outside the pool and without redis-py's retries, so
+        # that interrupt() ends a blocked read at once (a retried read would block again)
+        self._conn: redis.connection.AbstractConnection | None = None
+        self._interrupted = False
         self.decoder: Decoder = get_decoder(codec)
         self.counters: Counter[str] = Counter()
         self.expected_seq: int | None = None
@@ -98,9 +110,7 @@ class Player:
             self.seek_start()
         assert self.cursor.last is not None
         wait = self.block if block is None else block
-        resp = self.r.xread(
-            {self.key: self.cursor.last}, count=self.cursor.batch, block=max(1, int(wait * 1000))
-        )
+        resp = self._xread(wait)
         if not resp:
             return 0
         entries: list[Entry] = resp[0][1]
@@ -111,6 +121,31 @@ class Player:
             self.cursor.last = entry_id
             decoded += self.handle(entry_id, fields)
         return decoded
+
+    def _xread(self, wait: float) -> list[Any] | None:
+        """One blocking XREAD on the player's own connection (parsed as ``Redis.xread`` does)."""
+        if self._interrupted:
+            raise redis.ConnectionError("the player was stopped")
+        if self._conn is None:
+            self._conn = self.r.connection_pool.make_connection()
+        conn = self._conn
+        try:
+            conn.send_command(
+                "XREAD", "COUNT", self.cursor.batch, "BLOCK", max(1, int(wait * 1000)), "STREAMS",
+                self.key, self.cursor.last,
+            )  # fmt: skip
+            return self.r.parse_response(conn, "XREAD")
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()  # the next read connects again (the loop backs off meanwhile)
+            raise
+
+    def interrupt(self) -> None:
+        """End a read blocked in :meth:`poll` now (from another thread; after setting ``stop``)."""
+        self._interrupted = True
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
 
     def _jump(self) -> bool:
         assert self.cursor.last is not None
@@ -185,6 +220,8 @@ class Player:
                     self.poll()
                     backoff.reset()
                 except Exception as exc:
+                    if stop.is_set():
+                        return  # interrupted (its connection closed under it)
                     if not passing(exc):
                         self.failure = thread_failed("video: the player", exc)
                         return
@@ -196,6 +233,10 @@ class Player:
             self.close()
 
     def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.disconnect()
+            self._conn = None
         for sink in self.sinks:
             try:
                 sink.close()

@@ -188,3 +188,42 @@ def test_connect_records_an_mp4_that_shows_the_drawing_and_writes_a_snapshot(
         shot = next(iter(c.decode(video=0))).to_ndarray(format="rgb24")
     assert shot.shape == (240, 320, 3)
     assert (np.abs(shot[120, 40:281].astype(int) - (30, 70, 220)).max(axis=1) < 40).mean() > 0.9
+
+
+def test_an_idle_player_reads_rarely_and_its_kernel_stops_at_once(
+    r: redis.Redis, keys: Keys, redis_url: str
+) -> None:
+    """A player whose stream is quiet (a sleeping node) blocks BLOCK s per XREAD (a 0.25 s block
+    woke the server four times a second for every idle client), and closing its kernel ends the
+    blocked read at once instead of waiting for it."""
+    import threading
+
+    Settings().publish(r, keys)
+    client = redis.Redis.from_url(redis_url)  # no socket timeout: the player blocks BLOCK s
+    kernel = Kernel(client, keys, "quiet", Settings.load(r, keys), [CallbackSink(lambda *_: None)]).start()
+    reads: list[str] = []
+    watcher = redis.Redis.from_url(redis_url)
+
+    def watch(m: object, until: float) -> None:
+        for c in m.listen():  # type: ignore[attr-defined]
+            if c["command"].startswith("ECHO") or time.monotonic() > until:
+                return
+            if c["command"].startswith("XREAD") and keys.video("quiet") in c["command"]:
+                reads.append(c["command"])
+
+    try:
+        with watcher.monitor() as m:
+            th = threading.Thread(target=watch, args=(m, time.monotonic() + 10), daemon=True)
+            th.start()
+            time.sleep(2.5)  # the span observed: the reads are what is counted
+            redis.Redis.from_url(redis_url).echo("done")
+            th.join(10)
+        assert len(reads) <= 1, reads  # a 0.25 s block made 10 (a read issued before the watch began
+        # is not seen)
+    finally:
+        t0 = time.monotonic()
+        kernel.close()
+        closed_in = time.monotonic() - t0
+    assert closed_in < 1.0, closed_in
+    assert kernel.failure() is None
+    client.close()
