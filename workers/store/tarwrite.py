@@ -316,11 +316,11 @@ class _ProcessHasher:
         for fd in (self._cmd, self._ack):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        # the child exits on EOF; one that does not within a second (stopped, stuck) is killed
+        # the child exits on EOF; one that does not within half a second (stopped, stuck) is killed
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(self.pid)
             try:
-                select.select([pidfd], [], [], 1.0)  # readable once the child has exited
+                select.select([pidfd], [], [], 0.5)  # readable once the child has exited
             finally:
                 os.close(pidfd)
         try:
