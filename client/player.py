@@ -28,6 +28,7 @@ import redis
 
 from cloudq.client.sinks import Sink
 from cloudq.codec import Decoder, get_decoder, h264_is_keyframe
+from cloudq.connection import read_block
 from cloudq.keys import Keys
 from cloudq.retry import Backoff, passing
 from cloudq.streamread import BATCH, MAX_LAG, Cursor, Entry, KeyframeScan
@@ -73,8 +74,7 @@ class Player:
         self.sinks = list(sinks)
         self.request_keyframe = request_keyframe or (lambda: None)
         self.cursor = Cursor(max_lag, batch)
-        sock_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
-        self.block = min(block, sock_timeout / 2) if sock_timeout else block
+        self.block = read_block(r, block)
         # the blocking read's own connection, outside the pool and without redis-py's retries, so
         # that interrupt() ends a blocked read at once (a retried read would block again)
         self._conn: redis.connection.AbstractConnection | None = None

@@ -174,3 +174,14 @@ def without_credentials(url: str) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def read_block(r: redis.Redis, want: float) -> float:
+    """How long a blocking read on ``r`` may block: ``want`` s, or half the socket timeout of its
+    connections if that is shorter (a read still blocked when the socket times out fails). The
+    timeout comes from a connection object (not connected): redis-py 8 gives a client made without
+    one a default of 5 s that its pool's ``connection_kwargs`` do not show."""
+    pool = r.connection_pool
+    kw = pool.connection_kwargs
+    timeout = kw["socket_timeout"] if "socket_timeout" in kw else pool.connection_class(**kw).socket_timeout
+    return min(want, timeout / 2) if timeout else want

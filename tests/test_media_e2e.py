@@ -198,8 +198,13 @@ def test_an_idle_player_reads_rarely_and_its_kernel_stops_at_once(
     blocked read at once instead of waiting for it."""
     import threading
 
+    from cloudq.client.player import BLOCK
+    from cloudq.connection import read_block
+
     Settings().publish(r, keys)
-    client = redis.Redis.from_url(redis_url)  # no socket timeout: the player blocks BLOCK s
+    client = redis.Redis.from_url(redis_url)  # redis-py's default socket timeout (5 s), unseen by
+    # its pool's connection_kwargs: a block of BLOCK s timed out every read of an idle player
+    assert read_block(client, BLOCK) < client.connection_pool.make_connection().socket_timeout
     kernel = Kernel(client, keys, "quiet", Settings.load(r, keys), [CallbackSink(lambda *_: None)]).start()
     reads: list[str] = []
     watcher = redis.Redis.from_url(redis_url)
@@ -226,4 +231,5 @@ def test_an_idle_player_reads_rarely_and_its_kernel_stops_at_once(
         closed_in = time.monotonic() - t0
     assert closed_in < 1.0, closed_in
     assert kernel.failure() is None
+    assert kernel.player.counters["redis_errors"] == 0
     client.close()

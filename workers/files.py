@@ -28,6 +28,7 @@ from typing import Any
 import redis
 
 from cloudq import transfer as tx
+from cloudq.connection import read_block
 from cloudq.keys import Keys
 from cloudq.settings import Settings
 
@@ -70,8 +71,7 @@ class FileService:
         self.gets: dict[str, _Transfer] = {}
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
-        sock_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
-        self.idle_block = min(IDLE_BLOCK, sock_timeout / 2) if sock_timeout else IDLE_BLOCK
+        self.idle_block = read_block(r, IDLE_BLOCK)
         for name in ("uploads", "downloads", "refused", "bytes_in", "bytes_out", "flood"):
             counters[f"files_{name}"] += 0  # the thread adds no key: the node copies them meanwhile
 

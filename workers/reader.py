@@ -34,6 +34,8 @@ from typing import Any
 
 import redis
 
+from cloudq.connection import read_block
+
 MAX_BLOCK = 5.0
 """Longest single XREAD block of the reader thread (half the socket timeout, if that is shorter).
 Only entries end it early; nothing else depends on it, so a sleeping node wakes this rarely."""
@@ -184,11 +186,10 @@ class StreamReader(threading.Thread):
     ) -> StreamReader:
         """A node's reader on ``r`` (started): it blocks below the client's socket timeout, and
         every stream but ``keep`` (the control stream) loses what the node read."""
-        sock_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
         reader = cls(
             r,
             streams,
-            block=min(MAX_BLOCK, sock_timeout / 2) if sock_timeout else MAX_BLOCK,
+            block=read_block(r, MAX_BLOCK),
             wake=wake,
             limits=limits,
             trim=lambda name: name != keep,  # input: what the node read is of no more use
