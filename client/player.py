@@ -79,6 +79,7 @@ class Player:
         # that interrupt() ends a blocked read at once (a retried read would block again)
         self._conn: redis.connection.AbstractConnection | None = None
         self._interrupted = False
+        self._lock = threading.Lock()
         self.decoder: Decoder = get_decoder(codec)
         self.counters: Counter[str] = Counter()
         self.expected_seq: int | None = None
@@ -124,25 +125,29 @@ class Player:
 
     def _xread(self, wait: float) -> list[Any] | None:
         """One blocking XREAD on the player's own connection (parsed as ``Redis.xread`` does)."""
-        if self._interrupted:
-            raise redis.ConnectionError("the player was stopped")
         if self._conn is None:
             self._conn = self.r.connection_pool.make_connection()
         conn = self._conn
         try:
-            conn.send_command(
-                "XREAD", "COUNT", self.cursor.batch, "BLOCK", max(1, int(wait * 1000)), "STREAMS",
-                self.key, self.cursor.last,
-            )  # fmt: skip
+            with self._lock:  # sent (and connected) either before interrupt() or not at all
+                if self._interrupted:
+                    raise redis.ConnectionError("the player was stopped")
+                conn.send_command(
+                    "XREAD", "COUNT", self.cursor.batch, "BLOCK", max(1, int(wait * 1000)), "STREAMS",
+                    self.key, self.cursor.last,
+                )  # fmt: skip
             return self.r.parse_response(conn, "XREAD")
-        except (redis.ConnectionError, redis.TimeoutError):
+        except redis.ResponseError:
+            raise
+        except BaseException:
             conn.disconnect()  # the next read connects again (the loop backs off meanwhile)
             raise
 
     def interrupt(self) -> None:
         """End a read blocked in :meth:`poll` now (from another thread; after setting ``stop``)."""
-        self._interrupted = True
-        conn = self._conn
+        with self._lock:
+            self._interrupted = True
+            conn = self._conn
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.disconnect()
