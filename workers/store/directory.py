@@ -7,6 +7,7 @@ import contextlib
 import datetime as _dt
 import errno
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -175,21 +176,30 @@ class DirectoryStore(Store):
         where = f"{user} version {version}"
         try:
             with open(path, "rb", buffering=0) as f:
-                h = ArchiveHasher(f.fileno(), m, where)
-                buf = bytearray(self.chunk_size)
-                view = memoryview(buf)
-                while n := f.readinto(buf):
-                    h.update(view[:n])
+                ok = self._matches(f, m, where)
         except OSError as e:
             log.warning("%s: cannot read archive %s: %s", where, path, e)
             return False
         except CorruptVersion as e:
             log.warning("%s: archive %s is corrupt: %s", where, path, e)
             return False
-        ok = h.size == m.archive_size and h.hexdigest() == m.archive_sha256
         if not ok:
             log.warning("%s: archive %s does not match its manifest", where, path)
         return ok
+
+    def _matches(
+        self, f: io.FileIO, m: Manifest, where: str, each: Callable[[memoryview, int], None] | None = None
+    ) -> bool:
+        """Whether the archive ``f`` (read to its end, each piece handed to ``each`` with the bytes
+        read so far) has ``m``'s size and digest."""
+        h = ArchiveHasher(f.fileno(), m, where)
+        buf = bytearray(self.chunk_size)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if each is not None:
+                each(view[:n], h.size)
+        return h.size == m.archive_size and h.hexdigest() == m.archive_sha256
 
     # ---- unchanged? ------------------------------------------------------------------------------
 
@@ -531,20 +541,19 @@ class DirectoryStore(Store):
             self._cleanup_stale(udir)
             tmp, fd = self._mktemp(udir, "tar", tmp_paths)
             try:
-                buf = bytearray(self.chunk_size)
-                view = memoryview(buf)
                 try:
                     f = open(self._archive(udir, version), "rb", buffering=0)  # noqa: SIM115
                 except FileNotFoundError:
                     raise CorruptVersion(f"{user} version {version}: archive is missing") from None
+
+                def copy(piece: memoryview, done: int) -> None:
+                    _write_all(fd, piece)
+                    if progress:
+                        progress(done, src.archive_size)
+
                 with f:
-                    h = ArchiveHasher(f.fileno(), src, f"{user} version {version}")
-                    while n := f.readinto(buf):
-                        h.update(view[:n])
-                        _write_all(fd, view[:n])
-                        if progress:
-                            progress(h.size, src.archive_size)
-                if h.size != src.archive_size or h.hexdigest() != src.archive_sha256:
+                    ok = self._matches(f, src, f"{user} version {version}", copy)
+                if not ok:
                     raise CorruptVersion(f"{user} version {version}: archive does not match its manifest")
                 if self.fsync:
                     os.fsync(fd)
