@@ -108,6 +108,31 @@ def test_changed_is_false_when_idle_and_true_after_drawing():
     assert not app.changed()
 
 
+def test_paint_damage_holds_every_pixel_a_render_changed_and_nothing_more_than_the_strokes():
+    """damage() after a render bounds what changed since the render before: the whole picture
+    first, after a clear and after a load; an empty box while idle; the strokes' box otherwise."""
+    app = PaintApp(W, H)
+    before = app.render(0.0)
+    assert app.damage() is None  # the first picture: all of it
+    app.render(0.1)
+    x0, y0, x1, y1 = app.damage()
+    assert x1 <= x0 or y1 <= y0  # nothing changed
+    for stroke in (((10, 10), (30, 30)), ((200, 5), (210, 12)), ((100, 200), (100, 200))):
+        drag(app, *stroke)
+        after = app.render(0.2)
+        x0, y0, x1, y1 = app.damage()
+        changed = (after != before).any(axis=2)
+        assert changed.any()
+        outside = changed.copy()
+        outside[y0:y1, x0:x1] = False
+        assert not outside.any(), f"{stroke}: pixels changed outside the damage {x0, y0, x1, y1}"
+        assert (x1 - x0) * (y1 - y0) < W * H / 10
+        before = after
+    app.handle_input(key("Delete"))
+    app.render(0.3)
+    assert app.damage() is None
+
+
 def test_render_returns_a_copy_the_caller_owns():
     app = PaintApp(W, H)
     frame = app.render(0.0)

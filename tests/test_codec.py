@@ -13,6 +13,7 @@ from cloudq.codec import (
     EncodedPacket,
     H264Decoder,
     H264Encoder,
+    Yuv420Picture,
     available_codecs,
     get_decoder,
     get_encoder,
@@ -186,3 +187,60 @@ def test_the_stream_says_it_is_bt601_limited_range_at_every_size():
         rgb = dec.to_rgb(frame)
         assert np.abs(rgb[h // 2, w // 2].astype(int) - (200, 0, 0)).max() <= 6, (w, h)
         enc.close()
+
+
+def _changing_frames(
+    n: int, seed: int, size: tuple[int, int] = (W, H)
+) -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+    """Random pictures, each a copy of the one before with one random rectangle repainted (some
+    touching the top or bottom edge, odd rows included), and that rectangle."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    out = [(frame, (0, 0, w, h))]
+    for i in range(n - 1):
+        frame = frame.copy()
+        y0 = 0 if i % 5 == 1 else int(rng.integers(0, h - 1))
+        y1 = h if i % 5 == 2 else int(rng.integers(y0 + 1, min(h, y0 + 40) + 1))
+        x0 = int(rng.integers(0, w - 1))
+        x1 = int(rng.integers(x0 + 1, w + 1))
+        frame[y0:y1, x0:x1] = rng.integers(0, 256, (y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        out.append((frame, (x0, y0, x1, y1)))
+    return out
+
+
+@pytest.mark.parametrize("size", [(W, H), (1280, 720)])
+def test_converting_only_the_changed_rows_gives_the_same_picture_as_converting_all(size):
+    """The partial conversion is exact: a picture told what changed holds the same Y, U and V bytes
+    as the whole picture converted afresh, while converting a fraction of the rows."""
+    w, h = size
+    partial, fresh = Yuv420Picture(w, h), Yuv420Picture(w, h)
+    frames = _changing_frames(16, seed=3, size=size)
+    for i, (frame, box) in enumerate(frames):
+        partial.update(frame, box)
+        fresh.update(frame)
+        for name, got, want in zip("YUV", partial.planes(), fresh.planes(), strict=True):
+            assert np.array_equal(got, want), f"picture {i}: plane {name} differs"
+    assert fresh.rows_converted == len(frames) * h
+    assert partial.rows_converted < fresh.rows_converted / 3
+
+
+def test_nothing_changed_converts_nothing_and_keyframes_convert_in_full():
+    """An empty box reuses the picture; a wrong box (the app lied) lasts only until the next
+    keyframe, which is converted in full whatever the box says."""
+    rng = np.random.default_rng(4)
+    first = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    enc, dec = H264Encoder(W, H, FPS, gop_seconds=1.0), H264Decoder()
+    dec.decode_rgb(enc.encode(first, 0)[0].data)
+    assert enc.rows_converted == H
+    enc.encode(first, 1, changed=(0, 0, 0, 0))
+    assert enc.rows_converted == H  # nothing converted
+    second = np.full_like(first, 200)
+    (p,) = enc.encode(second, 2, changed=(0, 0, 0, 0))  # wrong: everything changed
+    assert not p.keyframe
+    (shown,) = dec.decode_rgb(enc.encode(second, 3, changed=(0, 0, 0, 0))[0].data)
+    assert abs(float(shown.mean()) - 200) > 20  # still the first picture
+    (k,) = enc.encode(second, FPS, changed=(0, 0, 0, 0))  # gop of 1 s: a keyframe
+    assert k.keyframe and enc.rows_converted == 2 * H
+    (shown,) = dec.decode_rgb(k.data)
+    assert abs(float(shown.mean()) - 200) < 3

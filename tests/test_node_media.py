@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 import msgpack
+import numpy as np
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from cloudq.client.kernel import InputSender
 from cloudq.client.player import Player
 from cloudq.client.sinks import CallbackSink
+from cloudq.codec import get_decoder
 from cloudq.keys import Keys
 from cloudq.probe import read_probe
 from cloudq.wire import InputEvent, VideoPacket
@@ -56,6 +58,40 @@ def test_first_packet_is_a_keyframe_with_codec_params_and_idle_paint_sends_nothi
     run_ticks(s, 0.05)
     pkts = video(r, keys, "s1")
     assert len(pkts) == 2 and not pkts[1].keyframe and pkts[1].seq == 1
+
+
+def test_drawing_converts_only_the_rows_the_strokes_changed_and_the_client_sees_the_canvas(
+    r: redis.Redis, keys: Keys, tmp_path
+) -> None:
+    """With the app's damage the encoder converts a band of rows per stroke, not the picture; the
+    decoded stream still shows the canvas. A conventional streamer (always_encode) converts all."""
+    for always in (False, True):
+        sid = f"draw-{always}"
+        app = PaintApp(W, H)
+        cfg = MediaConfig(width=W, height=H, workspace=str(tmp_path), always_encode=always, gop=10.0)
+        s = Streamer(r, keys, sid, app, cfg, Counter())
+        run_ticks(s, 0.05)
+        for i in range(20):
+            x = 20 + 10 * i
+            s.on_input(InputEvent("mouse_down", 2 * i, time.time(), x=x, y=100))
+            s.on_input(InputEvent("mouse_up", 2 * i + 1, time.time(), x=x + 8, y=104))
+            run_ticks(s, 0.04)
+        assert s.encoder is not None
+        frames = s.counters["frames"]
+        assert frames >= 15
+        if always:
+            assert s.encoder.rows_converted == frames * H
+        else:
+            assert s.encoder.rows_converted < H + (frames - 1) * H / 5
+        decoder = get_decoder("h264")
+        shown = None
+        for vp in video(r, keys, sid):
+            for rgb in decoder.decode_rgb(vp.data, vp.pts):
+                shown = rgb
+        assert shown is not None
+        diff = np.abs(shown.astype(np.int16) - app.canvas.astype(np.int16))
+        assert float(diff.mean()) < 3 and float(np.percentile(diff, 99.9)) < 100
+        s.close()
 
 
 def test_keyframe_request_forces_an_idr_at_most_every_quarter_second(

@@ -517,3 +517,39 @@ def test_a_resize_input_resizes_the_display_and_the_stream_restarts_at_the_new_s
         assert node_state(r, keys, node) == "active"
         type_line(s, "echo still-alive > alive.txt")
         wait_for((home / "alive.txt").exists, 5, what="xterm still takes input")
+
+
+def test_the_damage_a_render_reports_holds_every_pixel_that_changed(tmp_path: Path) -> None:
+    """In one process, xterm on its own Xvfb: typing changes a few rows; the box damage() reports
+    after each render holds every pixel that differs from the render before, and is a fraction of
+    the screen (the node converts only its rows for the encoder)."""
+    from cloudq.wire import InputEvent
+    from cloudq.workers.apps.x11 import X11App
+
+    w, h = 480, 320
+    with X11App(w, h, "xterm -geometry 40x10+0+0") as app:
+        app.load(tmp_path)
+        assert app.wait_changed(10)
+        before = app.render(0)
+        assert app.damage() is None  # the first picture: all of it
+        # until xterm has drawn its window, the pictures keep changing: wait for a quiet screen
+        wait_for(lambda: app.render(0) is not None and not app.wait_changed(0.3), 10, what="a quiet screen")
+        before = app.render(0)
+        partial = 0
+        for i, ch in enumerate("hello"):
+            app.handle_input(InputEvent("key", i, time.time(), key=ch))
+            assert app.wait_changed(5), f"no damage after typing {ch!r}"
+            after = app.render(0)
+            box = app.damage()
+            assert box is not None
+            x0, y0, x1, y1 = box
+            changed = (after != before).any(axis=2)
+            changed[y0:y1, x0:x1] = False
+            assert not changed.any(), f"{ch!r}: pixels changed outside the damage {box}"
+            partial += (y1 - y0) < h / 2
+            before = after
+        assert partial >= 4
+        wait_for(lambda: app.render(0) is not None and not app.wait_changed(0.3), 10, what="a quiet screen")
+        app.render(0)
+        x0, y0, x1, y1 = app.damage()
+        assert x1 <= x0 or y1 <= y0  # nothing changed, nothing to convert

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import redis
 
-from cloudq.codec import Encoder, get_encoder
+from cloudq.codec import Box, Encoder, get_encoder
 from cloudq.keys import Keys
 from cloudq.state import CloseReason
 from cloudq.wire import BadMessage as BadMedia
@@ -297,7 +297,7 @@ class Streamer:
         pts = max(self.last_pts + 1, int((now - self.t0) * 1000))
         self.last_pts = pts
         t_enc = time.perf_counter()
-        packets = self.encoder.encode(rgb, pts, force_keyframe=keyframe)
+        packets = self.encoder.encode(rgb, pts, force_keyframe=keyframe, changed=self._damage())
         encode_s = time.perf_counter() - t_enc
         params = self.encoder.params
         nbytes = 0
@@ -323,6 +323,24 @@ class Streamer:
             if self.woke_at is not None:
                 self.observer.on_wake_frame(time.monotonic() - self.woke_at)
         self.woke_at = None
+
+    def _damage(self) -> Box | None:
+        """What the frame just rendered changed, as the app tells it (None: all of it). A
+        conventional streamer (``always_encode``) converts every picture in full."""
+        if self.cfg.always_encode:
+            return None
+        damage = getattr(self.app, "damage", None)
+        if damage is None:
+            return None
+        try:
+            box = damage()
+        except Exception as exc:  # a third-party app may raise anything: convert it all
+            self.counters["app_damage_failed"] += 1
+            log.debug("app damage() failed: %s", exc)
+            return None
+        if not (isinstance(box, tuple) and len(box) == 4 and all(isinstance(v, int) for v in box)):
+            return None
+        return box
 
     def sleep(self, freeze: bool = False) -> None:
         """Stop rendering and encoding and free the encoder; the app stays in memory (with

@@ -31,6 +31,13 @@ class App(ABC):
         """Whether the picture changed since the last :meth:`render`."""
         return True
 
+    def damage(self) -> tuple[int, int, int, int] | None:
+        """The rectangle ``(x0, y0, x1, y1)`` (x1, y1 exclusive) outside which the picture the last
+        :meth:`render` returned equals the one the render before returned; an empty one if they
+        are equal; None if the app cannot tell (the default: the node then converts the whole
+        picture for the encoder). A wrong answer shows for at most one keyframe interval."""
+        return None
+
     def load(self, data_dir: Path) -> None:  # noqa: B027 - a stateless app needs no override
         """Restore state from the user's data directory (which may be empty)."""
 

@@ -109,6 +109,7 @@ class X11App(ClipboardMixin, CaptureMixin, InputMixin, ProcessMixin, AudioMixin,
         self._frame: np.ndarray | None = None
         self._box: Box | None = None
         self._full = True
+        self._damaged: Box | None = None  # what the last render grabbed (None: all of it)
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
         self._status: tuple[str, int] | None = None

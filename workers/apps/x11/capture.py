@@ -13,6 +13,8 @@ import numpy as np
 from Xlib import X
 from Xlib import error as xerror
 
+from cloudq.codec import Box, box_union
+
 from .errors import DisplayError, X11Error
 
 logger = logging.getLogger(__package__)  # cloudq.workers.apps.x11, as before the split
@@ -21,13 +23,6 @@ __all__ = ["SETTLE_MAX", "SETTLE_QUIET", "Box", "CaptureMixin"]
 
 SETTLE_QUIET = 0.0005
 SETTLE_MAX = 0.005
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
-
-
-def _union(a: Box | None, b: Box) -> Box:
-    if a is None:
-        return b
-    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
 class CaptureMixin:
@@ -60,7 +55,7 @@ class CaptureMixin:
         t = ev.type & 0x7F
         if t == self._damage_event:
             a = ev.area
-            self._box = _union(self._box, (a.x, a.y, a.x + a.width, a.y + a.height))
+            self._box = box_union(self._box, (a.x, a.y, a.x + a.width, a.y + a.height))
             self.counters["damage_events"] += 1
         elif t == X.CreateNotify:
             if ev.parent == self._root and not ev.override:
@@ -136,6 +131,7 @@ class CaptureMixin:
         """The screen as RGB; only the damaged bounding box is grabbed when a previous frame exists.
 
         Raises :class:`DisplayError` if the X server went away."""
+        self._damaged = None  # unknown until this render has grabbed what changed
         if self._d is None or self._sct is None:
             return np.zeros((self.height, self.width, 3), np.uint8)
         self._drain()
@@ -145,7 +141,8 @@ class CaptureMixin:
             self._frame = np.zeros((self.height, self.width, 3), np.uint8)
             self._full = True
         w, h = min(self.width, self._screen_w), min(self.height, self._screen_h)
-        box = (0, 0, w, h) if self._full else self._box
+        whole = self._full
+        box = (0, 0, w, h) if whole else self._box
         self._box, self._full = None, False
         if box is not None:
             # reset the damage *before* grabbing (and make sure the server has done so: the grab goes
@@ -163,7 +160,15 @@ class CaptureMixin:
                 self.counters["grabs"] += 1
                 if (x1 - x0) * (y1 - y0) < w * h:
                     self.counters["partial_grabs"] += 1
+            if not whole:
+                self._damaged = (x0, y0, x1, y1)
+        else:
+            self._damaged = (0, 0, 0, 0)
         return self._frame.copy()
+
+    def damage(self) -> tuple[int, int, int, int] | None:
+        """What the last :meth:`render` grabbed (the damage it reset), None after a full grab."""
+        return self._damaged
 
     def _settle(self) -> None:
         """Let a redraw in progress finish: wait while damage keeps coming, until the display has
