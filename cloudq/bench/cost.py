@@ -4,12 +4,13 @@ The same population (:mod:`cloudq.bench.population`: U users, same seed, same ha
 in one invocation against M real nodes, each run with its own embedded Valkey, central server,
 worker and nodes:
 
-- **on** (the method): nodes encode only frames that changed (plus keyframes); a node sleeps when
+- **on** (the method): nodes encode only frames that changed (plus keyframes), converting only the
+  rows the app's damage covers; a node sleeps when
   its user gives no input for ``idle_timeout`` or its client's heartbeat lapses; a dropped client
   has a reconnect grace; an idle session closes after ``idle_close`` (saving the user's data) and
   its node goes to the next user in the queue. Human clocks scaled by ``time_scale``.
 - **off** (no method): the same app on nodes started with ``--always-encode`` (every frame tick
-  is encoded, as a conventional streamer does), and clocks that never sleep or close a session:
+  is converted and encoded in full, as a conventional streamer does), and clocks that never sleep or close a session:
   no heartbeat deadline, no idle timeout, no grace, no idle close. A session ends when its user
   logs out.
 
@@ -268,13 +269,13 @@ of the benchmark process running the real client (launcher + kernel: heartbeat, 
 every frame, input pump), for {c["duration"]:g} s per run.
 
 - **method on**: nodes encode only frames that changed (paint changes only under input) plus
-  keyframes; idle nodes sleep after {s["idle_timeout"]:g} s without input or when heartbeats lapse
+  keyframes, and convert to YUV only the rows the app's damage covers; idle nodes sleep after {s["idle_timeout"]:g} s without input or when heartbeats lapse
   (TTL {s["heartbeat_ttl"]:g} s); dropped clients have a {s["grace"]:g} s reconnect grace; a
   session idle for {s["idle_close"]:g} s closes (data saved) and its node goes to the next queued
   user. These are the defaults (30 s, 120 s, 15 min) divided by the time scale {c["time_scale"]:g};
   the heartbeat and the frame rate are not scaled.
-- **method off**: the same app on nodes started with `--always-encode` (every frame tick encoded,
-  like a conventional streamer), and no heartbeat deadline, idle timeout, grace or idle close:
+- **method off**: the same app on nodes started with `--always-encode` (every frame tick converted
+  and encoded in full, like a conventional streamer), and no heartbeat deadline, idle timeout, grace or idle close:
   sessions never sleep and end only when their user logs out.
 
 Habits (simulated time, divided by the time scale): visits of {h["visit"] / 60:g} min on average
@@ -393,7 +394,8 @@ state, one session at most):
 {nodecost.table(st)}
 
 With the method, a node costs almost nothing unless its user gives input — and then it costs
-what a conventional streamer costs: drawing is {d_on:.1f} % with the method and {d_off:.1f} % without,
+less than a conventional streamer only by what converting just the changed rows saves: drawing is
+{d_on:.1f} % with the method and {d_off:.1f} % without,
 while an always-encoding node with an unchanged picture costs {s_off:.1f} %. So at the measured
 activity ({100 * a:.0f} %) the best ratio the method could reach, if sleeping, waking, saving, free
 nodes and the control plane cost nothing at all, is
