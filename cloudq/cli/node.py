@@ -96,7 +96,8 @@ from cloudq.keys import Keys
     "--always-encode",
     envvar="CLOUDQ_ALWAYS_ENCODE",
     is_flag=True,
-    help="Encode every frame tick even when nothing changed (the baseline `bench cost` compares with).",
+    help="Convert and encode every frame tick in full even when nothing changed, as a conventional "
+    "streamer does (the baseline `bench cost` compares with).",
 )
 @click.option(
     "--store",
