@@ -5,6 +5,7 @@ node."""
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -16,6 +17,7 @@ import redis
 from cloudq.client.player import Player, thread_failed
 from cloudq.client.sinks import Sink
 from cloudq.keys import Keys
+from cloudq.media import LOST_FIELD
 from cloudq.settings import Settings
 from cloudq.wire import BadMessage, InputEvent
 
@@ -25,8 +27,15 @@ KEYFRAME_REQUEST_GAP = 0.25
 log = logging.getLogger(__name__)
 
 
+SESSION_FIELDS = ("state", "close_reason", "node", "warning", "token", LOST_FIELD)
+"""The fields of the session's hash a client watches (its state, why it closed, its node, a
+warning, whose login holds it, a lost media server); each heartbeat reads them back."""
+
+
 class Heartbeat(threading.Thread):
-    """Refreshes ``session:{sid}:hb`` every ``heartbeat_interval`` with TTL ``heartbeat_ttl``."""
+    """Refreshes ``session:{sid}:hb`` every ``heartbeat_interval`` with TTL ``heartbeat_ttl``, and
+    in the same round trip reads the session's :data:`SESSION_FIELDS` (:meth:`session`): a client
+    learns of a close, a move or a warning from its heartbeat instead of polling the server."""
 
     def __init__(self, r: redis.Redis, keys: Keys, sid: str, settings: Settings) -> None:
         super().__init__(name=f"heartbeat-{sid}", daemon=True)
@@ -38,10 +47,25 @@ class Heartbeat(threading.Thread):
         self.beats = 0
         self.failures = 0
         self.failure: str | None = None  # why run() stopped on its own
+        self._session: dict[str, str] | None = None
+        self._session_at = -math.inf  # monotonic time of the beat that read it
 
     def beat(self) -> None:
-        self.r.set(self.keys.heartbeat(self.sid), "1", px=int(self.settings.heartbeat_ttl * 1000))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self.keys.heartbeat(self.sid), "1", px=int(self.settings.heartbeat_ttl * 1000))
+        pipe.hmget(self.keys.session(self.sid), SESSION_FIELDS)
+        _, raw = pipe.execute()
+        self._session = dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
+        self._session_at = time.monotonic()
         self.beats += 1
+
+    def session(self) -> dict[str, str] | None:
+        """The session's fields as the last heartbeat read them, if that beat is at most two
+        intervals old (None: no such beat, e.g. the server does not answer or the clock is off:
+        the caller asks the server itself)."""
+        if time.monotonic() - self._session_at > 2 * self.settings.heartbeat_interval:
+            return None
+        return self._session
 
     def run(self) -> None:
         if not (self.settings.heartbeat_ttl and self.settings.heartbeat_interval):

@@ -35,14 +35,13 @@ from typing import Any, NoReturn
 import redis
 
 from cloudq.client.clipboard import Clipboard
-from cloudq.client.kernel import Kernel
+from cloudq.client.kernel import SESSION_FIELDS, Kernel
 from cloudq.client.launcher import ClientError, Launcher, SessionOver, Ticket
 from cloudq.client.script import ScriptEvent, ScriptPlayer
 from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
 from cloudq.client.stats import StatsSink, write_json
 from cloudq.connection import connect
 from cloudq.keys import Keys
-from cloudq.media import LOST_FIELD
 from cloudq.retry import Backoff
 from cloudq.sessionend import close_message, session_end, warning_message
 from cloudq.state import CloseReason
@@ -350,16 +349,13 @@ class ClientSession:
 
     def _check_session(self) -> None:
         assert self.ticket is not None
-        raw = self.launcher.sr.hmget(
-            self.keys.session(self.ticket.sid),
-            "state",
-            "close_reason",
-            "node",
-            "warning",
-            "token",
-            LOST_FIELD,
-        )
-        state, reason, node, warning, token, media_lost = ((v or b"").decode() for v in raw)
+        # the heartbeat reads the session with each beat (one round trip a beat, none more); without
+        # a recent beat (no kernel yet, the clock off, the server silent) ask the server
+        fields = self.kernel.heartbeat.session() if self.kernel is not None else None
+        if fields is None:
+            raw = self.launcher.sr.hmget(self.keys.session(self.ticket.sid), SESSION_FIELDS)
+            fields = dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
+        state, reason, node, warning, token, media_lost = (fields[f] for f in SESSION_FIELDS)
         if bool(media_lost) != self.media_lost:
             self.media_lost = bool(media_lost)
             self.say(

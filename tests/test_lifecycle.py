@@ -310,3 +310,34 @@ def test_with_grace_off_an_abandoned_session_still_closes_when_idle_close_lapses
     assert r.zscore(keys.deadlines, f"grace|{t.sid}") is None  # grace is off
     wait_for(lambda: session_field(r, keys, t.sid) == "closed", 10, what="idle close")
     assert session_field(r, keys, t.sid, "close_reason") == "idle"
+
+
+def test_each_heartbeat_reads_the_session_back_in_the_same_round_trip(tmp_path) -> None:
+    """A client learns its session's state from its heartbeats: one round trip a beat (the server's
+    read events say so), not a beat plus a poll, and a close shows in the next beat's reading."""
+    from cloudq.embedded import EmbeddedServer
+
+    server = EmbeddedServer(data_dir=tmp_path / "redis").start()
+    try:
+        r = redis.Redis.from_url(server.url)
+        keys = Keys("hbtest:")
+        r.hset(keys.session("s1"), mapping={"state": "active", "node": "n1", "token": "h"})
+        hb = Heartbeat(r, keys, "s1", Settings(heartbeat_interval=0.2, heartbeat_ttl=0.8))
+        assert hb.session() is None  # no beat yet: the caller asks the server itself
+        r.ping()  # the connection is made before counting
+        before = r.info("stats")["total_reads_processed"]
+        for _ in range(20):
+            hb.beat()
+        reads = r.info("stats")["total_reads_processed"] - before - 1  # the INFO itself
+        assert reads <= 21, f"{reads} reads for 20 beats"
+        assert r.pttl(keys.heartbeat("s1")) > 0
+        assert hb.session() == {
+            "state": "active", "close_reason": "", "node": "n1", "warning": "", "token": "h", "media_lost": "",
+        }  # fmt: skip
+        r.hset(keys.session("s1"), mapping={"state": "closed", "close_reason": "idle"})
+        hb.beat()
+        assert (hb.session() or {}).get("close_reason") == "idle"
+        time.sleep(0.5)  # two intervals without a beat: too old to stand for the server
+        assert hb.session() is None
+    finally:
+        server.stop()

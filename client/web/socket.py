@@ -56,6 +56,7 @@ CLOSE_SESSION = 4001
 CLOSE_UNAUTHORIZED = 4401
 
 WATCH_EVERY = 0.2
+"""How often (s) a socket reads its session's state when the heartbeat clock is off (else with each beat)."""
 
 
 def pack_video(vp: VideoPacket, width: int, height: int) -> bytes:
@@ -304,7 +305,6 @@ class Socket:
                 asyncio.ensure_future(c)
                 for c in (
                     self.heartbeat_loop(),
-                    self.watch_loop(),
                     self.on_media(self.video_loop),
                     self.on_media(lambda: audio_loop(self)),
                     self.on_media(lambda: clip_loop(self)),
@@ -398,39 +398,37 @@ class Socket:
             await self.sr.set(self.keys.activity(self.sid), "1", px=int(idle * 1000))
 
     async def heartbeat_loop(self) -> None:
+        """Beat the session's heartbeat and, in the same round trip, read the session's state
+        (:meth:`watch`); with the heartbeat clock off, only read it every :data:`WATCH_EVERY` s."""
         s = self.settings
-        if not (s.heartbeat_ttl and s.heartbeat_interval):
-            await asyncio.Event().wait()  # the heartbeat clock is off: nothing to do
         assert self.sr is not None
+        beating = bool(s.heartbeat_ttl and s.heartbeat_interval)
         while True:
-            await self.sr.set(self.keys.heartbeat(self.sid), "1", px=int(s.heartbeat_ttl * 1000))
-            self.gw.counters["heartbeats"] += 1
-            await asyncio.sleep(s.heartbeat_interval)
+            pipe = self.sr.pipeline(transaction=False)
+            if beating:
+                pipe.set(self.keys.heartbeat(self.sid), "1", px=int(s.heartbeat_ttl * 1000))
+            pipe.hmget(self.keys.session(self.sid), "state", "close_reason", "node", "warning", "token")
+            *beat, raw = await pipe.execute()
+            if beat:
+                self.gw.counters["heartbeats"] += 1
+            await self.watch([(v or b"").decode() for v in raw])
+            await asyncio.sleep(s.heartbeat_interval if beating else WATCH_EVERY)
 
-    async def watch_loop(self) -> None:
+    async def watch(self, fields: list[str]) -> None:
         """Tell the page the session's state, node and warnings; end the socket when it closes."""
-        assert self.sr is not None
-        th = hash_token(self.token)
-        while True:
-            raw = await self.sr.hmget(
-                self.keys.session(self.sid), "state", "close_reason", "node", "warning", "token"
-            )
-            state, reason, node, warning, token = ((v or b"").decode() for v in raw)
-            ended = session_end(state, reason, token, th)
-            if ended:
-                await self.end_session(ended)
-                raise _Closed
-            now = {"state": state, "node": node}
-            if now != {k: self.state.get(k) for k in now}:
-                await _send_json(self.ws, {"t": "state", **now})
-                if self.state.get("node") and node and node != self.state.get("node"):
-                    await self.request_keyframe()  # moved to another node: resume from a keyframe
-            if warning and warning != self.state.get("warning"):
-                await _send_json(
-                    self.ws, {"t": "warning", "warning": warning, "text": warning_message(warning)}
-                )
-            self.state = {**now, "warning": warning}
-            await asyncio.sleep(WATCH_EVERY)
+        state, reason, node, warning, token = fields
+        ended = session_end(state, reason, token, hash_token(self.token))
+        if ended:
+            await self.end_session(ended)
+            raise _Closed
+        now = {"state": state, "node": node}
+        if now != {k: self.state.get(k) for k in now}:
+            await _send_json(self.ws, {"t": "state", **now})
+            if self.state.get("node") and node and node != self.state.get("node"):
+                await self.request_keyframe()  # moved to another node: resume from a keyframe
+        if warning and warning != self.state.get("warning"):
+            await _send_json(self.ws, {"t": "warning", "warning": warning, "text": warning_message(warning)})
+        self.state = {**now, "warning": warning}
 
     async def scan(self, after: bytes = b"0-0") -> KeyframeScan:
         """Look for the newest keyframe entry newer than ``after`` (back from the stream's end)."""

@@ -296,10 +296,16 @@ class SimUser(threading.Thread):
         """The server's close reason if our session was closed, else ''."""
         if self.ticket is None:
             return "none"
-        state, reason = (
-            (v or b"").decode()
-            for v in self.r.hmget(self.keys.session(self.ticket.sid), "state", "close_reason")
-        )
+        # as the real client does (client/session.py): what the kernel's heartbeat last read, else
+        # the server itself
+        fields = self.kernel.heartbeat.session() if self.kernel is not None else None
+        if fields is not None:
+            state, reason = fields["state"], fields["close_reason"]
+        else:
+            state, reason = (
+                (v or b"").decode()
+                for v in self.r.hmget(self.keys.session(self.ticket.sid), "state", "close_reason")
+            )
         if not state or state == "closed":
             return reason or "closed"
         return reason
