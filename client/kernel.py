@@ -48,22 +48,25 @@ class Heartbeat(threading.Thread):
         self.failures = 0
         self.failure: str | None = None  # why run() stopped on its own
         self._session: dict[str, str] | None = None
-        self._session_at = -math.inf  # monotonic time of the beat that read it
+        self._session_at = -math.inf  # monotonic time the beat that read it went out
 
     def beat(self) -> None:
+        sent = time.monotonic()
         pipe = self.r.pipeline(transaction=False)
         pipe.set(self.keys.heartbeat(self.sid), "1", px=int(self.settings.heartbeat_ttl * 1000))
         pipe.hmget(self.keys.session(self.sid), SESSION_FIELDS)
         _, raw = pipe.execute()
         self._session = dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
-        self._session_at = time.monotonic()
+        self._session_at = sent
         self.beats += 1
 
-    def session(self) -> dict[str, str] | None:
-        """The session's fields as the last heartbeat read them, if that beat is at most two
-        intervals old (None: no such beat, e.g. the server does not answer or the clock is off:
-        the caller asks the server itself)."""
-        if time.monotonic() - self._session_at > 2 * self.settings.heartbeat_interval:
+    def session(self, since: float = -math.inf) -> dict[str, str] | None:
+        """The session's fields as the last heartbeat read them, if that beat went out at most two
+        intervals ago and not before ``since`` (monotonic: e.g. when the caller logged in again,
+        which changes the session's token) — else None: no such beat (the server does not
+        answer, the clock is off), and the caller asks the server itself."""
+        at = self._session_at
+        if at < since or time.monotonic() - at > 2 * self.settings.heartbeat_interval:
             return None
         return self._session
 

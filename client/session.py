@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -322,6 +323,7 @@ class ClientSession:
         end = self.t0 + self.opt.duration if self.opt.duration else None
         next_stats = 0.0
         self._stream_bad_since: float | None = None
+        self._resumed_at = -math.inf  # when the client last logged in again (see _check_session)
         self._stream_mark = (0, 0)
         while not self.stop.is_set():
             now = time.monotonic()
@@ -351,7 +353,7 @@ class ClientSession:
         assert self.ticket is not None
         # the heartbeat reads the session with each beat (one round trip a beat, none more); without
         # a recent beat (no kernel yet, the clock off, the server silent) ask the server
-        fields = self.kernel.heartbeat.session() if self.kernel is not None else None
+        fields = self.kernel.heartbeat.session(self._resumed_at) if self.kernel is not None else None
         if fields is None:
             raw = self.launcher.sr.hmget(self.keys.session(self.ticket.sid), SESSION_FIELDS)
             fields = dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
@@ -449,6 +451,8 @@ class ClientSession:
                 continue
             break
         self.ticket = ticket
+        # a beat sent before the resume read the old token: it would say another login took over
+        self._resumed_at = time.monotonic()
         down = time.monotonic() - lost_at
         self.reconnects.append(
             {
