@@ -32,6 +32,11 @@ SESSION_FIELDS = ("state", "close_reason", "node", "warning", "token", LOST_FIEL
 warning, whose login holds it, a lost media server); each heartbeat reads them back."""
 
 
+def session_fields(raw: list[bytes | None]) -> dict[str, str]:
+    """An ``HMGET`` reply of :data:`SESSION_FIELDS`, as text ('' for a missing field)."""
+    return dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
+
+
 class Heartbeat(threading.Thread):
     """Refreshes ``session:{sid}:hb`` every ``heartbeat_interval`` with TTL ``heartbeat_ttl``, and
     in the same round trip reads the session's :data:`SESSION_FIELDS` (:meth:`session`): a client
@@ -56,7 +61,7 @@ class Heartbeat(threading.Thread):
         pipe.set(self.keys.heartbeat(self.sid), "1", px=int(self.settings.heartbeat_ttl * 1000))
         pipe.hmget(self.keys.session(self.sid), SESSION_FIELDS)
         _, raw = pipe.execute()
-        self._session = dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
+        self._session = session_fields(raw)
         self._session_at = sent
         self.beats += 1
 

@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import redis
 
 from cloudq.client.clipboard import Clipboard
-from cloudq.client.kernel import SESSION_FIELDS, Kernel
+from cloudq.client.kernel import SESSION_FIELDS, Kernel, session_fields
 from cloudq.client.launcher import ClientError, Launcher, SessionOver, Ticket
 from cloudq.client.script import ScriptEvent, ScriptPlayer
 from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
@@ -356,7 +356,7 @@ class ClientSession:
         fields = self.kernel.heartbeat.session(self._resumed_at) if self.kernel is not None else None
         if fields is None:
             raw = self.launcher.sr.hmget(self.keys.session(self.ticket.sid), SESSION_FIELDS)
-            fields = dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
+            fields = session_fields(raw)
         state, reason, node, warning, token, media_lost = (fields[f] for f in SESSION_FIELDS)
         if bool(media_lost) != self.media_lost:
             self.media_lost = bool(media_lost)
