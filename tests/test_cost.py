@@ -72,7 +72,7 @@ def test_population_runs_both_modes_and_accounts_for_every_process(tmp_path) -> 
     habits = Habits(
         idle_gap=60, p_break=0.2, long_break=(120, 240), p_drop=0.2, visit=120, min_visit=60, away=90
     )
-    cfg = PopulationConfig(users=4, nodes=2, duration=10, time_scale=60, seed=3, habits=habits)
+    cfg = PopulationConfig(users=4, nodes=2, duration=7, time_scale=60, seed=3, habits=habits)
     runs = {m.name: run_population(cfg, m, log_dir=str(tmp_path / m.name)) for m in (Mode.on(60), Mode.off())}
     for name, x in runs.items():
         json.dumps(x)  # a report is plain data
@@ -125,7 +125,7 @@ def test_bench_cost_refuses_bad_options_with_a_clear_message(procs: Procs) -> No
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_node_states_show_what_the_method_saves_and_where_it_cannot() -> None:
-    x = nodecost.measure(PopulationConfig(), seconds=2.0)
+    x = nodecost.measure(PopulationConfig(), seconds=1.0)
     assert list(x["on"]) == ["free", "awake idle", "drawing", "asleep"]
     assert list(x["off"]) == ["free", "awake idle", "drawing"]
     on, off = x["on"], x["off"]

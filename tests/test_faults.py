@@ -27,8 +27,8 @@ from cloudq.workers.store import DirectoryStore
 
 SEED = 9
 USERS = 10
-STAGGER = 5.0  # a user starts every STAGGER seconds ...
-DURATION = 11.0  # ... and stays this long: about two at a time on three nodes
+STAGGER = 3.5  # a user starts every STAGGER seconds ...
+DURATION = 8.0  # ... and stays this long: about two at a time on three nodes
 CLOCKS = {
     **FAST,
     "heartbeat_interval": 0.3,
@@ -98,7 +98,7 @@ def test_faults_together_lose_nothing_and_leave_nothing_stuck(keys: Keys, tmp_pa
         # the faults, in a seeded order, one every few seconds while users come and go
         faults = ["node", "worker", "central", "client", "client", "pause", "restart"]
         rnd.shuffle(faults)
-        fault_at = {k: 6.0 + 5.5 * k for k in range(len(faults))}
+        fault_at = {k: 5.0 + 4.5 * k for k in range(len(faults))}
         killed_clients: set[int] = set()
         node_deaths: list[tuple[float, str]] = []
         schedule = sorted(

@@ -35,6 +35,9 @@ from cloudq.client.sinks import CallbackSink
 from cloudq.procstat import children_map, tree_cpu
 
 STATE_TIMEOUT = 30.0
+IDLE_MARGIN = 1.5
+"""With the method on, the idle clock is this much longer than the longer of ``SETTLE`` and a
+state's window: the node stays awake through each, and sleeps this soon after the drawing."""
 
 
 def _wait(cond: Callable[[], bool], what: str, timeout: float = STATE_TIMEOUT) -> None:
@@ -48,10 +51,10 @@ def _wait(cond: Callable[[], bool], what: str, timeout: float = STATE_TIMEOUT) -
 def measure_mode(cfg: PopulationConfig, on: bool, seconds: float = 5.0) -> dict[str, dict[str, float]]:
     """CPU (% of one core) of every server role in each state of one node, for one mode."""
     base = PopulationMode.on(cfg.time_scale) if on else PopulationMode.off()
-    # on: the idle clock outlasts the awake-idle window, then puts the node to sleep; nothing closes
-    settings = (
-        replace(base.settings, idle_timeout=SETTLE + seconds + 2.0, idle_close=0.0) if on else base.settings
-    )
+    # on: the idle clock outlasts the settling and the awake-idle window (activity is marked at the
+    # start of each), then puts the node to sleep soon after the drawing stops; nothing closes
+    idle = max(SETTLE, seconds) + IDLE_MARGIN
+    settings = replace(base.settings, idle_timeout=idle, idle_close=0.0) if on else base.settings
     mode = PopulationMode(base.name, settings, base.always_encode)
     rig = Rig(replace(cfg, users=1, nodes=1), mode)
     out: dict[str, dict[str, float]] = {}
@@ -88,6 +91,7 @@ def measure_mode(cfg: PopulationConfig, on: bool, seconds: float = 5.0) -> dict[
         try:
             _wait(lambda: frames[0] > 0, "the first frame")
             time.sleep(SETTLE)  # a program's start is the login's cost (bench events), not idling
+            launcher.mark_activity(ticket.sid)  # the idle clock runs from here, not from the login
             hold("awake idle")
             pen = random.Random(f"{cfg.seed}:calibration")
             hold(
