@@ -77,7 +77,10 @@ def test_population_runs_both_modes_and_accounts_for_every_process(tmp_path) -> 
     for name, x in runs.items():
         json.dumps(x)  # a report is plain data
         assert not x["errors"], (name, x["errors"])
-        assert set(x["cpu_s"]) == {"valkey", "central", "worker", "node:n1", "node:n2", "clients"}
+        # the sessions' streams on a media server apart from the control server (the deployment's layout)
+        assert set(x["cpu_s"]) == {"valkey", "media:m1", "central", "worker", "node:n1", "node:n2", "clients"}
+        assert set(x["cpu_by_role"]) == {"valkey", "media", "central", "worker", "node", "clients"}
+        assert x["cpu_s"]["media:m1"] > 0, "frames and input went through the media server"
         assert all(v >= 0 for v in x["cpu_s"].values())
         assert x["cpu_s"]["node:n1"] > 0 and x["cpu_s"]["node:n2"] > 0 and x["cpu_s"]["clients"] > 0
         assert x["server_cpu_s"] == pytest.approx(sum(v for k, v in x["cpu_s"].items() if k != "clients"))
@@ -116,6 +119,7 @@ def test_bench_cost_refuses_bad_options_with_a_clear_message(procs: Procs) -> No
         "--time-scale",
         "--state-seconds",
         "--size",
+        "--media-servers",
         "--json",
         "--write",
     ):
@@ -131,7 +135,8 @@ def test_node_states_show_what_the_method_saves_and_where_it_cannot() -> None:
     on, off = x["on"], x["off"]
     for states in (on, off):
         for cpu in states.values():
-            assert set(cpu) == {"valkey", "central", "worker", "node"} and all(v >= 0 for v in cpu.values())
+            assert set(cpu) == {"valkey", "media", "central", "worker", "node"}
+            assert all(v >= 0 for v in cpu.values())
     # paint idle encodes nothing; an always-encoding node encodes 30 frames a second of it
     assert off["awake idle"]["node"] > 2 * on["awake idle"]["node"]
     # asleep, the node only refreshes its liveness; drawing, it renders and encodes

@@ -328,6 +328,14 @@ def _activities(value: str) -> list[float]:
     callback=parse_wxh,
     help="WxH of every node's picture (the default is a node's own).",
 )
+@click.option(
+    "--media-servers",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Media servers for the sessions' streams, apart from the control server, as the "
+    "documented deployment runs them (0 = one server holds both; its CPU then counts as control plane).",
+)
 @json_option
 @write_option
 def bench_cost(
@@ -341,6 +349,7 @@ def bench_cost(
     event_repeats: int,
     app: str,
     size: tuple[int, int],
+    media_servers: int,
     as_json: bool,
     write_path: str | None,
 ) -> None:
@@ -360,7 +369,9 @@ def bench_cost(
             raise click.UsageError("--write draws a plot: pip install 'cloudq[bench]' (matplotlib)") from None
     result, *others = (
         cost.run(
-            cost.config(users, nodes, duration, a, seed, time_scale, app, size), state_seconds, event_repeats
+            cost.config(users, nodes, duration, a, seed, time_scale, app, size, media_servers),
+            state_seconds,
+            event_repeats,
         )
         for a in activity
     )

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudq.bench import events, nodecost, projection
-from cloudq.bench.population import Habits, Mode, PopulationConfig, run_population
+from cloudq.bench.population import CONTROL, ROLES, Habits, Mode, PopulationConfig, run_population
 from cloudq.bench.report import machine, write_section
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ def run(cfg: PopulationConfig, state_seconds: float = 15.0, event_repeats: int =
         "users_per_node": on["users_per_node"],
         "queue_wait_p95_s": on["queue_wait_s"]["p95"],
         "control_plane_share": _control_share(on),
+        "media_share": _control_share(on, ("media",)),
+        "valkey_central_worker_share": _control_share(on, (*CONTROL, "media")),
         "client_cpu_ratio": (
             off["client_cpu_per_user_hour"] / on["client_cpu_per_user_hour"]
             if on["client_cpu_per_user_hour"]
@@ -109,10 +111,10 @@ def events_table(ev: dict[str, Any]) -> str:
 
     lines = [
         "| session event (one at a time) | control plane CPU (Valkey + central + worker), median "
-        "| valkey | central | worker | node (not control plane) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| valkey | central | worker | media server (not control plane) | node (not control plane) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *(f"| {e} | {ms:.1f} ms | {split(e)} |" for e, ms in ev["ms"].items()),
-        f"| idle, no session (per second) | {ev['idle_ms_per_s']:.1f} ms | — | — | — | — |",
+        f"| idle, no session (per second) | {ev['idle_ms_per_s']:.1f} ms | — | — | — | — | — |",
     ]
     return "\n".join(lines)
 
@@ -129,19 +131,25 @@ def table(x: dict[str, Any]) -> str:
         r = _f(b / a, ".2f") + "x" if ratio and a else ""
         return f"| {name} | {_f(a, fmt)} | {_f(b, fmt)} | {r} |"
 
-    roles = ("valkey", "central", "worker", "node")
+    label = {
+        "valkey": "Valkey (the control server)",
+        "worker": "worker (work horses included)",
+        "media": "media servers (the sessions' streams; not control plane)",
+    }
     lines = [
         "| per run (same users, same seed) | method on | method off | off / on |",
         "|---|---:|---:|---:|",
         row("**server CPU-seconds per user-hour**", lambda m: m["server_cpu_per_user_hour"], ratio=True),
         *[
             row(
-                f"… of which {role}{' (work horses included)' if role == 'worker' else ''}",
-                lambda m, role=role: m["cpu_by_role"][role] / m["user_hours"] if m["user_hours"] else math.nan,
+                f"… of which {label.get(role, role)}",
+                lambda m, role=role: m["cpu_by_role"].get(role, 0.0) / m["user_hours"] if m["user_hours"] else math.nan,
                 ratio=True,
             )
-            for role in roles
+            for role in ROLES
         ],
+        row("control plane (Valkey + central + worker), % of server CPU",
+            lambda m: 100 * _control_share(m), ".1f"),
         row("client CPU-seconds per user-hour (all simulated clients, one process)",
             lambda m: m["client_cpu_per_user_hour"], ratio=True),
         row("server CPU seconds in the window", lambda m: m["server_cpu_s"]),
@@ -174,12 +182,12 @@ def plot(x: dict[str, Any], path: str | Path) -> Path:
     fig = plt.figure(figsize=(10, 6.5), dpi=100)
     grid = fig.add_gridspec(2, 2, width_ratios=[1, 2.2])
     ax = fig.add_subplot(grid[:, 0])
-    roles = ("node", "valkey", "worker", "central")
-    colours = ("#d62728", "#2ca02c", "#9467bd", "#8c564b")
+    roles = ("node", "media", "valkey", "worker", "central")
+    colours = ("#d62728", "#ff9896", "#2ca02c", "#9467bd", "#8c564b")
     for i, m in enumerate((on, off)):
         bottom = 0.0
         for role, c in zip(roles, colours, strict=True):
-            v = m["cpu_by_role"][role] / m["user_hours"] if m["user_hours"] else 0.0
+            v = m["cpu_by_role"].get(role, 0.0) / m["user_hours"] if m["user_hours"] else 0.0
             ax.bar(i, v, bottom=bottom, color=c, label=role if i == 0 else None)
             bottom += v
         ax.text(i, bottom, f"{bottom:.0f}", ha="center", va="bottom")
@@ -241,9 +249,10 @@ def _role_ratio(x: dict[str, Any], role: str) -> float:
     return (off["cpu_by_role"][role] / off["user_hours"]) / (on["cpu_by_role"][role] / on["user_hours"])
 
 
-def _control_share(m: dict[str, Any]) -> float:
+def _control_share(m: dict[str, Any], roles: tuple[str, ...] = CONTROL) -> float:
+    """The share of the server's CPU that ``roles`` took (default: the control plane)."""
     r = m["cpu_by_role"]
-    return (r["valkey"] + r["central"] + r["worker"]) / m["server_cpu_s"] if m["server_cpu_s"] else math.nan
+    return sum(r.get(k, 0.0) for k in roles) / m["server_cpu_s"] if m["server_cpu_s"] else math.nan
 
 
 def write_markdown(
@@ -262,7 +271,22 @@ def write_markdown(
     node_ratio = _role_ratio(x, "node")
     fixed = _control_share
 
-    body = f"""The same simulated population runs twice against real processes (embedded Valkey,
+    media = c.get("media_servers", 0)
+    layout = (
+        f"an embedded Valkey as the control server and {media} more as media server"
+        f"{'s' if media > 1 else ''} (the sessions' video and input streams, as the documented "
+        "deployment places them: [Media servers](README.md#media-servers))"
+        if media
+        else "one embedded Valkey holding the control plane and the sessions' streams"
+    )
+    split = (
+        f"; the media server{'s' if media > 1 else ''}' CPU (frames and input in flight) is not control plane: "
+        f"{100 * x.get('media_share', math.nan):.1f} % of server CPU with the method, so Valkey + central + "
+        f"worker + media servers come to {100 * x.get('valkey_central_worker_share', math.nan):.1f} %"
+        if media
+        else ""
+    )
+    body = f"""The same simulated population runs twice against real processes ({layout},
 central server, RQ worker, {c["nodes"]} `cloudq node` processes with `{c["app"]}` at
 {c["size"][0]}x{c["size"][1]}, {c["fps"]:g} fps): {c["users"]} users, seed {c["seed"]}, each a thread
 of the benchmark process running the real client (launcher + kernel: heartbeat, player decoding
@@ -297,8 +321,8 @@ waited so far).
 (target ≥ {x["targets"]["cpu_ratio_min"]:g}: {"met" if t["cpu_ratio"] else "NOT met"}), **{_f(x["users_per_node"], ".2f")}** users
 served per node (target ≥ 2.5: {"met" if t["users_per_node"] else "NOT met"}), queue wait p95
 **{_f(x["queue_wait_p95_s"], ".2f")} s** (target ≤ 10 s: {"met" if t["queue_wait_p95"] else "NOT met"}, in the run's seconds; see below),
-control plane (Valkey + central + worker) **{100 * x["control_plane_share"]:.0f} %** of server CPU
-(target ≤ 15 %: {"met" if t["control_plane_share"] else "NOT met"}).
+control plane (Valkey + central + worker) **{100 * x["control_plane_share"]:.1f} %** of server CPU
+(target ≤ 15 %: {"met" if t["control_plane_share"] else "NOT met"}){split}.
 
 Where the CPU goes: the nodes alone use {_f(node_ratio, ".2f")}x less with the method (active
 {100 * on["node_state_share"].get("active", 0.0):.0f} % and asleep {100 * on["sleep_share"]:.0f} % of node-time, against
@@ -320,7 +344,7 @@ more often per real hour than with real people, while encoding costs the same pe
 Machine: {x["machine"]}; shared with other work, so compare the ratio, not the absolute seconds.
 Rerun: `pip install '.[bench]' && cloudq bench cost --activity {",".join(_act(m) for m in [x, *(others or [])])}{_app_opt(x)} --write BENCHMARKS.md`
 (the first activity is the headline and the plot; options: `--users`, `--nodes`, `--duration`,
-`--activity`, `--seed`, `--time-scale`, `--state-seconds`, `--size`, `--json`)."""
+`--activity`, `--seed`, `--time-scale`, `--state-seconds`, `--size`, `--media-servers`, `--json`)."""
     app = x["on"]["config"]["app"]
     title = SECTION if app == "paint" else f"{SECTION}, with `{app}`"
     write_section(title + ("" if _default_size(x) else " at {}x{}".format(*_size(x))), body, path)
@@ -338,7 +362,12 @@ def _default_size(x: dict[str, Any]) -> bool:
 def _app_opt(x: dict[str, Any]) -> str:
     app = x["on"]["config"]["app"]
     size = "" if _default_size(x) else " --size {}x{}".format(*_size(x))
-    return ("" if app == "paint" else f" --app '{app}'") + size
+    media = x["on"]["config"].get("media_servers", 0)  # a result from before the option: one server
+    return (
+        ("" if app == "paint" else f" --app '{app}'")
+        + size
+        + ("" if media == 1 else f" --media-servers {media}")
+    )
 
 
 def _plot(x: dict[str, Any]) -> str:
@@ -434,6 +463,7 @@ def config(
     time_scale: float,
     app: str = "paint",
     size: tuple[int, int] = DEFAULT_SIZE,
+    media_servers: int = 1,
 ) -> PopulationConfig:
     """The population of one invocation; an ``x11:`` app runs with ``--freeze`` (method on)."""
     return PopulationConfig(
@@ -445,5 +475,6 @@ def config(
         app=app,
         size=size,
         freeze=app.startswith("x11:"),
+        media_servers=media_servers,
         habits=Habits(activity=activity),
     )

@@ -31,19 +31,18 @@ from typing import Any
 
 from rq.registry import StartedJobRegistry
 
-from cloudq.bench.population import PASSWORD, PopulationConfig, Rig, strokes
+from cloudq.bench.population import CONTROL, PASSWORD, PopulationConfig, Rig, strokes
 from cloudq.bench.population import Mode as PopulationMode
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import CallbackSink
 from cloudq.jobs import queue_for
 from cloudq.percentile import percentile
-from cloudq.procstat import children_map, tree_cpu
 
-CONTROL = ("valkey", "central", "worker")
-ROLES = (*CONTROL, "node")
-"""The node's CPU per event is measured too (a login starts the app, a close saves its state); it is
-not control plane, and the projection counts it apart."""
+ROLES = (*CONTROL, "media", "node")
+"""The node's and the media servers' CPU per event are measured too (a login starts the app, a
+close saves its state, both send frames); they are not control plane, and the projection counts
+the node's apart."""
 EVENTS = ("login", "sleep (saved)", "sleep (unchanged)", "wake", "close")
 IDLE_TIMEOUT = 1.5
 SETTLE = 2.0
@@ -114,9 +113,7 @@ def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
     by_role: dict[str, dict[str, list[float]]] = {e: {r: [] for r in ROLES} for e in EVENTS}
 
     def cpu() -> dict[str, float]:
-        kids = children_map()
-        roles = rig.roles()
-        return {r: tree_cpu(roles["node:n1" if r == "node" else r], kids) for r in ROLES}
+        return rig.cpu_by_role()
 
     try:
         c0, t0 = cpu(), time.monotonic()
@@ -147,7 +144,7 @@ def measure(cfg: PopulationConfig, repeats: int = 6) -> dict[str, Any]:
                 state["kernel"] = Kernel(
                     rig.r, rig.keys, t.sid, launcher.settings,
                     [CallbackSink(lambda *_: frames.__setitem__(0, frames[0] + 1))],
-                    on_input=lambda: launcher.mark_activity(t.sid),
+                    on_input=lambda: launcher.mark_activity(t.sid), media=launcher.media(t.sid),
                 ).start()  # fmt: skip
                 _wait(lambda: frames[0] > 0, "the first frame")
                 time.sleep(SETTLE)  # the program's start goes on after its first picture

@@ -32,7 +32,6 @@ from cloudq.bench.population import Mode as PopulationMode
 from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import Launcher
 from cloudq.client.sinks import CallbackSink
-from cloudq.procstat import children_map, tree_cpu
 
 STATE_TIMEOUT = 30.0
 IDLE_MARGIN = 1.5
@@ -60,8 +59,7 @@ def measure_mode(cfg: PopulationConfig, on: bool, seconds: float = 5.0) -> dict[
     out: dict[str, dict[str, float]] = {}
 
     def hold(state: str, action: Callable[[threading.Event], None] | None = None) -> None:
-        kids = children_map()
-        c0 = {role: tree_cpu(pid, kids) for role, pid in rig.roles().items()}
+        c0 = rig.cpu_by_role()
         t0, stop = time.monotonic(), threading.Event()
         th = threading.Thread(target=action, args=(stop,), daemon=True) if action else None
         if th:
@@ -71,9 +69,8 @@ def measure_mode(cfg: PopulationConfig, on: bool, seconds: float = 5.0) -> dict[
         if th:
             th.join(5)
         dt = time.monotonic() - t0
-        kids = children_map()
-        c1 = {role: tree_cpu(pid, kids) for role, pid in rig.roles().items()}
-        out[state] = {role.split(":")[0]: 100 * (c1[role] - c0[role]) / dt for role in c0}
+        c1 = rig.cpu_by_role()
+        out[state] = {role: 100 * (c1[role] - c0[role]) / dt for role in c0}
 
     try:
         hold("free")
@@ -87,6 +84,7 @@ def measure_mode(cfg: PopulationConfig, on: bool, seconds: float = 5.0) -> dict[
             launcher.settings,
             [CallbackSink(lambda *_: frames.__setitem__(0, frames[0] + 1))],
             on_input=lambda: launcher.mark_activity(ticket.sid),
+            media=launcher.media(ticket.sid),
         ).start()
         try:
             _wait(lambda: frames[0] > 0, "the first frame")
@@ -138,7 +136,7 @@ def break_even(x: dict[str, Any], ratio: float) -> float:
 
 
 def table(x: dict[str, Any]) -> str:
-    roles = ("node", "valkey", "central", "worker")
+    roles = ("node", "media", "valkey", "central", "worker")
     lines = [
         "| one node's state (held " + f"{x['seconds']:g} s) | " + " | ".join(roles) + " |",
         "|---|" + "---:|" * len(roles),

@@ -62,6 +62,11 @@ PASSWORD = "population-pw"
 STARTUP_TIMEOUT = 60.0
 FIRST_FRAME_TIMEOUT = 15.0
 POLL = 0.25
+ROLES = ("valkey", "media", "central", "worker", "node")
+"""The server's roles: ``valkey`` is the control server (sessions, nodes, queue, heartbeats, RQ),
+``media`` the media servers (the sessions' streams; none with ``media_servers=0``)."""
+CONTROL = ("valkey", "central", "worker")
+"""The control plane's roles."""
 """How often an idle client looks at its session's state (as ``ClientSession`` does)."""
 
 
@@ -152,6 +157,9 @@ class PopulationConfig:
     app: str = "paint"
     freeze: bool = False
     """Method on: nodes run with ``--freeze`` (an ``x11:`` program is stopped while asleep)."""
+    media_servers: int = 1
+    """Media servers (:mod:`cloudq.media`): the sessions' streams (video, input) live on these, the
+    control plane on its own server, as the documented deployment runs them; 0: one server holds both."""
     habits: Habits = field(default_factory=Habits)
     user_habits: dict[str, Habits] = field(default_factory=dict)
     """Habits of particular users (``u1``, ``u2``...), e.g. the demo's scripted three; others get ``habits``."""
@@ -174,6 +182,8 @@ class PopulationConfig:
             raise ValueError("users and nodes must be at least 1")
         if self.duration <= 0 or self.time_scale <= 0:
             raise ValueError("duration and time_scale must be positive")
+        if self.media_servers < 0:
+            raise ValueError("media_servers must be at least 0")
 
 
 def strokes(
@@ -285,6 +295,7 @@ class SimUser(threading.Thread):
             self.launcher.settings,
             [CallbackSink(self._on_frame), *(self.cfg.sinks(self.rec.name) if self.cfg.sinks else [])],
             on_input=lambda: self.launcher.mark_activity(sid),
+            media=self.launcher.media(sid),
         ).start()
 
     def _stop_kernel(self) -> None:
@@ -450,7 +461,10 @@ class Rig:
         self.keys = Keys(PREFIX)
         self.tmp = tempfile.mkdtemp(prefix=f"cloudq-population-{mode.name}-")
         self.server = EmbeddedServer().start()
+        self.media: list[EmbeddedServer] = []
         try:
+            for _ in range(cfg.media_servers):
+                self.media.append(EmbeddedServer().start())
             self.r = redis.Redis.from_url(self.server.url)
             self.group = ProcessGroup(
                 self.server.url,
@@ -463,7 +477,8 @@ class Rig:
             )
             mode.settings.publish(self.r, self.keys)
             clocks = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(mode.settings).items()]
-            self.central = self.group.start("central", *clocks)
+            media = [a for m in self.media for a in ("--media-url", m.url)]
+            self.central = self.group.start("central", *clocks, *media)
             self.worker = self.group.start("worker", "--host", "bench")
             w, h = cfg.size
             extra = ["--always-encode"] if mode.always_encode else (["--freeze"] if cfg.freeze else [])
@@ -493,7 +508,11 @@ class Rig:
             time.sleep(0.05)
 
     def roles(self) -> dict[str, int]:
+        """Each server process's pid: ``valkey`` (the control server), ``media:m1``..., ``central``,
+        ``worker``, ``node:n1``..."""
         pids = {"valkey": self.server.proc.pid if self.server.proc else 0}
+        for i, m in enumerate(self.media):
+            pids[f"media:m{i + 1}"] = m.proc.pid if m.proc else 0
         pids["central"] = self.central.pid
         pids["worker"] = self.worker.pid
         for n, p in self.nodes.items():
@@ -506,6 +525,10 @@ class Rig:
         out["clients"] = cpu_seconds([os.getpid()])
         return out
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU-seconds so far of each role, its processes summed (:data:`ROLES`)."""
+        return _by_role({k: v for k, v in self.cpu().items() if k != "clients"}, ROLES)
+
     def server_time(self) -> float:
         sec, usec = self.r.time()
         return sec + usec / 1e6
@@ -514,6 +537,8 @@ class Rig:
         with contextlib.suppress(Exception):
             self.group.stop_all()
         self.server.stop()
+        for m in self.media:
+            m.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -644,8 +669,8 @@ def run_population(
     }
 
 
-def _by_role(cpu: dict[str, float]) -> dict[str, float]:
+def _by_role(cpu: dict[str, float], roles: tuple[str, ...] = (*ROLES, "clients")) -> dict[str, float]:
     out: Counter[str] = Counter()
     for k, v in cpu.items():
-        out[k.split(":")[0] if k.startswith("node:") else k] += v
-    return {k: out[k] for k in ("valkey", "central", "worker", "node", "clients")}
+        out[k.split(":")[0]] += v
+    return {k: out[k] for k in roles}
