@@ -23,6 +23,10 @@ from cloudq.wire import BadMessage, InputEvent
 
 INPUT_MAXLEN = 1000
 KEYFRAME_REQUEST_GAP = 0.25
+INPUT_RETRY_AFTER = 0.5
+"""After Redis failed or refused an input event, the pump drops what comes for this many seconds
+without trying (counted), then tries again; 0 = try every event. A closed session's Redis user is
+gone: without the pause each mouse move (30 a second) was a new connection and a refused AUTH."""
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +146,24 @@ class InputSender:
 
 class InputPump(threading.Thread):
     """Sends user input from a queue on its own thread, so a window or a script never blocks on
-    Redis; while Redis is unreachable events are dropped (counted), not replayed late."""
+    Redis; while Redis is unreachable or refuses the session's user, events are dropped (counted),
+    not replayed late, and tried again only every ``retry_after`` seconds (one warning a spell)."""
 
-    def __init__(self, sender: InputSender, on_sent: Callable[[InputEvent], object] | None = None) -> None:
+    def __init__(
+        self,
+        sender: InputSender,
+        on_sent: Callable[[InputEvent], object] | None = None,
+        retry_after: float = INPUT_RETRY_AFTER,
+    ) -> None:
         super().__init__(name="input", daemon=True)
         self.sender = sender
         self.on_sent = on_sent
+        self.retry_after = retry_after
         self.queue: queue.Queue[tuple[str, dict[str, object]] | None] = queue.Queue(maxsize=10000)
         self.dropped = 0
         self.failure: str | None = None  # why run() stopped on its own
+        self._failing_since_drop: int | None = None  # ``dropped`` when the spell began; None: sending
+        self._quiet_until = -math.inf
 
     def put(self, type: str, **kw: object) -> None:
         try:
@@ -161,16 +174,38 @@ class InputPump(threading.Thread):
     def run(self) -> None:
         while (item := self.queue.get()) is not None:
             type, kw = item
+            if time.monotonic() < self._quiet_until:
+                self.dropped += 1
+                continue
             try:
                 ev = self.sender.send(type, **kw)
                 if self.on_sent:
                     self.on_sent(ev)
-            except (redis.RedisError, BadMessage) as exc:  # Redis away, or an event the wire refuses
+            except BadMessage as exc:  # an event the wire refuses: this one only
                 self.dropped += 1
                 log.warning("input %s dropped: %s", type, exc)
+                continue
+            except redis.RedisError as exc:  # Redis away, or it refuses the session's user
+                self._failed(type, exc)
+                continue
             except Exception as exc:
                 self.failure = thread_failed("the input sender", exc)
                 return
+            if self._failing_since_drop is not None:
+                log.info(
+                    "input sent again (%d events dropped meanwhile)", self.dropped - self._failing_since_drop
+                )
+                self._failing_since_drop = None
+
+    def _failed(self, type: str, exc: redis.RedisError) -> None:
+        if self._failing_since_drop is None:
+            self._failing_since_drop = self.dropped
+            pause = (
+                f"; input is dropped for {self.retry_after:g} s, then tried again" if self.retry_after else ""
+            )
+            log.warning("input %s dropped: %s%s", type, exc, pause)
+        self.dropped += 1
+        self._quiet_until = time.monotonic() + self.retry_after
 
     def close(self, timeout: float = 2.0) -> None:
         self.queue.put(None)

@@ -341,3 +341,38 @@ def test_each_heartbeat_reads_the_session_back_in_the_same_round_trip(tmp_path) 
         assert hb.session() is None
     finally:
         server.stop()
+
+
+def test_input_refused_by_redis_pauses_the_pump_instead_of_a_login_per_event(tmp_path) -> None:
+    """Once its session's Redis user is gone (the session closed), a client's input is refused:
+    the pump drops what comes for ``retry_after`` without trying (the server sees one refused
+    AUTH, not one per mouse move), then tries again and sends once the user is back."""
+    from cloudq.client.kernel import InputPump, InputSender
+    from cloudq.embedded import EmbeddedServer
+
+    server = EmbeddedServer(data_dir=tmp_path / "redis").start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        keys = Keys("pumptest:")
+        admin.acl_setuser("s1", enabled=True, passwords=["+pw"], keys=["pumptest:*"], commands=["+@all"])
+        user = redis.Redis.from_url(server.url, username="s1", password="pw")
+        pump = InputPump(InputSender(user, keys, "s1"), retry_after=0.5)
+        pump.start()
+        try:
+            pump.put("mouse_move", x=1, y=1)
+            wait_for(lambda: admin.xlen(keys.input("s1")) == 1, 5, what="the first event sent")
+            admin.acl_deluser("s1")  # the session closed: its user and connections are gone
+            refused = admin.info("stats")["acl_access_denied_auth"]
+            for i in range(20):
+                pump.put("mouse_move", x=i, y=1)
+            wait_for(lambda: pump.dropped == 20, 5, what="20 events dropped")
+            assert admin.info("stats")["acl_access_denied_auth"] - refused <= 1, "one login tried, not 20"
+            admin.acl_setuser("s1", enabled=True, passwords=["+pw"], keys=["pumptest:*"], commands=["+@all"])
+            wait_for(lambda: time.monotonic() > pump._quiet_until, 2, what="the pause over")
+            pump.put("mouse_move", x=2, y=2)
+            wait_for(lambda: admin.xlen(keys.input("s1")) == 2, 5, what="sent again once the user is back")
+            assert pump.dropped == 20 and pump.queue.empty()
+        finally:
+            pump.close()
+    finally:
+        server.stop()
