@@ -17,7 +17,7 @@ import redis
 from cloudq.client.player import Player, thread_failed
 from cloudq.client.sinks import Sink
 from cloudq.keys import Keys
-from cloudq.media import LOST_FIELD
+from cloudq.sessionend import SESSION_FIELDS, session_fields
 from cloudq.settings import Settings
 from cloudq.wire import BadMessage, InputEvent
 
@@ -29,16 +29,6 @@ without trying (counted), then tries again; 0 = try every event. A closed sessio
 gone: without the pause each mouse move (30 a second) was a new connection and a refused AUTH."""
 
 log = logging.getLogger(__name__)
-
-
-SESSION_FIELDS = ("state", "close_reason", "node", "warning", "token", LOST_FIELD)
-"""The fields of the session's hash a client watches (its state, why it closed, its node, a
-warning, whose login holds it, a lost media server); each heartbeat reads them back."""
-
-
-def session_fields(raw: list[bytes | None]) -> dict[str, str]:
-    """An ``HMGET`` reply of :data:`SESSION_FIELDS`, as text ('' for a missing field)."""
-    return dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
 
 
 class Heartbeat(threading.Thread):

@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import redis
 
 from cloudq.client.clipboard import Clipboard
-from cloudq.client.kernel import SESSION_FIELDS, Kernel, session_fields
+from cloudq.client.kernel import Kernel
 from cloudq.client.launcher import ClientError, Launcher, SessionOver, Ticket
 from cloudq.client.script import ScriptEvent, ScriptPlayer
 from cloudq.client.sinks import Mp4Recorder, Sink, SnapshotSink
@@ -44,7 +44,7 @@ from cloudq.client.stats import StatsSink, write_json
 from cloudq.connection import connect
 from cloudq.keys import Keys
 from cloudq.retry import Backoff
-from cloudq.sessionend import close_message, session_end, warning_message
+from cloudq.sessionend import SESSION_FIELDS, close_message, session_end, session_fields, warning_message
 from cloudq.state import CloseReason
 from cloudq.tokens import hash_token
 

@@ -9,11 +9,22 @@ words to the page, which keeps no table of its own).
 
 from __future__ import annotations
 
+from cloudq.media import LOST_FIELD
 from cloudq.state import CloseReason, SessionState
 from cloudq.tokens import same_token
 
 Field = str | bytes | None
 """A field as a client read it: bytes from Redis, str, or None when it is missing."""
+
+SESSION_FIELDS = ("state", "close_reason", "node", "warning", "token", LOST_FIELD)
+"""The fields of the session's hash a client watches (its state, why it closed, its node, a
+warning, whose login holds it, a lost media server); each heartbeat reads them back."""
+
+
+def session_fields(raw: list[bytes | None]) -> dict[str, str]:
+    """An ``HMGET`` reply of :data:`SESSION_FIELDS`, as text ('' for a missing field)."""
+    return dict(zip(SESSION_FIELDS, ((v or b"").decode() for v in raw), strict=True))
+
 
 REASONS: dict[str, str] = {
     CloseReason.GRACE: "the session was closed: the client was gone longer than the reconnect grace",

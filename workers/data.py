@@ -36,10 +36,21 @@ log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 10.0
 MOUNT_WAIT = 60.0  # for the user's previous session to finish saving
-SAVE_LOCK_TTL_MS = 10_000
-"""The save lock is a lease: its holder renews it every third of this while it saves, so a holder
-that died (kill -9, a work horse killed with its worker, a Redis restart as it released) holds up
-the user's next save or mount for at most this long."""
+SAVE_LEASE = 10.0
+"""The save lock is a lease (s; ``$CLOUDQ_SAVE_LEASE``, ``cloudq worker --save-lease``): its holder
+renews it every third of this while it saves, so a holder that died (kill -9, a work horse killed
+with its worker, a Redis restart as it released) holds up the user's next save or mount for at most
+this long. 0 = no lapse (a dead holder's lock stays until an operator deletes it)."""
+
+
+def save_lease() -> float:
+    """The save lock's lease in seconds (:data:`SAVE_LEASE`, or ``$CLOUDQ_SAVE_LEASE``)."""
+    try:
+        return max(0.0, float(os.environ.get("CLOUDQ_SAVE_LEASE", SAVE_LEASE)))
+    except ValueError:
+        return SAVE_LEASE
+
+
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 QUOTA_BYTES = 100 * 2**20
 
@@ -215,16 +226,19 @@ def store_workspace(
     fence = r.incr(keys.save_fence(user))
     lock = keys.save_lock(user)
     end = time.monotonic() + (ACK_TIMEOUT * 6 if wait else 0)
-    while not r.set(lock, fence, nx=True, px=SAVE_LOCK_TTL_MS):
+    lease_ms = int(save_lease() * 1000) or None
+    while not r.set(lock, fence, nx=True, px=lease_ms):
         if time.monotonic() >= end:
             return "another save is running"
         time.sleep(0.05)
     stop = threading.Event()
 
     def renew() -> None:
-        while not stop.wait(SAVE_LOCK_TTL_MS / 3000):
+        if lease_ms is None:
+            return  # no lease: nothing to renew
+        while not stop.wait(lease_ms / 3000):
             try:
-                r.eval(_RENEW, 1, lock, fence, SAVE_LOCK_TTL_MS)
+                r.eval(_RENEW, 1, lock, fence, lease_ms)
             except redis.RedisError as exc:  # the next renewal tries again; the TTL bounds the rest
                 log.warning("save %s: could not renew the save lock (%s)", sid, exc)
 
@@ -262,7 +276,7 @@ def store_workspace(
 def _release(r: redis.Redis, lock: str, fence: int, sid: str) -> None:
     """Release only our own lock (fencing token); through a Redis blip, retried until it would
     have lapsed anyway."""
-    end, backoff = time.monotonic() + SAVE_LOCK_TTL_MS / 1000, Backoff(0.05, 1.0)
+    end, backoff = time.monotonic() + (save_lease() or ACK_TIMEOUT), Backoff(0.05, 1.0)
     while True:
         try:
             _delete_if(r, lock, str(fence))

@@ -26,7 +26,7 @@ from cloudq.client.web.clipboard import CLIP_MESSAGE, clip_loop
 from cloudq.connection import aconnect, without_credentials
 from cloudq.media import FIELD as MEDIA_FIELD
 from cloudq.media import aconnect_like
-from cloudq.sessionend import close_message, session_end, warning_message
+from cloudq.sessionend import SESSION_FIELDS, close_message, session_end, session_fields, warning_message
 from cloudq.settings import Settings
 from cloudq.streamread import Cursor, KeyframeScan
 from cloudq.tokens import hash_token, session_acl_password, session_acl_user
@@ -407,16 +407,19 @@ class Socket:
             pipe = self.sr.pipeline(transaction=False)
             if beating:
                 pipe.set(self.keys.heartbeat(self.sid), "1", px=int(s.heartbeat_ttl * 1000))
-            pipe.hmget(self.keys.session(self.sid), "state", "close_reason", "node", "warning", "token")
+            pipe.hmget(self.keys.session(self.sid), SESSION_FIELDS)
             *beat, raw = await pipe.execute()
             if beat:
                 self.gw.counters["heartbeats"] += 1
-            await self.watch([(v or b"").decode() for v in raw])
+            await self.watch(session_fields(raw))
             await asyncio.sleep(s.heartbeat_interval if beating else WATCH_EVERY)
 
-    async def watch(self, fields: list[str]) -> None:
-        """Tell the page the session's state, node and warnings; end the socket when it closes."""
-        state, reason, node, warning, token = fields
+    async def watch(self, fields: dict[str, str]) -> None:
+        """Tell the page the session's state, node and warnings (:data:`SESSION_FIELDS`, as the
+        command-line client reads them); end the socket when it closes."""
+        state, reason, node, warning, token = (
+            fields[k] for k in ("state", "close_reason", "node", "warning", "token")
+        )
         ended = session_end(state, reason, token, hash_token(self.token))
         if ended:
             await self.end_session(ended)

@@ -33,6 +33,14 @@ from cloudq.keys import Keys
     "--quota-mib", envvar="CLOUDQ_QUOTA_MIB", type=click.FloatRange(min=0), default=100, show_default=True
 )
 @click.option(
+    "--save-lease",
+    envvar="CLOUDQ_SAVE_LEASE",
+    type=click.FloatRange(min=0),
+    default=10,
+    show_default=True,
+    help="Seconds a save's lock on its user outlives a saver that died (renewed while it saves; 0 = no lapse).",
+)
+@click.option(
     "--fork-per-job",
     envvar="CLOUDQ_WORKER_FORK_PER_JOB",
     is_flag=True,
@@ -48,6 +56,7 @@ def worker(
     store: str | None,
     workspace: str | None,
     quota_mib: float,
+    save_lease: float,
     fork_per_job: bool,
     metrics_port: int,
     metrics_addr: str,
@@ -64,6 +73,7 @@ def worker(
         ("CLOUDQ_STORE", store),
         ("CLOUDQ_WORKSPACE", workspace),
         ("CLOUDQ_QUOTA_MIB", quota_mib),
+        ("CLOUDQ_SAVE_LEASE", save_lease),
     ):
         if value is not None:
             os.environ[var] = str(value)
