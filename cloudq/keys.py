@@ -29,7 +29,7 @@ TABLE: list[tuple[str, str, str, str, str]] = [
     (
         "user:<name>:savelock",
         "string",
-        "10 s lease",
+        "10 s lease (`--save-lease`)",
         "save job",
         "fencing token of the running save (renewed while it runs)",
     ),
