@@ -96,6 +96,23 @@ def test_population_runs_both_modes_and_accounts_for_every_process(tmp_path) -> 
             assert spans[0][0] == pytest.approx(0.0, abs=1e-6) and spans[-1][1] == pytest.approx(
                 x["window_s"], abs=1
             )
+    # the report: the control plane is the control server, the central server and the worker; the
+    # media server (frames and input) is server CPU, on a line of its own, not control plane
+    from cloudq.bench import cost
+
+    x = cost.result_of(cfg, runs["on"], runs["off"])
+    on = runs["on"]["cpu_by_role"]
+    assert x["control_plane_share"] == pytest.approx(
+        (on["valkey"] + on["central"] + on["worker"]) / runs["on"]["server_cpu_s"]
+    )
+    assert (
+        x["media_share"] == pytest.approx(on["media"] / runs["on"]["server_cpu_s"]) and x["media_share"] > 0
+    )
+    assert x["valkey_central_worker_share"] == pytest.approx(x["control_plane_share"] + x["media_share"])
+    assert "media servers (the sessions' streams; not control plane)" in x["table"]
+    cost.write_markdown(x, str(tmp_path / "BENCH.md"), draw=False)
+    text = (tmp_path / "BENCH.md").read_text()
+    assert "1 more as media server" in text and "is not control plane" in text
     assert runs["off"]["sleep_share"] == 0.0, "without the method no node ever sleeps"
     assert runs["on"]["sleep_share"] > 0.0, "with the method idle nodes sleep"
     assert runs["off"]["always_encode"] and not runs["on"]["always_encode"]

@@ -56,6 +56,18 @@ def run(cfg: PopulationConfig, state_seconds: float = 15.0, event_repeats: int =
     off = run_population(cfg, Mode.off())
     states = nodecost.measure(cfg, state_seconds) if state_seconds > 0 else None
     per_event = events.measure(cfg, event_repeats) if event_repeats > 0 else None
+    return result_of(cfg, on, off, states, per_event)
+
+
+def result_of(
+    cfg: PopulationConfig,
+    on: dict[str, Any],
+    off: dict[str, Any],
+    states: dict[str, Any] | None = None,
+    per_event: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The headline figures, targets and tables of the two runs (and, if measured, the per-state
+    and per-event figures with the projection)."""
     ratio = (
         off["server_cpu_per_user_hour"] / on["server_cpu_per_user_hour"]
         if on["server_cpu_per_user_hour"]
@@ -67,8 +79,8 @@ def run(cfg: PopulationConfig, state_seconds: float = 15.0, event_repeats: int =
         "users_per_node": on["users_per_node"],
         "queue_wait_p95_s": on["queue_wait_s"]["p95"],
         "control_plane_share": _control_share(on),
-        "media_share": _control_share(on, ("media",)),
-        "valkey_central_worker_share": _control_share(on, (*CONTROL, "media")),
+        "media_share": _share(on, ("media",)),
+        "valkey_central_worker_share": _share(on, (*CONTROL, "media")),
         "client_cpu_ratio": (
             off["client_cpu_per_user_hour"] / on["client_cpu_per_user_hour"]
             if on["client_cpu_per_user_hour"]
@@ -249,10 +261,15 @@ def _role_ratio(x: dict[str, Any], role: str) -> float:
     return (off["cpu_by_role"][role] / off["user_hours"]) / (on["cpu_by_role"][role] / on["user_hours"])
 
 
-def _control_share(m: dict[str, Any], roles: tuple[str, ...] = CONTROL) -> float:
-    """The share of the server's CPU that ``roles`` took (default: the control plane)."""
+def _share(m: dict[str, Any], roles: tuple[str, ...]) -> float:
+    """The share of a run's server CPU that ``roles`` took."""
     r = m["cpu_by_role"]
     return sum(r.get(k, 0.0) for k in roles) / m["server_cpu_s"] if m["server_cpu_s"] else math.nan
+
+
+def _control_share(m: dict[str, Any]) -> float:
+    """The control plane's share (Valkey, the control server + central + worker)."""
+    return _share(m, CONTROL)
 
 
 def write_markdown(

@@ -62,12 +62,12 @@ PASSWORD = "population-pw"
 STARTUP_TIMEOUT = 60.0
 FIRST_FRAME_TIMEOUT = 15.0
 POLL = 0.25
+"""How often an idle client looks at its session's state (as ``ClientSession`` does)."""
 ROLES = ("valkey", "media", "central", "worker", "node")
 """The server's roles: ``valkey`` is the control server (sessions, nodes, queue, heartbeats, RQ),
 ``media`` the media servers (the sessions' streams; none with ``media_servers=0``)."""
 CONTROL = ("valkey", "central", "worker")
 """The control plane's roles."""
-"""How often an idle client looks at its session's state (as ``ClientSession`` does)."""
 
 
 # -- what a run is -----------------------------------------------------------------------------
