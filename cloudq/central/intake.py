@@ -43,6 +43,17 @@ DEAD_AFTER = 6.0
 """A replica that has not beaten for this long (s) is dead: its taken requests go back."""
 
 
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZADD', KEYS[1], string.format('%.6f', now), ARGV[1])
+local dead_after = tonumber(ARGV[2])
+if dead_after <= 0 then return {} end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now - dead_after))
+"""
+"""A replica's beat (``centrals``: name -> server time) and the replicas older than ``dead_after``."""
+
+
 class Intake:
     """One replica's end of the ``requests`` list: take, answer, beat, hand back the dead's."""
 
@@ -53,6 +64,7 @@ class Intake:
         self.taken = keys.requests_taken(name)
         self.dead_after = dead_after
         self._last_beat = 0.0
+        self._beat = r.register_script(_BEAT)
 
     def setup(self) -> None:
         """Before the first take: a ``requests`` key of another type (a stream, from a release
@@ -70,14 +82,10 @@ class Intake:
         if not force and now - self._last_beat < BEAT_EVERY:
             return []
         self._last_beat = now
-        t = self.r.time()
-        server_now = t[0] + t[1] / 1e6
-        self.r.zadd(self.keys.centrals, {self.name: server_now})
-        if not self.dead_after:
-            return []
+        # one round trip: the beat at the server's time, and who has not beaten since dead_after
         dead = [
             (n.decode() if isinstance(n, bytes) else n)
-            for n in self.r.zrangebyscore(self.keys.centrals, "-inf", server_now - self.dead_after)
+            for n in self._beat(keys=[self.keys.centrals], args=[self.name, self.dead_after or 0])
         ]
         for name in dead:
             moved = 0

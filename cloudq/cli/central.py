@@ -148,6 +148,5 @@ def central(
             )
             if backoff.wait(done):
                 return
-    while not done.wait(1.0):
-        pass
+    done.wait()  # a signal's handler sets it (a lock wait that signals interrupt: no polling)
     c.shutdown()
