@@ -290,9 +290,9 @@ def write_markdown(
 
     media = c.get("media_servers", 0)
     layout = (
-        f"an embedded Valkey as the control server and {media} more as media server"
-        f"{'s' if media > 1 else ''} (the sessions' video and input streams, as the documented "
-        "deployment places them: [Media servers](README.md#media-servers))"
+        f"an embedded Valkey as the control server, {media} more as media server"
+        f"{'s' if media > 1 else ''} for the sessions' video and input streams as the documented "
+        "deployment places them ([Media servers](README.md#media-servers))"
         if media
         else "one embedded Valkey holding the control plane and the sessions' streams"
     )
