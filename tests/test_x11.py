@@ -424,7 +424,7 @@ def test_when_xvfb_dies_the_session_ends_and_the_node_serves_the_next_one_on_a_n
     wait_for(lambda: node_state(r, keys, "n1") == "free", 10, what="node back in the pool")
     t2, _ = login(r, keys)
     with Screen(r, keys, t2) as s:
-        wait_for(lambda: xterm_shown(s), 15, what="xterm on a new Xvfb")
+        wait_for(lambda: xterm_shown(s), 30, what="xterm on a new Xvfb")  # a mount, Xvfb and xterm under load
 
 
 def test_the_client_explains_app_exit_reasons() -> None:
