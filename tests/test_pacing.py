@@ -79,7 +79,9 @@ def test_a_30fps_node_sends_30fps_against_hz_10_and_input_latency_does_not_depen
     print(
         f"hz 10: {fps_hz10:.1f} fps, input {lat_hz10:.1f} ms; hz 100: {fps_hz100:.1f} fps, input {lat_hz100:.1f} ms"
     )
-    assert FPS - 1 <= fps_hz10 <= FPS + 1
-    assert FPS - 1 <= fps_hz100 <= FPS + 1
+    # paced by the server's 100 ms tick it would be about 10 fps; a tenth below 30 allows for the
+    # suite's load on 2 cores (30.0 alone; the +-1 bound failed once in a run with five workers)
+    assert 0.9 * FPS <= fps_hz10 <= FPS + 1
+    assert 0.9 * FPS <= fps_hz100 <= FPS + 1
     # same mechanism at both ticks: an arriving entry ends the read at once
     assert lat_hz10 <= 1.5 * lat_hz100 + 5
