@@ -128,12 +128,29 @@ class Gateway:
             return json.loads(resp.read())
 
 
-@pytest.fixture
-def gateway(r: redis.Redis, keys: Keys, procs: Procs) -> Gateway:
+def _gateway(r: redis.Redis, keys: Keys, procs: Procs, nodes: int) -> Gateway:
     start_pool(
-        r, keys, procs, nodes=2, node_args=("--size", f"{W}x{H}", "--fps", "30"), grace=30, idle_timeout=30
+        r,
+        keys,
+        procs,
+        nodes=nodes,
+        node_args=("--size", f"{W}x{H}", "--fps", "30"),
+        grace=30,
+        idle_timeout=30,
     )
     return Gateway(procs).start()
+
+
+@pytest.fixture
+def gateway(r: redis.Redis, keys: Keys, procs: Procs) -> Gateway:
+    """A gateway before a pool of one node: one user's session at a time."""
+    return _gateway(r, keys, procs, 1)
+
+
+@pytest.fixture
+def gateway2(r: redis.Redis, keys: Keys, procs: Procs) -> Gateway:
+    """Two nodes: two users' sessions at once."""
+    return _gateway(r, keys, procs, 2)
 
 
 def login(d: Any, gw: Gateway, user: str, password: str = "pw") -> None:
@@ -280,16 +297,16 @@ def test_gateway_killed_and_restarted_the_page_reconnects_to_the_same_session(
 
 @pytest.mark.slow
 def test_a_second_browser_for_another_user_sees_only_their_own_canvas(
-    r: redis.Redis, keys: Keys, driver: Any, gateway: Gateway
+    r: redis.Redis, keys: Keys, driver: Any, gateway2: Gateway
 ) -> None:
-    login(driver, gateway, "alice")
+    login(driver, gateway2, "alice")
     wait_for(lambda: frames(driver) > 0, 20, what="alice's first frame")
     drag(driver, [(40, 100), (280, 100)])
     wait_for(lambda: ink(canvas(driver))[100, 80:240].all(), 10, what="alice's stroke")
     profile = tempfile.mkdtemp(prefix="cloudq-chrome-")
     other = new_driver(profile)
     try:
-        login(other, gateway, "carol")
+        login(other, gateway2, "carol")
         wait_for(lambda: frames(other) > 0, 20, what="carol's first frame")
         assert stats(other)["sid"] != stats(driver)["sid"]
         assert stats(other)["user"] == "carol"
