@@ -23,7 +23,7 @@ import pytest
 import redis
 from helpers import FAST, ROLE_OF, Procs  # noqa: F401 - FAST is imported from here by tests
 
-from cloudq.central.acl import QUEUE_PREFIX
+from cloudq.central.acl import QUEUE_PREFIX, drop_user
 from cloudq.embedded import EmbeddedServer
 from cloudq.keys import Keys
 from cloudq.local.cluster import setup_acl
@@ -72,7 +72,7 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
         for raw in client.execute_command("ACL", "USERS"):
             name = raw.decode() if isinstance(raw, bytes) else str(raw)
             if name.startswith((SESSION_ACL_PREFIX, QUEUE_PREFIX)):
-                client.execute_command("ACL", "DELUSER", name)
+                drop_user(client, name)
     try:
         yield client
     finally:

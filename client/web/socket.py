@@ -214,6 +214,7 @@ class Socket:
         self, gw: Gateway, ws: web.WebSocketResponse, token: str, sid_hints: tuple[str, ...] = ()
     ) -> None:
         self.gw, self.ws, self.token = gw, ws, token
+        self.token_hash = hash_token(token)  # what the session hash holds of it (read each beat)
         self.keys = gw.keys
         self.bucket = TokenBucket(gw.cfg.rate, gw.cfg.burst)
         self.clip_bucket = TokenBucket(1.0, 4.0)  # clipboard messages (up to 1 MiB each)
@@ -242,7 +243,7 @@ class Socket:
             raw = await self.gw.r.hmget(self.keys.session(self.sid), "state", "close_reason", "token")
         except RedisError:
             return ""
-        return session_end(*raw, mine=hash_token(self.token)) or ""
+        return session_end(*raw, mine=self.token_hash) or ""
 
     async def end_session(self, reason: str) -> None:
         await _send_json(self.ws, {"t": "close", "reason": reason, "text": close_message(reason)})
@@ -373,7 +374,7 @@ class Socket:
         """Keep the place until a node is assigned (``ASSIGNED``) or the place is lost
         (``DROPPED``). What each poll means is :class:`loginflow.QueueWait`'s decision, the same
         as the launcher's."""
-        r, keys, th = self.gw.r, self.keys, hash_token(self.token)
+        r, keys, th = self.gw.r, self.keys, self.token_hash
         q = loginflow.QueueWait(self.settings)
         while True:
             await r.set(keys.queued(self.user), "1", px=q.beat_ms)
@@ -420,7 +421,7 @@ class Socket:
         state, reason, node, warning, token = (
             fields[k] for k in ("state", "close_reason", "node", "warning", "token")
         )
-        ended = session_end(state, reason, token, hash_token(self.token))
+        ended = session_end(state, reason, token, self.token_hash)
         if ended:
             await self.end_session(ended)
             raise _Closed

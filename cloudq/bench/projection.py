@@ -79,6 +79,11 @@ def rates(h: Habits) -> dict[str, float]:
     }
 
 
+def _servers(cpu: dict[str, float]) -> float:
+    """Valkey's CPU in one state: the control server's and the media servers' (% of a core)."""
+    return cpu.get("valkey", 0.0) + cpu.get("media", 0.0)
+
+
 def project(h: Habits, events: dict[str, Any], states: dict[str, Any]) -> dict[str, Any]:
     """Per user-hour server CPU-seconds, on and off, component by component."""
     r = rates(h)
@@ -93,16 +98,12 @@ def project(h: Habits, events: dict[str, Any], states: dict[str, Any]) -> dict[s
                 node_ms = events.get("role_ms", {}).get(ev, {}).get("node")
                 if node_ms is not None:
                     rows[f"node {ev}: {n:.2f}/h x {node_ms:.1f} ms"] = n * node_ms / 1000
-
-        def valkeys(st: str, mode: str = mode) -> float:  # all the servers: control and media
-            return sum(states[mode][st].get(k, 0.0) for k in ("valkey", "media"))
-
-        free_valkey = valkeys("free")
+        free_valkey = _servers(states[mode]["free"])
         for st in ("drawing", "awake idle", "asleep"):
             if f"{st}_s" in r[mode]:
                 secs, pct = r[mode][f"{st}_s"], states[mode][st]["node"]
                 rows[f"node {st}: {secs:.0f} s/h x {pct:.2f} %"] = secs * pct / 100
-                media = max(0.0, valkeys(st) - free_valkey)
+                media = max(0.0, _servers(states[mode][st]) - free_valkey)
                 rows[f"media {st} (Valkey): {secs:.0f} s/h x {media:.2f} %"] = secs * media / 100
         rows[f"control plane idle, shared by {POOL} users"] = idle_share
         out["rows"][mode] = rows
